@@ -1,0 +1,116 @@
+"""`distinf.attribute`: the whole method in one process, no Ray, for notebooks, small models, tests.
+
+It runs the same core as the distributed job (index set, capture, Gram sums, Cholesky, chunk
+scoring), so both give the same numbers for the same config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from distinf.config import AttributionConfig, parse_config
+from distinf.core.capture import GradientCapture, LossFn
+from distinf.core.curvature import GramSums, block_slices, factorize, precondition, self_influence
+from distinf.core.index_set import draw_index_set
+from distinf.core.scoring import TopK, score_chunk
+from distinf.core.tasks import loss_function, move_batch
+from distinf.core.tracking import track_modules
+from distinf.data import collate
+from distinf.tables import top_k_table, train_values_table
+
+
+@dataclass
+class AttributionResult:
+    scores: np.ndarray          # float32 [n_queries, n_train]
+    self_influence: np.ndarray  # float32 [n_train] (NaN when scoring.self_influence is off)
+    train_grads: np.ndarray     # float32 [n_train, k], columns in index-set order
+    query_grads: np.ndarray     # float32 [n_queries, k]
+    train_losses: np.ndarray
+    query_losses: np.ndarray
+    index_set: pa.Table         # param, flat_index
+    top_k: pa.Table             # query_id, rank, train_id, score
+    train_values: pa.Table      # train_id, loss, score_mean, self_influence
+    damping: list[float]        # per curvature block
+    tracked_fraction: float     # tracked parameter elements / all parameter elements
+
+
+def compress_examples(capture: GradientCapture, examples: Sequence[dict[str, Tensor]], loss_fn: LossFn,
+                      batch_size: int, device: torch.device, pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Compressed gradients [n, k] and losses [n] of examples, batch by batch."""
+    grads, losses = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = move_batch(collate(list(examples[start : start + batch_size]), pad_token_id), device)
+        g, loss = capture.batch(batch, loss_fn)
+        grads.append(g.cpu())
+        losses.append(loss.cpu())
+    return torch.cat(grads), torch.cat(losses)
+
+
+def _ids(ids: Sequence[Any] | None, n: int, what: str) -> list[str]:
+    if ids is None:
+        return [str(i) for i in range(n)]
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise ValueError(f"{what}: {len(ids)} ids for {n} examples")
+    if len(set(ids)) != n:
+        raise ValueError(f"{what}: ids are not unique")
+    return ids
+
+
+def attribute(
+    model: nn.Module,
+    train: Sequence[dict[str, Tensor]],
+    queries: Sequence[dict[str, Tensor]],
+    task: str | Callable = "causal_lm",
+    config: dict | AttributionConfig | None = None,
+    train_ids: Sequence[Any] | None = None,
+    query_ids: Sequence[Any] | None = None,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> AttributionResult:
+    """Influence of every training example on every query, by dropout-compressed gradients."""
+    cfg = config if isinstance(config, AttributionConfig) else parse_config(config or {}, AttributionConfig)
+    if not train or not queries:
+        raise ValueError("attribute needs at least one training example and one query")
+    train_ids, query_ids = _ids(train_ids, len(train), "train_ids"), _ids(query_ids, len(queries), "query_ids")
+    loss_fn = loss_function(task)
+    device = next(model.parameters()).device
+
+    was_training = model.training
+    model.eval()  # the model's own dropout off; per-example losses independent
+    try:
+        comp = cfg.compression
+        tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
+        index_set = draw_index_set(tracked.param_shapes, comp.k, comp.seed, comp.allocation)
+        with GradientCapture(model, tracked, index_set) as capture:
+            train_grads, train_losses = compress_examples(capture, train, loss_fn, batch_size, device, pad_token_id)
+            query_grads, query_losses = compress_examples(capture, queries, loss_fn, batch_size, device, pad_token_id)
+    finally:
+        model.train(was_training)
+
+    curvature = factorize(GramSums(block_slices(index_set, cfg.hessian.blocks)).add(train_grads), cfg.hessian.damping)
+    preconditioned = precondition(curvature, query_grads).T  # [k, m]
+    scores = score_chunk(preconditioned, train_grads).numpy()
+    top = TopK(len(queries), cfg.scoring.top_k)
+    top.update(scores, np.arange(len(train)))
+    self_inf = self_influence(curvature, train_grads).numpy() if cfg.scoring.self_influence else None
+
+    return AttributionResult(
+        scores=scores.astype(np.float32),
+        self_influence=(np.full(len(train), np.nan) if self_inf is None else self_inf).astype(np.float32),
+        train_grads=train_grads.numpy(),
+        query_grads=query_grads.numpy(),
+        train_losses=train_losses.numpy(),
+        query_losses=query_losses.numpy(),
+        index_set=index_set.to_table(),
+        top_k=top_k_table(query_ids, train_ids, top.scores, top.positions),
+        train_values=train_values_table(train_ids, train_losses.numpy(), scores.mean(0), self_inf),
+        damping=curvature.damping,
+        tracked_fraction=tracked.tracked_fraction,
+    )

@@ -1,0 +1,126 @@
+"""What every layer adapter shares: the selected-entry product, computed a slice of k at a time.
+
+Most layers are a linear map in "linear layout": an input of features x[N, T, in] and an output
+gradient gy[N, T, out] give ∂l_n/∂W[r, c] = Σ_t gy[n, t, r] · x[n, t, c]. Only the kept (r, c)
+pairs are formed, in O(N·T·k) work and memory, never the per-example gradient's O(N·p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+# Bound on N·T·chunk elements of the temporary product, so memory stays flat as k grows.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class WeightPlan:
+    """Precomputed gather indices for one weight: kept entry j is (rows[j], cols[j])."""
+
+    rows: Tensor
+    unique_cols: Tensor
+    col_of_entry: Tensor  # position of cols[j] inside unique_cols
+
+
+@dataclass
+class BiasPlan:
+    rows: Tensor
+
+
+def plan_weight(rows: np.ndarray, cols: np.ndarray) -> WeightPlan:
+    unique_cols, col_of_entry = np.unique(cols, return_inverse=True)
+    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return WeightPlan(as_long(rows), as_long(unique_cols), as_long(col_of_entry))
+
+
+def selected_products(x_cols: Tensor, col_of_entry: Tensor, gy: Tensor, rows: Tensor) -> Tensor:
+    """[N, k] = Σ_t gy[:, t, rows[j]] · x_cols[:, t, col_of_entry[j]], chunked over j."""
+    n, t = gy.shape[0], gy.shape[1]
+    out = torch.empty(n, len(rows), dtype=torch.float32, device=gy.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n * t))
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
+        g = gy.index_select(2, rows[part]).float()
+        x = x_cols.index_select(2, col_of_entry[part]).float()
+        out[:, part] = torch.einsum("ntk,ntk->nk", g, x)
+    return out
+
+
+def to_device(plan: Any, device: torch.device) -> Any:
+    """Move a plan's index tensors once, on first use on a device."""
+    for name, value in vars(plan).items():
+        if isinstance(value, Tensor) and value.device != device:
+            setattr(plan, name, value.to(device))
+    return plan
+
+
+class LinearLayoutAdapter:
+    """Base for layers that reduce to linear layout; subclasses say how to get there.
+
+    Subclasses implement `weight_rows_cols` (flat weight index -> output row, input column),
+    `features` (layer input -> x[N, T, in]) and `output_grads` (gy as the layer emits it ->
+    [N, T, out]).
+    """
+
+    def weight_rows_cols(self, module: nn.Module, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def features(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output_grads(self, module: nn.Module, gy: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def plan(self, module: nn.Module, selected: dict[str, np.ndarray]) -> dict[str, Any]:
+        plans: dict[str, Any] = {}
+        for name, flat in selected.items():
+            if name == "weight":
+                plans[name] = plan_weight(*self.weight_rows_cols(module, flat))
+            elif name == "bias":
+                plans[name] = BiasPlan(torch.from_numpy(flat.astype(np.int64)))
+            else:
+                raise ValueError(f"{type(module).__name__} has no parameter {name!r} to track")
+        return plans
+
+    def keep(self, module: nn.Module, plans: dict[str, Any], inputs: tuple) -> Tensor | None:
+        """Forward: keep only the input columns the kept weight entries need."""
+        weight = plans.get("weight")
+        if weight is None:
+            return None
+        x = self.features(module, inputs[0].detach())
+        return x.index_select(2, to_device(weight, x.device).unique_cols)
+
+    def entries(
+        self, module: nn.Module, plans: dict[str, Any], kept: Tensor | None, grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        gy = self.output_grads(module, grad_output)
+        result = {}
+        for name, plan in plans.items():
+            plan = to_device(plan, gy.device)
+            if name == "weight":
+                result[name] = selected_products(kept, plan.col_of_entry, gy, plan.rows)
+            else:
+                result[name] = gy.index_select(2, plan.rows).float().sum(1)
+        return result
+
+
+def as_tokens(x: Tensor) -> Tensor:
+    """[N, ..., F] -> [N, T, F]: every position between batch and features is a 'token'."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class Adapter(Protocol):
+    """The contract of a layer adapter (see LinearLayoutAdapter for the common case)."""
+
+    def plan(self, module: nn.Module, selected: dict[str, np.ndarray]) -> dict[str, Any]: ...
+
+    def keep(self, module: nn.Module, plans: dict[str, Any], inputs: tuple) -> Any: ...
+
+    def entries(
+        self, module: nn.Module, plans: dict[str, Any], kept: Any, grad_output: Tensor
+    ) -> dict[str, Tensor]: ...

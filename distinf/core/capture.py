@@ -1,0 +1,131 @@
+"""Capture: hooks that turn one forward and one backward into [N, k] compressed gradients.
+
+Life cycle: `GradientCapture(model, tracked, index_set)` plans the gather indices once; inside
+`with capture:` each `capture.batch(batch, loss_fn)` runs forward, backward of the summed
+per-example losses, and returns the kept entries of every example's gradient. Forward hooks keep
+only the input columns the kept entries need; a hook on each module output receives gy and adds
+the module's entries into the batch's [N, k] buffer (so tied weights sum their uses).
+
+Weights are frozen for the duration: autograd then computes only activation gradients, the
+floor of any gradient method, and never a p-sized weight gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from distinf.core.index_set import IndexSet
+from distinf.core.tracking import ModuleUse, Tracked
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+def refuse_coupling_layers(model: nn.Module) -> None:
+    """A BatchNorm in train mode mixes examples of a batch: per-example gradients are undefined."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.training:
+            raise CaptureError(
+                f"module {name!r} ({type(module).__name__}) is in train mode and couples the "
+                "examples of a batch; call model.eval() (distinf.attribute does) before capture"
+            )
+
+
+class GradientCapture:
+    def __init__(self, model: nn.Module, tracked: Tracked, index_set: IndexSet):
+        self.model = model
+        self.index_set = index_set
+        columns = index_set.slices()
+        flat = dict(zip(index_set.names, index_set.flat_indices))
+        # Per hooked module: (use, plans, {local name: columns in the [N, k] buffer}).
+        self._hooked: list[tuple[ModuleUse, dict[str, Any], dict[str, slice]]] = []
+        for use in tracked.uses:
+            selected = {local: flat[name] for local, name in use.params.items() if name in flat}
+            if selected:
+                plans = use.adapter.plan(use.module, selected)
+                self._hooked.append((use, plans, {local: columns[use.params[local]] for local in selected}))
+        self._handles: list[Any] = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+        self._buffer: Tensor | None = None
+        self._ran: set[str] = set()
+        self._checked_first_batch = False
+
+    def __enter__(self) -> "GradientCapture":
+        self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+        for param, _ in self._frozen:
+            param.requires_grad_(False)
+        for use, plans, columns in self._hooked:
+            self._handles.append(use.module.register_forward_pre_hook(_inputs_require_grad))
+            self._handles.append(
+                use.module.register_forward_hook(partial(self._on_forward, use, plans, columns))
+            )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param, requires_grad in self._frozen:
+            param.requires_grad_(requires_grad)
+        self._frozen.clear()
+
+    def _on_forward(self, use: ModuleUse, plans: dict, columns: dict, module: nn.Module,
+                    inputs: tuple, output: Any) -> None:
+        if not isinstance(output, Tensor):
+            raise CaptureError(f"module {use.name!r} returned {type(output).__name__}, not a tensor")
+        self._ran.add(use.name)
+        kept = use.adapter.keep(module, plans, inputs)
+        if not output.requires_grad:  # e.g. a frozen embedding's output, a leaf of the graph
+            output.requires_grad_(True)
+        output.register_hook(partial(self._on_grad, use, plans, columns, kept))
+
+    def _on_grad(self, use: ModuleUse, plans: dict, columns: dict, kept: Any, grad: Tensor) -> None:
+        entries = use.adapter.entries(use.module, plans, kept, grad)
+        for local, values in entries.items():
+            self._buffer[:, columns[local]] += values
+
+    def batch(self, batch: dict[str, Tensor], loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+        """One forward + backward: ([N, k] float32 kept gradient entries, [N] losses)."""
+        if not self._handles:
+            raise CaptureError("use GradientCapture inside a `with` block")
+        refuse_coupling_layers(self.model)
+        self._ran.clear()
+        losses = loss_fn(self.model, batch)
+        if losses.dim() != 1:
+            raise CaptureError(f"the loss function must return per-example losses [N], got {tuple(losses.shape)}")
+        if not losses.requires_grad:
+            raise CaptureError("the loss does not depend on any tracked module")
+        self._buffer = torch.zeros(len(losses), self.index_set.k, dtype=torch.float32, device=losses.device)
+        losses.sum().backward()
+        grads, self._buffer = self._buffer, None
+        self._warn_unused_modules()
+        return grads, losses.detach().float()
+
+    def _warn_unused_modules(self) -> None:
+        if self._checked_first_batch:
+            return
+        self._checked_first_batch = True
+        silent = [use.name for use, _, _ in self._hooked if use.name not in self._ran]
+        if silent:
+            warnings.warn(
+                f"tracked modules never ran their forward, so their entries are zero: {silent[:8]}"
+                " (a layer whose weight is used without calling the module cannot be captured)",
+                stacklevel=3,
+            )
+
+
+def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
+    # With frozen weights nothing upstream of the first tracked layer needs grad; a float input
+    # that does not require it is replaced by a grad-requiring alias so gy reaches this layer.
+    if args and isinstance(args[0], Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(True), *args[1:])
+    return None

@@ -1,0 +1,424 @@
+"""The job's input side: read a dataset file, tokenise it, split it across ranks, collate batches.
+
+Pure functions, no Ray. `read_table` and `tokenize` check the data once, at the edge, and raise
+`DataError` with a message that names the file, the job-file key and the row, e.g.
+``data.train: 'train.csv' row 3 (id 'a7'): text is empty``. Rows are counted from 0, as the
+default example ids are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from distinf.config import DatasetConfig
+
+PAD = -1
+"""Partition entry of a padding slot: the rank runs some real example there and drops its outputs."""
+
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json",
+            ".ndjson": "json", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names the file, key and row."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_table(cfg: DatasetConfig, role: str) -> pa.Table:
+    """Read one dataset file into a table of `example_id` (string), `text` (string) and, when
+    `cfg.label_column` is set, `label` (int64), in file order.
+
+    Parquet (.parquet, .pq), JSON lines (.jsonl, .ndjson, .json) or CSV (.csv), the text formats
+    optionally compressed (.gz, .bz2, .zst, .lz4). Ids are `cfg.id_column` cast to string, or the
+    row numbers "0", "1", ... `role` ("train" or "queries") names the job-file key in errors.
+    """
+    key = f"data.{role}"
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"{key}.path: no such file '{cfg.path}'")
+    fmt = _format_of(path, key)
+    table = _read_raw(path, fmt, key, [c for c in (cfg.text_column, cfg.id_column) if c])
+    where = f"{key}: '{cfg.path}'"
+
+    columns = {"text": cfg.text_column, "label": cfg.label_column, "example_id": cfg.id_column}
+    for field, column in columns.items():
+        if column is not None and column not in table.column_names:
+            option = "id_column" if field == "example_id" else f"{field}_column"
+            available = ", ".join(repr(name) for name in table.column_names)
+            raise DataError(f"{key}.{option}: no column '{column}' in '{cfg.path}'; "
+                            f"the columns are {available}")
+    if table.num_rows == 0:
+        raise DataError(f"{where} has no rows")
+
+    if cfg.id_column is None:
+        ids = pa.array([str(row) for row in range(table.num_rows)], pa.string())
+    else:
+        ids = _as_string(table.column(cfg.id_column), where, f"id column '{cfg.id_column}'")
+        _check_ids(ids, where)
+    text = _as_string(table.column(cfg.text_column), where, f"text column '{cfg.text_column}'")
+    _check_text(text, ids, where)
+
+    out = {"example_id": ids, "text": text}
+    if cfg.label_column is not None:
+        out["label"] = _as_labels(table.column(cfg.label_column), ids, where)
+    return pa.table(out)
+
+
+def _format_of(path: Path, key: str) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes = suffixes[:-1]
+        if suffixes and _FORMATS.get(suffixes[-1]) == "parquet":
+            raise DataError(f"{key}.path: '{path}': Parquet files are compressed inside; "
+                            "do not compress the whole file")
+    fmt = _FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise DataError(f"{key}.path: '{path}': unknown format; use a .parquet, .jsonl or .csv file")
+    return fmt
+
+
+def _read_raw(path: Path, fmt: str, key: str, text_columns: list[str]) -> pa.Table:
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    if fmt != "parquet" and path.stat().st_size == 0:
+        raise DataError(f"{key}: '{path}' has no rows (the file is empty)")
+    try:
+        if fmt == "parquet":
+            return pyarrow.parquet.read_table(path)
+        if fmt == "csv":
+            # Text and ids as strings, so that an id such as "007" keeps its zeros; absent
+            # columns are ignored here and reported by the caller.
+            types = {name: pa.string() for name in text_columns}
+            return pyarrow.csv.read_csv(
+                path, convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+        table = pyarrow.json.read_json(path)
+        table.validate(full=True)  # the JSON reader does not check UTF-8 by itself
+        return table
+    except (pa.ArrowInvalid, OSError) as error:
+        raise _read_error(path, fmt, key, error) from None
+
+
+def _read_error(path: Path, fmt: str, key: str, error: Exception) -> DataError:
+    line = _first_non_utf8_line(path) if fmt != "parquet" else None
+    if line is not None:
+        return DataError(f"{key}: '{path}' is not valid UTF-8 text (line {line}); "
+                         "re-encode the file as UTF-8")
+    if fmt == "csv" and "Empty CSV file" in str(error):
+        return DataError(f"{key}: '{path}' has no rows (the file is empty)")
+    if fmt == "json" and _starts_with_bracket(path):
+        return DataError(f"{key}: '{path}' holds a JSON array; write one JSON object per line "
+                         "(JSON lines)")
+    kind = {"parquet": "Parquet", "csv": "CSV", "json": "JSON lines"}[fmt]
+    return DataError(f"{key}: '{path}' could not be read as {kind}: {error}")
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    """The 1-based line of the first byte sequence that is not UTF-8, or None; streams the file."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with pa.input_stream(str(path), compression="detect") as stream:
+        while chunk := stream.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                return line + chunk[: error.start].count(b"\n")
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return line
+    return None
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with pa.input_stream(str(path), compression="detect") as stream:
+        return stream.read(4096).lstrip().startswith(b"[")
+
+
+def _as_string(column: pa.ChunkedArray, where: str, what: str) -> pa.Array:
+    column = column.combine_chunks()
+    if pa.types.is_string(column.type):
+        return column
+    if pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            return column.cast(pa.string())
+        except pa.ArrowInvalid:
+            row = next(i for i, value in enumerate(column.to_pylist())
+                       if value is not None and not _is_utf8(value))
+            raise DataError(f"{where} row {row}: {what} is not valid UTF-8 text; "
+                            "re-encode it as UTF-8") from None
+    if pa.types.is_dictionary(column.type):
+        return _as_string(pa.chunked_array([column.cast(column.type.value_type)]), where, what)
+    if (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)):
+        return column.cast(pa.string())
+    raise DataError(f"{where}: {what} has type {column.type}; expected text")
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _first_true(mask: pa.Array) -> int | None:
+    hits = pc.indices_nonzero(pc.fill_null(mask, False))
+    return hits[0].as_py() if len(hits) else None
+
+
+def _check_ids(ids: pa.Array, where: str) -> None:
+    row = _first_true(pc.or_(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), "")))
+    if row is not None:
+        raise DataError(f"{where} row {row}: the id is missing")
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = ids[_first_true(pc.is_in(ids, value_set=repeated))].as_py()
+        rows = pc.indices_nonzero(pc.equal(ids, first)).to_pylist()
+        shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        raise DataError(f"{where}: duplicate id '{first}' in rows {shown}; ids must be unique")
+
+
+def _check_text(text: pa.Array, ids: pa.Array, where: str) -> None:
+    row = _first_true(pc.is_null(text))
+    if row is not None:
+        raise DataError(f"{where} row {row} (id '{ids[row].as_py()}'): text is missing")
+    row = _first_true(pc.equal(pc.utf8_trim_whitespace(text), ""))
+    if row is not None:
+        raise DataError(f"{where} row {row} (id '{ids[row].as_py()}'): text is empty")
+
+
+def _as_labels(column: pa.ChunkedArray, ids: pa.Array, where: str) -> pa.Array:
+    """Integer labels as int64; integral floats (1.0) and integer strings ("1") are accepted."""
+    values = column.combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    try:
+        labels = values.cast(pa.int64())  # safe cast: fails on 1.5 or "cat" rather than rounding
+        if labels.null_count == 0:
+            return labels
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    for row, value in enumerate(values.to_pylist()):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where} row {row} (id '{ids[row].as_py()}'): the label is missing")
+        if _integer(value) is None:
+            raise DataError(f"{where} row {row} (id '{ids[row].as_py()}'): label {value!r} is not "
+                            "an integer; labels must be class indices 0..num_labels-1")
+    return pa.array([_integer(value) for value in values.to_pylist()], pa.int64())
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return None
+            return int(number) if number.is_integer() else None
+    if isinstance(value, int):
+        return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising
+
+
+@dataclass
+class Tokenized:
+    """One tokenised dataset: `examples[i]` belongs to `ids[i]`."""
+
+    examples: list[dict[str, torch.Tensor]]
+    """input_ids [T] and attention_mask [T] (int64, T <= max_length, no padding); for
+    sequence_classification also labels [] (int64)."""
+    ids: list[str]
+    truncated: int
+    """How many examples were cut to max_length."""
+
+
+_TOKENIZE_CHUNK = 1024
+
+
+def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
+             num_labels: int | None = None, add_special_tokens: bool = True,
+             role: str = "train") -> Tokenized:
+    """Tokenise `table` (from `read_table`) into one dict of 1-D int64 tensors per example.
+
+    Sequences longer than `max_length` are truncated the way the tokenizer truncates (its
+    `truncation_side`, special tokens kept) and counted in `Tokenized.truncated`. For
+    `sequence_classification` each example also gets a 0-d `labels` from the table's `label`
+    column, checked against `num_labels`. For `causal_lm` there is no labels key (the loss
+    predicts input_ids[1:]), so every example needs at least 2 tokens.
+    """
+    key = f"data.{role}"
+    if task not in ("causal_lm", "sequence_classification"):
+        raise ValueError(f"task must be 'causal_lm' or 'sequence_classification', not {task!r}")
+    if task == "causal_lm" and max_length < 2:
+        raise DataError(f"data.max_length: {max_length} leaves causal_lm nothing to predict; "
+                        "use at least 2")
+    ids = table.column("example_id").to_pylist()
+    texts = table.column("text").to_pylist()
+    labels = None
+    if task == "sequence_classification":
+        if "label" not in table.column_names:
+            raise DataError(f"{key}.label_column: sequence_classification needs a label column")
+        if num_labels is None:
+            raise ValueError("tokenize: sequence_classification needs num_labels")
+        labels = table.column("label").to_pylist()
+
+    examples: list[dict[str, torch.Tensor]] = []
+    truncated = 0
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        encoded, cut = _encode(tokenizer, texts[start:start + _TOKENIZE_CHUNK], max_length,
+                               add_special_tokens)
+        truncated += cut
+        for offset, (input_ids, mask) in enumerate(encoded):
+            row = start + offset
+            example = {"input_ids": torch.tensor(input_ids, dtype=torch.int64),
+                       "attention_mask": torch.tensor(mask, dtype=torch.int64)}
+            if task == "causal_lm" and len(input_ids) < 2:
+                raise DataError(f"{key} row {row} (id '{ids[row]}'): {len(input_ids)} token(s) "
+                                "after tokenisation; causal_lm needs at least 2 (one to predict)")
+            if labels is not None:
+                label = labels[row]
+                if label is None:
+                    raise DataError(f"{key} row {row} (id '{ids[row]}'): the label is missing")
+                if not 0 <= label < num_labels:
+                    raise DataError(f"{key} row {row} (id '{ids[row]}'): label {label} is outside "
+                                    f"0..{num_labels - 1} (the model has {num_labels} labels)")
+                example["labels"] = torch.tensor(label, dtype=torch.int64)
+            examples.append(example)
+    return Tokenized(examples=examples, ids=ids, truncated=truncated)
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int,
+            add_special_tokens: bool) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Encode with truncation and count what was cut, without ever encoding a text in full.
+
+    Encoding to max_length + 1 returns every short text exactly; a result of max_length + 1
+    tokens means the text did not fit, and only those are encoded again to max_length.
+    """
+    def run(batch: list[str], limit: int) -> tuple[list[list[int]], list[list[int]]]:
+        out = tokenizer(batch, add_special_tokens=add_special_tokens, truncation=True,
+                        max_length=limit, padding=False, return_attention_mask=True,
+                        return_token_type_ids=False)
+        return out["input_ids"], out["attention_mask"]
+
+    input_ids, masks = run(texts, max_length + 1)
+    long = [i for i, seq in enumerate(input_ids) if len(seq) > max_length]
+    if long:
+        cut_ids, cut_masks = run([texts[i] for i in long], max_length)
+        for i, seq, mask in zip(long, cut_ids, cut_masks):
+            input_ids[i], masks[i] = seq, mask
+    return list(zip(input_ids, masks)), len(long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitioning across ranks
+
+
+def partition(n_examples: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """Split positions 0..n-1 into `world_size` contiguous, balanced, equal-length lists.
+
+    Rank r gets a contiguous run of real positions (the first n % world_size ranks one more
+    than the others), followed by `PAD` (-1) entries up to L = ceil(n / world_size), so every
+    list has length L. Cutting each list into consecutive batches of `batch_size` then gives
+    every rank the same number of steps, `steps_per_rank(...)`, with the same batch sizes —
+    the lockstep ZeRO-3 needs, since each forward/backward gathers parameters collectively.
+
+    A padding slot is at most the last entry of a rank's list (a rank with no real example,
+    when n < world_size, has one). The worker runs some real example in its place (position 0
+    serves on every rank) and drops that row's outputs, so a padding step does all the
+    collectives of a real one and writes nothing. At most world_size - 1 slots are padding.
+
+    `batch_size` is only validated: the lists do not depend on it, so a partition is valid for
+    any batch size.
+    """
+    if n_examples <= 0:
+        raise ValueError(f"partition: n_examples must be > 0, got {n_examples}")
+    if world_size <= 0:
+        raise ValueError(f"partition: world_size must be > 0, got {world_size}")
+    if batch_size <= 0:
+        raise ValueError(f"partition: batch_size must be > 0, got {batch_size}")
+    length = math.ceil(n_examples / world_size)
+    base, extra = divmod(n_examples, world_size)
+    parts, start = [], 0
+    for rank in range(world_size):
+        size = base + (rank < extra)
+        parts.append(list(range(start, start + size)) + [PAD] * (length - size))
+        start += size
+    return parts
+
+
+def steps_per_rank(n_examples: int, world_size: int, batch_size: int) -> int:
+    """Forward/backward steps every rank runs over its `partition(...)` list: ceil(L / batch)."""
+    if n_examples <= 0 or world_size <= 0 or batch_size <= 0:
+        raise ValueError("steps_per_rank: n_examples, world_size and batch_size must be > 0")
+    return math.ceil(math.ceil(n_examples / world_size) / batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collating
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack per-example tensors into a batch: [N, T] for 1-D fields, [N] for 0-d ones.
+
+    1-D tensors of different lengths are right-padded to the longest: input_ids with
+    `pad_token_id`, attention_mask with 0, labels with -100 (ignored by cross-entropy), any
+    other field with 0. Tensors of equal shape are stacked as they are.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    keys = list(examples[0])
+    for i, example in enumerate(examples):
+        if set(example) != set(keys):
+            raise ValueError(f"collate: example {i} has keys {sorted(example)}, "
+                             f"example 0 has {sorted(keys)}")
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    batch = {}
+    for key in keys:
+        tensors = [example[key] for example in examples]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) == 1:
+            batch[key] = torch.stack(tensors)
+        elif all(t.dim() == 1 for t in tensors):
+            length = max(t.shape[0] for t in tensors)
+            out = torch.full((len(tensors), length), pad_values.get(key, 0),
+                             dtype=tensors[0].dtype)
+            for row, t in enumerate(tensors):
+                out[row, : t.shape[0]] = t
+            batch[key] = out
+        else:
+            raise ValueError(f"collate: '{key}' has shapes {sorted(shapes)}; only 1-D tensors "
+                             "of different lengths can be padded")
+    return batch

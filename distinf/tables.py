@@ -1,0 +1,80 @@
+"""The output tables of DESIGN.md §3, built in one place so the API and the job agree on columns."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+TOP_K_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("rank", pa.int32()), ("train_id", pa.string()), ("score", pa.float32())]
+)
+TRAIN_VALUES_SCHEMA = pa.schema(
+    [("train_id", pa.string()), ("loss", pa.float32()), ("score_mean", pa.float32()),
+     ("self_influence", pa.float32())]
+)
+DENSE_SCHEMA = pa.schema([("query_id", pa.string()), ("train_id", pa.string()), ("score", pa.float32())])
+
+
+def gradient_schema(k: int, dtype: str = "float32") -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [("example_id", pa.string()), ("loss", pa.float32()), ("grad", pa.list_(value, k))]
+    )
+
+
+def gradient_table(ids: Sequence[str], losses: np.ndarray, grads: np.ndarray, dtype: str = "float32") -> pa.Table:
+    """example_id, loss, grad (fixed_size_list[k]) for rows of grads [n, k]."""
+    schema = gradient_schema(grads.shape[1], dtype)
+    flat = pa.array(np.ascontiguousarray(grads, dtype=np.float16 if dtype == "float16" else np.float32).ravel())
+    return pa.table(
+        [pa.array(list(ids), pa.string()), pa.array(np.asarray(losses, np.float32)),
+         pa.FixedSizeListArray.from_arrays(flat, grads.shape[1])],
+        schema=schema,
+    )
+
+
+def gradients_of(table: pa.Table) -> np.ndarray:
+    """The grad column of a gradient table as float32 [n, k]."""
+    column = table.column("grad").combine_chunks()
+    k = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
+
+
+def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
+                positions: np.ndarray) -> pa.Table:
+    """scores/positions [m, K] of a TopK (positions index train_ids); rank 1 = strongest proponent."""
+    m, kk = scores.shape
+    valid = np.isfinite(scores)
+    rows_q, cols = np.nonzero(valid)
+    train = np.asarray(train_ids, dtype=object)
+    return pa.table(
+        [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),
+         pa.array(cols + 1, pa.int32()),
+         pa.array(train[positions[rows_q, cols]], pa.string()),
+         pa.array(scores[rows_q, cols].astype(np.float32))],
+        schema=TOP_K_SCHEMA,
+    )
+
+
+def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean: np.ndarray,
+                       self_influence: np.ndarray | None) -> pa.Table:
+    n = len(train_ids)
+    self_inf = np.full(n, np.nan) if self_influence is None else self_influence
+    return pa.table(
+        [pa.array(list(train_ids), pa.string()), pa.array(np.asarray(losses, np.float32)),
+         pa.array(np.asarray(score_mean, np.float32)), pa.array(np.asarray(self_inf, np.float32))],
+        schema=TRAIN_VALUES_SCHEMA,
+    )
+
+
+def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray) -> pa.Table:
+    """Long form of scores [m, n]: one row per (query, train) pair."""
+    m, n = scores.shape
+    return pa.table(
+        [pa.array(np.repeat(np.asarray(query_ids, dtype=object), n), pa.string()),
+         pa.array(np.tile(np.asarray(train_ids, dtype=object), m), pa.string()),
+         pa.array(np.asarray(scores, np.float32).ravel())],
+        schema=DENSE_SCHEMA,
+    )
