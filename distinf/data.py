@@ -133,10 +133,11 @@ def _first_non_utf8_line(path: Path) -> int | None:
     line = 1
     with pa.input_stream(str(path), compression="detect") as stream:
         while chunk := stream.read(1 << 20):
+            pending = decoder.getstate()[0]  # an unfinished character from the last chunk, no \n
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as error:
-                return line + chunk[: error.start].count(b"\n")
+                return line + (pending + chunk)[: error.start].count(b"\n")
             line += chunk.count(b"\n")
     try:
         decoder.decode(b"", final=True)
@@ -151,25 +152,25 @@ def _starts_with_bracket(path: Path) -> bool:
 
 
 def _as_string(column: pa.ChunkedArray, where: str, what: str) -> pa.Array:
+    """A column as a valid UTF-8 string array; numbers and booleans are written out as text."""
     column = column.combine_chunks()
-    if pa.types.is_string(column.type):
-        return column
-    if pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type):
-        return column.cast(pa.string())
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        try:
-            return column.cast(pa.string())
-        except pa.ArrowInvalid:
-            row = next(i for i, value in enumerate(column.to_pylist())
-                       if value is not None and not _is_utf8(value))
-            raise DataError(f"{where} row {row}: {what} is not valid UTF-8 text; "
-                            "re-encode it as UTF-8") from None
     if pa.types.is_dictionary(column.type):
-        return _as_string(pa.chunked_array([column.cast(column.type.value_type)]), where, what)
-    if (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-            or pa.types.is_boolean(column.type)):
-        return column.cast(pa.string())
-    raise DataError(f"{where}: {what} has type {column.type}; expected text")
+        column = column.cast(column.type.value_type)
+    if pa.types.is_nested(column.type):
+        raise DataError(f"{where}: {what} has type {column.type}; expected text")
+    try:
+        strings = column.cast(pa.string())
+        strings.validate(full=True)  # Parquet strings written by other tools may be unchecked
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+                or pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise DataError(f"{where}: {what} has type {column.type}; expected text") from None
+        raw = column.cast(pa.large_binary()) if not pa.types.is_binary(column.type) else column
+        row = next(i for i, value in enumerate(raw.to_pylist())
+                   if value is not None and not _is_utf8(value))
+        raise DataError(f"{where} row {row}: {what} is not valid UTF-8 text; "
+                        "re-encode it as UTF-8") from None
+    return strings
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -228,8 +229,6 @@ def _as_labels(column: pa.ChunkedArray, ids: pa.Array, where: str) -> pa.Array:
 
 
 def _integer(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
     if isinstance(value, float):
         return int(value) if value.is_integer() else None
     if isinstance(value, str):

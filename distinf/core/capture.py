@@ -56,6 +56,7 @@ class GradientCapture:
         self._handles: list[Any] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._buffer: Tensor | None = None
+        self._batch_size = 0
         self._ran: set[str] = set()
         self._checked_first_batch = False
 
@@ -64,7 +65,7 @@ class GradientCapture:
         for param, _ in self._frozen:
             param.requires_grad_(False)
         for use, plans, columns in self._hooked:
-            self._handles.append(use.module.register_forward_pre_hook(_inputs_require_grad))
+            self._handles.append(use.module.register_forward_pre_hook(self._per_example_inputs))
             self._handles.append(
                 use.module.register_forward_hook(partial(self._on_forward, use, plans, columns))
             )
@@ -77,6 +78,20 @@ class GradientCapture:
         for param, requires_grad in self._frozen:
             param.requires_grad_(requires_grad)
         self._frozen.clear()
+
+    def _per_example_inputs(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0]
+        # An input shared by the batch (position ids [1, T]) would sum its examples' gradients:
+        # expand it so every example owns its rows.
+        if x.dim() > 0 and x.shape[0] == 1 and self._batch_size > 1:
+            x = x.expand(self._batch_size, *x.shape[1:])
+        # With frozen weights nothing upstream of the first tracked layer needs grad; give such
+        # an input a grad-requiring alias so gy reaches this layer.
+        if x.is_floating_point() and not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        return None if x is args[0] else (x, *args[1:])
 
     def _on_forward(self, use: ModuleUse, plans: dict, columns: dict, module: nn.Module,
                     inputs: tuple, output: Any) -> None:
@@ -99,6 +114,7 @@ class GradientCapture:
             raise CaptureError("use GradientCapture inside a `with` block")
         refuse_coupling_layers(self.model)
         self._ran.clear()
+        self._batch_size = len(next(iter(batch.values())))
         losses = loss_fn(self.model, batch)
         if losses.dim() != 1:
             raise CaptureError(f"the loss function must return per-example losses [N], got {tuple(losses.shape)}")
@@ -122,10 +138,3 @@ class GradientCapture:
                 stacklevel=3,
             )
 
-
-def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
-    # With frozen weights nothing upstream of the first tracked layer needs grad; a float input
-    # that does not require it is replaced by a grad-requiring alias so gy reaches this layer.
-    if args and isinstance(args[0], Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
-        return (args[0].detach().requires_grad_(True), *args[1:])
-    return None

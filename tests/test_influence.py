@@ -1,0 +1,121 @@
+"""attribute() against a dense solve built from full torch.func gradients, independently of distinf."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import distinf
+import tiny_models
+from distinf.core.curvature import AUTO_DAMPING_SCALE, GramSums, block_damping, factorize
+
+
+def micro_gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=31, n_positions=16, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def full_gradients(model, examples, names):
+    """[n, p] per-example gradients of the tracked parameters, in named_parameters order."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    rows = []
+    for example in examples:
+        ids = example["input_ids"][None] % 31
+
+        def loss(tracked):
+            logits = functional_call(model, {**params, **tracked}, args=(), kwargs={"input_ids": ids}).logits[0]
+            return F.cross_entropy(logits[:-1], ids[0, 1:])
+
+        g = grad(loss)({n: params[n] for n in names})
+        rows.append(torch.cat([g[n].reshape(-1) for n in names]).double())
+    return torch.stack(rows)
+
+
+def examples(lengths, seed):
+    return [{k: (v % 31 if k == "input_ids" else v) for k, v in ex.items()}
+            for ex in tiny_models.token_examples(lengths, seed=seed)]
+
+
+TRAIN, QUERIES = examples((5, 8, 3, 7, 6, 4, 9, 5), seed=1), examples((6, 4, 7), seed=2)
+
+
+def dense_reference(model, names, damping, blocks):
+    G, Q = full_gradients(model, TRAIN, names), full_gradients(model, QUERIES, names)
+    n = G.shape[0]
+    H = torch.zeros(G.shape[1], G.shape[1], dtype=torch.float64)
+    for part in blocks:
+        Gb = G[:, part]
+        lam = AUTO_DAMPING_SCALE * Gb.square().sum() / (n * Gb.shape[1]) if damping == "auto" else damping
+        H[part, part] = Gb.T @ Gb / n + lam * torch.eye(Gb.shape[1], dtype=torch.float64)
+    Hinv_G = torch.linalg.solve(H, G.T)
+    return (Q @ Hinv_G).numpy(), torch.einsum("ip,pi->i", G, Hinv_G).numpy()
+
+
+@pytest.mark.parametrize("damping", [1e-3, "auto"])
+def test_full_block_with_every_entry_kept_equals_dense_solve(damping):
+    model = micro_gpt2()
+    result = distinf.attribute(model, TRAIN, QUERIES, batch_size=3, config={
+        "compression": {"k": 10**9}, "hessian": {"blocks": "full", "damping": damping}})
+    names = list(dict.fromkeys(result.index_set.column("param").to_pylist()))
+    p = sum(model.get_parameter(n).numel() for n in names)
+    assert result.train_grads.shape[1] == p  # every tracked entry kept
+    scores, self_inf = dense_reference(model, names, damping, [slice(0, p)])
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    np.testing.assert_allclose(result.self_influence, self_inf, rtol=1e-4)
+
+
+def test_layer_blocks_equal_block_diagonal_dense_solve():
+    model = micro_gpt2()
+    result = distinf.attribute(model, TRAIN, QUERIES, batch_size=4, config={
+        "compression": {"k": 10**9}, "hessian": {"blocks": "layer", "damping": "auto"}})
+    names = list(dict.fromkeys(result.index_set.column("param").to_pylist()))
+    sizes = [model.get_parameter(n).numel() for n in names]
+    bounds = np.cumsum([0, *sizes])
+    scores, self_inf = dense_reference(model, names, "auto", [slice(a, b) for a, b in zip(bounds, bounds[1:])])
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    np.testing.assert_allclose(result.self_influence, self_inf, rtol=1e-4)
+
+
+def test_top_k_and_train_values_follow_the_score_matrix():
+    result = distinf.attribute(tiny_models.gpt2(), tiny_models.token_examples((5, 8, 3, 7, 6, 4, 9)),
+                               tiny_models.token_examples((6, 4), seed=9), train_ids=list("abcdefg"),
+                               query_ids=["q0", "q1"], config={"compression": {"k": 256}, "scoring": {"top_k": 3}})
+    top = result.top_k.to_pylist()
+    assert result.top_k.column_names == ["query_id", "rank", "train_id", "score"]
+    for q, query_id in enumerate(["q0", "q1"]):
+        expected = [ "abcdefg"[i] for i in np.argsort(-result.scores[q], kind="stable")[:3]]
+        rows = [r for r in top if r["query_id"] == query_id]
+        assert [r["rank"] for r in rows] == [1, 2, 3]
+        assert [r["train_id"] for r in rows] == expected
+    values = result.train_values.to_pydict()
+    np.testing.assert_allclose(values["score_mean"], result.scores.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(values["loss"], result.train_losses)
+    assert np.all(result.self_influence >= 0)
+
+
+def test_auto_damping_is_a_tenth_of_the_mean_eigenvalue():
+    g = torch.randn(50, 12, dtype=torch.float64)
+    sums = GramSums([slice(0, 5), slice(5, 12)]).add(g[:20]).add(g[20:])
+    for block, part in zip(sums.blocks, sums.slices):
+        eigenvalues = torch.linalg.eigvalsh(g[:, part].T @ g[:, part] / 50)
+        assert block_damping(block, 50, "auto") == pytest.approx(0.1 * float(eigenvalues.mean()), rel=1e-12)
+        assert block_damping(block, 50, 0.25) == 0.25
+    assert factorize(sums, "auto").damping == pytest.approx(
+        [0.1 * float(g[:, :5].square().sum()) / (50 * 5), 0.1 * float(g[:, 5:].square().sum()) / (50 * 7)])
+
+
+def test_gram_sums_are_additive_in_any_order():
+    g = torch.randn(30, 6, dtype=torch.float64)
+    whole = GramSums([slice(0, 6)]).add(g)
+    parts = GramSums([slice(0, 6)]).add(g[10:]).merge(GramSums([slice(0, 6)]).add(g[:10]))
+    torch.testing.assert_close(whole.blocks[0], parts.blocks[0], rtol=1e-12, atol=1e-12)
+    assert parts.count == 30
+
+
+def test_zero_damping_on_a_rank_deficient_block_is_refused_clearly():
+    sums = GramSums([slice(0, 6)]).add(torch.randn(3, 6))  # rank 3 < 6
+    with pytest.raises(ValueError, match="not positive definite.*damping"):
+        factorize(sums, 0.0)
