@@ -157,7 +157,8 @@ def shorten(text: str, max_chars: int = MAX_CHARS) -> str:
     ends = [m.end() for m in _SENTENCE_END.finditer(head)]
     if ends and ends[-1] >= max_chars // 2:
         return head[: ends[-1]]
-    return head[:max_chars].rsplit(" ", 1)[0]
+    words = head.rsplit(" ", 1)[0]
+    return words if len(words) <= max_chars else head[:max_chars]  # one long token, e.g. a URL
 
 
 def _undo_mojibake(text: str) -> str:

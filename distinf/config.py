@@ -106,6 +106,10 @@ class RuntimeConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(default=8, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 3
+    """3 shards the parameters over the workers; 0-2 replicate the model (inference has no
+    optimiser state or gradients for them to shard)."""
+    chunk_examples: int = Field(default=256, gt=0)
+    """Rows per committed gradient chunk (rounded up to whole batches)."""
 
 
 class OutputConfig(_Section):

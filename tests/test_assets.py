@@ -43,6 +43,7 @@ def test_shorten_cuts_at_sentence_end_or_word_boundary():
     sentence = "word " * 50 + "end. "
     assert shorten(sentence + "tail " * 100, max_chars=400) == sentence.strip()
     assert shorten("x" * 10 + " y" * 300, max_chars=50) == "x" * 10 + " y" * 20
+    assert shorten("x" * 60, max_chars=50) == "x" * 50
 
 
 def test_demo_corpus_writes_parquet_once(tmp_path, monkeypatch):

@@ -1,0 +1,5 @@
+import sys
+
+from distinf.cli import main
+
+sys.exit(main())

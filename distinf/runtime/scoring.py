@@ -1,0 +1,46 @@
+"""Scoring tasks: one per training-gradient chunk, no model loaded, all reading the same Q."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from distinf.core.curvature import Curvature, self_influence
+from distinf.core.scoring import TopK, score_chunk
+from distinf.store import atomic_write_table
+from distinf.tables import dense_table, gradients_of
+
+
+@dataclass
+class ChunkScores:
+    ids: list[str]
+    losses: np.ndarray
+    score_mean: np.ndarray          # [n] mean over queries
+    self_influence: np.ndarray | None
+    top_scores: np.ndarray          # [m, K'] the chunk's own top-K
+    top_ids: np.ndarray             # [m, K'] their example ids
+
+
+@ray.remote(num_cpus=1)
+def score_train_chunk(path: str, preconditioned: np.ndarray, curvature: Curvature, top_k: int,
+                      with_self_influence: bool, query_ids: list[str], dense_path: str | None) -> ChunkScores:
+    table = pq.read_table(path)
+    ids = table.column("example_id").to_pylist()
+    grads = torch.from_numpy(gradients_of(table))
+    scores = score_chunk(torch.from_numpy(preconditioned), grads).numpy()  # [m, n]
+    top = TopK(scores.shape[0], top_k)
+    top.update(scores, np.arange(len(ids)))  # local order is global order within a chunk
+    if dense_path is not None:
+        atomic_write_table(dense_table(query_ids, ids, scores), dense_path)
+    return ChunkScores(
+        ids=ids,
+        losses=table.column("loss").to_numpy(),
+        score_mean=scores.mean(0),
+        self_influence=self_influence(curvature, grads).numpy() if with_self_influence else None,
+        top_scores=top.scores,
+        top_ids=np.asarray(ids, dtype=object)[top.positions],
+    )

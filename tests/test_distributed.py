@@ -1,0 +1,99 @@
+"""The Ray + DeepSpeed ZeRO-3 job (2 workers over gloo) against the one-process core on the same inputs."""
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM
+
+import distinf
+import job_fixtures
+from distinf.config import load_job
+from distinf.runtime.driver import plan_job, run_job
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def finished_run(request, tmp_path_factory):
+    """A 2-worker ZeRO-3 run, and distinf.attribute on the same model, data and config."""
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = job_fixtures.tiny_model_dir(root, request.param)
+    cfg = load_job(job_fixtures.job_file(root, model_dir, *job_fixtures.corpus_files(root / "data")))
+    manifest = run_job(cfg)
+    plan = plan_job(cfg)
+    reference = distinf.attribute(
+        AutoModelForCausalLM.from_pretrained(cfg.model.path), plan.train.examples, plan.queries.examples,
+        config=cfg.model_dump(include={"compression", "hessian", "scoring"}), train_ids=plan.train.ids,
+        query_ids=plan.queries.ids, batch_size=3, pad_token_id=plan.pad_token_id)
+    return root / "run", manifest, plan, reference
+
+
+def test_scores_equal_the_one_process_core(finished_run):
+    run_dir, manifest, plan, reference = finished_run
+    assert manifest["status"] == "complete"
+    dense = pq.read_table(run_dir / "scores" / "dense").to_pydict()
+    q = {x: i for i, x in enumerate(plan.queries.ids)}
+    t = {x: i for i, x in enumerate(plan.train.ids)}
+    scores = np.full((len(q), len(t)), np.nan)
+    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense["score"]):
+        scores[q[qid], t[tid]] = s
+    assert not np.isnan(scores).any()  # every (query, train) pair exactly once
+    assert len(dense["score"]) == scores.size
+    np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
+
+
+def test_top_k_is_identical_to_the_one_process_core(finished_run):
+    run_dir, _, _, reference = finished_run
+    ours = pq.read_table(run_dir / "scores" / "top_k.parquet").to_pylist()
+    theirs = reference.top_k.to_pylist()
+    assert [(r["query_id"], r["rank"], r["train_id"]) for r in ours] == \
+        [(r["query_id"], r["rank"], r["train_id"]) for r in theirs]
+    np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in theirs], rtol=1e-4, atol=1e-6)
+
+
+def test_train_values_and_index_set_equal_the_one_process_core(finished_run):
+    run_dir, _, plan, reference = finished_run
+    values = pq.read_table(run_dir / "scores" / "train_values.parquet")
+    assert values.column("train_id").to_pylist() == plan.train.ids
+    np.testing.assert_allclose(values.column("self_influence").to_numpy(), reference.self_influence, rtol=1e-4)
+    np.testing.assert_allclose(values.column("score_mean").to_numpy(),
+                               reference.train_values.column("score_mean").to_numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(values.column("loss").to_numpy(), reference.train_losses, rtol=1e-5)
+    assert pq.read_table(run_dir / "index_set.parquet").equals(reference.index_set)
+
+
+def test_each_zero3_worker_held_half_the_parameters(finished_run):
+    _, manifest, _, _ = finished_run
+    total = manifest["params"]["total"]
+    assert len(manifest["workers"]) == 2
+    for worker in manifest["workers"]:
+        assert abs(worker["local_params"] - total / 2) <= 0.01 * total, worker
+
+
+def test_outputs_read_back_with_duckdb_with_the_documented_columns(finished_run):
+    run_dir, manifest, plan, _ = finished_run
+    k = manifest["k"]
+    expected = {
+        "scores/top_k.parquet": [("query_id", "VARCHAR"), ("rank", "INTEGER"), ("train_id", "VARCHAR"),
+                                 ("score", "FLOAT")],
+        "scores/train_values.parquet": [("train_id", "VARCHAR"), ("loss", "FLOAT"), ("score_mean", "FLOAT"),
+                                        ("self_influence", "FLOAT")],
+        # Parquet has no fixed-size list type: DuckDB sees a list, pyarrow the fixed_size_list it wrote.
+        "gradients/train/*.parquet": [("example_id", "VARCHAR"), ("loss", "FLOAT"), ("grad", "FLOAT[]")],
+        "gradients/queries/*.parquet": [("example_id", "VARCHAR"), ("loss", "FLOAT"), ("grad", "FLOAT[]")],
+        "index_set.parquet": [("param", "VARCHAR"), ("flat_index", "BIGINT")],
+        "scores/dense/*.parquet": [("query_id", "VARCHAR"), ("train_id", "VARCHAR"), ("score", "FLOAT")],
+    }
+    con = duckdb.connect()
+    for pattern, columns in expected.items():
+        described = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{run_dir / pattern}')").fetchall()
+        assert [(row[0], row[1]) for row in described] == columns, pattern
+    n_train = con.sql(f"SELECT count(DISTINCT example_id) FROM read_parquet('{run_dir}/gradients/train/*.parquet')")
+    assert n_train.fetchall() == [(len(plan.train.ids),)]
+    lengths = con.sql(f"SELECT DISTINCT len(grad) FROM read_parquet('{run_dir}/gradients/*/*.parquet')")
+    assert lengths.fetchall() == [(k,)]
+    grad_type = pq.read_schema(next((run_dir / "gradients" / "train").glob("*.parquet"))).field("grad").type
+    assert grad_type.list_size == k and grad_type.value_type == "float"
+    top = con.sql(f"SELECT query_id, count(*) FROM read_parquet('{run_dir}/scores/top_k.parquet') GROUP BY 1")
+    assert sorted(top.fetchall()) == sorted((q, 5) for q in plan.queries.ids)
