@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_TRAIN_PER_SOURCE = 60
+DEMO_TRAIN_PER_SOURCE = 30
 DEMO_QUERY_PER_SOURCE = 2
 DEMO_SEED = 0
 MAX_CHARS = 400

@@ -115,11 +115,13 @@ def _compress(workers, split: str, data: Tokenized, pad_token_id: int, batch_siz
     progress = Progress.remote()
     futures = [w.compress.remote(split, examples, ids, part, pad_token_id, progress)
                for w, part in zip(workers, parts)]
-    with tqdm(total=len(data.ids), desc=f"gradients/{split}", unit="ex") as bar:
+    with tqdm(total=len(data.ids), desc=f"gradients/{split}", unit="ex", mininterval=1.0) as bar:
         pending = list(futures)
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            bar.update(ray.get(progress.value.remote()) - bar.n)
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            done = ray.get(progress.value.remote())
+            if done > bar.n:
+                bar.update(done - bar.n)
     return [path for chunks in ray.get(futures) for path in chunks]
 
 
