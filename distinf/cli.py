@@ -1,4 +1,4 @@
-"""`distinf run | validate`: the command line, a thin edge over the driver."""
+"""`distinf run | validate | report`: the command line, a thin edge over the driver."""
 
 from __future__ import annotations
 
@@ -30,7 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check a job file and its data without running")
     validate.add_argument("job", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    report = commands.add_parser("report", help="write RUN_DIR/report.html with plots")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--noisy-column", help="a boolean column of the training file marking known-noisy "
+                        "rows (e.g. flipped labels): adds their ROC curve")
     args = parser.parse_args(argv)
+
+    if args.command == "report":
+        from distinf.report import write_report
+
+        try:
+            print(write_report(args.run_dir, args.noisy_column))
+        except (OSError, ValueError) as error:
+            print(f"distinf: {error}", file=sys.stderr)
+            return 2
+        return 0
 
     from distinf.data import DataError
     from distinf.models import ModelError

@@ -15,3 +15,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished 2-worker ZeRO-3 run of a tiny GPT-2 on real text, shared by read-only tests.
+
+    The training file carries a seeded boolean `flipped` column, standing in for known-noisy rows.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import job_fixtures
+    from distinf.config import load_job
+    from distinf.runtime.driver import run_job
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    train, queries = job_fixtures.corpus_files(root / "data")
+    table = pq.read_table(train)
+    flipped = np.random.default_rng(0).random(table.num_rows) < 0.25
+    pq.write_table(table.append_column("flipped", pa.array(flipped)), train)
+    job = job_fixtures.job_file(root, job_fixtures.tiny_model_dir(root, "gpt2"), train, queries,
+                                scoring={"dense": False})
+    run_job(load_job(job))
+    return root / "run", job
