@@ -100,8 +100,9 @@ def _start_workers(cfg: JobConfig, run_dir: Path):
         for rank in range(world)
     ]
     addresses = ray.get([w.address.remote() for w in workers])
-    # One node: rendezvous on loopback (Ray may report an address the node cannot bind).
-    host = "127.0.0.1" if len({a["node_id"] for a in addresses}) == 1 else addresses[0]["ip"]
+    # One machine (one node, or several nodes sharing an IP): rendezvous on loopback, since Ray
+    # may report an address that is not bindable here; across machines, on rank 0's node.
+    host = "127.0.0.1" if len({a["ip"] for a in addresses}) == 1 else addresses[0]["ip"]
     port = ray.get(workers[0].free_port.remote(host))
     infos = ray.get([w.setup.remote(host, port) for w in workers])
     if len({info["index_set_hash"] for info in infos}) != 1:
