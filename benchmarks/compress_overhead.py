@@ -50,7 +50,19 @@ from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import Tracked, track_modules  # noqa: E402
 
 SEED = 0
-Runner = Callable[[], float]  # runs one batch, returns its seconds
+Runner = Callable[[], tuple[float, float]]  # runs one batch: (wall s, process CPU s)
+
+
+class Clock:
+    """Wall and process CPU time (all threads) of a block; CPU time is the less disturbed by
+    other processes taking turns on the cores, wall time is what a user waits."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.times = (time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,16 +106,16 @@ def set_requires_grad(model: nn.Module, flag: bool) -> None:
 def floor_runner(model: nn.Module, batch: dict[str, Tensor]) -> Runner:
     embedding = model.get_input_embeddings()
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         set_requires_grad(model, False)
         # Frozen weights leave nothing upstream needing grad: make the embedding output a leaf
         # that does, so backward still traverses every layer (activation gradients only).
         handle = embedding.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
         try:
-            start = time.perf_counter()
-            losses = causal_lm_losses(model, batch)
-            losses.sum().backward()
-            return time.perf_counter() - start
+            with Clock() as clock:
+                losses = causal_lm_losses(model, batch)
+                losses.sum().backward()
+            return clock.times
         finally:
             handle.remove()
 
@@ -114,16 +126,15 @@ def capture_runner(model: nn.Module, tracked: Tracked, index_set: IndexSet, batc
                    sink: dict | None = None) -> Runner:
     capture = GradientCapture(model, tracked, index_set)
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         # The `with` block (registering hooks, freezing) is outside the timing: a real run
         # enters it once for all its batches.
         with capture:
-            start = time.perf_counter()
-            grads, _ = capture.batch(batch, causal_lm_losses)
-            elapsed = time.perf_counter() - start
+            with Clock() as clock:
+                grads, _ = capture.batch(batch, causal_lm_losses)
         if sink is not None:
             sink["grads"] = grads
-        return elapsed
+        return clock.times
 
     return run
 
@@ -134,10 +145,10 @@ def naive_runner(model: nn.Module, index_set: IndexSet, batch: dict[str, Tensor]
     selected = [(params[name], torch.from_numpy(idx)) for name, idx in zip(index_set.names, index_set.flat_indices)]
     n = len(batch["input_ids"])
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         set_requires_grad(model, True)
         try:
-            start = time.perf_counter()
+            clock = Clock().__enter__()
             rows = []
             for i in range(n):
                 one = {key: value[i : i + 1] for key, value in batch.items()}
@@ -145,13 +156,13 @@ def naive_runner(model: nn.Module, index_set: IndexSet, batch: dict[str, Tensor]
                 causal_lm_losses(model, one)[0].backward()
                 rows.append(torch.cat([p.grad.reshape(-1).index_select(0, idx) for p, idx in selected]))
             grads = torch.stack(rows)
-            elapsed = time.perf_counter() - start
+            clock.__exit__()
         finally:
             model.zero_grad(set_to_none=True)
             set_requires_grad(model, False)
         if sink is not None:
             sink["grads"] = grads
-        return elapsed
+        return clock.times
 
     return run
 
@@ -171,23 +182,27 @@ def runner_for(config: str, model: nn.Module, tracked: Tracked, batch: dict[str,
 
 
 def alternate(floor: Runner, candidate: Runner, pairs: int, warmup: int) -> dict:
-    """Floor and candidate alternately; the median of per-pair ratios is robust to drift."""
+    """Floor and candidate alternately; the median of per-pair ratios is robust to drift.
+    The floor is warmed once for the whole process (see main); only the candidate here."""
     for _ in range(warmup):
-        floor()
         candidate()
-    floor_s, cand_s = [], []
+    floor_t, cand_t = [], []
     for _ in range(pairs):
-        floor_s.append(floor())
-        cand_s.append(candidate())
+        floor_t.append(floor())
+        cand_t.append(candidate())
         gc.collect()
-    ratios = [c / f for c, f in zip(cand_s, floor_s)]
+    ratios = [c[0] / f[0] for c, f in zip(cand_t, floor_t)]
+    cpu_ratios = [c[1] / f[1] for c, f in zip(cand_t, floor_t)]
     return {
         "pairs": pairs,
-        "floor_s": statistics.median(floor_s),
-        "cand_s": statistics.median(cand_s),
+        "floor_s": statistics.median(f[0] for f in floor_t),
+        "cand_s": statistics.median(c[0] for c in cand_t),
         "ratio": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "cand_cpu_s": statistics.median(c[1] for c in cand_t),
+        "raw": [[round(x, 3) for x in (*f, *c)] for f, c in zip(floor_t, cand_t)],
     }
 
 
@@ -263,9 +278,10 @@ def mib(kib: int) -> str:
 def table(rows: list[dict], mem: dict[str, dict]) -> str:
     floor_peak = mem.get("floor", {}).get("peak_kib")
     lines = [
-        "| configuration | pairs | median s/batch | floor s/batch (same pairs) | median ratio to floor (min–max) "
-        "| peak RSS | RSS increase over post-load | peak over floor's peak |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | pairs | median wall s/batch | floor wall s/batch (same pairs) "
+        "| median wall ratio to floor (min–max) | median CPU-time ratio | peak RSS "
+        "| peak increase over post-load RSS | peak over floor's peak |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         m = mem.get(row["config"])
@@ -274,7 +290,8 @@ def table(rows: list[dict], mem: dict[str, dict]) -> str:
         over = f"{(m['peak_kib'] - floor_peak) / 1024:+.0f} MiB" if m and floor_peak else "–"
         lines.append(
             f"| {row['label']} | {row['pairs']} | {row['cand_s']:.2f} | {row['floor_s']:.2f} | "
-            f"{row['ratio']:.3f} ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) | {peak} | {inc} | {over} |"
+            f"{row['ratio']:.3f} ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) | {row['cpu_ratio']:.3f} | "
+            f"{peak} | {inc} | {over} |"
         )
     return "\n".join(lines)
 
@@ -285,7 +302,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="timed (floor, candidate) pairs per configuration")
     parser.add_argument("--naive-pairs", type=int, default=None, help="pairs for the naive method (default: --pairs)")
     parser.add_argument("--naive-k", type=int, default=8192, help="k gathered by the naive method")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed (floor, candidate) pairs first")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed runs of the floor (once) and of each candidate before its pairs")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -309,6 +327,8 @@ def main() -> None:
           f"({tracked.tracked_fraction:.1%}); batch {args.batch} x {args.tokens}", flush=True)
 
     floor = floor_runner(model, batch)
+    for _ in range(args.warmup):
+        floor()
     ks = [int(k) for k in args.ks.split(",") if k]
     configs = [("floor", "floor (calibration: floor vs floor)", args.pairs)]
     configs += [(f"k={k}", f"distinf capture k={k}", args.pairs) for k in ks]
@@ -346,8 +366,9 @@ def main() -> None:
         "",
         table(rows, mem),
         "",
-        f"Calibration (floor vs floor): median ratio {rows[0]['ratio']:.3f}. "
-        f"Warm-up pairs per configuration: {args.warmup}. Total wall time {total / 60:.1f} min.",
+        f"Calibration (floor vs floor): median wall ratio {rows[0]['ratio']:.3f}, "
+        f"CPU-time ratio {rows[0]['cpu_ratio']:.3f}. "
+        f"Warm-up runs: {args.warmup} of the floor, then {args.warmup} of each candidate. Total wall time {total / 60:.1f} min.",
     ]
     if agreement is not None:
         text.append(f"Capture k={args.naive_k} vs naive gather: relative Frobenius error {agreement:.2e}.")

@@ -1,7 +1,8 @@
 """`distinf.attribute`: the whole method in one process, no Ray, for notebooks, small models, tests.
 
 It runs the same core as the distributed job (index set, capture, Gram sums, Cholesky, chunk
-scoring), so both give the same numbers for the same config.
+scoring), so both give the same numbers for the same config. Every `compression.method` and
+`hessian.method` runs here; pca adds a fit pass over the training set before the capture.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from distinf.config import AttributionConfig, parse_config
+from distinf.config import AttributionConfig, CompressionConfig, HessianConfig, parse_config
 from distinf.core.capture import GradientCapture, LossFn
-from distinf.core.curvature import GramSums, block_slices, factorize, precondition, self_influence
-from distinf.core.index_set import draw_index_set
+from distinf.core.compressors import Compressor, NoneCompressor, build_compressor
+from distinf.core.compressors.base import allocated_sizes
+from distinf.core.compressors.none import check_fits
+from distinf.core.compressors.pca import PCAFit
+from distinf.core.curvature import block_slices
 from distinf.core.scoring import TopK, score_chunk
+from distinf.core.solvers import Solver, fit_solver
 from distinf.core.tasks import loss_function, move_batch
-from distinf.core.tracking import track_modules
+from distinf.core.tracking import Tracked, track_modules
 from distinf.data import collate
 from distinf.tables import top_k_table, train_values_table
 
@@ -33,7 +38,7 @@ class AttributionResult:
     query_grads: np.ndarray     # float32 [n_queries, k]
     train_losses: np.ndarray
     query_losses: np.ndarray
-    index_set: pa.Table         # param, flat_index
+    index_set: pa.Table         # param, flat_index (other methods than dropout: the component number)
     top_k: pa.Table             # query_id, rank, train_id, score
     train_values: pa.Table      # train_id, loss, score_mean, self_influence
     damping: list[float]        # per curvature block
@@ -50,6 +55,27 @@ def compress_examples(capture: GradientCapture, examples: Sequence[dict[str, Ten
         grads.append(g.cpu())
         losses.append(loss.cpu())
     return torch.cat(grads), torch.cat(losses)
+
+
+def fit_pca(model: nn.Module, tracked: Tracked, comp: CompressionConfig, train: Sequence[dict[str, Tensor]],
+            loss_fn: LossFn, batch_size: int, device: torch.device, pad_token_id: int = 0) -> Compressor:
+    """The pca fit pass: every training example's whole gradient once, streamed into PCAFit."""
+    names, shapes, sizes = allocated_sizes(tracked.param_shapes, comp.k, comp.seed, comp.allocation)
+    fit = PCAFit(names, shapes, sizes, len(train), comp.seed)
+    whole = NoneCompressor(list(zip(names, shapes)))
+    columns = whole.layout.slices()
+    with GradientCapture(model, tracked, whole) as capture:
+        for start in range(0, len(train), batch_size):
+            batch = move_batch(collate(list(train[start : start + batch_size]), pad_token_id), device)
+            grads, _ = capture.batch(batch, loss_fn)
+            fit.add({name: grads[:, part] for name, part in columns.items()})
+    return fit.finish()
+
+
+def solver_for(hessian: HessianConfig, slices: list[slice], train_grads: Tensor, train_ids: Sequence[str]) -> Solver:
+    return fit_solver(hessian.method, slices, train_grads, hessian.damping, train_ids,
+                      lissa_iterations=hessian.lissa_iterations, lissa_scale=hessian.lissa_scale,
+                      lissa_batch_size=hessian.lissa_batch_size, lissa_seed=hessian.lissa_seed)
 
 
 def _ids(ids: Sequence[Any] | None, n: int, what: str) -> list[str]:
@@ -74,7 +100,7 @@ def attribute(
     batch_size: int = 8,
     pad_token_id: int = 0,
 ) -> AttributionResult:
-    """Influence of every training example on every query, by dropout-compressed gradients."""
+    """Influence of every training example on every query, by compressed gradients (dropout by default)."""
     cfg = config if isinstance(config, AttributionConfig) else parse_config(config or {}, AttributionConfig)
     if not train or not queries:
         raise ValueError("attribute needs at least one training example and one query")
@@ -87,19 +113,26 @@ def attribute(
     try:
         comp = cfg.compression
         tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
-        index_set = draw_index_set(tracked.param_shapes, comp.k, comp.seed, comp.allocation)
-        with GradientCapture(model, tracked, index_set) as capture:
+        if comp.method == "pca":
+            compressor = fit_pca(model, tracked, comp, train, loss_fn, batch_size, device, pad_token_id)
+        else:
+            compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
+        if comp.method == "none":
+            sizes = [s.stop - s.start for s in block_slices(compressor.layout, cfg.hessian.blocks)]
+            check_fits(sizes, len(train) + len(queries), cfg.hessian.method)
+        with GradientCapture(model, tracked, compressor) as capture:
             train_grads, train_losses = compress_examples(capture, train, loss_fn, batch_size, device, pad_token_id)
             query_grads, query_losses = compress_examples(capture, queries, loss_fn, batch_size, device, pad_token_id)
     finally:
         model.train(was_training)
 
-    curvature = factorize(GramSums(block_slices(index_set, cfg.hessian.blocks)).add(train_grads), cfg.hessian.damping)
-    preconditioned = precondition(curvature, query_grads).T  # [k, m]
+    layout = compressor.layout
+    solver = solver_for(cfg.hessian, block_slices(layout, cfg.hessian.blocks), train_grads, train_ids)
+    preconditioned = solver.precondition(query_grads).T  # [k, m]
     scores = score_chunk(preconditioned, train_grads).numpy()
     top = TopK(len(queries), cfg.scoring.top_k)
     top.update(scores, np.arange(len(train)))
-    self_inf = self_influence(curvature, train_grads).numpy() if cfg.scoring.self_influence else None
+    self_inf = solver.self_influence(train_grads).numpy() if cfg.scoring.self_influence else None
 
     return AttributionResult(
         scores=scores.astype(np.float32),
@@ -108,9 +141,9 @@ def attribute(
         query_grads=query_grads.numpy(),
         train_losses=train_losses.numpy(),
         query_losses=query_losses.numpy(),
-        index_set=index_set.to_table(),
+        index_set=layout.to_table(),
         top_k=top_k_table(query_ids, train_ids, top.scores, top.positions),
         train_values=train_values_table(train_ids, train_losses.numpy(), scores.mean(0), self_inf),
-        damping=curvature.damping,
+        damping=solver.damping,
         tracked_fraction=tracked.tracked_fraction,
     )

@@ -1,4 +1,4 @@
-"""`distinf run | validate | report`: the command line, a thin edge over the driver."""
+"""`distinf run | query | validate | report`: the command line, a thin edge over the driver."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from distinf.config import ConfigError, JobConfig, load_job
+from distinf.store import run_path
 
 
 def _validate(cfg: JobConfig) -> str:
@@ -14,9 +15,15 @@ def _validate(cfg: JobConfig) -> str:
     from distinf.runtime.driver import plan_job
 
     plan = plan_job(cfg)
-    return (f"ok: model '{cfg.model.path}', {len(plan.train.ids)} training examples "
-            f"({plan.train.truncated} truncated to {cfg.data.max_length} tokens), "
-            f"{len(plan.queries.ids)} queries ({plan.queries.truncated} truncated)")
+    lines = [f"ok: model '{cfg.model.path}', {len(plan.train.ids)} training examples "
+             f"({plan.train.truncated} truncated to {cfg.data.max_length} tokens), "
+             f"{len(plan.queries.ids)} queries ({plan.queries.truncated} truncated)"]
+    for role, data in (("train", plan.train), ("queries", plan.queries)):
+        if data.rejected:
+            first = data.rejected[0]
+            lines.append(f"  data.{role}: {len(data.rejected)} row(s) will be skipped (data.on_bad_row: skip); "
+                         f"the first, row {first.row}: {first.reason}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", type=Path)
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a job key, e.g. --set compression.k=4096 (repeatable)")
-    run.add_argument("--output", type=Path, help="run directory (default: the job's output.path)")
+    run.add_argument("--output", help="run directory, a path or a URI such as s3://bucket/run "
+                     "(default: the job's output.path)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in a non-empty output folder (after a killed driver or a failure); "
+                          "committed chunks are kept, the job must be the same")
+    run.add_argument("--append-to", metavar="RUN_DIR",
+                     help="add the training rows whose ids RUN_DIR lacks to that stored run, in place: only "
+                          "their gradients are computed, then curvature and scores again (nightly runs)")
+    query = commands.add_parser("query", help="score new queries against a stored run, without recomputing "
+                                "the training gradients")
+    query.add_argument("run_dir", help="a complete run directory (path or URI)")
+    query.add_argument("--queries", required=True, help="Parquet, JSONL or CSV file of queries (the run's "
+                       "data.queries columns, unless --set data.queries.text_column=... etc.)")
+    query.add_argument("--output", help="output folder (default: RUN_DIR/queries/<file stem>)")
+    query.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override runtime.*, data.queries.*, scoring.top_k or scoring.dense")
     validate = commands.add_parser("validate", help="check a job file and its data without running")
     validate.add_argument("job", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -49,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     from distinf.data import DataError
     from distinf.models import ModelError
 
+    if args.command == "query":
+        from distinf.runtime.query import JobError, query_run, query_summary
+
+        try:
+            manifest, out = query_run(args.run_dir, args.queries, args.output, args.overrides)
+        except JobError as error:
+            print(f"distinf: {error}", file=sys.stderr)
+            return 1
+        except (ConfigError, DataError, ModelError) as error:
+            print(f"distinf: {error}", file=sys.stderr)
+            return 2
+        print(query_summary(manifest, out))
+        return 0
+
     try:
         cfg = load_job(args.job, args.overrides)
         if args.command == "validate":
@@ -56,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from distinf.runtime.driver import JobError, run_job, summary
 
-        run_dir = (args.output or Path(cfg.output.path)).resolve()
+        if args.append_to and (args.output or args.resume):
+            print("distinf: --append-to works in RUN_DIR itself (and finishes an interrupted append); "
+                  "leave out --output and --resume", file=sys.stderr)
+            return 2
+        run_dir = run_path(args.append_to or args.output or cfg.output.path)
         try:
-            manifest = run_job(cfg, run_dir)
+            manifest = run_job(cfg, run_dir, resume=args.resume, append=bool(args.append_to))
         except JobError as error:
             print(f"distinf: {error}", file=sys.stderr)
             return 1

@@ -59,6 +59,11 @@ class DataConfig(_Section):
     train: DatasetConfig
     queries: DatasetConfig
     max_length: int = Field(default=128, gt=0)
+    """Longer texts are truncated (and counted in the run's summary)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """error: the first bad row (empty or non-UTF-8 text, missing or out-of-range label,
+    repeated id, non-finite loss or gradient) stops the job, naming it; skip: such rows are left
+    out and listed with their reason in the run's rejected.parquet."""
 
 
 class ModuleFilter(_Section):
@@ -68,9 +73,13 @@ class ModuleFilter(_Section):
 
 
 class CompressionConfig(_Section):
-    method: Literal["dropout"] = "dropout"
+    method: Literal["dropout", "none", "gaussian", "fjlt", "pca", "logra"] = "dropout"
+    """dropout: k random entries; none: all p (exact, small models); gaussian: dense random
+    projection; fjlt: subsampled randomised Hadamard; pca: top principal directions of the training
+    gradients; logra: Kronecker projection of layer inputs and output gradients. Each maps every
+    tracked tensor to its own k_l columns, k_l as the allocation gives it."""
     k: int = Field(default=8192, gt=0)
-    """Kept gradient entries per example; capped at the number of tracked entries."""
+    """Columns per example (kept entries for dropout); capped at the number of tracked entries."""
     seed: int = 0
     allocation: Literal["stratified", "uniform"] = "stratified"
     """stratified: each parameter gets a share of k proportional to its size; uniform: the
@@ -79,11 +88,21 @@ class CompressionConfig(_Section):
 
 
 class HessianConfig(_Section):
-    method: Literal["gauss_newton"] = "gauss_newton"
+    method: Literal["gauss_newton", "identity", "datainf", "lissa"] = "gauss_newton"
+    """gauss_newton: exact damped solve; identity: plain dot products (TracIn-style); datainf:
+    DataInf's closed form; lissa: the stochastic LiSSA recursion."""
     blocks: Literal["layer", "full"] = "layer"
     """layer: one block per parameter tensor; full: one k x k block."""
     damping: Union[Literal["auto"], float] = "auto"
     """auto: a tenth of each block's mean eigenvalue; a float sets it absolutely."""
+    lissa_iterations: int = Field(default=10, ge=0)
+    """lissa: recursion steps, one sampled batch each."""
+    lissa_scale: Union[Literal["auto"], float] = "auto"
+    """lissa: s in h_j = v + h_{j-1} - (H_j + λ) h_{j-1}/s; auto: λ + the largest batch eigenvalue."""
+    lissa_batch_size: int = Field(default=16, gt=0)
+    """lissa: training examples per step (all of them when larger than the training set)."""
+    lissa_seed: int = 0
+    """lissa: seed of the batch sampling (by example id, independent of order)."""
 
     @field_validator("damping")
     @classmethod
@@ -91,6 +110,22 @@ class HessianConfig(_Section):
         if value != "auto" and float(value) < 0:
             raise ValueError("damping must be 'auto' or a float >= 0")
         return value
+
+    @field_validator("lissa_scale")
+    @classmethod
+    def _positive_scale(cls, value: Any) -> Any:
+        if value != "auto" and float(value) <= 0:
+            raise ValueError("lissa_scale must be 'auto' or a float > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _lissa_keys_need_lissa(self) -> "HessianConfig":
+        if self.method != "lissa":
+            for key in ("lissa_iterations", "lissa_scale", "lissa_batch_size", "lissa_seed"):
+                # Compared with the default, not model_fields_set: a dumped config re-validates.
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"{key} is only used with method: lissa (method is {self.method!r})")
+        return self
 
 
 class ScoringConfig(_Section):
@@ -110,6 +145,10 @@ class RuntimeConfig(_Section):
     optimiser state or gradients for them to shard)."""
     chunk_examples: int = Field(default=256, gt=0)
     """Rows per committed gradient chunk (rounded up to whole batches)."""
+    max_restarts: int = Field(default=2, ge=0)
+    """How often a failed stage is restarted before the job fails: the whole gradient worker
+    group (ZeRO-3 needs every rank) resuming from its committed chunks, or the reducer and
+    scoring tasks."""
 
 
 class OutputConfig(_Section):
@@ -125,6 +164,11 @@ class AttributionConfig(_Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
 
 
+# What the distributed job runs; the other methods run in distinf.attribute only (README).
+JOB_COMPRESSION_METHODS = ("dropout",)
+JOB_HESSIAN_METHODS = ("gauss_newton",)
+
+
 class JobConfig(AttributionConfig):
     name: str = "distinf"
     model: ModelConfig
@@ -132,13 +176,22 @@ class JobConfig(AttributionConfig):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @model_validator(mode="after")
+    def _methods_the_job_runs(self) -> "JobConfig":
+        for key, value, allowed in (("compression.method", self.compression.method, JOB_COMPRESSION_METHODS),
+                                    ("hessian.method", self.hessian.method, JOB_HESSIAN_METHODS)):
+            if value not in allowed:
+                raise ValueError(f"{key}: {value} runs in distinf.attribute (one process) only; the "
+                                 f"distributed job runs {', '.join(allowed)}")
+        return self
+
 
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"{source}: {key}: {message}")
+        key = ".".join(str(part) for part in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,9 @@ TRAIN_VALUES_SCHEMA = pa.schema(
      ("self_influence", pa.float32())]
 )
 DENSE_SCHEMA = pa.schema([("query_id", pa.string()), ("train_id", pa.string()), ("score", pa.float32())])
+REJECTED_SCHEMA = pa.schema(
+    [("example_id", pa.string()), ("split", pa.string()), ("row", pa.int64()), ("reason", pa.string())]
+)
 
 
 def gradient_schema(k: int, dtype: str = "float32") -> pa.Schema:
@@ -78,3 +81,10 @@ def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
          pa.array(np.asarray(scores, np.float32).ravel())],
         schema=DENSE_SCHEMA,
     )
+
+
+def rejected_table(rows: Sequence[tuple[str | None, str, int, str]]) -> pa.Table:
+    """Rows left out under data.on_bad_row: skip, as (example_id, split, row in its file, reason)."""
+    columns = list(zip(*rows)) if rows else [[], [], [], []]
+    return pa.table([pa.array(list(values), field.type) for values, field in zip(columns, REJECTED_SCHEMA)],
+                    schema=REJECTED_SCHEMA)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from distinf.config import DatasetConfig
-from distinf.data import PAD, DataError, collate, partition, read_table, steps_per_rank, tokenize
+from distinf.data import (PAD, DataError, chunk_plan, collate, partition, read_dataset, read_table,
+                          steps_per_rank, tokenize)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer below must load from disk
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -304,6 +305,35 @@ def test_partition_covers_each_example_once_in_equal_lockstep_lists(n, world_siz
     assert {len(b) for b in batches} == {steps}
     assert steps == -(-max(sizes) // batch_size) or max(sizes) == 0  # no step more than needed
     assert sum(part.count(PAD) for part in parts) < world_size
+
+
+@pytest.mark.parametrize("n, world_size, batch_size, chunk_examples",
+                         [(24, 2, 2, 4), (25, 2, 2, 4), (7, 3, 2, 3), (2, 4, 8, 8), (100, 4, 8, 256), (9, 1, 4, 1)])
+def test_chunk_plan_cuts_each_partition_into_the_same_whole_batch_chunks_on_every_rank(
+        n, world_size, batch_size, chunk_examples):
+    plan = chunk_plan(n, world_size, batch_size, chunk_examples)
+    parts = partition(n, world_size, batch_size)
+    span = -(-chunk_examples // batch_size) * batch_size
+    for rank in range(world_size):  # chunk by chunk, a rank's partition, in order
+        assert [p for chunk in plan for p in chunk[rank]] == parts[rank]
+    for chunk in plan:
+        assert len({len(part) for part in chunk}) == 1  # lockstep: every rank the same steps
+    assert all(len(chunk[0]) == span for chunk in plan[:-1])
+    assert plan == chunk_plan(n, world_size, batch_size, chunk_examples)  # the same on every attempt
+
+
+def test_skip_mode_sets_bad_rows_aside_with_their_row_and_reason(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"id,text,label\na,fine,1\nb,,0\na,again,1\nc,caf\xe9,0\n,no id,1\nd,ok,x\ne,good,0\n")
+    table, rejected = read_dataset(dataset(path, id_column="id", label_column="label"), "train", "skip")
+    assert table.column("example_id").to_pylist() == ["a", "e"] and table.column("row").to_pylist() == [0, 6]
+    assert [(r.row, r.example_id) for r in rejected] == [(1, "b"), (2, "a"), (3, "c"), (4, None), (5, "d")]
+    assert [r.reason for r in rejected][:2] == ["text is empty", "duplicate id 'a' (first at row 0)"]
+    assert "not valid UTF-8" in rejected[2].reason and rejected[3].reason == "the id is missing"
+    assert "label 'x' is not an integer" in rejected[4].reason
+    with pytest.raises(DataError, match=r"bad.csv': every row was rejected \(2 in all\); the first, row 0"):
+        read_dataset(dataset(write_csv(tmp_path / "bad.csv", [{"text": " "}, {"text": "  "}], ("text",))),
+                     "train", "skip")
 
 
 def test_partition_with_more_ranks_than_examples_gives_idle_ranks_one_padding_step():

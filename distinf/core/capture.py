@@ -6,6 +6,10 @@ per-example losses, and returns the kept entries of every example's gradient. Fo
 only the input columns the kept entries need; a hook on each module output receives gy and adds
 the module's entries into the batch's [N, k] buffer (so tied weights sum their uses).
 
+`GradientCapture(model, tracked, compressor)` runs any compression of distinf.core.compressors
+through the same hooks: the compressor says what a module keeps on forward and which [N, k_l]
+columns it adds on backward. An IndexSet stands for the dropout compressor, the fast path.
+
 Weights are frozen for the duration: autograd then computes only activation gradients, the
 floor of any gradient method, and never a p-sized weight gradient.
 """
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from distinf.core.compressors import Compressor, DropoutCompressor
 from distinf.core.index_set import IndexSet
 from distinf.core.tracking import ModuleUse, Tracked
 
@@ -41,18 +46,19 @@ def refuse_coupling_layers(model: nn.Module) -> None:
 
 
 class GradientCapture:
-    def __init__(self, model: nn.Module, tracked: Tracked, index_set: IndexSet):
+    def __init__(self, model: nn.Module, tracked: Tracked, compression: IndexSet | Compressor):
         self.model = model
-        self.index_set = index_set
-        columns = index_set.slices()
-        flat = dict(zip(index_set.names, index_set.flat_indices))
-        # Per hooked module: (use, plans, {local name: columns in the [N, k] buffer}).
-        self._hooked: list[tuple[ModuleUse, dict[str, Any], dict[str, slice]]] = []
+        self.compressor = DropoutCompressor(compression) if isinstance(compression, IndexSet) else compression
+        self.layout = self.compressor.layout
+        self.index_set = self.layout  # the dropout name, kept for callers that use it
+        columns = self.layout.slices()
+        # Per hooked module: (use, plan, {local name: columns in the [N, k] buffer}).
+        self._hooked: list[tuple[ModuleUse, Any, dict[str, slice]]] = []
         for use in tracked.uses:
-            selected = {local: flat[name] for local, name in use.params.items() if name in flat}
-            if selected:
-                plans = use.adapter.plan(use.module, selected)
-                self._hooked.append((use, plans, {local: columns[use.params[local]] for local in selected}))
+            plan = self.compressor.plan(use)
+            if plan is not None:
+                self._hooked.append((use, plan, {local: columns[name] for local, name in use.params.items()
+                                                 if name in columns}))
         self._handles: list[Any] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._buffer: Tensor | None = None
@@ -64,10 +70,10 @@ class GradientCapture:
         self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         for param, _ in self._frozen:
             param.requires_grad_(False)
-        for use, plans, columns in self._hooked:
+        for use, plan, columns in self._hooked:
             self._handles.append(use.module.register_forward_pre_hook(self._per_example_inputs))
             self._handles.append(
-                use.module.register_forward_hook(partial(self._on_forward, use, plans, columns))
+                use.module.register_forward_hook(partial(self._on_forward, use, plan, columns))
             )
         return self
 
@@ -93,18 +99,18 @@ class GradientCapture:
             x = x.detach().requires_grad_(True)
         return None if x is args[0] else (x, *args[1:])
 
-    def _on_forward(self, use: ModuleUse, plans: dict, columns: dict, module: nn.Module,
+    def _on_forward(self, use: ModuleUse, plan: Any, columns: dict, module: nn.Module,
                     inputs: tuple, output: Any) -> None:
         if not isinstance(output, Tensor):
             raise CaptureError(f"module {use.name!r} returned {type(output).__name__}, not a tensor")
         self._ran.add(use.name)
-        kept = use.adapter.keep(module, plans, inputs)
+        kept = self.compressor.keep(use, plan, inputs)
         if not output.requires_grad:  # e.g. a frozen embedding's output, a leaf of the graph
             output.requires_grad_(True)
-        output.register_hook(partial(self._on_grad, use, plans, columns, kept))
+        output.register_hook(partial(self._on_grad, use, plan, columns, kept))
 
-    def _on_grad(self, use: ModuleUse, plans: dict, columns: dict, kept: Any, grad: Tensor) -> None:
-        entries = use.adapter.entries(use.module, plans, kept, grad)
+    def _on_grad(self, use: ModuleUse, plan: Any, columns: dict, kept: Any, grad: Tensor) -> None:
+        entries = self.compressor.entries(use, plan, kept, grad)
         for local, values in entries.items():
             self._buffer[:, columns[local]] += values
 
@@ -120,7 +126,7 @@ class GradientCapture:
             raise CaptureError(f"the loss function must return per-example losses [N], got {tuple(losses.shape)}")
         if not losses.requires_grad:
             raise CaptureError("the loss does not depend on any tracked module")
-        self._buffer = torch.zeros(len(losses), self.index_set.k, dtype=torch.float32, device=losses.device)
+        self._buffer = torch.zeros(len(losses), self.layout.k, dtype=torch.float32, device=losses.device)
         losses.sum().backward()
         grads, self._buffer = self._buffer, None
         self._warn_unused_modules()

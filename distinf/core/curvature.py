@@ -54,19 +54,33 @@ class GramSums:
 
 @dataclass
 class Curvature:
-    """Ĥ's factorisation: lower Cholesky factor and damping of each block."""
+    """Ĥ's factorisation: lower Cholesky factor and damping of each block.
+
+    Like every solver of distinf.core.solvers it offers precondition and self_influence.
+    """
 
     slices: list[slice]
     cholesky: list[Tensor]
     damping: list[float]
     count: int
 
+    def precondition(self, grads: Tensor) -> Tensor:
+        return precondition(self, grads)
+
+    def self_influence(self, grads: Tensor) -> Tensor:
+        return self_influence(self, grads)
+
 
 def block_damping(gram_sum: Tensor, count: int, damping: str | float) -> float:
     """`auto`: a tenth of the block's mean eigenvalue, trace(Σ ĝĝᵀ)/(n·k_l); else the float."""
+    return damping_from_trace(float(torch.trace(gram_sum)), count, gram_sum.shape[0], damping)
+
+
+def damping_from_trace(trace: float, count: int, size: int, damping: str | float) -> float:
+    """block_damping from Σ_i ‖ĝ_i^l‖² alone (what the solvers without a Gram keep)."""
     if damping != "auto":
         return float(damping)
-    mean_eigenvalue = float(torch.trace(gram_sum)) / (count * gram_sum.shape[0])
+    mean_eigenvalue = trace / (count * size)
     # A block no example touches has a zero Gram; any positive λ gives it zero influence.
     return AUTO_DAMPING_SCALE * mean_eigenvalue if mean_eigenvalue > 0 else 1.0
 
@@ -90,7 +104,9 @@ def factorize(sums: GramSums, damping: str | float = "auto") -> Curvature:
 
 
 def precondition(curvature: Curvature, grads: Tensor) -> Tensor:
-    """[m, k] -> Ĥ⁻¹ ĝ for each row, float64."""
+    """[m, k] -> Ĥ⁻¹ ĝ for each row, float64 (any solver of distinf.core.solvers)."""
+    if not isinstance(curvature, Curvature):
+        return curvature.precondition(grads)
     g = grads.detach().to("cpu", torch.float64)
     out = torch.empty_like(g)
     for factor, part in zip(curvature.cholesky, curvature.slices):
@@ -99,7 +115,9 @@ def precondition(curvature: Curvature, grads: Tensor) -> Tensor:
 
 
 def self_influence(curvature: Curvature, grads: Tensor) -> Tensor:
-    """[n, k] -> ĝ_iᵀ Ĥ⁻¹ ĝ_i = Σ_l ‖L_l⁻¹ ĝ_i^l‖², float64, ≥ 0."""
+    """[n, k] -> ĝ_iᵀ Ĥ⁻¹ ĝ_i = Σ_l ‖L_l⁻¹ ĝ_i^l‖², float64, ≥ 0 (any solver of distinf.core.solvers)."""
+    if not isinstance(curvature, Curvature):
+        return curvature.self_influence(grads)
     g = grads.detach().to("cpu", torch.float64)
     total = torch.zeros(g.shape[0], dtype=torch.float64)
     for factor, part in zip(curvature.cholesky, curvature.slices):

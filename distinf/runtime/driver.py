@@ -2,18 +2,31 @@
 
 Scheduling only: the math lives in distinf.core and is reached through the worker, reducer and
 scoring modules.
+
+Nothing committed is lost to a failure. The gradient pass is cut into chunks that every attempt
+plans the same way (`data.chunk_plan`), and a chunk committed intact in the ledger is never
+computed again. A failed worker brings its whole group down (ZeRO-3 needs every rank); the group
+is rebuilt on a new rendezvous port and resumes from the ledger, at most runtime.max_restarts
+times; the reducer and scoring stage likewise. A killed driver is resumed with
+`run_job(..., resume=True)` (`distinf run --resume`), which first checks that the folder holds
+the same job.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
@@ -22,31 +35,50 @@ from distinf.config import JobConfig
 from distinf.core.curvature import block_slices
 from distinf.core.index_set import IndexSet
 from distinf.core.scoring import TopK
-from distinf.data import Tokenized, partition, read_table, tokenize
+from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
+from distinf.ledger import Planned, pending_chunks, verified_records
 from distinf.models import load_tokenizer, model_fingerprint
 from distinf.runtime.reducer import Reducer
+from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
+                                         open_for_append, remove_stale_chunks)
+from distinf.runtime.rundir import (JobError, check_free_space, check_same_job, damaged_files, estimated_bytes,
+                                    open_run_dir, remove_leftovers, write_error)
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.worker import GradientWorker
-from distinf.store import MANIFEST, atomic_write_json, atomic_write_table, list_chunks
-from distinf.tables import top_k_table, train_values_table
+from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_write_table, display, file_sha256,
+                           gradient_dir, is_file, list_files, read_verified_table, run_path)
+from distinf.tables import rejected_table, top_k_table, train_values_table
+
+__all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
 
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
               "TOKENIZERS_PARALLELISM": "false"}
-
-
-class JobError(RuntimeError):
-    pass
+SPLITS = ("train", "queries")
+# What a resumed run carries over from the stored manifest; the rest is recomputed.
+_CARRIED = ("name", "model_fingerprint", "data_fingerprint", "index_set_hash", "index_set_sha256", "params",
+            "workers", "restarts", "resumed")
 
 
 @dataclass
 class Plan:
-    train: Tokenized
-    queries: Tokenized
+    train: Tokenized | None
+    queries: Tokenized | None
     pad_token_id: int
+    stored_train: int = 0
+    """Rows of the training file left out because the run already holds their ids (an append)."""
+
+    def split(self, name: str) -> Tokenized:
+        return self.train if name == "train" else self.queries
 
 
-def plan_job(cfg: JobConfig) -> Plan:
-    """Read and tokenise the train and query sets; ids are checked unique per set."""
+def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
+             stored_train_ids: set[str] | frozenset = frozenset()) -> Plan:
+    """Read and tokenise the train and query sets (those in `splits`); ids are checked unique per set.
+
+    With data.on_bad_row: skip, bad rows are left out and listed in each set's `rejected`. Training
+    rows whose ids are in `stored_train_ids` (an append: the run holds them already) are left out
+    before tokenising, and so are their rejections.
+    """
     tokenizer = load_tokenizer(cfg.model)
     num_labels = None
     if cfg.model.task == "sequence_classification":
@@ -54,11 +86,24 @@ def plan_job(cfg: JobConfig) -> Plan:
 
         num_labels = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True,
                                                 trust_remote_code=cfg.model.trust_remote_code).num_labels
-    sets = {}
+    sets: dict[str, Tokenized | None] = {"train": None, "queries": None}
+    stored = 0
     for role, dataset in (("train", cfg.data.train), ("queries", cfg.data.queries)):
-        sets[role] = tokenize(read_table(dataset, role), tokenizer, cfg.data.max_length, cfg.model.task,
-                              num_labels=num_labels, role=role)
-    return Plan(sets["train"], sets["queries"], tokenizer.pad_token_id)
+        if role not in splits:
+            continue
+        table, rejected = read_dataset(dataset, role, cfg.data.on_bad_row)
+        if role == "train" and stored_train_ids:
+            known = pa.array([i in stored_train_ids for i in table.column("example_id").to_pylist()], pa.bool_())
+            stored = sum(known.to_pylist())
+            table = table.filter(pc.invert(known))
+            rejected = [r for r in rejected if r.example_id not in stored_train_ids]
+        if table.num_rows == 0:  # an append whose every row is stored already
+            sets[role] = Tokenized(examples=[], ids=[], truncated=0, rows=[], rejected=list(rejected))
+            continue
+        sets[role] = tokenize(table, tokenizer, cfg.data.max_length, cfg.model.task, num_labels=num_labels,
+                              role=role, on_bad_row=cfg.data.on_bad_row)
+        sets[role].rejected = sorted(rejected + sets[role].rejected, key=lambda r: r.row)
+    return Plan(sets["train"], sets["queries"], tokenizer.pad_token_id, stored)
 
 
 @ray.remote(num_cpus=0)
@@ -73,6 +118,11 @@ class Progress:
         return self.done
 
 
+def _worker_env() -> dict:
+    # DISTINF_TEST_* reach the workers so that tests can inject faults into real worker processes.
+    return {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("DISTINF_TEST_")}}
+
+
 def _connect(cfg: JobConfig) -> bool:
     """Join runtime.address, or start a local Ray; True if this job started it (and stops it)."""
     if ray.is_initialized():
@@ -81,58 +131,426 @@ def _connect(cfg: JobConfig) -> bool:
         ray.init(address=cfg.runtime.address, log_to_driver=False)
         return False
     ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": WORKER_ENV})
+             runtime_env={"env_vars": _worker_env()})
     return True
 
 
-def _start_workers(cfg: JobConfig, run_dir: Path):
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+class _GroupFailed(Exception):
+    """A call on the worker group failed; `rank` is the worker to blame (the dead one, if one died)."""
+
+    def __init__(self, rank: int, error: BaseException):
+        super().__init__(f"rank {rank}: {error}")
+        self.rank, self.error = rank, error
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception raised inside a task or actor call, or the error itself."""
+    return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+
+
+def _fatal(error: BaseException, run_dir: Path) -> Exception | None:
+    """What to raise at once for a failure no restart can fix: bad data, a corrupt chunk, a full
+    disk, an actor whose constructor raises."""
+    if isinstance(error, RayActorError) and error.actor_init_failed:
+        return JobError(f"an actor of the job could not start: {error}")
+    cause = _cause(error)
+    if isinstance(cause, (DataError, JobError)):
+        return cause
+    if isinstance(cause, IntegrityError):
+        return JobError(str(cause))
+    if isinstance(cause, OSError):
+        return write_error(cause, run_dir)
+    return None
+
+
+def _headline(error: BaseException) -> str:
+    cause = _cause(error)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _await_group(futures: list, run_dir: Path, poll: Callable[[], None] | None = None) -> list:
+    """Results of one call on every worker, in rank order; a failure raises _GroupFailed."""
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayError as error:
+                raise _blame(futures, ref, error, run_dir) from None
+        if poll is not None:
+            poll()
+    return ray.get(futures)
+
+
+def _blame(futures: list, failed: Any, error: RayError, run_dir: Path) -> _GroupFailed:
+    # When a rank dies its peers soon fail too, inside their collectives: name the one that died.
+    if not isinstance(error, RayActorError) and _fatal(error, run_dir) is None:
+        others = [ref for ref in futures if ref != failed]
+        ready, _ = ray.wait(others, num_returns=len(others), timeout=5.0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as died:
+                return _GroupFailed(futures.index(ref), died)
+            except RayError:
+                pass
+    return _GroupFailed(futures.index(failed), error)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient pass
+
+
+@dataclass
+class WorkerGroup:
+    """One attempt's gradient workers, in rank order, and their placement group."""
+
+    placement: Any = None
+    workers: list = field(default_factory=list)
+    infos: list[dict] = field(default_factory=list)
+
+    def stop(self) -> None:
+        # Kill rather than ask: after a failure a survivor may be blocked in a collective.
+        for worker in self.workers:
+            ray.kill(worker)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+
+
+def _start_workers(cfg: JobConfig, run_dir: Path, group: WorkerGroup) -> None:
     world = cfg.runtime.num_workers
     gpu = cfg.runtime.device == "cuda"
     bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-    group = placement_group([bundle] * world, strategy="PACK")
-    ray.get(group.ready(), timeout=600)
-    workers = [
+    # The keys the job set, so that the worker's validation sees the same job as the driver's.
+    job = cfg.model_dump(exclude_unset=True)
+    group.placement = placement_group([bundle] * world, strategy="PACK")
+    try:
+        ray.get(group.placement.ready(), timeout=600)
+    except GetTimeoutError:
+        raise JobError(f"runtime.num_workers: could not place {world} workers ({bundle} each) within 600 s; "
+                       "does the cluster have that many free slots?") from None
+    group.workers = [
         GradientWorker.options(
             num_cpus=1, num_gpus=1 if gpu else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": WORKER_ENV},
-        ).remote(rank, world, cfg.model_dump(), str(run_dir))
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group.placement, placement_group_bundle_index=rank),
+            runtime_env={"env_vars": _worker_env()},
+        ).remote(rank, world, job, str(run_dir))
         for rank in range(world)
     ]
-    addresses = ray.get([w.address.remote() for w in workers])
+    addresses = _await_group([w.address.remote() for w in group.workers], run_dir)
     # One machine (one node, or several nodes sharing an IP): rendezvous on loopback, since Ray
     # may report an address that is not bindable here; across machines, on rank 0's node.
+    # A new port on every attempt: the last group's may still be held.
     host = "127.0.0.1" if len({a["ip"] for a in addresses}) == 1 else addresses[0]["ip"]
-    port = ray.get(workers[0].free_port.remote(host))
-    infos = ray.get([w.setup.remote(host, port) for w in workers])
-    if len({info["index_set_hash"] for info in infos}) != 1:
+    [port] = _await_group([group.workers[0].free_port.remote(host)], run_dir)
+    group.infos = _await_group([w.setup.remote(host, port) for w in group.workers], run_dir)
+    if len({info["index_set_hash"] for info in group.infos}) != 1:
         raise JobError("workers derived different index sets; the job cannot continue")
-    return group, workers, infos
 
 
-def _compress(workers, split: str, data: Tokenized, pad_token_id: int, batch_size: int) -> list[str]:
+@dataclass
+class Gradients:
+    index_table: pa.Table
+    records: dict[str, list[dict]]
+    """split -> the ledger record of every (chunk, rank) part, in input order: (segment, rank, chunk)."""
+
+
+@dataclass
+class SplitWork:
+    """One split's gradient pass: the examples to compute, cut into chunks, and stored chunks reused."""
+
+    data: Tokenized
+    positions: dict[int, list[list[int]]]
+    """chunk number -> rank -> positions into data (PAD a padding slot), as `chunk_plan` cuts them."""
+    carried: list[dict] = field(default_factory=list)
+    """Manifest records of chunks a stored run holds already (an append), used as they are."""
+    segment: int = 0
+    """Which append computes these chunks (0: the first run)."""
+
+    def planned(self) -> Planned:
+        return {c: [[self.data.ids[p] for p in part if p != PAD] for part in parts]
+                for c, parts in self.positions.items()}
+
+
+def split_work(cfg: JobConfig, data: Tokenized, first_chunk: int = 0, carried: list[dict] = (),
+               segment: int = 0) -> SplitWork:
+    """All of `data` in chunks numbered from `first_chunk`."""
+    runtime = cfg.runtime
+    plan = (chunk_plan(len(data.ids), runtime.num_workers, runtime.batch_size, runtime.chunk_examples)
+            if data.ids else [])
+    return SplitWork(data, {first_chunk + c: parts for c, parts in enumerate(plan)}, list(carried), segment)
+
+
+def input_order(record: dict) -> tuple[int, int, int]:
+    """Chunks sorted by this key list the examples in input order: each rank holds a contiguous
+    run of its segment's examples, cut into consecutive chunks; appended segments come after."""
+    return record.get("segment", 0), record["rank"], record["chunk"]
+
+
+def _gradient_pass(cfg: JobConfig, run_dir: Path, work: dict[str, SplitWork], pad_token_id: int,
+                   state: dict) -> Gradients:
+    """Compute every chunk the ledger lacks, rebuilding the worker group after a failure."""
+    splits = list(work)
+    planned = {s: work[s].planned() for s in splits}
+    records = {s: verified_records(run_dir, s, planned[s]) for s in splits}
+    index_table = _stored_index_set(run_dir, state)
+    max_restarts = cfg.runtime.max_restarts
+    for attempt in range(max_restarts + 1):
+        todo = {s: pending_chunks(planned[s], records[s]) for s in splits}
+        if index_table is not None and not any(todo.values()):
+            break  # every chunk is committed and intact: no model needed
+        group = WorkerGroup()
+        try:
+            _start_workers(cfg, run_dir, group)
+            index_table = _adopt_index_set(run_dir, state, group.infos)
+            for split in splits:
+                if todo[split]:
+                    for record in _compress(group, run_dir, split, work[split], pad_token_id, todo[split], attempt):
+                        records[split][(record["chunk"], record["rank"])] = record
+            _await_group([w.shutdown.remote() for w in group.workers], run_dir)
+            break
+        except _GroupFailed as failure:
+            fatal = _fatal(failure.error, run_dir)
+            if fatal is not None:
+                raise fatal from None
+            who = _worker_name(failure.rank, group.infos)
+            state["restarts"].append({"stage": "gradients", "attempt": attempt, "worker": who,
+                                      "error": _headline(failure.error)})
+            atomic_write_json(state, run_dir / MANIFEST)
+            if attempt == max_restarts:
+                raise JobError(f"gradient pass: {who} failed on attempt {attempt + 1} ({_headline(failure.error)}); "
+                               f"gave up after runtime.max_restarts = {max_restarts} restart(s). Committed "
+                               "chunks are kept: run again with --resume to continue") from None
+            print(f"distinf: {who} failed ({_headline(failure.error)}); restarting the worker group "
+                  f"({attempt + 1} of {max_restarts} restarts)", flush=True)
+        finally:
+            group.stop()
+        remove_leftovers(run_dir)
+        for split in splits:  # what the failed attempt committed before it stopped
+            records[split].update(verified_records(run_dir, split, planned[split], todo[split]))
+    ordered = {}
+    for s in splits:
+        computed = [{**records[s][key], "segment": work[s].segment} for key in records[s]]
+        ordered[s] = sorted(work[s].carried + computed, key=input_order)
+    return Gradients(index_table, ordered)
+
+
+def _worker_name(rank: int, infos: list[dict]) -> str:
+    info = next((i for i in infos if i["rank"] == rank), None)
+    return f"worker rank {rank}" + (f" (pid {info['pid']} on {info['host']})" if info else "")
+
+
+def _stored_index_set(run_dir: Path, state: dict) -> pa.Table | None:
+    """The index set a previous attempt wrote, if it is intact and the worker layout is known."""
+    if not state.get("index_set_sha256") or not state.get("workers"):
+        return None
+    try:
+        return read_verified_table(run_dir / "index_set.parquet", state["index_set_sha256"])
+    except IntegrityError:
+        return None
+
+
+def _adopt_index_set(run_dir: Path, state: dict, infos: list[dict]) -> pa.Table:
+    """Check the workers' index set against the run's, write it, and note the worker layout."""
+    digest = infos[0]["index_set_hash"]
+    if state.get("index_set_hash") not in (None, digest):
+        raise JobError("the index set drawn now differs from the one the stored run was computed with "
+                       "(another distinf, numpy or model version, or compression settings?); choose a new "
+                       "output folder")
+    table = infos[0]["index_set"]
+    path = run_dir / "index_set.parquet"
+    if not is_file(path) or file_sha256(path) != state.get("index_set_sha256"):
+        atomic_write_table(table, path)
+    state.update(
+        index_set_hash=digest, index_set_sha256=file_sha256(path),
+        params={"total": infos[0]["total_params"], "tracked": infos[0]["tracked_params"],
+                "tracked_fraction": infos[0]["tracked_params"] / infos[0]["total_params"]},
+        workers=[{"rank": i["rank"], "host": i["host"], "node_ip": i["node_ip"], "node_id": i["node_id"],
+                  "local_params": i["local_params"]} for i in infos],
+    )
+    atomic_write_json(state, run_dir / MANIFEST)
+    return table
+
+
+def _compress(group: WorkerGroup, run_dir: Path, split: str, work: SplitWork, pad_token_id: int,
+              todo: list[int], attempt: int) -> list[dict]:
+    """Run the chunks `todo` of one split on every rank; returns their ledger records."""
+    data, positions = work.data, work.positions
     examples, ids = ray.put(data.examples), ray.put(data.ids)
-    parts = partition(len(data.ids), len(workers), batch_size)
     progress = Progress.remote()
-    futures = [w.compress.remote(split, examples, ids, part, pad_token_id, progress)
-               for w, part in zip(workers, parts)]
-    with tqdm(total=len(data.ids), desc=f"gradients/{split}", unit="ex", mininterval=1.0) as bar:
-        pending = list(futures)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            done = ray.get(progress.value.remote())
+    futures = [w.compress.remote(split, examples, ids, [(c, positions[c][rank]) for c in todo],
+                                 pad_token_id, progress, attempt)
+               for rank, w in enumerate(group.workers)]
+    committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
+    with tqdm(total=len(data.ids), initial=committed, desc=f"gradients/{split}", unit="ex", mininterval=1.0) as bar:
+        def poll() -> None:
+            done = committed + ray.get(progress.value.remote())
             if done > bar.n:
                 bar.update(done - bar.n)
-    return [path for chunks in ray.get(futures) for path in chunks]
+
+        try:
+            return [record for records in _await_group(futures, run_dir, poll) for record in records]
+        finally:
+            ray.kill(progress)
 
 
-def run_job(cfg: JobConfig, run_dir: str | Path | None = None) -> dict:
-    """Run the whole job; returns the manifest written last to run_dir/manifest.json."""
-    run_dir = Path(run_dir or cfg.output.path).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise JobError(f"output.path: '{run_dir}' is not empty; choose a new output folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json({"status": "running", "config": cfg.model_dump()}, run_dir / MANIFEST)
+# ---------------------------------------------------------------------------------------------
+# Curvature and scoring
+
+
+def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gradients: Gradients, state: dict,
+                      lap: Callable[[str], None]) -> tuple[dict, dict]:
+    """Reducer then scoring tasks, restarted together (scoring reads the reducer's objects).
+
+    Returns the reducer's result and the counts of scored examples.
+    """
+    chunks = {s: chunk_files(run_dir, gradients.records[s]) for s in SPLITS}
+    index_set = IndexSet.from_table(gradients.index_table, _shapes_from(gradients.index_table))
+    slices = block_slices(index_set, cfg.hessian.blocks)
+    max_restarts = cfg.runtime.max_restarts
+    for attempt in range(max_restarts + 1):
+        reducer = None
+        try:
+            reducer = Reducer.options(runtime_env={"env_vars": _worker_env()}).remote(slices, cfg.hessian.damping)
+            reduced = ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(run_dir / "curvature"),
+                                                    attempt))
+            lap("curvature")
+            counts = score_outputs(cfg, run_dir, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
+                                   reduced["query_ids"], query_order)
+            lap("scoring")
+            return reduced, counts
+        except RayError as error:
+            fatal = _fatal(error, run_dir)
+            if fatal is not None:
+                raise fatal from None
+            state["restarts"].append({"stage": "curvature and scoring", "attempt": attempt,
+                                      "error": _headline(error)})
+            if attempt == max_restarts:
+                raise JobError(f"curvature and scoring failed on attempt {attempt + 1} ({_headline(error)}); gave "
+                               f"up after runtime.max_restarts = {max_restarts} restart(s). The gradients are "
+                               "kept: run again with --resume to continue") from None
+        finally:
+            if reducer is not None:  # only now: the scoring tasks read objects the reducer owns
+                ray.kill(reducer)
+    raise AssertionError("unreachable")
+
+
+def _shapes_from(index_table: pa.Table) -> list[tuple[str, tuple[int, ...]]]:
+    # Scoring needs only the block layout, which the table's param runs give; shapes are unused.
+    names = list(dict.fromkeys(index_table.column("param").to_pylist()))
+    return [(name, (0,)) for name in names]
+
+
+def chunk_files(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
+    """(path, sha256) of the records' chunk files, in their order; parts that kept no row have none."""
+    return [(str(run_dir / r["file"]), r["sha256"]) for r in records if r["file"]]
+
+
+def score_outputs(cfg: JobConfig, run_dir: Path, train_chunks: list[tuple[str, str]], preconditioned: Any,
+                  curvature: Any, query_ids: list[str], query_order: list[str],
+                  carried: pa.Table | None = None) -> dict:
+    """Scoring tasks over the train chunks (given in input order), merged into scores/top_k.parquet,
+    scores/train_values.parquet and, with scoring.dense, scores/dense/ under run_dir.
+
+    `preconditioned` [k, m] and `curvature` are object refs; `query_ids` are the columns of
+    `preconditioned`, `query_order` the query file's order. `carried`, a stored run's
+    train_values table, supplies self_influence instead of computing it again (distinf query).
+    Returns the counts of scored train examples and queries.
+    """
+    dense_dir = run_dir / "scores" / "dense"
+    with_self_influence = cfg.scoring.self_influence and carried is None
+    futures = [
+        score_train_chunk.remote(path, sha256, preconditioned, curvature, cfg.scoring.top_k, with_self_influence,
+                                 query_ids, str(dense_dir / Path(path).name) if cfg.scoring.dense else None)
+        for path, sha256 in train_chunks
+    ]
+    chunks = ray.get(futures)
+    train_ids = [i for chunk in chunks for i in chunk.ids]  # input order, rejected examples left out
+    position = {train_id: i for i, train_id in enumerate(train_ids)}
+    n = len(train_ids)
+    losses, score_mean, self_inf = np.zeros(n), np.zeros(n), np.full(n, np.nan)
+    top = TopK(len(query_ids), cfg.scoring.top_k)
+    for chunk in chunks:
+        rows = np.array([position[i] for i in chunk.ids])
+        losses[rows], score_mean[rows] = chunk.losses, chunk.score_mean
+        if chunk.self_influence is not None:
+            self_inf[rows] = chunk.self_influence
+        top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids))
+
+    if carried is not None:
+        stored = dict(zip(carried.column("train_id").to_pylist(), carried.column("self_influence").to_numpy()))
+        self_inf = np.array([stored[i] for i in train_ids], dtype=np.float64)
+
+    # Rows of the outputs follow the input files' order, whatever the partitioning.
+    query_rank = {q: i for i, q in enumerate(query_order)}
+    rows_in_order = np.argsort([query_rank[q] for q in query_ids], kind="stable")
+    top_table = top_k_table([query_ids[i] for i in rows_in_order], train_ids,
+                            top.scores[rows_in_order], top.positions[rows_in_order])
+    atomic_write_table(top_table, run_dir / "scores" / "top_k.parquet")
+    values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None)
+    atomic_write_table(values, run_dir / "scores" / "train_values.parquet")
+    return {"train": n, "queries": len(query_ids)}
+
+
+def rejected_rows(plan: Plan, gradients: Gradients, splits: tuple[str, ...] = SPLITS) -> list[tuple]:
+    """Rows left out by the data checks and by the workers (non-finite values), of `splits`:
+    (example_id, split, row in its file, reason)."""
+    rows = []
+    for split in splits:
+        data = plan.split(split)
+        rows += [(r.example_id, split, r.row, r.reason) for r in data.rejected]
+        row_of = dict(zip(data.ids, data.rows))
+        rows += [(x["example_id"], split, row_of[x["example_id"]], x["reason"])
+                 for record in gradients.records[split] for x in record.get("rejected", [])]
+    return rows
+
+
+def _write_rejected(run_dir: Path, rows: list[tuple]) -> dict[str, int]:
+    """rejected.parquet; returns the count per split."""
+    atomic_write_table(rejected_table(rows), run_dir / "rejected.parquet")
+    return {split: sum(row[1] == split for row in rows) for split in SPLITS}
+
+
+def output_checksums(run_dir: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of the named outputs and of every scores/dense part (the gradient chunks are listed
+    in the manifest with their rows instead)."""
+    names = names + [str(p.relative_to(run_dir)) for p in list_files(run_dir / "scores" / "dense")
+                     if p.name.startswith("part-")]
+    return {name: file_sha256(run_dir / name) for name in names}
+
+
+RUN_OUTPUTS = ["index_set.parquet", "rejected.parquet", "curvature/blocks.safetensors", "curvature/blocks.json",
+               "scores/top_k.parquet", "scores/train_values.parquet"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = False, append: bool = False) -> dict:
+    """Run the whole job; returns the manifest written last to run_dir/manifest.json.
+
+    With `resume`, a run directory left by a killed or failed run (or a complete one with a
+    damaged file) is continued: it must hold the same job, and only the chunks and outputs
+    that are missing or fail their checksum are computed again.
+
+    With `append`, run_dir holds a stored run and the job adds the training rows whose ids it
+    lacks, in place (distinf.runtime.incremental); running it again finishes a failed append.
+    """
+    run_dir = run_path(run_dir or cfg.output.path)
+    if append:
+        stored, base = open_for_append(run_dir)
+    else:
+        stored, base = open_run_dir(run_dir, resume), None
+        if stored is not None and APPEND_PENDING in stored:
+            raise JobError(f"--resume: '{display(run_dir)}' holds an unfinished append; finish it by running "
+                           f"`distinf run JOB --append-to {display(run_dir)}` again")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -142,95 +560,132 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None) -> dict:
         timings[name] = round(now - clock, 3)
         clock = now
 
-    plan = plan_job(cfg)
+    config = json.loads(json.dumps(cfg.model_dump(), default=str))  # as the manifest stores it
+    if base is None:
+        plan = plan_job(cfg)
+        fingerprints = {"model_fingerprint": model_fingerprint(cfg.model),
+                        "data_fingerprint": {s: fingerprint(plan.split(s)) for s in SPLITS}}
+        state = {"status": "running", "name": cfg.name, "config": config, **fingerprints, "restarts": []}
+        if stored is not None:
+            check_same_job(stored, config, fingerprints, run_dir)
+            if stored.get("status") == "complete" and not damaged_files(run_dir, stored):
+                return stored  # nothing is missing or damaged: nothing to do
+            state.update({key: stored[key] for key in _CARRIED if key in stored})
+            state["resumed"] = stored.get("resumed", 0) + 1
+        work = {s: split_work(cfg, plan.split(s)) for s in SPLITS}
+        existing = sum(size for s in SPLITS for size in list_files(gradient_dir(run_dir, s)).values())
+        need = estimated_bytes(cfg.compression.k, len(plan.train.ids), len(plan.queries.ids),
+                               cfg.output.gradient_dtype, cfg.scoring.dense, cfg.hessian.blocks == "full") - existing
+    else:
+        model = model_fingerprint(cfg.model)
+        plan = plan_job(cfg, stored_train_ids=base.train_ids)
+        queries = fingerprint(plan.queries)
+        check_appendable(base.manifest, config, model, queries, run_dir)
+        if stored.get("status") == "complete" and not plan.train.ids and not plan.train.rejected:
+            print(f"distinf: every training row of data.train is in '{display(run_dir)}' already; nothing to append",
+                  flush=True)
+            return stored
+        state = append_state(cfg, config, base, model, queries, fingerprint(plan.train))
+        work = {"train": split_work(cfg, plan.train, base.first_chunk, base.manifest["chunks"]["train"],
+                                    base.segment),
+                "queries": SplitWork(plan.queries, {}, base.manifest["chunks"]["queries"])}
+        remove_stale_chunks(run_dir, "train", base.first_chunk,
+                            {(c, r) for c, parts in work["train"].positions.items() for r in range(len(parts))})
+        need = estimated_bytes(cfg.compression.k, len(plan.train.ids), 0, cfg.output.gradient_dtype,
+                               cfg.scoring.dense, cfg.hessian.blocks == "full")
+    check_free_space(run_dir, need)
     lap("plan")
+    try:
+        return _run(cfg, run_dir, plan, work, state, timings, lap)
+    except OSError as error:
+        explained = write_error(error, run_dir)
+        _mark_failed(run_dir, state, explained)
+        raise explained from None
+    except (JobError, DataError) as error:
+        _mark_failed(run_dir, state, error)
+        raise
+
+
+# What an append carries over from the run it extends; the rest is recomputed.
+_CARRIED_BY_APPEND = ("index_set_hash", "index_set_sha256", "params", "workers", "restarts")
+
+
+def append_state(cfg: JobConfig, config: dict, base: Base, model: str, queries: str, new_rows: str) -> dict:
+    """The manifest of an append while it runs: "running", with the stored run it extends."""
+    stored = base.manifest
+    return {
+        "status": "running", "name": cfg.name, "config": config, "model_fingerprint": model,
+        "data_fingerprint": {"train": chain_fingerprint(stored["data_fingerprint"]["train"], new_rows),
+                             "queries": queries},
+        **{key: stored[key] for key in _CARRIED_BY_APPEND if key in stored},
+        APPEND_PENDING: {"base": stored, "rejected": base.rejected, "first_chunk": base.first_chunk,
+                         "segment": base.segment, "data_fingerprint": new_rows, "stored_ids": len(base.train_ids)},
+    }
+
+
+def _mark_failed(run_dir: Path, state: dict, error: Exception) -> None:
+    try:
+        atomic_write_json({**state, "status": "failed", "error": str(error)}, run_dir / MANIFEST)
+    except OSError:
+        pass  # the error being reported may be this very disk
+
+
+def chunk_entry(record: dict) -> dict:
+    """A chunk as the manifest lists it; chunks of an append carry their segment."""
+    entry = {key: record[key] for key in ("file", "chunk", "rank", "rows", "sha256")}
+    return {**entry, "segment": record["segment"]} if record.get("segment") else entry
+
+
+def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], state: dict, timings: dict,
+         lap: Callable[[str], None]) -> dict:
+    atomic_write_json(state, run_dir / MANIFEST)  # "running" before anything else is touched
     started_ray = _connect(cfg)
     try:
-        group, workers, infos = _start_workers(cfg, run_dir)
-        index_table: pa.Table = infos[0]["index_set"]
-        atomic_write_table(index_table, run_dir / "index_set.parquet")
-        lap("workers_setup")
-        batch = cfg.runtime.batch_size
-        train_chunks = _compress(workers, "train", plan.train, plan.pad_token_id, batch)
-        query_chunks = _compress(workers, "queries", plan.queries, plan.pad_token_id, batch)
-        ray.get([w.shutdown.remote() for w in workers])
-        for worker in workers:
-            ray.kill(worker)
-        remove_placement_group(group)
+        gradients = _gradient_pass(cfg, run_dir, work, plan.pad_token_id, state)
         lap("gradients")
-
-        index_set = IndexSet.from_table(index_table, _shapes_from(index_table))
-        reducer = Reducer.remote(block_slices(index_set, cfg.hessian.blocks), cfg.hessian.damping)
-        reduced = ray.get(reducer.reduce.remote(train_chunks, query_chunks, str(run_dir / "curvature")))
-        ray.kill(reducer)
-        lap("curvature")
-
-        outputs = _score(cfg, run_dir, plan, train_chunks, reduced)
-        lap("scoring")
+        reduced, counts = _reduce_and_score(cfg, run_dir, plan.queries.ids, gradients, state, lap)
     finally:
         if started_ray:
             ray.shutdown()
-
+    pending = state.pop(APPEND_PENDING, None)
+    if pending is None:
+        rejected = _write_rejected(run_dir, rejected_rows(plan, gradients))
+        truncated = plan.train.truncated
+    else:  # the stored run's rows, then the new training rows'
+        rejected = _write_rejected(run_dir, [tuple(row) for row in pending["rejected"]]
+                                   + rejected_rows(plan, gradients, ("train",)))
+        truncated = pending["base"]["counts"]["truncated_train"] + plan.train.truncated
+    chunks = {s: [chunk_entry(r) for r in gradients.records[s] if r["file"]] for s in SPLITS}
     manifest = {
+        **state,
         "status": "complete",
-        "name": cfg.name,
-        "config": cfg.model_dump(),
         "versions": _versions(),
-        "model_fingerprint": model_fingerprint(cfg.model),
-        "index_set_hash": infos[0]["index_set_hash"],
-        "k": index_table.num_rows,
-        "counts": {"train": len(plan.train.ids), "queries": len(plan.queries.ids),
-                   "truncated_train": plan.train.truncated, "truncated_queries": plan.queries.truncated,
-                   "train_chunks": len(train_chunks), "query_chunks": len(query_chunks)},
-        "params": {"total": infos[0]["total_params"], "tracked": infos[0]["tracked_params"],
-                   "tracked_fraction": infos[0]["tracked_params"] / infos[0]["total_params"]},
+        "k": gradients.index_table.num_rows,
+        "counts": {"train": counts["train"], "queries": counts["queries"],
+                   "truncated_train": truncated, "truncated_queries": plan.queries.truncated,
+                   "rejected_train": rejected["train"], "rejected_queries": rejected["queries"],
+                   "train_chunks": len(chunks["train"]), "query_chunks": len(chunks["queries"])},
         "damping": reduced["damping"],
         "timings": timings,
-        "workers": [{"rank": i["rank"], "host": i["host"], "node_ip": i["node_ip"],
-                     "local_params": i["local_params"]} for i in infos],
-        "outputs": outputs,
+        "chunks": chunks,
+        "files": output_checksums(run_dir, RUN_OUTPUTS),
+        "outputs": {"top_k": "scores/top_k.parquet", "train_values": "scores/train_values.parquet",
+                    "dense": "scores/dense/" if cfg.scoring.dense else None, "rejected": "rejected.parquet",
+                    "gradients": ["gradients/train/", "gradients/queries/"], "curvature": "curvature/"},
     }
-    atomic_write_json(manifest, run_dir / MANIFEST)
+    if pending is not None:
+        base = pending["base"]
+        manifest["appends"] = base.get("appends", []) + [{
+            "segment": pending["segment"], "train_path": cfg.data.train.path,
+            "new_rows": len(plan.train.ids), "rows_already_stored": plan.stored_train,
+            "stored_rows_not_in_file": pending["stored_ids"] - plan.stored_train,
+            "first_chunk": pending["first_chunk"],
+            "new_chunks": sum(r.get("segment") == pending["segment"] for r in chunks["train"]),
+            "data_fingerprint": pending["data_fingerprint"],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }]
+    atomic_write_json(manifest, run_dir / MANIFEST)  # last, and only now "complete"
     return manifest
-
-
-def _shapes_from(index_table: pa.Table) -> list[tuple[str, tuple[int, ...]]]:
-    # Scoring needs only the block layout, which the table's param runs give; shapes are unused.
-    names = list(dict.fromkeys(index_table.column("param").to_pylist()))
-    return [(name, (0,)) for name in names]
-
-
-def _score(cfg: JobConfig, run_dir: Path, plan: Plan, train_chunks: list[str], reduced: dict) -> dict:
-    query_ids = reduced["query_ids"]
-    dense_dir = run_dir / "scores" / "dense"
-    futures = [
-        score_train_chunk.remote(path, reduced["queries"][0], reduced["curvature"][0], cfg.scoring.top_k,
-                                 cfg.scoring.self_influence, query_ids,
-                                 str(dense_dir / Path(path).name) if cfg.scoring.dense else None)
-        for path in train_chunks
-    ]
-    position = {train_id: i for i, train_id in enumerate(plan.train.ids)}
-    n = len(plan.train.ids)
-    losses, score_mean, self_inf = np.zeros(n), np.zeros(n), np.full(n, np.nan)
-    top = TopK(len(query_ids), cfg.scoring.top_k)
-    for chunk in ray.get(futures):
-        rows = np.array([position[i] for i in chunk.ids])
-        losses[rows], score_mean[rows] = chunk.losses, chunk.score_mean
-        if chunk.self_influence is not None:
-            self_inf[rows] = chunk.self_influence
-        top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids))
-
-    # Rows of the outputs follow the input files' order, whatever the partitioning.
-    query_order = np.argsort([plan.queries.ids.index(q) for q in query_ids], kind="stable")
-    top_table = top_k_table([query_ids[i] for i in query_order], plan.train.ids,
-                            top.scores[query_order], top.positions[query_order])
-    atomic_write_table(top_table, run_dir / "scores" / "top_k.parquet")
-    values = train_values_table(plan.train.ids, losses, score_mean,
-                                self_inf if cfg.scoring.self_influence else None)
-    atomic_write_table(values, run_dir / "scores" / "train_values.parquet")
-    return {"top_k": "scores/top_k.parquet", "train_values": "scores/train_values.parquet",
-            "dense": "scores/dense/" if cfg.scoring.dense else None,
-            "gradients": ["gradients/train/", "gradients/queries/"], "curvature": "curvature/"}
 
 
 def _versions() -> dict:
@@ -249,7 +704,7 @@ def summary(manifest: dict, run_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     counts, damping = manifest["counts"], manifest["damping"]
     lines = [
-        f"distinf run '{manifest['name']}' complete: {run_dir}",
+        f"distinf run '{manifest['name']}' complete: {display(run_dir)}",
         f"  examples   train {counts['train']} ({counts['truncated_train']} truncated), "
         f"queries {counts['queries']} ({counts['truncated_queries']} truncated)",
         f"  index set  k = {manifest['k']} of {manifest['params']['tracked']:,} tracked entries "
@@ -259,6 +714,17 @@ def summary(manifest: dict, run_dir: Path) -> str:
         "  workers    " + ", ".join(f"rank {w['rank']} on {w['host']}: {w['local_params']:,} params"
                                   for w in manifest["workers"]),
         "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items()),
-        f"  outputs    {run_dir}/scores/top_k.parquet, scores/train_values.parquet, gradients/, curvature/",
+        f"  outputs    {display(run_dir)}/scores/top_k.parquet, scores/train_values.parquet, gradients/, curvature/",
     ]
+    if manifest.get("appends"):
+        last = manifest["appends"][-1]
+        lines.insert(2, f"  appended   {last['new_rows']} new training rows ({last['rows_already_stored']} of the file "
+                        f"stored already, {last['stored_rows_not_in_file']} stored rows not in it, kept)")
+    rejected = counts.get("rejected_train", 0) + counts.get("rejected_queries", 0)
+    if rejected:
+        lines.insert(2, f"  rejected   train {counts['rejected_train']}, queries {counts['rejected_queries']}: "
+                        f"{display(run_dir)}/rejected.parquet (data.on_bad_row: skip)")
+    if manifest.get("restarts"):
+        lines.append("  restarts   " + "; ".join(f"{r['stage']}: {r.get('worker', '')} {r['error']}".replace("  ", " ")
+                                               for r in manifest["restarts"]))
     return "\n".join(lines)

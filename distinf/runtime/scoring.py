@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from distinf.core.curvature import Curvature, self_influence
 from distinf.core.scoring import TopK, score_chunk
-from distinf.store import atomic_write_table
+from distinf.store import atomic_write_table, read_verified_table
 from distinf.tables import dense_table, gradients_of
 
 
@@ -26,9 +25,9 @@ class ChunkScores:
 
 
 @ray.remote(num_cpus=1)
-def score_train_chunk(path: str, preconditioned: np.ndarray, curvature: Curvature, top_k: int,
+def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvature: Curvature, top_k: int,
                       with_self_influence: bool, query_ids: list[str], dense_path: str | None) -> ChunkScores:
-    table = pq.read_table(path)
+    table = read_verified_table(path, sha256)
     ids = table.column("example_id").to_pylist()
     grads = torch.from_numpy(gradients_of(table))
     scores = score_chunk(torch.from_numpy(preconditioned), grads).numpy()  # [m, n]

@@ -3,6 +3,9 @@
 Most layers are a linear map in "linear layout": an input of features x[N, T, in] and an output
 gradient gy[N, T, out] give ∂l_n/∂W[r, c] = Σ_t gy[n, t, r] · x[n, t, c]. Only the kept (r, c)
 pairs are formed, in O(N·T·k) work and memory, never the per-example gradient's O(N·p).
+
+The compressions that need more than kept entries use two further methods: the whole per-example
+gradient (`per_example_gradient`, [N, p_l]) and its outer-product factors (`outer_factors`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ class WeightPlan:
 @dataclass
 class BiasPlan:
     rows: Tensor
+
+
+# One side of a per-example outer product: dense features [N, T, d], or token ids [N, T] that
+# stand for one-hot rows of width d (an embedding's input), never materialised.
+Factor = Tensor
+
+
+def storage_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view of a parameter that `outer_factors` refer to: [shape[0], rest] ([out, 1] for a bias)."""
+    rows = shape[0] if shape else 1
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return rows, cols
 
 
 def plan_weight(rows: np.ndarray, cols: np.ndarray) -> WeightPlan:
@@ -108,6 +125,42 @@ class LinearLayoutAdapter:
                 result[name] = gy.index_select(2, plan.rows).float().sum(1)
         return result
 
+    # --- the whole per-example gradient and its factors, for compressions other than dropout
+
+    def keep_inputs(self, module: nn.Module, inputs: tuple) -> Tensor:
+        """Forward: the layer's features x[N, T, in], all of them."""
+        return self.features(module, inputs[0].detach())
+
+    def weight_gradient(self, module: nn.Module, x: Tensor, gy: Tensor) -> Tensor:
+        """[N, *weight storage shape flattened to 2-D] from x[N, T, in], gy[N, T, out]."""
+        return torch.einsum("nto,nti->noi", gy.float(), x.float())
+
+    def per_example_gradient(self, module: nn.Module, kept: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
+        """{local name: [N, p_l]} flattened row-major in the parameter's storage order."""
+        gy = self.output_grads(module, grad_output)
+        result = {}
+        for name, _ in module.named_parameters(recurse=False):
+            if name == "weight":
+                result[name] = self.weight_gradient(module, kept, gy).flatten(1)
+            elif name == "bias":
+                result[name] = gy.float().sum(1)
+        return result
+
+    def outer_factors(self, module: nn.Module, kept: Tensor, grad_output: Tensor) -> dict[str, tuple[Factor, Factor]]:
+        """{local name: (a, b)} with the per-example gradient in its storage_matrix_shape = Σ_t a_t b_tᵀ."""
+        gy = self.output_grads(module, grad_output).float()
+        result = {}
+        for name, _ in module.named_parameters(recurse=False):
+            if name == "weight":
+                result[name] = self.weight_factors(module, kept.float(), gy)
+            elif name == "bias":
+                result[name] = (gy, torch.ones(*gy.shape[:2], 1, dtype=gy.dtype, device=gy.device))
+        return result
+
+    def weight_factors(self, module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Factor, Factor]:
+        """W stored [out, in]: ∂l/∂W = Σ_t gy_t x_tᵀ."""
+        return gy, x
+
 
 def as_tokens(x: Tensor) -> Tensor:
     """[N, ..., F] -> [N, T, F]: every position between batch and features is a 'token'."""
@@ -115,7 +168,11 @@ def as_tokens(x: Tensor) -> Tensor:
 
 
 class Adapter(Protocol):
-    """The contract of a layer adapter (see LinearLayoutAdapter for the common case)."""
+    """The contract of a layer adapter (see LinearLayoutAdapter for the common case).
+
+    plan/keep/entries serve dropout (kept entries only); keep_inputs with per_example_gradient or
+    outer_factors serve the other compressions. Names are the module's own parameter names.
+    """
 
     def plan(self, module: nn.Module, selected: dict[str, np.ndarray]) -> dict[str, Any]: ...
 
@@ -124,3 +181,9 @@ class Adapter(Protocol):
     def entries(
         self, module: nn.Module, plans: dict[str, Any], kept: Any, grad_output: Tensor
     ) -> dict[str, Tensor]: ...
+
+    def keep_inputs(self, module: nn.Module, inputs: tuple) -> Any: ...
+
+    def per_example_gradient(self, module: nn.Module, kept: Any, grad_output: Tensor) -> dict[str, Tensor]: ...
+
+    def outer_factors(self, module: nn.Module, kept: Any, grad_output: Tensor) -> dict[str, tuple[Factor, Factor]]: ...

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
-from distinf.core.adapters.base import LinearLayoutAdapter, as_tokens
+from distinf.core.adapters.base import Factor, LinearLayoutAdapter, as_tokens
 
 
 class Conv1DAdapter(LinearLayoutAdapter):
@@ -21,3 +22,9 @@ class Conv1DAdapter(LinearLayoutAdapter):
 
     def output_grads(self, module: Conv1D, gy: Tensor) -> Tensor:
         return as_tokens(gy)
+
+    def weight_gradient(self, module: Conv1D, x: Tensor, gy: Tensor) -> Tensor:
+        return torch.einsum("nti,nto->nio", x.float(), gy.float())
+
+    def weight_factors(self, module: Conv1D, x: Tensor, gy: Tensor) -> tuple[Factor, Factor]:
+        return x, gy  # W stored [in, out]: ∂l/∂W = Σ_t x_t gy_tᵀ

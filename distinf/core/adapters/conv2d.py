@@ -7,10 +7,11 @@ to the unfolded column g·(in/groups)·kh·kw + c.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distinf.core.adapters.base import LinearLayoutAdapter
+from distinf.core.adapters.base import Factor, LinearLayoutAdapter
 
 
 class Conv2dAdapter(LinearLayoutAdapter):
@@ -37,3 +38,19 @@ class Conv2dAdapter(LinearLayoutAdapter):
 
     def output_grads(self, module: nn.Conv2d, gy: Tensor) -> Tensor:
         return gy.flatten(2).transpose(1, 2)  # [N, L, out]
+
+    def weight_gradient(self, module: nn.Conv2d, x: Tensor, gy: Tensor) -> Tensor:
+        """[N, out, in/groups·kh·kw]: each group's outputs see only its own unfolded input columns."""
+        groups = module.groups
+        if groups == 1:
+            return super().weight_gradient(module, x, gy)
+        per_out = x.shape[2] // groups
+        gy_groups = gy.float().chunk(groups, dim=2)
+        return torch.cat([torch.einsum("nto,nti->noi", g, x[:, :, i * per_out : (i + 1) * per_out].float())
+                          for i, g in enumerate(gy_groups)], dim=1)
+
+    def weight_factors(self, module: nn.Conv2d, x: Tensor, gy: Tensor) -> tuple[Factor, Factor]:
+        if module.groups != 1:
+            raise ValueError("compression.method: logra does not support grouped Conv2d (groups > 1): "
+                             "its gradient is not one outer product per position; use another method")
+        return gy, x

@@ -1,6 +1,7 @@
 """nn.Embedding: row v of W[V, D] receives Σ_t [ids[n, t] = v] · gy[n, t, :].
 
-The padding row gets no gradient in torch, so kept entries in it stay zero here too.
+The padding row gets no gradient in torch, so kept entries in it stay zero here too. As an outer
+product the gradient is Σ_t onehot(ids_t) gy_tᵀ; the one-hot side stays as ids.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distinf.core.adapters.base import _CHUNK_ELEMENTS, as_tokens, to_device
+from distinf.core.adapters.base import _CHUNK_ELEMENTS, Factor, as_tokens, to_device
 
 
 @dataclass
@@ -51,3 +52,22 @@ class EmbeddingAdapter:
             g = gy.index_select(2, plan.dims[part]).float()                  # [N, T, chunk]
             out[:, part] = (g * hits).sum(1)
         return {"weight": out}
+
+    def keep_inputs(self, module: nn.Embedding, inputs: tuple) -> Tensor:
+        return self.keep(module, {}, inputs)
+
+    def _unpadded_grads(self, module: nn.Embedding, ids: Tensor, grad_output: Tensor) -> Tensor:
+        gy = as_tokens(grad_output).float()
+        if module.padding_idx is not None:
+            gy = gy.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+        return gy
+
+    def per_example_gradient(self, module: nn.Embedding, ids: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
+        gy = self._unpadded_grads(module, ids, grad_output)
+        n, _, dim = gy.shape
+        out = torch.zeros(n, module.num_embeddings, dim, dtype=torch.float32, device=gy.device)
+        out.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, dim), gy)
+        return {"weight": out.flatten(1)}
+
+    def outer_factors(self, module: nn.Embedding, ids: Tensor, grad_output: Tensor) -> dict[str, tuple[Factor, Factor]]:
+        return {"weight": (ids, self._unpadded_grads(module, ids, grad_output))}

@@ -1,0 +1,67 @@
+"""none (the paper's "Orig"): the whole tracked gradient, k = p. Exact, and small models only.
+
+`required_bytes` estimates what a run holds (the gradients, and for curvature methods that form
+blocks, the p_l x p_l blocks), so a run that cannot fit is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from torch import Tensor
+
+from distinf.core.compressors.base import GradientProjection, Layout
+from distinf.core.index_set import ParamShapes
+
+
+class NoneCompressor(GradientProjection):
+    def __init__(self, param_shapes: ParamShapes):
+        # Component j of a tensor is its flat entry j: the layout's table is the real index set.
+        names = tuple(name for name, _ in param_shapes)
+        shapes = tuple(tuple(shape) for _, shape in param_shapes)
+        self.layout = Layout("none", names, shapes, tuple(math.prod(shape) for shape in shapes))
+
+    def project(self, name: str, grad: Tensor) -> Tensor:
+        return grad
+
+
+def required_bytes(block_sizes: Sequence[int], rows: int, hessian: str) -> int:
+    """float32 gradients [rows, p] plus, for block-forming curvature, a float64 Gram and factor per block."""
+    p = sum(block_sizes)
+    gradients = 4 * rows * p
+    blocks = 2 * 8 * sum(size * size for size in block_sizes) if hessian in ("gauss_newton", "datainf") else 0
+    return gradients + blocks
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (or a large number where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_fits(block_sizes: Sequence[int], rows: int, hessian: str, fraction: float = 0.8) -> None:
+    need, have = required_bytes(block_sizes, rows, hessian), available_bytes()
+    if need > fraction * have:
+        p = sum(block_sizes)
+        raise MemoryError(
+            f"compression.method: none keeps all p = {p:,} tracked entries: {rows} gradients need "
+            f"{human_bytes(4 * rows * p)} (n·p·4 bytes) and hessian.method: {hessian} with these blocks "
+            f"{human_bytes(need - 4 * rows * p)}, {human_bytes(need)} in all, but only {human_bytes(have)} "
+            "is available; use a compression method with k << p, or narrow compression.modules "
+            f"(the largest block has {max(block_sizes):,} entries)"
+        )

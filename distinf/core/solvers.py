@@ -1,0 +1,208 @@
+"""The inverse-Hessian solvers of `hessian.method`, each per curvature block, each with the same face.
+
+A solver offers `precondition(grads [m, k]) -> Ĥ⁻¹ ĝ` and `self_influence(grads [n, k])`, and
+carries `slices` and `damping` (per block), so scoring and the run directory treat them alike.
+
+- gauss_newton (distinf.core.curvature): Ĥ = (1/n) Σ ĝĝᵀ + λI, Cholesky. Exact in the compressed space.
+- identity: Ĥ = I, plain gradient dot products (Pruthi et al., TracIn-style). No damping.
+- datainf (Kwon et al.): swap inversion and averaging, then Sherman–Morrison per example,
+      Ĥ⁻¹ ≈ (1/n) Σ_i (λI + g_i g_iᵀ)⁻¹ = (1/λ) (I − (1/n) Σ_i g_i g_iᵀ / (λ + ‖g_i‖²)).
+  The weighted sum is additive like the Gram, so it is kept as one k_l x k_l matrix per block
+  (no factorisation) and chunks of a distributed run sum it like the Gram sums.
+- lissa (Agarwal et al.; Koh & Liang): the recursion h_0 = v,
+      h_j = v + h_{j−1} − (H̃_j + λI) h_{j−1} / s,    Ĥ⁻¹ v ≈ h_J / s,
+  with H̃_j = (1/|B_j|) Σ_{i∈B_j} g_i g_iᵀ on a seeded sample B_j of training examples. Its fixed
+  point is (H + λI)⁻¹ v: with every example in each batch it is the Neumann series of the
+  gauss_newton solve. B_j is chosen by hashing (seed, j, example id), so it does not depend on
+  the order or the chunking of the training set. `scale: auto` is λ + the largest eigenvalue of
+  any H̃_j, the smallest s for which every step contracts.
+The damping λ_l is the same rule for every solver (`damping: auto`, a tenth of the mean eigenvalue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distinf.core.curvature import GramSums, damping_from_trace, factorize
+
+METHODS = ("gauss_newton", "identity", "datainf", "lissa")
+
+
+class Solver(Protocol):
+    slices: list[slice]
+    damping: list[float]
+
+    def precondition(self, grads: Tensor) -> Tensor: ...
+
+    def self_influence(self, grads: Tensor) -> Tensor: ...
+
+
+def _float64(grads: Tensor) -> Tensor:
+    return grads.detach().to("cpu", torch.float64)
+
+
+@dataclass
+class Identity:
+    slices: list[slice]
+    damping: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.damping = self.damping or [0.0] * len(self.slices)
+
+    def precondition(self, grads: Tensor) -> Tensor:
+        return _float64(grads).clone()
+
+    def self_influence(self, grads: Tensor) -> Tensor:
+        return _float64(grads).square().sum(1)
+
+
+def block_traces(grads: Tensor, slices: Sequence[slice]) -> list[float]:
+    """Σ_i ‖ĝ_i^l‖² per block: all the auto damping needs."""
+    g = _float64(grads)
+    return [float(g[:, part].square().sum()) for part in slices]
+
+
+def block_dampings(traces: Sequence[float], count: int, slices: Sequence[slice], damping: str | float) -> list[float]:
+    return [damping_from_trace(t, count, s.stop - s.start, damping) for t, s in zip(traces, slices)]
+
+
+# --- DataInf
+
+
+@dataclass
+class DataInfSums:
+    """Σ_i g_i g_iᵀ / (λ_l + ‖g_i^l‖²) per block and the example count; additive like GramSums."""
+
+    slices: list[slice]
+    damping: list[float]
+    blocks: list[Tensor] = field(default_factory=list)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            self.blocks = [torch.zeros(s.stop - s.start, s.stop - s.start, dtype=torch.float64) for s in self.slices]
+
+    def add(self, grads: Tensor) -> "DataInfSums":
+        g = _float64(grads)
+        for block, part, lam in zip(self.blocks, self.slices, self.damping):
+            gb = g[:, part]
+            weights = 1.0 / (lam + gb.square().sum(1))
+            block.addmm_(gb.T * weights, gb)
+        self.count += g.shape[0]
+        return self
+
+    def merge(self, other: "DataInfSums") -> "DataInfSums":
+        for mine, theirs in zip(self.blocks, other.blocks):
+            mine += theirs
+        self.count += other.count
+        return self
+
+    def solve(self) -> "DataInf":
+        if self.count == 0:
+            raise ValueError("no training examples: the curvature is undefined")
+        inverses = [(torch.eye(b.shape[0], dtype=torch.float64) - b / self.count) / lam
+                    for b, lam in zip(self.blocks, self.damping)]
+        return DataInf(self.slices, self.damping, inverses, self.count)
+
+
+@dataclass
+class DataInf:
+    slices: list[slice]
+    damping: list[float]
+    inverses: list[Tensor]  # the approximate Ĥ_l⁻¹, symmetric k_l x k_l
+    count: int
+
+    def precondition(self, grads: Tensor) -> Tensor:
+        g = _float64(grads)
+        out = torch.empty_like(g)
+        for inverse, part in zip(self.inverses, self.slices):
+            out[:, part] = g[:, part] @ inverse
+        return out
+
+    def self_influence(self, grads: Tensor) -> Tensor:
+        g = _float64(grads)
+        return (g * self.precondition(g)).sum(1)
+
+
+# --- LiSSA
+
+
+def lissa_samples(ids: Sequence[str], iterations: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Positions (into ids) of B_j for j < iterations: the batch_size ids with the smallest
+    hash(seed, j, id). Depends on the ids alone, not on their order or chunking."""
+    batches = []
+    for j in range(iterations):
+        keys = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{j}:{i}".encode(), digest_size=8).digest(), "little")
+                         for i in ids], dtype=np.uint64)
+        batches.append(np.argsort(keys, kind="stable")[: min(batch_size, len(ids))])
+    return batches
+
+
+@dataclass
+class LiSSA:
+    slices: list[slice]
+    damping: list[float]
+    scales: list[float]
+    batches: list[Tensor]  # the sampled rows of each iteration, [|B_j|, k] float64
+
+    @classmethod
+    def build(cls, slices: list[slice], damping: list[float], batches: list[Tensor],
+              scale: str | float = "auto") -> "LiSSA":
+        batches = [_float64(b) for b in batches]
+        scales = []
+        for part, lam in zip(slices, damping):
+            if scale != "auto":
+                scales.append(float(scale))
+                continue
+            # λ_max(H̃_j) from the small |B| x |B| Gram of the batch.
+            top = max((float(torch.linalg.eigvalsh(b[:, part] @ b[:, part].T)[-1]) / len(b) for b in batches),
+                      default=0.0)
+            scales.append(lam + max(top, 0.0))
+        return cls(slices, damping, scales, batches)
+
+    def precondition(self, grads: Tensor) -> Tensor:
+        v = _float64(grads)
+        out = torch.empty_like(v)
+        for part, lam, scale in zip(self.slices, self.damping, self.scales):
+            vb = v[:, part]
+            h = vb.clone()
+            for batch in self.batches:
+                gb = batch[:, part]
+                h = vb + h - ((h @ gb.T) @ gb / len(gb) + lam * h) / scale
+            out[:, part] = h / scale
+        return out
+
+    def self_influence(self, grads: Tensor) -> Tensor:
+        """ĝ_iᵀ (LiSSA's Ĥ⁻¹) ĝ_i; with few iterations the operator is only near-symmetric."""
+        g = _float64(grads)
+        return (g * self.precondition(g)).sum(1)
+
+
+# --- one process: pick by method
+
+
+def fit_solver(method: str, slices: list[slice], train_grads: Tensor, damping: str | float = "auto",
+               train_ids: Sequence[str] | None = None, lissa_iterations: int = 10,
+               lissa_scale: str | float = "auto", lissa_batch_size: int = 16, lissa_seed: int = 0) -> Solver:
+    """The solver of `hessian.method` from all training gradients [n, k] held in memory."""
+    n = train_grads.shape[0]
+    if n == 0:
+        raise ValueError("no training examples: the curvature is undefined")
+    if method == "gauss_newton":
+        return factorize(GramSums(slices).add(train_grads), damping)
+    if method == "identity":
+        return Identity(slices)
+    lambdas = block_dampings(block_traces(train_grads, slices), n, slices, damping)
+    if method == "datainf":
+        return DataInfSums(slices, lambdas).add(train_grads).solve()
+    if method == "lissa":
+        ids = [str(i) for i in (train_ids if train_ids is not None else range(n))]
+        batches = [train_grads[torch.from_numpy(rows)] for rows in lissa_samples(ids, lissa_iterations, lissa_batch_size, lissa_seed)]
+        return LiSSA.build(slices, lambdas, batches, lissa_scale)
+    raise ValueError(f"hessian.method: unknown {method!r}; expected one of {list(METHODS)}")

@@ -1,0 +1,88 @@
+"""The chunk ledger: which gradient chunks are committed, and still intact.
+
+Chunk c of a split always holds the same examples (`data.chunk_plan`). A rank commits its part of
+a chunk in two steps: the Parquet file, then a record `ledger/{split}/part-RRRRR-CCCCC.json` with
+the file's row count and sha256, a digest of the example ids the plan gave it, and the examples
+it left out (non-finite loss or gradient, under `data.on_bad_row: skip`). The record is the
+commit point. A part counts as done only when its record matches the plan and its file matches
+the record, so a part that is missing, truncated, corrupt or from another plan is computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+
+from distinf.store import atomic_write_json, chunk_path, commit_table, file_sha256, file_size, read_bytes
+
+Planned = dict[int, list[list[str]]]
+"""planned[c][r]: the example ids (padding slots left out) rank r commits as chunk c. Chunk numbers
+need not start at 0: an appended run numbers its new chunks after the stored ones."""
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\0".join(ids).encode()).hexdigest()
+
+
+def record_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
+    return Path(run_dir) / "ledger" / split / f"part-{rank:05d}-{chunk:05d}.json"
+
+
+def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned_ids: Sequence[str],
+                 table: pa.Table | None, rejected: list[dict], attempt: int = 0) -> dict:
+    """Write one rank's part of a chunk (`table` None when no row is left) and then its record.
+
+    `attempt` (which worker group of the driver computed it) is kept for the record only.
+    """
+    record = {"split": split, "rank": rank, "chunk": chunk, "ids": ids_digest(planned_ids),
+              "file": None, "rows": 0, "bytes": 0, "sha256": None, "rejected": rejected, "attempt": attempt}
+    if table is not None and table.num_rows:
+        path = chunk_path(run_dir, split, rank, chunk)
+        record.update(commit_table(table, path), file=str(path.relative_to(run_dir)))
+    atomic_write_json(record, record_path(run_dir, split, rank, chunk))
+    return record
+
+
+def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
+                 planned_ids: Sequence[str]) -> dict | None:
+    """The part's record if the part is committed and intact, else None."""
+    try:
+        record = json.loads(read_bytes(record_path(run_dir, split, rank, chunk)).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("ids") != ids_digest(planned_ids):
+        return None
+    if record.get("file") is None:
+        return record if record.get("rows") == 0 else None
+    path = Path(run_dir) / record["file"]
+    try:
+        if file_size(path) != record.get("bytes") or file_sha256(path) != record.get("sha256"):
+            return None
+    except OSError:
+        return None
+    return record
+
+
+def verified_records(run_dir: str | Path, split: str, planned: Planned,
+                     chunks: Sequence[int] | None = None) -> dict[tuple[int, int], dict]:
+    """{(chunk, rank): record} of every part (of `chunks`, default all) committed and intact.
+
+    Reads each file once, to check its sha256.
+    """
+    found = {}
+    for chunk in planned if chunks is None else chunks:
+        for rank, ids in enumerate(planned[chunk]):
+            record = check_record(run_dir, split, rank, chunk, ids)
+            if record is not None:
+                found[(chunk, rank)] = record
+    return found
+
+
+def pending_chunks(planned: Planned, records: dict[tuple[int, int], dict]) -> list[int]:
+    """Chunks that some rank has not committed intact: all ranks compute these, in lockstep."""
+    return [chunk for chunk, ranks in planned.items()
+            if any((chunk, rank) not in records for rank in range(len(ranks)))]

@@ -1,0 +1,170 @@
+"""The output folder before and after a run: fresh or resumed (and then the same job), writable,
+with room, and, once complete, still what the manifest says.
+
+No Ray here: these are the driver's checks before it starts anything, and the words for what
+went wrong with the output folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from distinf.store import (MANIFEST, atomic_write_json, display, file_sha256, free_bytes, is_empty, is_file,
+                           is_remote, list_files, make_folder, read_manifest, remove)
+
+RESUMABLE_KEYS = ("runtime.address", "runtime.max_restarts", "output.path", "model.path", "data.train.path",
+                  "data.queries.path")
+"""Job keys a resumed run may change: where and how patiently it runs, not what it computes (moved
+model and data files are checked by their fingerprints instead)."""
+
+
+class JobError(RuntimeError):
+    """The job cannot go on; the message says what failed and what to do."""
+
+
+def open_run_dir(run_dir: Path, resume: bool) -> dict | None:
+    """Make sure `run_dir` can hold the run; returns the stored manifest when resuming one.
+
+    Without `resume` the folder must be empty or new. With it, an empty or new folder starts a
+    fresh run, and anything else must be a distinf run directory.
+    """
+    if is_file(run_dir):
+        raise JobError(f"output.path: '{display(run_dir)}' is a file, not a folder")
+    stored = None
+    if not is_empty(run_dir):
+        if not resume:
+            raise JobError(f"output.path: '{display(run_dir)}' is not empty; choose a new output folder, or pass "
+                           "--resume to continue the run in it")
+        stored = stored_manifest(run_dir, "--resume")
+    check_writable(run_dir, "output.path")
+    if stored is not None:
+        remove_leftovers(run_dir)
+    return stored
+
+
+def stored_manifest(run_dir: Path, option: str) -> dict:
+    """The manifest of the distinf run directory `run_dir`, or a JobError naming `option`."""
+    try:
+        stored = read_manifest(run_dir)
+    except (OSError, ValueError):
+        stored = None
+    if stored is None or "config" not in stored:
+        raise JobError(f"{option}: '{display(run_dir)}' has no readable {MANIFEST}, so it is not a distinf run "
+                       "directory; choose a new output folder")
+    return stored
+
+
+def check_writable(run_dir: Path, key: str) -> None:
+    """Create the folder if it is local, and write and delete a probe file in it."""
+    try:
+        make_folder(run_dir)
+        probe = atomic_write_json({}, run_dir / ".write-probe")
+        remove(probe)
+    except OSError as error:
+        raise JobError(f"{key}: cannot write to '{display(run_dir)}': {error.strerror or error}; "
+                       "choose a folder you can write to") from None
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files half-written by a process that was killed; no reader ever sees them.
+
+    (Object stores never hold any: files are uploaded whole from local temporary files.)"""
+    if not is_remote(run_dir):
+        for leftover in run_dir.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def config_differences(stored: dict, current: dict, prefix: str = "",
+                       allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two job configs, except the `allowed` ones (a key,
+    or every key under a section written with a trailing dot, "runtime.")."""
+    keys = []
+    for key in sorted(set(stored) | set(current)):
+        path = f"{prefix}{key}"
+        if path in allowed or any(a.endswith(".") and path.startswith(a) for a in allowed):
+            continue
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{path}.", allowed)
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def check_same_job(stored: dict, config: dict, fingerprints: dict, run_dir: Path) -> None:
+    """Refuse to resume a run directory that holds a different job (config, model or data)."""
+    hint = "resume with the job it was started with, or choose a new output folder"
+    differ = config_differences(stored["config"], config)
+    if differ:
+        shown = ", ".join(f"{key} ({config_value(stored['config'], key)!r} there, "
+                          f"{config_value(config, key)!r} now)" for key in differ[:5])
+        raise JobError(f"--resume: '{run_dir}' holds a different job: {shown}; {hint}")
+    if stored.get("model_fingerprint") not in (None, fingerprints["model_fingerprint"]):
+        raise JobError(f"--resume: the model at model.path has changed since '{run_dir}' was started "
+                       f"(its config or weights differ); {hint}")
+    for role, digest in fingerprints["data_fingerprint"].items():
+        if stored.get("data_fingerprint", {}).get(role) not in (None, digest):
+            raise JobError(f"--resume: data.{role} has changed since '{run_dir}' was started (its ids, "
+                           f"texts or labels differ); {hint}")
+
+
+def config_value(config: dict, dotted: str):
+    """The value at a dotted key of a config dict, or None."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def damaged_files(run_dir: Path, manifest: dict) -> list[str]:
+    """Files of a complete run that are missing or no longer match the manifest's sha256."""
+    listed = dict(manifest.get("files", {}))
+    for records in manifest.get("chunks", {}).values():
+        listed.update({r["file"]: r["sha256"] for r in records if r.get("file")})
+    present = list_files(run_dir, recursive=True)
+    damaged = []
+    for name, sha256 in sorted(listed.items()):
+        path = run_dir / name
+        if path not in present or file_sha256(path) != sha256:
+            damaged.append(name)
+    return damaged
+
+
+def estimated_bytes(k: int, n_train: int, n_queries: int, gradient_dtype: str, dense: bool,
+                    full_block: bool) -> int:
+    """A generous estimate of what a run writes: gradients, dense scores, a full curvature block."""
+    per_example = k * (2 if gradient_dtype == "float16" else 4) + 64
+    total = (n_train + n_queries) * per_example + (1 << 20)
+    if dense:
+        total += n_train * n_queries * 16
+    if full_block:
+        total += 2 * 8 * k * k  # Gram sum and Cholesky factor, float64
+    return total
+
+
+def check_free_space(run_dir: Path, need: int) -> None:
+    free = free_bytes(run_dir)
+    if free is not None and free < need:
+        raise JobError(f"output.path: '{run_dir}' has {_size(free)} free and this run writes about "
+                       f"{_size(need)}; free some space or choose another folder")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def write_error(error: OSError, run_dir: Path) -> JobError:
+    """A failed write in the run directory, in words: which file, why, and how to go on."""
+    name = error.filename or run_dir
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = "free some space, then run again with --resume: committed chunks are kept"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        then = "make the output folder writable, then run again with --resume"
+    else:
+        then = "fix it, then run again with --resume"
+    return JobError(f"output.path: cannot write '{name}': {error.strerror or os.strerror(error.errno or 0)}; {then}")

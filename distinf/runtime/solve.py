@@ -1,0 +1,98 @@
+"""The reducer's solve for the hessian methods other than gauss_newton, as Ray tasks over train chunks.
+
+The math is distinf.core.solvers; here it is only spread over the committed chunks:
+identity needs no pass; datainf sums the chunks' traces (for `damping: auto`) and then their
+weighted Gram sums, both additive; lissa sums the traces, reads every chunk's example ids, picks
+each iteration's batch by id hash exactly as distinf.attribute does, and fetches those rows.
+Chunks are (path, sha256) pairs, read only if they still match their checksum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import ray
+import torch
+
+from distinf.config import HessianConfig
+from distinf.core.solvers import DataInf, DataInfSums, Identity, LiSSA, Solver, block_dampings, block_traces, lissa_samples
+from distinf.store import read_verified_table
+from distinf.tables import gradients_of
+
+Chunk = tuple[str, str]  # (path, sha256)
+
+
+def _grads(path: str, sha256: str) -> torch.Tensor:
+    return torch.from_numpy(gradients_of(read_verified_table(path, sha256, columns=["grad"])))
+
+
+@ray.remote(num_cpus=1)
+def chunk_traces(path: str, sha256: str, slices: list[slice]) -> tuple[list[float], int]:
+    grads = _grads(path, sha256)
+    return block_traces(grads, slices), grads.shape[0]
+
+
+@ray.remote(num_cpus=1)
+def chunk_datainf(path: str, sha256: str, slices: list[slice], damping: list[float]) -> DataInfSums:
+    return DataInfSums(slices, damping).add(_grads(path, sha256))
+
+
+@ray.remote(num_cpus=1)
+def chunk_ids(path: str, sha256: str) -> list[str]:
+    return read_verified_table(path, sha256, columns=["example_id"]).column("example_id").to_pylist()
+
+
+@ray.remote(num_cpus=1)
+def chunk_rows(path: str, sha256: str, rows: list[int]) -> np.ndarray:
+    return gradients_of(read_verified_table(path, sha256, columns=["grad"]))[rows]
+
+
+def _reduce(futures: list, merge: Callable[[Any], None]) -> None:
+    pending = list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        merge(ray.get(done[0]))
+
+
+def _dampings(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) -> tuple[list[float], int]:
+    traces, count = [0.0] * len(slices), 0
+
+    def merge(result: tuple[list[float], int]) -> None:
+        nonlocal count
+        for i, t in enumerate(result[0]):
+            traces[i] += t
+        count += result[1]
+
+    _reduce([chunk_traces.remote(path, sha256, slices) for path, sha256 in chunks], merge)
+    if count == 0:
+        raise ValueError("no training examples: the curvature is undefined")
+    return block_dampings(traces, count, slices, hessian.damping), count
+
+
+def solve_chunks(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) -> tuple[Solver, dict[str, np.ndarray], int]:
+    """(solver, arrays for curvature/blocks.safetensors, training count) of hessian.method."""
+    if hessian.method == "identity":
+        count = sum(len(ids) for ids in ray.get([chunk_ids.remote(p, s) for p, s in chunks]))
+        return Identity(slices), {}, count
+    damping, count = _dampings(hessian, slices, chunks)
+    if hessian.method == "datainf":
+        total = DataInfSums(slices, damping)
+        _reduce([chunk_datainf.remote(path, sha256, slices, damping) for path, sha256 in chunks], total.merge)
+        solver: DataInf = total.solve()
+        return solver, {f"inverse.{i}": m.numpy() for i, m in enumerate(solver.inverses)}, count
+    if hessian.method == "lissa":
+        ids_per_chunk = ray.get([chunk_ids.remote(p, s) for p, s in chunks])
+        owner = [(c, r) for c, ids in enumerate(ids_per_chunk) for r in range(len(ids))]
+        samples = lissa_samples([i for ids in ids_per_chunk for i in ids], hessian.lissa_iterations,
+                                hessian.lissa_batch_size, hessian.lissa_seed)
+        wanted = sorted({owner[p] for rows in samples for p in rows})
+        by_chunk: dict[int, list[int]] = {}
+        for c, r in wanted:
+            by_chunk.setdefault(c, []).append(r)
+        fetched = dict(zip(by_chunk, ray.get([chunk_rows.remote(*chunks[c], rows) for c, rows in by_chunk.items()])))
+        row_of = {(c, r): fetched[c][i] for c, rows in by_chunk.items() for i, r in enumerate(rows)}
+        batches = [torch.from_numpy(np.stack([row_of[owner[p]] for p in rows])) for rows in samples]
+        solver = LiSSA.build(slices, damping, batches, hessian.lissa_scale)
+        return solver, {f"batch.{j}": b.numpy() for j, b in enumerate(solver.batches)}, count
+    raise ValueError(f"hessian.method: {hessian.method} is not solved over chunks")

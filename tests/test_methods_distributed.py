@@ -1,0 +1,45 @@
+"""The comparison methods in the distributed job (2 ZeRO-3 workers over gloo) against distinf.attribute."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM
+
+import distinf
+import job_fixtures
+from distinf.config import JOB_COMPRESSION_METHODS, JOB_HESSIAN_METHODS, load_job
+from distinf.runtime.driver import plan_job, run_job
+
+pytestmark = pytest.mark.distributed
+
+CASES = [("gaussian", "datainf"), ("logra", "lissa"), ("fjlt", "identity")]
+
+
+@pytest.mark.parametrize("compression, hessian", CASES)
+def test_job_scores_equal_attribute(tmp_path, compression, hessian):
+    if compression not in JOB_COMPRESSION_METHODS or hessian not in JOB_HESSIAN_METHODS:
+        pytest.skip(f"the job does not run {compression}/{hessian} yet (distinf.config.JOB_*_METHODS)")
+    model_dir = job_fixtures.tiny_model_dir(tmp_path, "gpt2")
+    extra = {"lissa_iterations": 4, "lissa_batch_size": 5} if hessian == "lissa" else {}
+    cfg = load_job(job_fixtures.job_file(tmp_path, model_dir, *job_fixtures.corpus_files(tmp_path / "data"),
+                                         compression={"method": compression, "k": 256},
+                                         hessian={"method": hessian, **extra}))
+    manifest = run_job(cfg)
+    assert manifest["status"] == "complete"
+    plan = plan_job(cfg)
+    reference = distinf.attribute(
+        AutoModelForCausalLM.from_pretrained(cfg.model.path), plan.train.examples, plan.queries.examples,
+        config=cfg.model_dump(include={"compression", "hessian", "scoring"}), train_ids=plan.train.ids,
+        query_ids=plan.queries.ids, batch_size=3, pad_token_id=plan.pad_token_id)
+    run_dir = tmp_path / "run"
+    dense = pq.read_table(run_dir / "scores" / "dense").to_pydict()
+    q = {x: i for i, x in enumerate(plan.queries.ids)}
+    t = {x: i for i, x in enumerate(plan.train.ids)}
+    scores = np.full((len(q), len(t)), np.nan)
+    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense["score"]):
+        scores[q[qid], t[tid]] = s
+    np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
+    values = pq.read_table(run_dir / "scores" / "train_values.parquet")
+    np.testing.assert_allclose(values.column("self_influence").to_numpy(), reference.self_influence,
+                               rtol=1e-4, atol=1e-6 * np.abs(reference.self_influence).max())
+    assert pq.read_table(run_dir / "index_set.parquet").equals(reference.index_set)
