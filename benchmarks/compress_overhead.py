@@ -206,10 +206,11 @@ def alternate(floor: Runner, candidate: Runner, pairs: int, warmup: int) -> dict
     }
 
 
-def rss_kib() -> int:
+def status_kib(field: str) -> int:
+    """A KiB field of /proc/self/status: VmRSS (now) or VmHWM (peak since start or reset)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -234,11 +235,15 @@ def child_memory(args: argparse.Namespace) -> None:
     run = runner_for(args.child, model, tracked, batch, args.naive_k)
     gc.collect()
     was_reset = reset_peak_rss()
-    base = rss_kib()
+    base = status_kib("VmRSS")
     for _ in range(3):
         run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"config": args.child, "base_kib": base, "peak_kib": peak, "reset": was_reset}))
+    # VmHWM, not ru_maxrss: after fork + exec Linux seeds a child's ru_maxrss with the parent's
+    # RSS at fork time (here the timing process, ~3 GB), and clear_refs does not reset it.
+    peak = status_kib("VmHWM") if was_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"config": args.child, "base_kib": base, "peak_kib": peak, "ru_maxrss_kib": maxrss,
+                      "reset": was_reset}))
 
 
 def memory_of(config: str, args: argparse.Namespace) -> dict:
@@ -288,11 +293,12 @@ def table(rows: list[dict], mem: dict[str, dict]) -> str:
         peak = mib(m["peak_kib"]) if m else "–"
         inc = mib(m["peak_kib"] - m["base_kib"]) if m else "–"
         over = f"{(m['peak_kib'] - floor_peak) / 1024:+.0f} MiB" if m and floor_peak else "–"
-        lines.append(
-            f"| {row['label']} | {row['pairs']} | {row['cand_s']:.2f} | {row['floor_s']:.2f} | "
-            f"{row['ratio']:.3f} ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) | {row['cpu_ratio']:.3f} | "
-            f"{peak} | {inc} | {over} |"
+        timing = (
+            f"{row['cand_s']:.2f} | {row['floor_s']:.2f} | {row['ratio']:.3f} "
+            f"({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) | {row['cpu_ratio']:.3f}"
+            if row["pairs"] else "– | – | – | –"
         )
+        lines.append(f"| {row['label']} | {row['pairs']} | {timing} | {peak} | {inc} | {over} |")
     return "\n".join(lines)
 
 
@@ -308,7 +314,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-naive", action="store_true")
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--no-timing", action="store_true", help="only the peak-RSS subprocesses")
     parser.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,7 +334,7 @@ def main() -> None:
           f"({tracked.tracked_fraction:.1%}); batch {args.batch} x {args.tokens}", flush=True)
 
     floor = floor_runner(model, batch)
-    for _ in range(args.warmup):
+    for _ in range(0 if args.no_timing else args.warmup):
         floor()
     ks = [int(k) for k in args.ks.split(",") if k]
     configs = [("floor", "floor (calibration: floor vs floor)", args.pairs)]
@@ -342,12 +349,12 @@ def main() -> None:
         sink = check.setdefault(config, {}) if config in ("naive", f"k={args.naive_k}") else None
         candidate = floor_runner(model, batch) if config == "floor" else runner_for(
             config, model, tracked, batch, args.naive_k, sink)
-        result = alternate(floor, candidate, pairs, args.warmup)
+        result = {"pairs": 0} if args.no_timing else alternate(floor, candidate, pairs, args.warmup)
         rows.append({"config": config, "label": label, **result})
         print(json.dumps(rows[-1]), flush=True)
 
     agreement = None
-    if "naive" in check and f"k={args.naive_k}" in check:
+    if "grads" in check.get("naive", {}) and "grads" in check.get(f"k={args.naive_k}", {}):
         a, b = check[f"k={args.naive_k}"]["grads"].double(), check["naive"]["grads"].double()
         agreement = ((a - b).norm() / b.norm()).item()
         print(f"capture vs naive at k={args.naive_k}: relative Frobenius error {agreement:.2e}", flush=True)
@@ -366,8 +373,8 @@ def main() -> None:
         "",
         table(rows, mem),
         "",
-        f"Calibration (floor vs floor): median wall ratio {rows[0]['ratio']:.3f}, "
-        f"CPU-time ratio {rows[0]['cpu_ratio']:.3f}. "
+        (f"Calibration (floor vs floor): median wall ratio {rows[0]['ratio']:.3f}, "
+         f"CPU-time ratio {rows[0]['cpu_ratio']:.3f}. " if rows[0]["pairs"] else "") +
         f"Warm-up runs: {args.warmup} of the floor, then {args.warmup} of each candidate. Total wall time {total / 60:.1f} min.",
     ]
     if agreement is not None:

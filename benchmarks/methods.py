@@ -7,9 +7,10 @@ stratified allocation gives it), on one batch of N x T real tokens (default 4 x 
   logra     the Kronecker projection from layer inputs and output gradients
   none      the whole per-example gradient, k = p (the compression step of "Orig")
   fjlt      whole per-example gradients, then the randomised Hadamard transform per tensor
-Each round runs every method once, in turn, on the same batch; the table gives the median over
-rounds of each method's seconds and of its ratio to the floor of the same round (the machine is
-shared and drifts, so only same-round ratios are compared).
+Each round runs the floor and then every method once on the same batch, the methods in an order
+rotated from round to round; the table gives the median over rounds of each method's seconds and
+of its ratios to the floor and to dropout of the same round (the machine is shared and drifts, so
+only same-round ratios are compared).
 
 gaussian and pca cannot run whole here. gaussian draws Σ_l k_l·p_l normals per batch (its matrix
 is never stored) and pca's map holds Σ_l k_l·p_l floats; both are timed on the tensors of one
@@ -21,9 +22,9 @@ Peak memory: each method alone in a fresh subprocess (model load, batch, one bat
 the increase of the peak RSS (VmHWM, reset after loading) over the RSS after loading, over one
 batch (the first: buffers and caches included).
 
-Solve (hessian.method), at the same k on n training and m query gradients (dropout-captured
-from real text): fit + preconditioning of the m queries, blocks layer and full, methods
-alternated per round, median.
+Solve (hessian.method), at the same k on n training and m query gradients laid out as the
+dropout index set lays them out (random values: the cost depends on the shapes alone): fit +
+preconditioning of the m queries, blocks layer and full, methods alternated per round, median.
 
     .venv/bin/python benchmarks/methods.py --out benchmarks/RESULTS.md
 """
@@ -87,9 +88,9 @@ def token_stream(count: int) -> list[int]:
     raise SystemExit(f"the demo corpus holds only {len(stream)} tokens; need {count}")
 
 
-def batches(count: int, size: int, tokens: int, offset: int = 0) -> list[dict[str, Tensor]]:
-    """`count` batches of size x tokens of packed real text, starting `offset` batches in."""
-    ids = torch.tensor(token_stream((offset + count) * size * tokens)[offset * size * tokens :]).view(count, size, tokens)
+def batches(count: int, size: int, tokens: int) -> list[dict[str, Tensor]]:
+    """`count` batches of size x tokens of packed real text."""
+    ids = torch.tensor(token_stream(count * size * tokens)).view(count, size, tokens)
     return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids]
 
 
@@ -146,8 +147,9 @@ def compression_rounds(model: nn.Module, batch: dict[str, Tensor], k: int, round
     ks = {m: c.layout.k for m, c in captures.items()}
     for r in range(warmup + rounds):
         row = {"floor": floor_seconds(model, batch)}
-        for method, capture in captures.items():
-            row[method] = capture_seconds(capture, batch)
+        for i in range(len(CAPTURED)):
+            method = CAPTURED[(r + i) % len(CAPTURED)]
+            row[method] = capture_seconds(captures[method], batch)
             gc.collect()
         print(json.dumps({"round": r, **{m: round(s, 3) for m, s in row.items()}}), flush=True)
         if r >= warmup:
@@ -156,15 +158,9 @@ def compression_rounds(model: nn.Module, batch: dict[str, Tensor], k: int, round
     return {"times": times, "k": ks, "p": tracked.tracked_numel}
 
 
-def solve_rounds(model: nn.Module, k: int, n: int, m: int, size: int, tokens: int, rounds: int) -> dict:
-    tracked = track_modules(model)
-    compressor = build_compressor(tracked, "dropout", k)
-    capture = GradientCapture(model, tracked, compressor)
-    grads = []
-    with capture:
-        for batch in batches((n + m) // size, size, tokens, offset=1):
-            grads.append(capture.batch(batch, causal_lm_losses)[0])
-    g = torch.cat(grads)
+def solve_rounds(model: nn.Module, k: int, n: int, m: int, rounds: int) -> dict:
+    compressor = build_compressor(track_modules(model), "dropout", k)
+    g = torch.randn(n + m, compressor.layout.k, generator=torch.Generator().manual_seed(0))
     train, queries = g[:n], g[n:]
     ids = [str(i) for i in range(n)]
     result = {}
@@ -244,6 +240,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
     times, n = comp["times"], args.batch
     floor = times["floor"]
     ratio = {m: statistics.median([s / f for s, f in zip(times[m], floor)]) for m in CAPTURED}
+    to_drop = {m: statistics.median([s / d for s, d in zip(times[m], times["dropout"])]) for m in CAPTURED}
     lines = [
         f"Command: `.venv/bin/python benchmarks/methods.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
         f"Machine: {machine(args.threads)}. SmolLM2-135M-Instruct (float32), {comp['p']:,} tracked parameters; "
@@ -253,8 +250,8 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         "Compression (the paper's Table 11 reports, per method, seconds to compress all gradients: GPT-2 "
         "FJLT 453.87 s against dropout 9.76 s, a 46x ratio):",
         "",
-        "| method | k | s / batch (median) | s / example | ratio to floor (same round) | peak RSS increase |",
-        "|---|---|---|---|---|---|",
+        "| method | k | s / batch (median) | s / example | ratio to floor | ratio to dropout | peak RSS increase |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def mem_cell(method: str) -> str:
@@ -266,21 +263,19 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         return human_bytes((m["peak_kib"] - m["base_kib"]) * 1024)
 
     f_med = statistics.median(floor)
-    lines.append(f"| floor (forward + backward, frozen weights) | – | {f_med:.2f} | {f_med / n:.3f} | 1.00 | {mem_cell('floor')} |")
+    drop = statistics.median(times["dropout"])
+    lines.append(f"| floor (forward + backward, frozen weights) | – | {f_med:.2f} | {f_med / n:.2f} | 1.00 | "
+                 f"{statistics.median([f / d for f, d in zip(floor, times['dropout'])]):.2f} | {mem_cell('floor')} |")
     for m in CAPTURED:
         s = statistics.median(times[m])
-        lines.append(f"| {m} | {comp['k'][m]:,} | {s:.2f} | {s / n:.3f} | {ratio[m]:.2f} | {mem_cell(m)} |")
+        lines.append(f"| {m} | {comp['k'][m]:,} | {s:.2f} | {s / n:.2f} | {ratio[m]:.2f} | {to_drop[m]:.2f} | {mem_cell(m)} |")
     none_s = statistics.median(times["none"])
     for m, sub in subsets.items():
         scale = sub["total_units"] / sub["units"]
         whole = none_s + sub["seconds"] * scale
         lines.append(f"| {m} (extrapolated, see below) | {args.k:,} | {whole:.0f} | {whole / n:.1f} | "
-                     f"{whole / f_med:.0f} | {mem_cell(m)} (layer 0 only) |")
-    drop = statistics.median(times["dropout"])
-    lines += [
-        "",
-        f"fjlt / dropout on the same rounds: {statistics.median([a / b for a, b in zip(times['fjlt'], times['dropout'])]):.1f}x.",
-    ]
+                     f"{whole / f_med:.0f} | {whole / drop:.0f} | {mem_cell(m)} (layer 0 only) |")
+    lines.append("")
     for m, sub in subsets.items():
         what = ("draws its N(0, 1/k_l) blocks from the seed and multiplies" if m == "gaussian"
                 else "multiplies by a stored k_l x p_l map (the fit not counted)")
@@ -301,7 +296,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         "",
         f"Solve (the paper's Table 10: iHVP seconds, e.g. QNLI rank 8: LiSSA 83.76, DataInf 13.38, dropout + "
         f"exact 4.83): n = {args.solve_n} training and m = {args.solve_m} query gradients at k = {args.k} "
-        f"(dropout-captured), fit + preconditioning the queries, median of {args.solve_rounds} rounds:",
+        f"in the dropout layout, fit + preconditioning the queries, median of {args.solve_rounds} rounds:",
         "",
         "| hessian.method | blocks: layer (" + str(solve['layer']['blocks']) + " blocks) | blocks: full (1 block) |",
         "|---|---|---|",
@@ -352,7 +347,7 @@ def main() -> None:
     for method in ("gaussian", "pca"):
         subsets[method] = subset_projection(model, method, args.k, args.batch, args.subset_repeats)
         print(json.dumps({"subset": method, **subsets[method]}), flush=True)
-    solve = solve_rounds(model, args.k, args.solve_n, args.solve_m, args.batch, args.tokens, args.solve_rounds)
+    solve = solve_rounds(model, args.k, args.solve_n, args.solve_m, args.solve_rounds)
     del model
     gc.collect()
     mem = {}

@@ -266,15 +266,6 @@ def read_arrays(path: str | Path, sha256: str | None = None) -> dict[str, np.nda
     return load(read_bytes(path) if sha256 is None else read_verified_bytes(path, sha256))
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file, or every part-*.parquet of a folder, local or remote, unverified."""
-    files = [p for p in list_files(path) if p.name.endswith(".parquet")] if not is_file(path) else [Path(path)]
-    tables = [pq.read_table(pa.BufferReader(read_bytes(p)), columns=columns) for p in files]
-    if not tables:
-        raise FileNotFoundError(f"no Parquet file at '{display(path)}'")
-    return pa.concat_tables(tables)
-
-
 # ---------------------------------------------------------------------------------------------
 # Names inside a run directory
 

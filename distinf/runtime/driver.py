@@ -46,7 +46,7 @@ from distinf.runtime.rundir import (JobError, check_free_space, check_same_job, 
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.worker import GradientWorker
 from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_write_table, display, file_sha256,
-                           gradient_dir, is_file, list_files, read_verified_table, run_path)
+                           gradient_dir, is_empty, is_file, list_files, read_verified_table, run_path)
 from distinf.tables import rejected_table, top_k_table, train_values_table
 
 __all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
@@ -541,9 +541,13 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
     that are missing or fail their checksum are computed again.
 
     With `append`, run_dir holds a stored run and the job adds the training rows whose ids it
-    lacks, in place (distinf.runtime.incremental); running it again finishes a failed append.
+    lacks, in place (distinf.runtime.incremental); running it again finishes a failed append. An
+    empty or missing run_dir gets a fresh run, so a schedule can always pass `append`.
     """
     run_dir = run_path(run_dir or cfg.output.path)
+    if append and is_empty(run_dir):  # the first night of a schedule: there is nothing to append to yet
+        print(f"distinf: '{display(run_dir)}' holds no run yet; starting one there", flush=True)
+        append = False
     if append:
         stored, base = open_for_append(run_dir)
     else:
@@ -585,7 +589,8 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
             print(f"distinf: every training row of data.train is in '{display(run_dir)}' already; nothing to append",
                   flush=True)
             return stored
-        state = append_state(cfg, config, base, model, queries, fingerprint(plan.train))
+        # Restarts so far: the stored run's, and those of this append's failed tries.
+        state = append_state(cfg, config, base, model, queries, fingerprint(plan.train), stored.get("restarts", []))
         work = {"train": split_work(cfg, plan.train, base.first_chunk, base.manifest["chunks"]["train"],
                                     base.segment),
                 "queries": SplitWork(plan.queries, {}, base.manifest["chunks"]["queries"])}
@@ -607,10 +612,11 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
 
 
 # What an append carries over from the run it extends; the rest is recomputed.
-_CARRIED_BY_APPEND = ("index_set_hash", "index_set_sha256", "params", "workers", "restarts")
+_CARRIED_BY_APPEND = ("index_set_hash", "index_set_sha256", "params", "workers")
 
 
-def append_state(cfg: JobConfig, config: dict, base: Base, model: str, queries: str, new_rows: str) -> dict:
+def append_state(cfg: JobConfig, config: dict, base: Base, model: str, queries: str, new_rows: str,
+                 restarts: list[dict]) -> dict:
     """The manifest of an append while it runs: "running", with the stored run it extends."""
     stored = base.manifest
     return {
@@ -618,6 +624,7 @@ def append_state(cfg: JobConfig, config: dict, base: Base, model: str, queries: 
         "data_fingerprint": {"train": chain_fingerprint(stored["data_fingerprint"]["train"], new_rows),
                              "queries": queries},
         **{key: stored[key] for key in _CARRIED_BY_APPEND if key in stored},
+        "restarts": list(restarts),
         APPEND_PENDING: {"base": stored, "rejected": base.rejected, "first_chunk": base.first_chunk,
                          "segment": base.segment, "data_fingerprint": new_rows, "stored_ids": len(base.train_ids)},
     }

@@ -1,8 +1,9 @@
 """The reducer: Gram sums of every train chunk -> damping -> Cholesky -> preconditioned queries.
 
 That is hessian.method gauss_newton; the other methods are solved over the chunks by
-distinf.runtime.solve and written to the same curvature/ files. It holds O(k²) (the blocks) and O(k·m) (the queries), never a model. Q goes into the object
-store once and every scoring task reads that one copy. Chunks are (path, sha256) pairs and are
+distinf.runtime.solve and written to the same curvature/ files. It holds O(k²) (the blocks)
+and O(k·m) (the queries), never a model. Q goes into the object store once and every scoring
+task reads that one copy. Chunks are (path, sha256) pairs and are
 read only if they still match the checksum they were committed with.
 """
 

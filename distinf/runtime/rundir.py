@@ -100,13 +100,13 @@ def check_same_job(stored: dict, config: dict, fingerprints: dict, run_dir: Path
     if differ:
         shown = ", ".join(f"{key} ({config_value(stored['config'], key)!r} there, "
                           f"{config_value(config, key)!r} now)" for key in differ[:5])
-        raise JobError(f"--resume: '{run_dir}' holds a different job: {shown}; {hint}")
+        raise JobError(f"--resume: '{display(run_dir)}' holds a different job: {shown}; {hint}")
     if stored.get("model_fingerprint") not in (None, fingerprints["model_fingerprint"]):
-        raise JobError(f"--resume: the model at model.path has changed since '{run_dir}' was started "
+        raise JobError(f"--resume: the model at model.path has changed since '{display(run_dir)}' was started "
                        f"(its config or weights differ); {hint}")
     for role, digest in fingerprints["data_fingerprint"].items():
         if stored.get("data_fingerprint", {}).get(role) not in (None, digest):
-            raise JobError(f"--resume: data.{role} has changed since '{run_dir}' was started (its ids, "
+            raise JobError(f"--resume: data.{role} has changed since '{display(run_dir)}' was started (its ids, "
                            f"texts or labels differ); {hint}")
 
 
@@ -160,11 +160,13 @@ def _size(n: float) -> str:
 
 def write_error(error: OSError, run_dir: Path) -> JobError:
     """A failed write in the run directory, in words: which file, why, and how to go on."""
-    name = error.filename or run_dir
+    name = display(error.filename or run_dir)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         then = "free some space, then run again with --resume: committed chunks are kept"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         then = "make the output folder writable, then run again with --resume"
     else:
         then = "fix it, then run again with --resume"
-    return JobError(f"output.path: cannot write '{name}': {error.strerror or os.strerror(error.errno or 0)}; {then}")
+    # An object store's error has no errno: its message is the reason.
+    reason = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+    return JobError(f"output.path: cannot write '{name}': {reason}; {then}")

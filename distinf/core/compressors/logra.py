@@ -5,8 +5,8 @@ and output gradients, in the order the storage puts them). LoGra projects each s
 P_a a_t ∈ R^{r_a} and P_b b_t ∈ R^{r_b}, and forms Σ_t (P_a a_t)(P_b b_t)ᵀ ∈ R^{r_a x r_b}:
 exactly (P_a ⊗ P_b) vec(G), for O(N·T·(a·r_a + b·r_b + r_a·r_b)) work and never the [N, p_l]
 gradient. P are Gaussian N(0, 1/r) per side; a side with r equal to its width is not projected.
-r_a·r_b is the largest product ≤ k_l with the two sides compressed in the same ratio, so the
-total is ≤ k (reported as the run's k). An embedding's one-hot side is a column gather of P_a.
+r_a·r_b ≤ k_l with the two sides compressed in the same ratio, so the total is a little under
+k (reported as the run's k). An embedding's one-hot side is a column gather of P_a.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from distinf.core.tracking import ModuleUse
 
 
 def factor_ranks(k_l: int, rows: int, cols: int) -> tuple[int, int]:
-    """(r_a, r_b) maximising r_a·r_b ≤ k_l, r_a ≤ rows, r_b ≤ cols; ties: r_a/r_b closest to rows/cols."""
+    """(r_a, r_b) with r_a·r_b ≤ k_l, r_a ≤ rows, r_b ≤ cols, and r_a/r_b ≈ rows/cols (both sides
+    compressed in the same ratio); of the two nearest such shapes, the larger product."""
+    target = math.sqrt(k_l * rows / cols)
     best = (0, 0.0, 1, 1)
-    target = math.log(rows / cols)
-    for r_a in range(1, min(rows, k_l) + 1):
-        r_b = min(cols, k_l // r_a)
-        score = (r_a * r_b, -abs(math.log(r_a / r_b) - target))
+    for r_a in {max(1, min(rows, k_l, math.floor(target))), max(1, min(rows, k_l, math.ceil(target)))}:
+        r_b = max(1, min(cols, k_l // r_a))
+        r_a = max(1, min(rows, k_l // r_b))  # the leftover of rounding r_b goes back to r_a
+        score = (r_a * r_b, -abs(math.log(r_a / r_b) - math.log(rows / cols)))
         if score > best[:2]:
             best = (*score, r_a, r_b)
     return best[2], best[3]

@@ -1,0 +1,161 @@
+"""A run written to object storage: a local S3-compatible server (moto) on 127.0.0.1, a 2-worker
+ZeRO-3 job into s3://bucket/run whose workers write their chunks straight to the bucket, read
+back with pyarrow and queried with DuckDB over the Arrow tables; then `distinf query` against
+the stored run in the bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM
+
+import distinf
+import job_fixtures
+from distinf.config import load_job
+from distinf.runtime.driver import plan_job, run_job
+from distinf.runtime.query import query_run
+
+pytestmark = pytest.mark.distributed
+
+BUCKET = "distinf-test"
+RUN = f"s3://{BUCKET}/runs/nightly"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with one bucket; AWS_* point every process of the job at it."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:  # inherited by the job's local Ray and its workers
+            for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                                "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
+                patch.setenv(name, value)
+            filesystem = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing",
+                                           secret_key="testing", allow_bucket_creation=True)
+            filesystem.create_dir(BUCKET)
+            yield filesystem
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3_run")
+    train, queries = job_fixtures.corpus_files(root / "data")
+    job = job_fixtures.job_file(root, job_fixtures.tiny_model_dir(root, "gpt2"), train, queries,
+                                output={"path": RUN})
+    cfg = load_job(job)
+    manifest = run_job(cfg)  # a local Ray started by the job, which stops with it
+    plan = plan_job(cfg)
+    reference = distinf.attribute(
+        AutoModelForCausalLM.from_pretrained(cfg.model.path), plan.train.examples, plan.queries.examples,
+        config=cfg.model_dump(include={"compression", "hessian", "scoring"}), train_ids=plan.train.ids,
+        query_ids=plan.queries.ids, batch_size=3, pad_token_id=plan.pad_token_id)
+    return manifest, plan, reference, root
+
+
+def objects(filesystem: pafs.FileSystem, prefix: str) -> dict[str, int]:
+    """{key below prefix: size} of every object there."""
+    infos = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    return {i.path[len(prefix) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def test_every_output_is_in_the_bucket_whole_with_the_manifest_last_and_complete(s3, s3_run):
+    manifest, plan, _, root = s3_run
+    stored = objects(s3, f"{BUCKET}/runs/nightly")
+    with s3.open_input_stream(f"{BUCKET}/runs/nightly/manifest.json") as stream:
+        assert json.loads(stream.readall()) == json.loads(json.dumps(manifest, default=str))
+    assert manifest["status"] == "complete"
+    listed = dict(manifest["files"])
+    for split in ("train", "queries"):
+        listed.update({c["file"]: c["sha256"] for c in manifest["chunks"][split]})
+    for name, sha256 in listed.items():  # every file whole: its bytes as committed, read back by pyarrow
+        with s3.open_input_stream(f"{BUCKET}/runs/nightly/{name}") as stream:
+            assert hashlib.sha256(stream.readall()).hexdigest() == sha256, name
+    chunks = {name for name in stored if name.startswith("gradients/")}
+    assert chunks == {c["file"] for s in ("train", "queries") for c in manifest["chunks"][s]}
+    assert len([n for n in stored if n.startswith("ledger/train/")]) == manifest["counts"]["train_chunks"]
+    assert {"index_set.parquet", "rejected.parquet", "curvature/blocks.safetensors", "curvature/blocks.json",
+            "scores/top_k.parquet", "scores/train_values.parquet"} <= set(stored)
+    assert not [n for n in stored if n.endswith(".tmp") or ".write-probe" in n]  # no temporary object left
+    assert not (Path.cwd() / "s3:").exists() and not (root / "s3:").exists()  # nothing went to a local look-alike
+
+
+def test_the_bucket_reads_back_with_pyarrow_and_duckdb_and_equals_the_one_process_core(s3, s3_run):
+    manifest, plan, reference, root = s3_run
+    prefix = f"{BUCKET}/runs/nightly"
+    top_k = pq.read_table(f"{prefix}/scores/top_k.parquet", filesystem=s3)
+    train_values = pq.read_table(f"{prefix}/scores/train_values.parquet", filesystem=s3)
+    dense = pq.read_table(f"{prefix}/scores/dense", filesystem=s3)
+    grads = pq.read_table(f"{prefix}/gradients/train", filesystem=s3)
+    train = pq.read_table(root / "data" / "train.parquet")
+
+    # DuckDB over the Arrow tables (its httpfs extension would be a download): the README's queries.
+    proponents = duckdb.sql("""SELECT t.query_id, t.rank, t.train_id, d.text FROM top_k t
+                               JOIN train d ON d.id = t.train_id ORDER BY t.query_id, t.rank""").fetchall()
+    assert len(proponents) == top_k.num_rows == 5 * len(plan.queries.ids)
+    least = duckdb.sql("SELECT train_id FROM train_values ORDER BY score_mean LIMIT 3").fetchall()
+    by_mean = np.argsort(train_values.column("score_mean").to_numpy(), kind="stable")[:3]
+    assert [r[0] for r in least] == [train_values.column("train_id")[int(i)].as_py() for i in by_mean]
+    assert duckdb.sql("SELECT count(DISTINCT example_id), min(len(grad)), max(len(grad)) FROM grads").fetchall() == \
+        [(len(plan.train.ids), manifest["k"], manifest["k"])]
+
+    assert [(r["query_id"], r["rank"], r["train_id"]) for r in top_k.to_pylist()] == \
+        [(r["query_id"], r["rank"], r["train_id"]) for r in reference.top_k.to_pylist()]
+    q = {x: i for i, x in enumerate(plan.queries.ids)}
+    t = {x: i for i, x in enumerate(plan.train.ids)}
+    scores = np.full((len(q), len(t)), np.nan)
+    for qid, tid, s in zip(*(dense.column(c).to_pylist() for c in ("query_id", "train_id", "score"))):
+        scores[q[qid], t[tid]] = s
+    np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
+    assert train_values.column("train_id").to_pylist() == plan.train.ids
+    np.testing.assert_allclose(train_values.column("self_influence").to_numpy(), reference.self_influence, rtol=1e-4)
+
+
+def test_a_query_against_the_run_in_the_bucket_writes_beside_it_and_equals_the_run(s3, s3_run):
+    manifest, plan, _, root = s3_run
+    queried, out = query_run(RUN, root / "data" / "queries.parquet")  # the run's own queries, scored again
+    assert str(out) == f"s3:/{BUCKET}/runs/nightly/queries/queries" and queried["status"] == "complete"
+    prefix = f"{BUCKET}/runs/nightly"
+    ours = pq.read_table(f"{prefix}/queries/queries/scores/top_k.parquet", filesystem=s3).to_pydict()
+    theirs = pq.read_table(f"{prefix}/scores/top_k.parquet", filesystem=s3).to_pydict()
+    assert list(zip(ours["query_id"], ours["rank"], ours["train_id"])) == \
+        list(zip(theirs["query_id"], theirs["rank"], theirs["train_id"]))
+    np.testing.assert_allclose(ours["score"], theirs["score"], rtol=1e-5, atol=1e-7)
+    ours, theirs = (pq.read_table(f"{p}/scores/train_values.parquet", filesystem=s3)
+                    for p in (f"{prefix}/queries/queries", prefix))
+    np.testing.assert_allclose(ours.column("score_mean").to_numpy(), theirs.column("score_mean").to_numpy(),
+                               rtol=1e-5, atol=1e-7)
+    written = objects(s3, f"{prefix}/queries/queries")
+    assert "manifest.json" in written and any(n.startswith("gradients/queries/part-") for n in written)
+    assert not any(n.startswith(("gradients/train/", "curvature/")) for n in written)  # the run's, not recomputed
