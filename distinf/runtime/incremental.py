@@ -144,5 +144,8 @@ def remove_stale_chunks(run_dir: Path, split: str, first_chunk: int, planned: se
     for folder in (run_dir / "gradients" / split, run_dir / "ledger" / split):
         for path in list_files(folder):
             match = _PART.match(path.name)
-            if match and int(match.group(2)) >= first_chunk and (int(match.group(2)), int(match.group(1))) not in planned:
+            if match is None:
+                continue
+            rank, chunk = int(match.group(1)), int(match.group(2))
+            if chunk >= first_chunk and (chunk, rank) not in planned:
                 remove(path)

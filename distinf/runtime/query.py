@@ -25,15 +25,16 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayError
 
 from distinf.config import HessianConfig, JobConfig, apply_override, parse_config
 from distinf.core.curvature import Curvature, precondition
 from distinf.core.solvers import DataInf, Identity, LiSSA
 from distinf.data import fingerprint
 from distinf.models import model_fingerprint
-from distinf.runtime.driver import (_connect, _gradient_pass, _mark_failed, _versions, chunk_entry,
-                                    chunk_files, input_order, output_checksums, plan_job, rejected_rows,
-                                    score_outputs, split_work)
+from distinf.runtime.driver import (_connect, _fatal, _gradient_pass, _headline, _mark_failed, _versions,
+                                    chunk_entry, chunk_files, input_order, output_checksums, plan_job,
+                                    rejected_rows, score_outputs, split_work)
 from distinf.runtime.rundir import (JobError, check_writable, config_differences, config_value, damaged_files,
                                     remove_leftovers, stored_manifest, write_error)
 from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_write_table, display, is_empty,
@@ -120,6 +121,9 @@ def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver,
         timings["scoring"] = round(time.perf_counter() - clock, 3)
     except IntegrityError as error:
         raise JobError(f"distinf query: {error}") from None
+    except RayError as error:  # a scoring task that failed after Ray's own retries
+        raise _fatal(error, out) or JobError(f"distinf query: scoring failed ({_headline(error)}); run the "
+                                             "same command again to retry") from None
     finally:
         if started_ray:
             ray.shutdown()
