@@ -9,8 +9,9 @@ stratified allocation gives it), on one batch of N x T real tokens (default 4 x 
   fjlt      whole per-example gradients, then the randomised Hadamard transform per tensor
 Each round runs the floor and then every method once on the same batch, the methods in an order
 rotated from round to round; the table gives the median over rounds of each method's seconds and
-of its ratios to the floor and to dropout of the same round (the machine is shared and drifts, so
-only same-round ratios are compared).
+of its ratios to the floor and to dropout of the same round. Times are CPU seconds of this process
+(all its threads, time.process_time): the machine is shared, and CPU time does not count the
+waits for a core that wall time does; wall seconds are listed too.
 
 gaussian and pca cannot run whole here. gaussian draws Σ_l k_l·p_l normals per batch (its matrix
 is never stored) and pca's map holds Σ_l k_l·p_l floats; both are timed on the tensors of one
@@ -94,25 +95,35 @@ def batches(count: int, size: int, tokens: int) -> list[dict[str, Tensor]]:
     return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids]
 
 
-def floor_seconds(model: nn.Module, batch: dict[str, Tensor]) -> float:
+class Clock:
+    """Wall and CPU seconds (this process, all threads) of a block."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def floor_seconds(model: nn.Module, batch: dict[str, Tensor]) -> Clock:
     for param in model.parameters():
         param.requires_grad_(False)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     try:
-        start = time.perf_counter()
-        causal_lm_losses(model, batch).sum().backward()
-        return time.perf_counter() - start
+        with Clock() as clock:
+            causal_lm_losses(model, batch).sum().backward()
+        return clock
     finally:
         handle.remove()
         for param in model.parameters():
             param.requires_grad_(True)
 
 
-def capture_seconds(capture: GradientCapture, batch: dict[str, Tensor]) -> float:
-    with capture:
-        start = time.perf_counter()
+def capture_seconds(capture: GradientCapture, batch: dict[str, Tensor]) -> Clock:
+    with capture, Clock() as clock:
         capture.batch(batch, causal_lm_losses)
-        return time.perf_counter() - start
+    return clock
 
 
 def subset_projection(model: nn.Module, method: str, k: int, size: int, repeats: int) -> dict:
@@ -130,20 +141,20 @@ def subset_projection(model: nn.Module, method: str, k: int, size: int, repeats:
     maps = {n: torch.randn(sizes[n], math.prod(shapes[n])) for n in names} if method == "pca" else {}
     seconds = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        for n in names:
-            if method == "gaussian":
-                gauss.project(n, grads[n])
-            else:  # pca applies a stored k_l x p_l map: the matmul alone
-                grads[n] @ maps[n].T
-        seconds.append(time.perf_counter() - start)
+        with Clock() as clock:
+            for n in names:
+                if method == "gaussian":
+                    gauss.project(n, grads[n])
+                else:  # pca applies a stored k_l x p_l map: the matmul alone
+                    grads[n] @ maps[n].T
+        seconds.append(clock.cpu)
     return {"seconds": statistics.median(seconds), "units": part, "total_units": total, "tensors": len(names)}
 
 
 def compression_rounds(model: nn.Module, batch: dict[str, Tensor], k: int, rounds: int, warmup: int) -> dict:
     tracked = track_modules(model)
     captures = {m: GradientCapture(model, tracked, build_compressor(tracked, m, k)) for m in CAPTURED}
-    times: dict[str, list[float]] = {m: [] for m in ("floor", *CAPTURED)}
+    times: dict[str, list[Clock]] = {m: [] for m in ("floor", *CAPTURED)}
     ks = {m: c.layout.k for m, c in captures.items()}
     for r in range(warmup + rounds):
         row = {"floor": floor_seconds(model, batch)}
@@ -151,10 +162,10 @@ def compression_rounds(model: nn.Module, batch: dict[str, Tensor], k: int, round
             method = CAPTURED[(r + i) % len(CAPTURED)]
             row[method] = capture_seconds(captures[method], batch)
             gc.collect()
-        print(json.dumps({"round": r, **{m: round(s, 3) for m, s in row.items()}}), flush=True)
+        print(json.dumps({"round": r, **{m: [round(c.cpu, 2), round(c.wall, 2)] for m, c in row.items()}}), flush=True)
         if r >= warmup:
-            for m, s in row.items():
-                times[m].append(s)
+            for m, c in row.items():
+                times[m].append(c)
     return {"times": times, "k": ks, "p": tracked.tracked_numel}
 
 
@@ -169,10 +180,10 @@ def solve_rounds(model: nn.Module, k: int, n: int, m: int, rounds: int) -> dict:
         times: dict[str, list[float]] = {s: [] for s in SOLVERS}
         for _ in range(rounds):
             for method in SOLVERS:
-                start = time.perf_counter()
-                solver = fit_solver(method, slices, train, "auto", ids)
-                solver.precondition(queries)
-                times[method].append(time.perf_counter() - start)
+                with Clock() as clock:
+                    solver = fit_solver(method, slices, train, "auto", ids)
+                    solver.precondition(queries)
+                times[method].append(clock.cpu)
         result[blocks] = {s: statistics.median(t) for s, t in times.items()}
         result[blocks]["blocks"] = len(slices)
         print(json.dumps({"solve": blocks, **result[blocks]}), flush=True)
@@ -237,7 +248,8 @@ def machine(threads: int) -> str:
 
 def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve: dict, facts: dict,
            minutes: float) -> str:
-    times, n = comp["times"], args.batch
+    n, wall = args.batch, {m: [c.wall for c in cs] for m, cs in comp["times"].items()}
+    times = {m: [c.cpu for c in cs] for m, cs in comp["times"].items()}
     floor = times["floor"]
     ratio = {m: statistics.median([s / f for s, f in zip(times[m], floor)]) for m in CAPTURED}
     to_drop = {m: statistics.median([s / d for s, d in zip(times[m], times["dropout"])]) for m in CAPTURED}
@@ -250,8 +262,9 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         "Compression (the paper's Table 11 reports, per method, seconds to compress all gradients: GPT-2 "
         "FJLT 453.87 s against dropout 9.76 s, a 46x ratio):",
         "",
-        "| method | k | s / batch (median) | s / example | ratio to floor | ratio to dropout | peak RSS increase |",
-        "|---|---|---|---|---|---|---|",
+        "| method | k | CPU s / batch | CPU s / example | wall s / batch | ratio to floor | ratio to dropout | "
+        "peak RSS increase |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def mem_cell(method: str) -> str:
@@ -264,16 +277,18 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
 
     f_med = statistics.median(floor)
     drop = statistics.median(times["dropout"])
-    lines.append(f"| floor (forward + backward, frozen weights) | – | {f_med:.2f} | {f_med / n:.2f} | 1.00 | "
+    lines.append(f"| floor (forward + backward, frozen weights) | – | {f_med:.2f} | {f_med / n:.2f} | "
+                 f"{statistics.median(wall['floor']):.2f} | 1.00 | "
                  f"{statistics.median([f / d for f, d in zip(floor, times['dropout'])]):.2f} | {mem_cell('floor')} |")
     for m in CAPTURED:
         s = statistics.median(times[m])
-        lines.append(f"| {m} | {comp['k'][m]:,} | {s:.2f} | {s / n:.2f} | {ratio[m]:.2f} | {to_drop[m]:.2f} | {mem_cell(m)} |")
+        lines.append(f"| {m} | {comp['k'][m]:,} | {s:.2f} | {s / n:.2f} | {statistics.median(wall[m]):.2f} | "
+                     f"{ratio[m]:.2f} | {to_drop[m]:.2f} | {mem_cell(m)} |")
     none_s = statistics.median(times["none"])
     for m, sub in subsets.items():
         scale = sub["total_units"] / sub["units"]
         whole = none_s + sub["seconds"] * scale
-        lines.append(f"| {m} (extrapolated, see below) | {args.k:,} | {whole:.0f} | {whole / n:.1f} | "
+        lines.append(f"| {m} (extrapolated, see below) | {args.k:,} | {whole:.0f} | {whole / n:.1f} | – | "
                      f"{whole / f_med:.0f} | {whole / drop:.0f} | {mem_cell(m)} (layer 0 only) |")
     lines.append("")
     for m, sub in subsets.items():
@@ -281,7 +296,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
                 else "multiplies by a stored k_l x p_l map (the fit not counted)")
         lines.append(
             f"{m}: {what}; on the {sub['tensors']} tensors of decoder layer 0 (Σ k_l·p_l = {sub['units']:.3g}) it took "
-            f"{sub['seconds']:.2f} s per batch; the whole model has Σ k_l·p_l = {sub['total_units']:.3g} "
+            f"{sub['seconds']:.2f} CPU s per batch; the whole model has Σ k_l·p_l = {sub['total_units']:.3g} "
             f"({sub['total_units'] / sub['units']:.0f}x), so ≈ {sub['seconds'] * sub['total_units'] / sub['units']:.0f} s "
             f"per batch of projection on top of none's {none_s:.2f} s capture "
             f"(≈ {(none_s + sub['seconds'] * sub['total_units'] / sub['units']) / drop:.0f}x dropout).")
@@ -296,7 +311,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         "",
         f"Solve (the paper's Table 10: iHVP seconds, e.g. QNLI rank 8: LiSSA 83.76, DataInf 13.38, dropout + "
         f"exact 4.83): n = {args.solve_n} training and m = {args.solve_m} query gradients at k = {args.k} "
-        f"in the dropout layout, fit + preconditioning the queries, median of {args.solve_rounds} rounds:",
+        f"in the dropout layout, fit + preconditioning the queries, CPU seconds, median of {args.solve_rounds} rounds:",
         "",
         "| hessian.method | blocks: layer (" + str(solve['layer']['blocks']) + " blocks) | blocks: full (1 block) |",
         "|---|---|---|",

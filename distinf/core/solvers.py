@@ -144,8 +144,29 @@ def lissa_samples(ids: Sequence[str], iterations: int, batch_size: int, seed: in
     return batches
 
 
+_CHUNK = 1 << 22  # elements of the [rows, |B|, columns] temporaries of the recursion
+
+
+def _block_ids(slices: Sequence[slice]) -> Tensor:
+    """[k]: the block of each column."""
+    return torch.cat([torch.full((s.stop - s.start,), i, dtype=torch.long) for i, s in enumerate(slices)])
+
+
+def _blockwise_gram(batch: Tensor, blocks: Tensor, count: int) -> Tensor:
+    """[count, |B|, |B|]: G_l G_lᵀ of each block l of batch [|B|, k], column chunk by column chunk."""
+    b = batch.shape[0]
+    out = torch.zeros(b, b, count, dtype=torch.float64)
+    step = max(1, _CHUNK // max(1, b * b))
+    for start in range(0, batch.shape[1], step):
+        g = batch[:, start : start + step]
+        out.index_add_(2, blocks[start : start + step], g[:, None, :] * g[None, :, :])
+    return out.permute(2, 0, 1)
+
+
 @dataclass
 class LiSSA:
+    """The recursion for every block at once: per-column damping and scale, block-wise H̃ products."""
+
     slices: list[slice]
     damping: list[float]
     scales: list[float]
@@ -155,28 +176,38 @@ class LiSSA:
     def build(cls, slices: list[slice], damping: list[float], batches: list[Tensor],
               scale: str | float = "auto") -> "LiSSA":
         batches = [_float64(b) for b in batches]
-        scales = []
-        for part, lam in zip(slices, damping):
-            if scale != "auto":
-                scales.append(float(scale))
-                continue
-            # λ_max(H̃_j) from the small |B| x |B| Gram of the batch.
-            top = max((float(torch.linalg.eigvalsh(b[:, part] @ b[:, part].T)[-1]) / len(b) for b in batches),
-                      default=0.0)
-            scales.append(lam + max(top, 0.0))
-        return cls(slices, damping, scales, batches)
+        if scale != "auto":
+            return cls(slices, damping, [float(scale)] * len(slices), batches)
+        # λ_max(H̃_j) per block, from the small |B| x |B| Gram of each block of each batch.
+        top = torch.zeros(len(slices), dtype=torch.float64)
+        blocks = _block_ids(slices)
+        for b in batches:
+            grams = _blockwise_gram(b, blocks, len(slices))
+            top = torch.maximum(top, torch.linalg.eigvalsh(grams)[:, -1].clamp(min=0) / len(b))
+        return cls(slices, damping, [lam + float(t) for lam, t in zip(damping, top)], batches)
 
     def precondition(self, grads: Tensor) -> Tensor:
         v = _float64(grads)
-        out = torch.empty_like(v)
-        for part, lam, scale in zip(self.slices, self.damping, self.scales):
-            vb = v[:, part]
-            h = vb.clone()
-            for batch in self.batches:
-                gb = batch[:, part]
-                h = vb + h - ((h @ gb.T) @ gb / len(gb) + lam * h) / scale
-            out[:, part] = h / scale
-        return out
+        blocks = _block_ids(self.slices)
+        lam, scale = torch.tensor(self.damping, dtype=torch.float64)[blocks], torch.tensor(self.scales, dtype=torch.float64)[blocks]
+        h = v.clone()
+        for batch in self.batches:
+            h = v + h - (self._hessian_product(h, batch, blocks) + lam * h) / scale
+        return h / scale
+
+    def _hessian_product(self, h: Tensor, batch: Tensor, blocks: Tensor) -> Tensor:
+        """H̃ h for each row of h [m, k]: (1/|B|) Σ_b g_b (g_b^l · h^l) within each block l."""
+        m, b = h.shape[0], batch.shape[0]
+        step = max(1, _CHUNK // max(1, m * b))
+        dots = torch.zeros(m, b, len(self.slices), dtype=torch.float64)
+        for start in range(0, h.shape[1], step):
+            part = slice(start, start + step)
+            dots.index_add_(2, blocks[part], h[:, None, part] * batch[None, :, part])
+        out = torch.empty_like(h)
+        for start in range(0, h.shape[1], step):
+            part = slice(start, start + step)
+            out[:, part] = (dots[:, :, blocks[part]] * batch[None, :, part]).sum(1)
+        return out / b
 
     def self_influence(self, grads: Tensor) -> Tensor:
         """ĝ_iᵀ (LiSSA's Ĥ⁻¹) ĝ_i; with few iterations the operator is only near-symmetric."""
