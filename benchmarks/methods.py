@@ -7,11 +7,13 @@ stratified allocation gives it), on one batch of N x T real tokens (default 4 x 
   logra     the Kronecker projection from layer inputs and output gradients
   none      the whole per-example gradient, k = p (the compression step of "Orig")
   fjlt      whole per-example gradients, then the randomised Hadamard transform per tensor
-Each round runs the floor and then every method once on the same batch, the methods in an order
-rotated from round to round; the table gives the median over rounds of each method's seconds and
-of its ratios to the floor and to dropout of the same round. Times are CPU seconds of this process
-(all its threads, time.process_time): the machine is shared, and CPU time does not count the
-waits for a core that wall time does; wall seconds are listed too.
+Each round runs every method once on the same batch, each right after a floor run of its own
+(a pair), the methods in an order rotated from round to round; the floor row pairs the floor with
+itself (the calibration: ideally 1.00). The table gives the median over rounds of each method's
+seconds, of its ratio to its paired floor, and of its ratio to dropout in the same round. Times
+are wall seconds; the CPU
+seconds of this process (all threads) are listed too: when the shared machine is loaded, both
+grow (the thread pools spin while they wait for a core), so compare ratios within a round.
 
 gaussian and pca cannot run whole here. gaussian draws Σ_l k_l·p_l normals per batch (its matrix
 is never stored) and pca's map holds Σ_l k_l·p_l floats; both are timed on the tensors of one
@@ -147,7 +149,7 @@ def subset_projection(model: nn.Module, method: str, k: int, size: int, repeats:
                     gauss.project(n, grads[n])
                 else:  # pca applies a stored k_l x p_l map: the matmul alone
                     grads[n] @ maps[n].T
-        seconds.append(clock.cpu)
+        seconds.append(clock.wall)
     return {"seconds": statistics.median(seconds), "units": part, "total_units": total, "tensors": len(names)}
 
 
@@ -155,18 +157,24 @@ def compression_rounds(model: nn.Module, batch: dict[str, Tensor], k: int, round
     tracked = track_modules(model)
     captures = {m: GradientCapture(model, tracked, build_compressor(tracked, m, k)) for m in CAPTURED}
     times: dict[str, list[Clock]] = {m: [] for m in ("floor", *CAPTURED)}
+    floors: dict[str, list[Clock]] = {m: [] for m in ("floor", *CAPTURED)}  # each run's paired floor
     ks = {m: c.layout.k for m, c in captures.items()}
+    order = ("floor", *CAPTURED)
     for r in range(warmup + rounds):
-        row = {"floor": floor_seconds(model, batch)}
-        for i in range(len(CAPTURED)):
-            method = CAPTURED[(r + i) % len(CAPTURED)]
-            row[method] = capture_seconds(captures[method], batch)
+        row = {}
+        for i in range(len(order)):
+            method = order[(r + i) % len(order)]
+            before = floor_seconds(model, batch)
+            row[method] = (before, floor_seconds(model, batch) if method == "floor"
+                           else capture_seconds(captures[method], batch))
             gc.collect()
-        print(json.dumps({"round": r, **{m: [round(c.cpu, 2), round(c.wall, 2)] for m, c in row.items()}}), flush=True)
+        print(json.dumps({"round": r, **{m: [round(f.wall, 2), round(c.wall, 2)] for m, (f, c) in row.items()}}),
+              flush=True)
         if r >= warmup:
-            for m, c in row.items():
+            for m, (f, c) in row.items():
+                floors[m].append(f)
                 times[m].append(c)
-    return {"times": times, "k": ks, "p": tracked.tracked_numel}
+    return {"times": times, "floors": floors, "k": ks, "p": tracked.tracked_numel}
 
 
 def solve_rounds(model: nn.Module, k: int, n: int, m: int, rounds: int) -> dict:
@@ -183,7 +191,7 @@ def solve_rounds(model: nn.Module, k: int, n: int, m: int, rounds: int) -> dict:
                 with Clock() as clock:
                     solver = fit_solver(method, slices, train, "auto", ids)
                     solver.precondition(queries)
-                times[method].append(clock.cpu)
+                times[method].append(clock.wall)
         result[blocks] = {s: statistics.median(t) for s, t in times.items()}
         result[blocks]["blocks"] = len(slices)
         print(json.dumps({"solve": blocks, **result[blocks]}), flush=True)
@@ -248,11 +256,12 @@ def machine(threads: int) -> str:
 
 def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve: dict, facts: dict,
            minutes: float) -> str:
-    n, wall = args.batch, {m: [c.wall for c in cs] for m, cs in comp["times"].items()}
-    times = {m: [c.cpu for c in cs] for m, cs in comp["times"].items()}
+    n, cpu = args.batch, {m: [c.cpu for c in cs] for m, cs in comp["times"].items()}
+    times = {m: [c.wall for c in cs] for m, cs in comp["times"].items()}
     floor = times["floor"]
-    ratio = {m: statistics.median([s / f for s, f in zip(times[m], floor)]) for m in CAPTURED}
-    to_drop = {m: statistics.median([s / d for s, d in zip(times[m], times["dropout"])]) for m in CAPTURED}
+    paired = {m: [f.wall for f in fs] for m, fs in comp["floors"].items()}
+    ratio = {m: statistics.median([s / f for s, f in zip(times[m], paired[m])]) for m in ("floor", *CAPTURED)}
+    to_drop = {m: statistics.median([s / d for s, d in zip(times[m], times["dropout"])]) for m in ("floor", *CAPTURED)}
     lines = [
         f"Command: `.venv/bin/python benchmarks/methods.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
         f"Machine: {machine(args.threads)}. SmolLM2-135M-Instruct (float32), {comp['p']:,} tracked parameters; "
@@ -262,7 +271,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         "Compression (the paper's Table 11 reports, per method, seconds to compress all gradients: GPT-2 "
         "FJLT 453.87 s against dropout 9.76 s, a 46x ratio):",
         "",
-        "| method | k | CPU s / batch | CPU s / example | wall s / batch | ratio to floor | ratio to dropout | "
+        "| method | k | s / batch | s / example | CPU s / batch | ratio to floor | ratio to dropout | "
         "peak RSS increase |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -278,11 +287,11 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
     f_med = statistics.median(floor)
     drop = statistics.median(times["dropout"])
     lines.append(f"| floor (forward + backward, frozen weights) | – | {f_med:.2f} | {f_med / n:.2f} | "
-                 f"{statistics.median(wall['floor']):.2f} | 1.00 | "
-                 f"{statistics.median([f / d for f, d in zip(floor, times['dropout'])]):.2f} | {mem_cell('floor')} |")
+                 f"{statistics.median(cpu['floor']):.2f} | {ratio['floor']:.2f} | {to_drop['floor']:.2f} | "
+                 f"{mem_cell('floor')} |")
     for m in CAPTURED:
         s = statistics.median(times[m])
-        lines.append(f"| {m} | {comp['k'][m]:,} | {s:.2f} | {s / n:.2f} | {statistics.median(wall[m]):.2f} | "
+        lines.append(f"| {m} | {comp['k'][m]:,} | {s:.2f} | {s / n:.2f} | {statistics.median(cpu[m]):.2f} | "
                      f"{ratio[m]:.2f} | {to_drop[m]:.2f} | {mem_cell(m)} |")
     none_s = statistics.median(times["none"])
     for m, sub in subsets.items():
@@ -296,7 +305,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
                 else "multiplies by a stored k_l x p_l map (the fit not counted)")
         lines.append(
             f"{m}: {what}; on the {sub['tensors']} tensors of decoder layer 0 (Σ k_l·p_l = {sub['units']:.3g}) it took "
-            f"{sub['seconds']:.2f} CPU s per batch; the whole model has Σ k_l·p_l = {sub['total_units']:.3g} "
+            f"{sub['seconds']:.2f} s per batch; the whole model has Σ k_l·p_l = {sub['total_units']:.3g} "
             f"({sub['total_units'] / sub['units']:.0f}x), so ≈ {sub['seconds'] * sub['total_units'] / sub['units']:.0f} s "
             f"per batch of projection on top of none's {none_s:.2f} s capture "
             f"(≈ {(none_s + sub['seconds'] * sub['total_units'] / sub['units']) / drop:.0f}x dropout).")
@@ -311,7 +320,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
         "",
         f"Solve (the paper's Table 10: iHVP seconds, e.g. QNLI rank 8: LiSSA 83.76, DataInf 13.38, dropout + "
         f"exact 4.83): n = {args.solve_n} training and m = {args.solve_m} query gradients at k = {args.k} "
-        f"in the dropout layout, fit + preconditioning the queries, CPU seconds, median of {args.solve_rounds} rounds:",
+        f"in the dropout layout, fit + preconditioning the queries, seconds, median of {args.solve_rounds} rounds:",
         "",
         "| hessian.method | blocks: layer (" + str(solve['layer']['blocks']) + " blocks) | blocks: full (1 block) |",
         "|---|---|---|",
@@ -338,7 +347,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="timed compression rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="timed compression rounds")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--subset-repeats", type=int, default=3)
     parser.add_argument("--solve-n", type=int, default=64)

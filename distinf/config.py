@@ -165,8 +165,8 @@ class AttributionConfig(_Section):
 
 
 # What the distributed job runs; the other methods run in distinf.attribute only (README).
-JOB_COMPRESSION_METHODS = ("dropout",)
-JOB_HESSIAN_METHODS = ("gauss_newton",)
+JOB_COMPRESSION_METHODS = ("dropout", "none", "gaussian", "fjlt", "logra")
+JOB_HESSIAN_METHODS = ("gauss_newton", "identity", "datainf", "lissa")
 
 
 class JobConfig(AttributionConfig):

@@ -417,7 +417,7 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
     for attempt in range(max_restarts + 1):
         reducer = None
         try:
-            reducer = Reducer.options(runtime_env={"env_vars": _worker_env()}).remote(slices, cfg.hessian.damping)
+            reducer = Reducer.options(runtime_env={"env_vars": _worker_env()}).remote(slices, cfg.hessian.damping, cfg.hessian.model_dump())
             reduced = ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(run_dir / "curvature"),
                                                     attempt))
             lap("curvature")

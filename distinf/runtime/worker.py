@@ -19,7 +19,7 @@ from torch import Tensor
 from distinf.api import compress_examples
 from distinf.config import JobConfig
 from distinf.core.capture import GradientCapture
-from distinf.core.index_set import draw_index_set
+from distinf.core.compressors import build_compressor
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import track_modules
 from distinf.data import PAD, DataError
@@ -98,8 +98,9 @@ class GradientWorker:
             model = load_model(cfg.model).to(self.device)
         comp = cfg.compression
         tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
-        self.index_set = draw_index_set(tracked.param_shapes, comp.k, comp.seed, comp.allocation)
-        self.capture = GradientCapture(model, tracked, self.index_set).__enter__()
+        compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
+        self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
+        self.capture = GradientCapture(model, tracked, compressor).__enter__()
         self.loss_fn = loss_function(cfg.model.task)
         return {
             "rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
