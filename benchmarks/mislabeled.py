@@ -84,7 +84,11 @@ def encode(tokenizer, table: pa.Table) -> list[dict[str, torch.Tensor]]:
 
 
 def fine_tune(examples, rank: int, seed: int, epochs: int, adapter_dir: Path):
-    """LoRA of the given rank on query/value, classifier trained in full; returns the PEFT model."""
+    """LoRA of the given rank on query/value; classifier and pooler trained in full; returns the PEFT model.
+
+    The checkpoint is a sentence-embedding model without BERT's pooler weights, so the pooler starts
+    random and is trained with the head (frozen, it held validation accuracy near chance).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -93,12 +97,12 @@ def fine_tune(examples, rank: int, seed: int, epochs: int, adapter_dir: Path):
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"],
-                                            lora_dropout=0.0, modules_to_save=["classifier"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+                                            lora_dropout=0.0, modules_to_save=["classifier", "pooler.dense"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        for batch_index in torch.randperm(len(examples), generator=generator).split(32):
+        for batch_index in torch.randperm(len(examples), generator=generator).split(16):
             batch = collate([examples[i] for i in batch_index])
             loss = model(**batch).loss
             loss.backward()

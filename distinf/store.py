@@ -222,14 +222,21 @@ def _commit(path: str | Path, write: Callable[[str], None], digest: bool = False
     return record
 
 
+def write_parquet(table: pa.Table, path: str | Path) -> None:
+    """Dictionary encoding for string columns only: on float gradient lists it never repeats a
+    value and made gradient files 1.5x their raw size."""
+    strings = [field.name for field in table.schema if pa.types.is_string(field.type)]
+    pq.write_table(table, path, use_dictionary=strings)
+
+
 def atomic_write_table(table: pa.Table, path: str | Path) -> Path:
-    _commit(path, lambda tmp: pq.write_table(table, tmp))
+    _commit(path, lambda tmp: write_parquet(table, tmp))
     return Path(path)
 
 
 def commit_table(table: pa.Table, path: str | Path) -> dict:
     """Write `table` atomically; returns its {"rows", "bytes", "sha256"} for a ledger or manifest."""
-    return {"rows": table.num_rows, **_commit(path, lambda tmp: pq.write_table(table, tmp), digest=True)}
+    return {"rows": table.num_rows, **_commit(path, lambda tmp: write_parquet(table, tmp), digest=True)}
 
 
 def atomic_write_json(data: Any, path: str | Path) -> Path:

@@ -91,7 +91,8 @@ def factorize(sums: GramSums, damping: str | float = "auto") -> Curvature:
     factors, lambdas = [], []
     for block, part in zip(sums.blocks, sums.slices):
         lam = block_damping(block, sums.count, damping)
-        hessian = block / sums.count + lam * torch.eye(block.shape[0], dtype=torch.float64)
+        hessian = block / sums.count
+        hessian.diagonal().add_(lam)  # in place: no k x k identity or sum temporaries
         factor, info = torch.linalg.cholesky_ex(hessian)
         if int(info) != 0:
             raise ValueError(
