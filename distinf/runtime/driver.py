@@ -124,15 +124,28 @@ def _worker_env() -> dict:
 
 
 def _connect(cfg: JobConfig) -> bool:
-    """Join runtime.address, or start a local Ray; True if this job started it (and stops it)."""
+    """Join runtime.address, or start a local Ray; True if this job started it (and stops it).
+
+    A local Ray on a loaded node can miss its own start-up window; one retry, then a JobError
+    (recorded in the manifest) instead of a raw traceback.
+    """
     if ray.is_initialized():
         return False
-    if cfg.runtime.address:
-        ray.init(address=cfg.runtime.address, log_to_driver=False)
-        return False
-    ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": _worker_env()})
-    return True
+    for attempt in (1, 2):
+        try:
+            if cfg.runtime.address:
+                ray.init(address=cfg.runtime.address, log_to_driver=False)
+                return False
+            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+                     runtime_env={"env_vars": _worker_env()})
+            return True
+        except Exception as error:  # ray.init raises a bare Exception when its raylet misses the window
+            ray.shutdown()
+            if attempt == 2:
+                where = cfg.runtime.address or "a local Ray"
+                raise JobError(f"runtime.address: could not connect to {where}: {error}; "
+                               "committed chunks are kept, run again with --resume") from error
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
