@@ -1,0 +1,150 @@
+"""benchmarks/retraining_image.py and retraining_language.py at a tiny size, on synthetic data.
+
+What is checked against an independent computation: the IDX reader against a file written by
+hand with struct; the top-x% choice against a sort; the identity-hessian ranking against
+torch.func per-example gradients at the index set's entries; the language half's cached frozen
+outputs and adapter against the Hugging Face model's own logits and distinf's causal-LM loss.
+The image half's whole command then runs end to end on synthetic IDX files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import retraining_image as image  # noqa: E402
+import retraining_language as language  # noqa: E402
+import tiny_models  # noqa: E402
+from distinf.core.tasks import causal_lm_losses  # noqa: E402
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion_mnist(folder: Path, n_train: int = 80, n_test: int = 30) -> Path:
+    """Fashion-MNIST-shaped files: 10 classes, each a noisy bright square in its own place."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 5)
+            images[i, 4 + 10 * row : 12 + 10 * row, 2 + 5 * col : 6 + 5 * col] += 180
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_read_idx_returns_what_a_hand_written_file_holds(tmp_path):
+    array = np.arange(3 * 4 * 5).reshape(3, 4, 5) % 251
+    write_idx(tmp_path / "a.gz", array)
+    assert np.array_equal(image.read_idx(tmp_path / "a.gz"), array)
+    write_idx(tmp_path / "labels.gz", np.array([9, 0, 3]))
+    assert image.read_idx(tmp_path / "labels.gz").tolist() == [9, 0, 3]
+
+
+def test_removal_sets_are_the_highest_scores_and_a_random_set_of_equal_size():
+    scores = np.random.default_rng(1).normal(size=200)
+    top, rand = image.removal_sets(scores, 0.1, np.random.default_rng(2))
+    assert len(top) == len(rand) == 20
+    assert set(top) == set(np.argsort(scores)[-20:])
+    assert len(set(rand)) == 20 and rand.min() >= 0 and rand.max() < 200
+    kept = image.kept(200, top).numpy()
+    assert len(kept) == 180 and not set(kept) & set(top)
+
+
+def test_training_is_reproducible_from_the_same_init_and_seed(tmp_path):
+    x, y, _, _ = image.data_for_seed(0, 40, 10, fake_fashion_mnist(tmp_path))
+    init = image.SmallCNN().state_dict()
+    first, second = (image.train(init, x, y, seed=3, epochs=1, batch_size=16, lr=1e-3) for _ in range(2))
+    other = image.train(init, x, y, seed=4, epochs=1, batch_size=16, lr=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert not torch.equal(first.head.weight, other.head.weight)
+
+
+def test_identity_ranking_equals_dot_products_of_torch_func_gradients(tmp_path):
+    import distinf
+
+    x, y, tx, ty = image.data_for_seed(0, 24, 6, fake_fashion_mnist(tmp_path))
+    torch.manual_seed(0)
+    model = image.SmallCNN().eval()
+    res = distinf.attribute(model, [{"pixel_values": x[i], "labels": y[i]} for i in range(len(x))],
+                            [{"pixel_values": tx[i], "labels": ty[i]} for i in range(len(tx))],
+                            task=image.per_example_losses, config={"compression": {"k": 512}})
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    def selected(xs, ys):
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+        columns = [grads[name].flatten(1)[:, index] for name, index in
+                   zip(res.index_set.column("param").to_pylist(), res.index_set.column("flat_index").to_pylist())]
+        return torch.stack(columns, 1).double()
+
+    expected = (selected(x, y) @ selected(tx, ty).mean(0)).numpy()
+    got = image.rankings("dropout", res)["dropout, identity hessian"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(image.rankings("dropout", res)["dropout"], res.scores.mean(0))
+
+
+def test_image_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
+    out = tmp_path / "section.md"
+    assert image.main(["--seeds", "0", "--n-train", "40", "--n-test", "10", "--epochs", "1",
+                       "--batch-size", "20", "--k", "256", "--fractions", "0.1",
+                       "--data", str(fake_fashion_mnist(tmp_path / "data")), "--out", str(out),
+                       "--threads", str(torch.get_num_threads())]) == 0
+    text = out.read_text()
+    for row in ("| 10% random |", "| 10% top by dropout |", "| 10% top by dropout, identity hessian |",
+                "| nothing, retrained with another data order |"):
+        assert row in text
+    assert "nan" not in text
+
+
+@pytest.fixture(scope="module")
+def tiny_language_cache():
+    model = tiny_models.llama(0)
+    ids = torch.randint(1, tiny_models.VOCAB, (30, 12), generator=torch.Generator().manual_seed(0))
+    hidden, base_logits = language.frozen_outputs(model, ids, batch_size=7)
+    return model, {"input_ids": ids, "hidden": hidden, "base_logits": base_logits}
+
+
+def test_cached_outputs_and_untrained_adapter_are_the_full_models_logits_and_loss(tiny_language_cache):
+    model, cache = tiny_language_cache
+    with torch.no_grad():
+        logits = model(input_ids=cache["input_ids"]).logits
+        expected_losses = causal_lm_losses(model, {"input_ids": cache["input_ids"],
+                                                   "attention_mask": torch.ones_like(cache["input_ids"])})
+    torch.testing.assert_close(cache["base_logits"].float(), logits, atol=2e-3, rtol=1e-3)
+    adapter = language.OutputLoRA(cache["hidden"].shape[-1], tiny_models.VOCAB, rank=4, alpha=8.0)
+    with torch.no_grad():
+        torch.testing.assert_close(language.per_sequence_losses(adapter, cache), expected_losses,
+                                   atol=1e-3, rtol=1e-4)
+
+
+def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache):
+    _, cache = tiny_language_cache
+    args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, epochs=2, batch_size=4,
+                                       lr=1e-2, k=128, fractions=[0.25, 0.5])
+    result = language.run_seed(0, cache, args)
+    expected = {"base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order",
+                "attribution seconds", "top 25%", "random 25%", "top 50%", "random 50%"}
+    assert set(result) == expected
+    assert all(np.isfinite(v) and v > 0 for v in result.values())
+    # Fine-tuning moved the adapter away from the base model (B starts at zero).
+    assert result["fine-tuned on all"] != pytest.approx(result["base model (no fine-tuning)"], rel=1e-6)
+    assert "| top 50% by dropout influence |" in "\n".join(language.table([result, result], args))
