@@ -55,6 +55,16 @@ def plan_weight(rows: np.ndarray, cols: np.ndarray) -> WeightPlan:
     return WeightPlan(as_long(rows), as_long(unique_cols), as_long(col_of_entry))
 
 
+def gather_last(values: Tensor, index: Tensor) -> Tensor:
+    """values[..., index] for values [N, T, d]: [N, T, len(index)].
+
+    torch.gather walks the output row by row, so each (n, t) row of `values` is read while it
+    sits in cache; index_select on the last dimension walks index by index, striding across all
+    N·T rows per index (2-5x slower on CPU, 4.7x for SmolLM2's 49k-wide logit rows).
+    """
+    return torch.gather(values, 2, index.expand(values.shape[0], values.shape[1], -1))
+
+
 def selected_products(x_cols: Tensor, col_of_entry: Tensor, gy: Tensor, rows: Tensor) -> Tensor:
     """[N, k] = Σ_t gy[:, t, rows[j]] · x_cols[:, t, col_of_entry[j]], chunked over j."""
     n, t = gy.shape[0], gy.shape[1]
@@ -62,9 +72,11 @@ def selected_products(x_cols: Tensor, col_of_entry: Tensor, gy: Tensor, rows: Te
     step = max(1, _CHUNK_ELEMENTS // max(1, n * t))
     for start in range(0, len(rows), step):
         part = slice(start, start + step)
-        g = gy.index_select(2, rows[part]).float()
-        x = x_cols.index_select(2, col_of_entry[part]).float()
-        out[:, part] = torch.einsum("ntk,ntk->nk", g, x)
+        g = gather_last(gy, rows[part]).float()  # a fresh tensor either way: safe to multiply in place
+        x = gather_last(x_cols, col_of_entry[part])
+        # Not einsum("ntk,ntk->nk"): torch lowers it to a bmm of [N·k, 1, T] after copying both
+        # operands to a [N, k, T] layout.
+        out[:, part] = g.mul_(x).sum(1)
     return out
 
 
@@ -110,7 +122,7 @@ class LinearLayoutAdapter:
         if weight is None:
             return None
         x = self.features(module, inputs[0].detach())
-        return x.index_select(2, to_device(weight, x.device).unique_cols)
+        return gather_last(x, to_device(weight, x.device).unique_cols)
 
     def entries(
         self, module: nn.Module, plans: dict[str, Any], kept: Tensor | None, grad_output: Tensor
@@ -122,7 +134,7 @@ class LinearLayoutAdapter:
             if name == "weight":
                 result[name] = selected_products(kept, plan.col_of_entry, gy, plan.rows)
             else:
-                result[name] = gy.index_select(2, plan.rows).float().sum(1)
+                result[name] = gather_last(gy, plan.rows).float().sum(1)
         return result
 
     # --- the whole per-example gradient and its factors, for compressions other than dropout

@@ -13,13 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distinf.core.adapters.base import _CHUNK_ELEMENTS, Factor, as_tokens, to_device
+from distinf.core.adapters.base import Factor, as_tokens, to_device
 
 
 @dataclass
 class EmbeddingPlan:
-    tokens: Tensor  # token id of each kept entry
-    dims: Tensor    # embedding dimension of each kept entry
+    """The kept entries sorted by token, so the entries of one token are a contiguous run."""
+
+    tokens: Tensor  # token id of each kept entry, ascending (-1: the padding row's, never matched)
+    dims: Tensor    # embedding dimension of each kept entry, in the same order
+    entry: Tensor   # the entry's position in the module's k_l columns
 
 
 class EmbeddingAdapter:
@@ -32,7 +35,9 @@ class EmbeddingAdapter:
         tokens, dims = np.divmod(selected["weight"], module.embedding_dim)
         if module.padding_idx is not None:
             tokens = np.where(tokens == module.padding_idx, -1, tokens)  # -1 never matches an id
-        return {"weight": EmbeddingPlan(torch.from_numpy(tokens), torch.from_numpy(dims))}
+        order = np.argsort(tokens, kind="stable")
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return {"weight": EmbeddingPlan(as_long(tokens[order]), as_long(dims[order]), as_long(order))}
 
     def keep(self, module: nn.Embedding, plans: dict[str, Any], inputs: tuple) -> Tensor:
         ids = inputs[0]
@@ -41,17 +46,21 @@ class EmbeddingAdapter:
     def entries(
         self, module: nn.Embedding, plans: dict[str, Any], ids: Tensor, grad_output: Tensor
     ) -> dict[str, Tensor]:
+        """Only the (position, kept entry) pairs whose token matches are visited: O(N·T·log k + matches)."""
         plan = to_device(plans["weight"], grad_output.device)
-        gy = as_tokens(grad_output)
+        gy = as_tokens(grad_output).reshape(-1, grad_output.shape[-1])  # [N·T, D]
         n, t = ids.shape
-        out = torch.empty(n, len(plan.tokens), dtype=torch.float32, device=gy.device)
-        step = max(1, _CHUNK_ELEMENTS // max(1, n * t))
-        for start in range(0, len(plan.tokens), step):
-            part = slice(start, start + step)
-            hits = ids.unsqueeze(-1) == plan.tokens[part]                    # [N, T, chunk]
-            g = gy.index_select(2, plan.dims[part]).float()                  # [N, T, chunk]
-            out[:, part] = (g * hits).sum(1)
-        return {"weight": out}
+        k = len(plan.tokens)
+        flat_ids = ids.reshape(-1).to(plan.tokens.dtype)
+        first = torch.searchsorted(plan.tokens, flat_ids)                   # each position's run of entries
+        count = torch.searchsorted(plan.tokens, flat_ids, right=True) - first
+        position = torch.repeat_interleave(torch.arange(n * t, device=gy.device), count)
+        run_start = torch.cumsum(count, 0) - count                          # where each position's pairs begin
+        sorted_entry = first[position] + torch.arange(len(position), device=gy.device) - run_start[position]
+        values = gy[position, plan.dims[sorted_entry]].float()
+        out = torch.zeros(n * k, dtype=torch.float32, device=gy.device)
+        out.index_add_(0, (position // t) * k + plan.entry[sorted_entry], values)
+        return {"weight": out.view(n, k)}
 
     def keep_inputs(self, module: nn.Embedding, inputs: tuple) -> Tensor:
         return self.keep(module, {}, inputs)
