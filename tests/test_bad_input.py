@@ -241,3 +241,22 @@ def test_a_local_ray_has_no_dashboard_and_would_bind_it_to_loopback(monkeypatch,
     assert driver._connect(load_job(job(tmp_path, model_dir, good_rows()))) is True
     [kwargs] = calls
     assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
+
+
+def test_a_ray_that_does_not_start_is_retried_once_then_failed_in_the_manifest(monkeypatch, tmp_path, model_dir,
+                                                                               capsys):
+    calls = []
+
+    def no_raylet(**kwargs):  # what ray.init raises when its raylet misses the start-up window
+        calls.append(kwargs)
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver.ray, "init", no_raylet)
+    monkeypatch.setattr(driver.ray, "shutdown", lambda: None)
+    path = job(tmp_path, model_dir, good_rows())
+    assert main(["run", str(path)]) != 0
+    assert len(calls) == 2
+    assert "timed out during startup" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "--resume" in manifest["error"]
