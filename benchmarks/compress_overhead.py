@@ -48,6 +48,7 @@ from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.index_set import IndexSet, draw_index_set  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import Tracked, track_modules  # noqa: E402
+from record import publish  # noqa: E402
 
 SEED = 0
 Runner = Callable[[], tuple[float, float]]  # runs one batch: (wall s, process CPU s)
@@ -380,10 +381,7 @@ def main() -> None:
     if agreement is not None:
         text.append(f"Capture k={args.naive_k} vs naive gather: relative Frobenius error {agreement:.2e}.")
     report = "\n".join(text)
-    print("\n" + report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.data import collate  # noqa: E402
 from distinf.runtime.driver import plan_job  # noqa: E402
 from distinf.tables import gradients_of, top_k_table  # noqa: E402
+from record import publish  # noqa: E402
 
 JOB = ROOT / "jobs" / "cross_source.yaml"
 DEPTH = 3  # the strict measure: the top 3 proponents all from the query's own source
@@ -392,10 +393,7 @@ def main() -> int:
             for name, m in results[-1]["measures"].items():
                 print(f"seed {seed}: {name}: top-1 {m['top1']:.3f}, top-3 all {m['top3_all']:.3f}", flush=True)
     text = report(args, results, (time.perf_counter() - started) / 60)
-    print("\n" + text)
-    if args.out:
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
     return 0
 
 

@@ -45,6 +45,7 @@ from distinf.core.tracking import track_modules  # noqa: E402
 from distinf.runtime.scoring import score_train_chunk  # noqa: E402
 from distinf.store import commit_table  # noqa: E402
 from distinf.tables import gradient_table  # noqa: E402
+from record import publish  # noqa: E402
 
 GIB = 1024**3
 
@@ -302,10 +303,7 @@ def main() -> None:
                             for size in r["what_if"].values()) + " |")
     text += ["", f"Total {(time.perf_counter() - started) / 60:.1f} min."]
     report = "\n".join(text)
-    print("\n" + report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from distinf.core.compressors import build_compressor  # noqa: E402
 from distinf.core.compressors.gaussian import GaussianCompressor  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import Tracked, track_modules  # noqa: E402
+from record import publish  # noqa: E402
 
 Runner = Callable[[], tuple[float, float]]  # one batch: (wall s, process CPU s)
 TARGET = 1.05
@@ -327,10 +328,7 @@ def main() -> None:
                 f"= {p['per_batch_wall_s']:.0f} s/batch" for k, p in projections.items()) + ", is added to each pair.")
     text.append("Per-pair raw seconds (floor wall, floor CPU, candidate wall, candidate CPU) are printed by the script.")
     report = "\n".join(text)
-    print(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

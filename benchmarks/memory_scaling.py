@@ -53,6 +53,7 @@ from compress_overhead import machine, make_batch  # noqa: E402  (benchmarks/ is
 from distinf.assets import demo_corpus, smollm2_dir  # noqa: E402
 from distinf.runtime.driver import WORKER_ENV  # noqa: E402
 from distinf.runtime.worker import GradientWorker  # noqa: E402
+from record import publish  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -386,11 +387,8 @@ def main() -> None:
         + ", ".join(f"W={r['world']} {r['setup_s']:.1f} s" for r in results) + ".",
     ]
     report = "\n".join(text)
-    print("\n" + report)
     print(json.dumps({"results": results}), file=sys.stderr)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

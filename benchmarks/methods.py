@@ -64,6 +64,7 @@ from distinf.core.curvature import block_slices  # noqa: E402
 from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
+from record import publish  # noqa: E402
 
 CAPTURED = ("dropout", "logra", "none", "fjlt")
 SOLVERS = ("gauss_newton", "identity", "datainf", "lissa")
@@ -380,10 +381,7 @@ def main() -> None:
             mem[method] = memory_of(method, args)
             print(json.dumps(mem[method]), flush=True)
     text = report(args, comp, subsets, mem, solve, facts, (time.perf_counter() - started) / 60)
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n## Comparison methods (issue 4)\n\n" + text + "\n")
+    publish("## Comparison methods (issue 4)\n\n" + text, args.out)
 
 
 if __name__ == "__main__":

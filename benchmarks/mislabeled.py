@@ -40,6 +40,7 @@ from distinf.cli import main as distinf_main  # noqa: E402
 from distinf.core.scoring import score_chunk  # noqa: E402
 from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.report import roc_curve  # noqa: E402
+from record import publish  # noqa: E402
 
 LABELS = {"rotten": 0, "fresh": 1}
 FLIP_FRACTION = 0.2
@@ -259,10 +260,7 @@ def main() -> int:
             cells.append(f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}" if values else "n/a")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
     return 0
 
 

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
+from record import publish  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TEST_SEED = 12345  # the test images are the same for every seed
@@ -252,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "columns are the seed-by-seed difference from random removal of the same fraction.", "",
     ] + table(results, args)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
     return 0
 
 

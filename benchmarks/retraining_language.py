@@ -43,6 +43,7 @@ from distinf.assets import smollm2_dir, source_texts  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from retraining_image import removal_sets  # noqa: E402  (the same top / random choice as the image half)
+from record import publish  # noqa: E402
 
 POOL_SEED = 0  # fixes which news articles form the pool; each seed splits the pool differently
 
@@ -242,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         f"drawn at random. Mean ± std over seeds; the gap column is seed by seed.", "",
     ] + table(results, args)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
     return 0
 
 
