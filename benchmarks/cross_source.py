@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # record.py, also when a test loads this file by path
 
 import distinf  # noqa: E402
 from distinf.assets import SOURCES, mixed_source_corpus, smollm2_dir  # noqa: E402
