@@ -131,21 +131,20 @@ def _connect(cfg: JobConfig) -> bool:
     """
     if ray.is_initialized():
         return False
-    for attempt in (1, 2):
+    if cfg.runtime.address:
+        start, where = (lambda: ray.init(address=cfg.runtime.address, log_to_driver=False)), cfg.runtime.address
+    else:
+        start, where = (lambda: ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+                                         runtime_env={"env_vars": _worker_env()})), "a local Ray"
+    for _ in range(2):
         try:
-            if cfg.runtime.address:
-                ray.init(address=cfg.runtime.address, log_to_driver=False)
-                return False
-            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
-                     runtime_env={"env_vars": _worker_env()})
-            return True
+            start()
+            return not cfg.runtime.address
         except Exception as error:  # ray.init raises a bare Exception when its raylet misses the window
             ray.shutdown()
-            if attempt == 2:
-                where = cfg.runtime.address or "a local Ray"
-                raise JobError(f"runtime.address: could not connect to {where}: {error}; "
-                               "committed chunks are kept, run again with --resume") from error
-    raise AssertionError("unreachable")
+            failure = error
+    raise JobError(f"could not start or join {where}: {failure}; committed chunks are kept, "
+                   "run again with --resume") from failure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +429,7 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
     for attempt in range(max_restarts + 1):
         reducer = None
         try:
-            reducer = Reducer.options(runtime_env={"env_vars": _worker_env()}).remote(slices, cfg.hessian.damping, cfg.hessian.model_dump())
+            reducer = Reducer.options(runtime_env={"env_vars": _worker_env()}).remote(slices, cfg.hessian.model_dump())
             reduced = ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(run_dir / "curvature"),
                                                     attempt))
             lap("curvature")

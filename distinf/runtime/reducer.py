@@ -34,9 +34,9 @@ def chunk_gram(path: str, sha256: str, slices: list[slice]) -> GramSums:
 
 @ray.remote(num_cpus=1)
 class Reducer:
-    def __init__(self, slices: list[slice], damping: str | float, hessian: dict | None = None):
-        self.slices, self.damping = slices, damping
-        self.hessian = HessianConfig.model_validate({**(hessian or {}), "damping": damping})
+    def __init__(self, slices: list[slice], hessian: dict):
+        self.slices = slices
+        self.hessian = HessianConfig.model_validate(hessian)
         self.curvature: Curvature | Solver | None = None
         if self.hessian.method in ("gauss_newton", "datainf"):
             need = 16 * sum((s.stop - s.start) ** 2 for s in slices)  # float64 block and its factor
@@ -56,7 +56,7 @@ class Reducer:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 total.merge(ray.get(done[0]))
-            self.curvature = factorize(total, self.damping)
+            self.curvature = factorize(total, self.hessian.damping)
             self._save(total, Path(curvature_dir))
             count = total.count
         else:
