@@ -25,7 +25,7 @@ def mann_whitney_auc(positive: np.ndarray, score: np.ndarray) -> float:
 
 
 def test_lora_classifier_job_matches_one_process_and_auc_is_the_rank_statistic(tmp_path):
-    prepared = mislabeled.prepare(seed=0, rank=2, n_train=40, n_val=8, epochs=1, folder=tmp_path / "seed0")
+    prepared = mislabeled.prepare(seed=0, rank=2, n_train=40, n_val=8, epochs=1, lr=1e-3, folder=tmp_path / "seed0")
     assert prepared.flipped.sum() == 8  # exactly 20% flipped by the seeded draw
 
     values = mislabeled.run_job(prepared.folder, 512, "runtime.batch_size=8")

@@ -1,7 +1,8 @@
 """Peer attribution tools against the floor: per-example gradient extraction + compression to k dims.
 
-Runs in the separate environment made by benchmarks/peers/setup.sh (.venv-peers), never imports
-distinf. One batch of N x T real tokens (default 8 x 128) prepared like
+Runs in the separate environment made by benchmarks/peers/setup.sh (.venv-peers). No peer path
+imports distinf; the `distinf` configuration imports it from this checkout (pure Python over torch,
+no install needed), so distinf and the peers are timed against the same floor in one process. One batch of N x T real tokens (default 8 x 128) prepared like
 benchmarks/compress_overhead.py: the demo training texts tokenised without special tokens, joined
 by EOS, cut into T-token rows, attention mask all ones.
 
@@ -19,6 +20,8 @@ by EOS, cut into T-token rows, attention mask all ones.
                The projector regenerates a p x block matrix k/block times per call, ~1e12 random
                draws per batch at k=8192: its projection is timed on a few blocks and extrapolated.
   kronfluence  no compression to k (EK-FAC per module); see README.md.
+  distinf      dropout capture (GradientCapture, k kept entries over every Linear and the
+               embedding, computed from layer inputs and output gradients), the job's worker path.
 
 Timing: each candidate alternates with the floor in one process (floor, candidate, ...), median
 of per-pair ratios; floor vs floor is the calibration. Memory: each configuration alone in a
@@ -204,6 +207,26 @@ def logix_runner(model: nn.Module, batch: Batch, k: int, sink: dict) -> tuple[Ru
         return clock.times
 
     return run, f"LoGra random init, rank {rank} on {modules} Linear modules"
+
+
+def distinf_runner(model: nn.Module, batch: Batch, k: int, sink: dict) -> tuple[Runner, str]:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from distinf.core.capture import GradientCapture
+    from distinf.core.compressors import build_compressor
+    from distinf.core.tasks import causal_lm_losses
+    from distinf.core.tracking import track_modules
+
+    own = copy.deepcopy(model).requires_grad_(True)  # distinf tracks what requires grad; the floor keeps its own
+    tracked = track_modules(own)
+    capture = GradientCapture(own, tracked, build_compressor(tracked, "dropout", k))
+
+    def run() -> tuple[float, float]:
+        with capture:  # hooks are registered once per real run, outside the timing
+            with Clock() as clock:
+                sink["grads"], _ = capture.batch(batch, causal_lm_losses)
+        return clock.times
+
+    return run, f"dropout capture, {k} entries kept of {tracked.tracked_numel:,} tracked"
 
 
 def functional_loss(model: nn.Module):
@@ -411,6 +434,8 @@ def build(config: str, model: nn.Module, batch: Batch, args: argparse.Namespace,
         return logix_runner(model, batch, int(k), sink)
     if name == "dattri":
         return dattri_runner(model, batch, int(k), sink, args.vmap_batch)
+    if name == "distinf":
+        return distinf_runner(model, batch, int(k), sink)
     if name == "kronfluence":
         return kronfluence_runner(model, batch, sink)
     if name == "trak-grads":

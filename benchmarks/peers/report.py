@@ -12,7 +12,8 @@ import json
 import sys
 
 PEERS = {"floor": ("floor", None), "bergson": ("bergson", "bergson"), "logix": ("LogIX", "logix-ai"),
-         "dattri": ("dattri", "dattri"), "trak": ("TRAK", "traker"), "kronfluence": ("kronfluence", "kronfluence")}
+         "dattri": ("dattri", "dattri"), "trak": ("TRAK", "traker"), "kronfluence": ("kronfluence", "kronfluence"),
+         "distinf": ("distinf (this checkout, dropout)", None)}
 
 
 def read(paths: list[str]) -> tuple[dict, list[dict], dict, list[dict]]:
