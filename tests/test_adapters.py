@@ -16,6 +16,7 @@ from torch.func import functional_call, grad
 
 import distinf
 import tiny_models
+from distinf.core.adapters import base as adapter_base
 from distinf.core.capture import CaptureError, GradientCapture
 from distinf.core.index_set import draw_index_set
 from distinf.core.tracking import track_modules
@@ -60,15 +61,27 @@ def assert_matches_reference(model, examples, loss_of, task, k=512, batch_size=3
 
 LENGTHS = (5, 9, 3, 12, 7)
 
+# Kept weight entries come from the gather-multiply-sum path or from a dense [N, rows, cols] block
+# (chosen per layer by how densely its entries are kept); each test marked with this runs both.
+both_product_paths = pytest.mark.parametrize("dense_block_factor", [0, 10**9], ids=["gather", "dense-block"])
 
-def test_gpt2_conv1d_tied_embedding_matches_torch_func():
+
+@pytest.fixture(autouse=True)
+def _product_path(request, monkeypatch):
+    if "dense_block_factor" in request.fixturenames:
+        monkeypatch.setattr(adapter_base, "_DENSE_BLOCK_FACTOR", request.getfixturevalue("dense_block_factor"))
+
+
+@both_product_paths
+def test_gpt2_conv1d_tied_embedding_matches_torch_func(dense_block_factor):
     model = tiny_models.gpt2()
     result = assert_matches_reference(model, tiny_models.token_examples(LENGTHS), causal_lm_loss, "causal_lm")
     params = set(result.index_set.column("param").to_pylist())
     assert "transformer.h.0.attn.c_attn.weight" in params and "transformer.wte.weight" in params
 
 
-def test_llama_linear_tied_embedding_matches_torch_func():
+@both_product_paths
+def test_llama_linear_tied_embedding_matches_torch_func(dense_block_factor):
     assert_matches_reference(tiny_models.llama(), tiny_models.token_examples(LENGTHS), causal_lm_loss, "causal_lm")
 
 
@@ -102,7 +115,8 @@ def test_embedding_only_with_padding_row_matches_torch_func():
     assert result.train_grads[:, 2 * 4 : 3 * 4].sum() == 0  # row 2 is padding_idx
 
 
-def test_cnn_conv2d_groups_reflect_padding_matches_vmap_grad():
+@both_product_paths
+def test_cnn_conv2d_groups_reflect_padding_matches_vmap_grad(dense_block_factor):
     model = tiny_models.small_cnn()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, 1, 8, 8, generator=generator)
@@ -133,7 +147,8 @@ def test_cnn_conv2d_groups_reflect_padding_matches_vmap_grad():
     assert result.tracked_fraction < 1
 
 
-def test_peft_lora_factors_match_torch_func():
+@both_product_paths
+def test_peft_lora_factors_match_torch_func(dense_block_factor):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
                         init_lora_weights=False)  # random B, so A's gradients are not all zero
     model = get_peft_model(tiny_models.llama(), config).eval()
