@@ -238,8 +238,12 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--compressions", nargs="*", choices=list(COMPRESSIONS), default=list(COMPRESSIONS))
     parser.add_argument("--hessians", nargs="*", choices=list(HESSIANS), default=list(HESSIANS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the fine-tune and attribution in this process (the job's "
+                             "workers run one each); 2 threads next to another busy process ran 9x slower here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     table: dict[int, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mislabeled-") as tmp:

@@ -189,7 +189,8 @@ class LiSSA:
     def precondition(self, grads: Tensor) -> Tensor:
         v = _float64(grads)
         blocks = _block_ids(self.slices)
-        lam, scale = torch.tensor(self.damping, dtype=torch.float64)[blocks], torch.tensor(self.scales, dtype=torch.float64)[blocks]
+        lam = torch.tensor(self.damping, dtype=torch.float64)[blocks]
+        scale = torch.tensor(self.scales, dtype=torch.float64)[blocks]
         h = v.clone()
         for batch in self.batches:
             h = v + h - (self._hessian_product(h, batch, blocks) + lam * h) / scale
@@ -234,6 +235,7 @@ def fit_solver(method: str, slices: list[slice], train_grads: Tensor, damping: s
         return DataInfSums(slices, lambdas).add(train_grads).solve()
     if method == "lissa":
         ids = [str(i) for i in (train_ids if train_ids is not None else range(n))]
-        batches = [train_grads[torch.from_numpy(rows)] for rows in lissa_samples(ids, lissa_iterations, lissa_batch_size, lissa_seed)]
+        samples = lissa_samples(ids, lissa_iterations, lissa_batch_size, lissa_seed)
+        batches = [train_grads[torch.from_numpy(rows)] for rows in samples]
         return LiSSA.build(slices, lambdas, batches, lissa_scale)
     raise ValueError(f"hessian.method: unknown {method!r}; expected one of {list(METHODS)}")
