@@ -247,8 +247,8 @@ def main() -> int:
     started = time.perf_counter()
     table: dict[int, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mislabeled-") as tmp:
-        for rank in args.ranks:
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: a run stopped early still has every rank for its first seeds
+            for rank in args.ranks:
                 result = run_seed(seed, rank, args, Path(tmp))
                 print(f"rank {rank} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
                 for key, value in result.items():

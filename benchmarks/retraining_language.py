@@ -53,7 +53,7 @@ from retraining_image import removal_sets  # noqa: E402  (the same top / random 
 from record import publish  # noqa: E402
 
 POOL_SEED = 0  # fixes which news articles form the pool; each seed splits the pool differently
-STEPS, LR = 50, 3e-4  # chosen on a validation split of seed 0 (pool articles outside its train and test sets)
+STEPS, LR = 30, 3e-4  # chosen on seed 0 against pool articles outside its training and test sets (docstring)
 
 
 class OutputLoRA(nn.Module):
@@ -201,7 +201,7 @@ def table(results: list[dict[str, float]], args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10, 0.20])
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-test", type=int, default=64)

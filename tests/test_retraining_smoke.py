@@ -2,8 +2,9 @@
 
 What is checked against an independent computation: the IDX reader against a file written by
 hand with struct; the top-x% choice against a sort; the identity-hessian ranking against
-torch.func per-example gradients at the index set's entries; the language half's cached frozen
-outputs and adapter against the Hugging Face model's own logits and distinf's causal-LM loss.
+torch.func per-example gradients at the index set's entries; the language half's fixed-step batch
+order against whole passes over the set, its cached frozen outputs and adapter against the Hugging
+Face model's own logits and distinf's causal-LM loss.
 The image half's whole command then runs end to end on synthetic IDX files.
 """
 
@@ -136,10 +137,22 @@ def test_cached_outputs_and_untrained_adapter_are_the_full_models_logits_and_los
                                    atol=1e-3, rtol=1e-4)
 
 
+def test_batch_order_gives_every_set_the_same_steps_in_whole_passes():
+    for index in (torch.tensor([7, 3, 9]), torch.arange(10, 50)):
+        batches = language.batch_order(index, steps=5, batch_size=4, order_seed=1)
+        assert [len(b) for b in batches] == [4] * 5
+        stream = torch.cat(batches).tolist()
+        n = len(index)
+        for start in range(0, len(stream) - n + 1, n):  # each complete pass is a permutation of the set
+            assert sorted(stream[start : start + n]) == sorted(index.tolist())
+    assert torch.equal(torch.cat(language.batch_order(torch.arange(9), 4, 2, 0)),
+                       torch.cat(language.batch_order(torch.arange(9), 4, 2, 0)))
+
+
 def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache):
     _, cache = tiny_language_cache
-    args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, epochs=2, batch_size=4,
-                                       lr=1e-2, k=128, fractions=[0.25, 0.5])
+    args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, batch_size=4,
+                                       lr=1e-2, weight_decay=0.01, k=128, fractions=[0.25, 0.5])
     result = language.run_seed(0, cache, args)
     expected = {"base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order",
                 "attribution seconds", "top 25%", "random 25%", "top 50%", "random 50%"}
