@@ -19,6 +19,7 @@ import argparse
 import bz2
 import csv
 import importlib.util
+import json
 import statistics
 import sys
 import tempfile
@@ -207,6 +208,7 @@ def hessian_scores(run: Path, method: str, n_train: int, n_val: int) -> np.ndarr
 
 
 def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
+    started = time.perf_counter()
     prepared = prepare(seed, rank, args.n_train, args.n_val, args.epochs, args.lr, work / f"seed{seed}-r{rank}")
     flipped = prepared.flipped
     result = {"val_accuracy": prepared.val_accuracy}
@@ -223,6 +225,7 @@ def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
         scores = hessian_scores(prepared.folder / "run", HESSIANS[name], args.n_train, args.n_val)
         result[name] = auc(flipped, -scores.mean(0))
     result["random"] = auc(flipped, np.random.default_rng(seed + 1000).random(len(flipped)))
+    result["minutes (fine-tune, job, every method)"] = (time.perf_counter() - started) / 60
     return result
 
 
@@ -241,6 +244,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the fine-tune and attribution in this process (the job's "
                              "workers run one each); 2 threads next to another busy process ran 9x slower here")
+    parser.add_argument("--results", type=Path,
+                        help="folder of per-(seed, rank) results: one found there is read, not rerun, so a "
+                             "run stopped part-way loses nothing and a later call tabulates what finished")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,7 +255,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mislabeled-") as tmp:
         for seed in args.seeds:  # seed-major: a run stopped early still has every rank for its first seeds
             for rank in args.ranks:
-                result = run_seed(seed, rank, args, Path(tmp))
+                saved = args.results / f"seed{seed}-r{rank}.json" if args.results else None
+                if saved and saved.is_file():
+                    result = json.loads(saved.read_text())
+                else:
+                    result = run_seed(seed, rank, args, Path(tmp))
+                    if saved:
+                        saved.parent.mkdir(parents=True, exist_ok=True)
+                        saved.write_text(json.dumps(result, indent=1))
                 print(f"rank {rank} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
                 for key, value in result.items():
                     table.setdefault(rank, {}).setdefault(key, []).append(value)
@@ -258,7 +271,7 @@ def main() -> int:
         "## Mislabeled-data detection (issue 5, paper §4.1)", "",
         f"Command: `.venv/bin/python benchmarks/mislabeled.py --seeds {' '.join(map(str, args.seeds))} "
         f"--ranks {' '.join(map(str, args.ranks))} --n-train {args.n_train} --n-val {args.n_val} "
-        f"--epochs {args.epochs} --lr {args.lr:g} --k {args.k} --compressions {' '.join(args.compressions)} --hessians {' '.join(args.hessians)}` ({minutes:.1f} min on this 2-core CPU).",
+        f"--epochs {args.epochs} --lr {args.lr:g} --k {args.k} --compressions {' '.join(args.compressions)} --hessians {' '.join(args.hessians)}` ({minutes:.1f} min in this call on this 2-core CPU).",
         "", f"all-MiniLM-L6-v2 + LoRA on {args.n_train} Rotten Tomatoes snippets, 20% labels flipped; "
         f"{args.n_val} clean validation queries; AUC of detecting the flipped labels, mean ± std over "
         f"{len(args.seeds)} seeds (k = {args.k} for every compressed method).", "",
