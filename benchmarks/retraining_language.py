@@ -17,8 +17,9 @@ The schedule: every fine-tune (all, top x%, random x%) takes the same number of 
 (weight decay 0.01, the paper's), so a 5% subset is not starved of updates (with a fixed number
 of epochs, 5% of 48 sequences got 2 steps and no arm moved off the base model), and few enough at
 a low lr that the full fine-tune lowers the test perplexity rather than over-fitting (lr 1e-3 for
-4 epochs of 256 sequences raised it from 50 to 71). Steps and lr were chosen on seed 0 against
-pool articles outside its training and test sets, not against the test set.
+4 epochs of 256 sequences raised it from 50 to 71). Steps and lr were chosen on seed 0 by whether
+the full fine-tune over-fits, on a 64-article validation draw from a larger 576-article pool (it
+can overlap the recorded run's test sets), never by the gap between top and random.
 
     .venv/bin/python benchmarks/retraining_language.py --seeds 0 1 2 --out FILE
 
