@@ -76,7 +76,7 @@ def per_sequence_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean next-token cross-entropy of each sequence, [N] (the task for distinf.attribute)."""
     logits = model(batch["hidden"], batch["base_logits"])[:, :-1]
     labels = batch["input_ids"][:, 1:]
-    return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
 
 
 def news_token_ids(tokenizer, n: int, length: int) -> Tensor:

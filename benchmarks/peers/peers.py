@@ -216,9 +216,10 @@ def distinf_runner(model: nn.Module, batch: Batch, k: int, sink: dict) -> tuple[
     from distinf.core.tasks import causal_lm_losses
     from distinf.core.tracking import track_modules
 
-    own = copy.deepcopy(model).requires_grad_(True)  # distinf tracks what requires grad; the floor keeps its own
-    tracked = track_modules(own)
-    capture = GradientCapture(own, tracked, build_compressor(tracked, "dropout", k))
+    model.requires_grad_(True)  # distinf tracks what requires grad; the floor's model stays frozen after
+    tracked = track_modules(model)
+    model.requires_grad_(False)
+    capture = GradientCapture(model, tracked, build_compressor(tracked, "dropout", k))
 
     def run() -> tuple[float, float]:
         with capture:  # hooks are registered once per real run, outside the timing

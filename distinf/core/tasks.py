@@ -27,9 +27,12 @@ def causal_lm_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if labels is None:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     logits, labels = logits[:, :-1], labels[:, 1:]
+    # Over rows of [N·T, V], not the class-dim-1 layout [N, V, T]: on CPU the strided softmax of the
+    # latter made this loss 3x slower (0.9 s vs 0.3 s forward + backward at 4 x 64 tokens, SmolLM2's
+    # 49k vocabulary), a quarter of a whole capture step at 8 x 128.
     token_losses = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
     counts = (labels != IGNORE_INDEX).sum(1)
     return token_losses.sum(1) / counts.clamp(min=1)
 
