@@ -12,7 +12,6 @@ that both give the same per-example losses and gradients.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import publish  # noqa: E402
+from record import publish, run_line  # noqa: E402
 
 VOCAB = 49_152  # SmolLM2's vocabulary
 
@@ -72,9 +71,7 @@ def main() -> int:
     lines = [row(4, 64, args.pairs), row(8, 128, args.pairs)]
     text = "\n".join([
         "## Causal-LM loss layout (the task every causal-LM capture step differentiates)", "",
-        f"Command: `.venv/bin/python benchmarks/causal_lm_loss.py --pairs {args.pairs} --threads {args.threads}` "
-        f"({(time.perf_counter() - started) / 60:.1f} min; torch {torch.__version__}, {args.threads} thread(s), "
-        f"nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end). Forward + backward of the "
+        run_line("causal_lm_loss.py", args.pairs, args.threads, started) + " Forward + backward of the "
         f"per-example mean next-token cross-entropy on random float32 logits with {VOCAB:,} classes; the two "
         f"layouts alternate; median of {args.pairs} pairs; per-example losses and logit gradients checked equal.", "",
         "| batch (N × T) | [N, V, T] layout s | [N·T, V] rows s | ratio |",

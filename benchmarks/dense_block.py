@@ -14,7 +14,6 @@ shipped against the gather path alone.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from distinf.core.adapters import base  # noqa: E402
 from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.compressors import build_compressor  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
-from record import publish  # noqa: E402
+from record import publish, run_line  # noqa: E402
 from retraining_image import SmallCNN, per_example_losses  # noqa: E402
 
 # (label, N, T, out, in, kept fraction of the layer's entries)
@@ -111,12 +110,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = [layer_row(*shape, pairs=args.pairs) for shape in SHAPES] + [cnn_row(2048, 128, args.pairs)]
-    load = os.getloadavg()[0]
     text = "\n".join([
         "## Dense block for densely kept layers (kept-entry products)", "",
-        f"Command: `.venv/bin/python benchmarks/dense_block.py --pairs {args.pairs} --threads {args.threads}` "
-        f"({(time.perf_counter() - started) / 60:.1f} min; torch {torch.__version__}, {args.threads} thread(s), "
-        f"nproc {os.cpu_count()}, load average {load:.1f} at the end). Random operands of each layer's shape; "
+        run_line("dense_block.py", args.pairs, args.threads, started) + " Random operands of each layer's shape; "
         f"the two paths alternate call by call; median of {args.pairs} pairs. 'block / k' is the size of the "
         f"[rows × cols] block the kept entries touch over k; the rule forms the block when it is at most "
         f"{base._DENSE_BLOCK_FACTOR}× k. Both paths agree to 1e-4 (checked here; tests/test_adapters.py runs "
