@@ -208,7 +208,7 @@ def hessian_scores(run: Path, method: str, n_train: int, n_val: int) -> np.ndarr
 
 
 def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
-    started = time.perf_counter()
+    run_started = time.perf_counter()
     prepared = prepare(seed, rank, args.n_train, args.n_val, args.epochs, args.lr, work / f"seed{seed}-r{rank}")
     flipped = prepared.flipped
     result = {"val_accuracy": prepared.val_accuracy}
@@ -225,7 +225,7 @@ def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
         scores = hessian_scores(prepared.folder / "run", HESSIANS[name], args.n_train, args.n_val)
         result[name] = auc(flipped, -scores.mean(0))
     result["random"] = auc(flipped, np.random.default_rng(seed + 1000).random(len(flipped)))
-    result["minutes (fine-tune, job, every method)"] = (time.perf_counter() - started) / 60
+    result["minutes (fine-tune, job, every method)"] = (time.perf_counter() - run_started) / 60
     return result
 
 
