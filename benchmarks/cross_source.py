@@ -179,9 +179,11 @@ def parameter_slices(index_set: pa.Table) -> list[slice]:
 
 
 def rescored_top_k(run_dir: Path, method: str, blocks: str = "layer", normalise: bool = False,
-                   depth: int = DEPTH) -> pa.Table:
+                   relative: bool = False, depth: int = DEPTH) -> pa.Table:
     """The top-`depth` table of a hessian method (damping auto) fitted on the run's stored
-    training gradients; `normalise` scales every gradient to unit length first (cosine)."""
+    training gradients; `normalise` scales every gradient to unit length first (cosine);
+    `relative` divides each training example's scores by the square root of its self-influence
+    g_z^T H^-1 g_z (RelatIF, Barshan et al. 2020), so no example ranks high for its size alone."""
     train_ids, _, train = stored_gradients(run_dir, "train")
     query_ids, _, queries = stored_gradients(run_dir, "queries")
     if normalise:
@@ -192,6 +194,9 @@ def rescored_top_k(run_dir: Path, method: str, blocks: str = "layer", normalise:
     train_t = torch.from_numpy(train)
     solver = fit_solver(method, slices, train_t, "auto", train_ids)
     scores = score_chunk(solver.precondition(torch.from_numpy(queries)).T, train_t).numpy()
+    if relative:
+        self_influence = solver.self_influence(train_t).numpy()
+        scores = scores / np.sqrt(np.maximum(self_influence, np.finfo(np.float32).tiny))[None, :]
     top = TopK(len(query_ids), depth)
     top.update(scores, np.arange(len(train_ids)))
     return top_k_table(query_ids, train_ids, top.scores, top.positions)
@@ -203,6 +208,7 @@ STORED_METHODS = {  # row name: rescored_top_k arguments
     "lissa (10 steps, batch 16)": {"method": "lissa"},
     "gauss_newton, one full k x k block": {"method": "gauss_newton", "blocks": "full"},
     "cosine of compressed gradients (reference)": {"method": "identity", "normalise": True},
+    "gauss_newton / sqrt(self-influence) (RelatIF, reference)": {"method": "gauss_newton", "relative": True},
 }
 
 

@@ -207,25 +207,35 @@ def hessian_scores(run: Path, method: str, n_train: int, n_val: int) -> np.ndarr
     return score_chunk(solver.precondition(val).T, train).numpy()
 
 
-def run_seed(seed: int, rank: int, args, work: Path) -> dict[str, float]:
+def run_seed(seed: int, rank: int, args, work: Path, done: dict[str, float] | None = None) -> dict[str, float]:
+    """AUCs of every method for one (seed, rank). Methods already in `done` (a saved result) are not
+    recomputed; the seeded fine-tune is redone to score the missing ones, and its validation
+    accuracy must equal the saved one (the same model, so the new rows compare like for like)."""
     run_started = time.perf_counter()
     prepared = prepare(seed, rank, args.n_train, args.n_val, args.epochs, args.lr, work / f"seed{seed}-r{rank}")
     flipped = prepared.flipped
-    result = {"val_accuracy": prepared.val_accuracy}
-    values = run_job(prepared.folder, args.k)  # dropout, 2 Ray workers under ZeRO-3
-    result["dropout (job)"] = auc(flipped, -values.column("score_mean").to_numpy())
-    result["self-influence (job)"] = auc(flipped, values.column("self_influence").to_numpy())
-    for name in args.compressions:
+    result = dict(done or {})
+    if result.setdefault("val_accuracy", prepared.val_accuracy) != prepared.val_accuracy:
+        raise SystemExit(f"seed {seed} rank {rank}: the fine-tune gave validation accuracy {prepared.val_accuracy}, "
+                         f"the saved result {result['val_accuracy']}; not the same model, so not completing it")
+    hessians = [name for name in args.hessians if name not in result]
+    if "dropout (job)" not in result or hessians:
+        values = run_job(prepared.folder, args.k)  # dropout, 2 Ray workers under ZeRO-3
+        result["dropout (job)"] = auc(flipped, -values.column("score_mean").to_numpy())
+        result["self-influence (job)"] = auc(flipped, values.column("self_influence").to_numpy())
+    for name in (name for name in args.compressions if name not in result):
         started = time.perf_counter()
         res = distinf.attribute(prepared.model, prepared.train, prepared.val, task="sequence_classification",
                                 config={"compression": {"k": args.k, **COMPRESSIONS[name]}}, batch_size=32)
         result[name] = auc(flipped, -res.scores.mean(0))
-        print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    for name in args.hessians:
+        result[f"{name} seconds"] = time.perf_counter() - started
+        print(f"  {name}: {result[f'{name} seconds']:.0f} s", flush=True)
+    for name in hessians:
         scores = hessian_scores(prepared.folder / "run", HESSIANS[name], args.n_train, args.n_val)
         result[name] = auc(flipped, -scores.mean(0))
     result["random"] = auc(flipped, np.random.default_rng(seed + 1000).random(len(flipped)))
-    result["minutes (fine-tune, job, every method)"] = (time.perf_counter() - run_started) / 60
+    result["minutes (fine-tune, job, every method)"] = (
+        result.get("minutes (fine-tune, job, every method)", 0.0) + (time.perf_counter() - run_started) / 60)
     return result
 
 
@@ -245,8 +255,8 @@ def main() -> int:
                         help="torch threads of the fine-tune and attribution in this process (the job's "
                              "workers run one each); 2 threads next to another busy process ran 9x slower here")
     parser.add_argument("--results", type=Path,
-                        help="folder of per-(seed, rank) results: one found there is read, not rerun, so a "
-                             "run stopped part-way loses nothing and a later call tabulates what finished")
+                        help="folder of per-(seed, rank) results: one found there is read, not rerun (only methods it lacks "
+                             "are added), so a run stopped part-way loses nothing and a later call tabulates what finished")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -256,10 +266,10 @@ def main() -> int:
         for seed in args.seeds:  # seed-major: a run stopped early still has every rank for its first seeds
             for rank in args.ranks:
                 saved = args.results / f"seed{seed}-r{rank}.json" if args.results else None
-                if saved and saved.is_file():
-                    result = json.loads(saved.read_text())
-                else:
-                    result = run_seed(seed, rank, args, Path(tmp))
+                result = json.loads(saved.read_text()) if saved and saved.is_file() else {}
+                wanted = ["dropout (job)", *args.compressions, *args.hessians]
+                if any(name not in result for name in wanted):
+                    result = run_seed(seed, rank, args, Path(tmp), result)
                     if saved:
                         saved.parent.mkdir(parents=True, exist_ok=True)
                         saved.write_text(json.dumps(result, indent=1))

@@ -94,6 +94,21 @@ def test_rescoring_the_stored_gradients_reproduces_the_jobs_top_k(tiny_benchmark
     np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in job], rtol=1e-4)
 
 
+def test_relative_rescoring_divides_the_jobs_scores_by_the_root_of_its_self_influence(tiny_benchmark):
+    run = tiny_benchmark["run"]
+    dense = pq.read_table(run / "scores" / "dense").to_pydict()
+    values = pq.read_table(run / "scores" / "train_values.parquet").to_pydict()
+    root_self = dict(zip(values["train_id"], np.sqrt(values["self_influence"])))
+    relative = {}
+    for qid, tid, score in zip(dense["query_id"], dense["train_id"], dense["score"]):
+        relative.setdefault(qid, []).append((-score / root_self[tid], tid))
+    ours = cross_source.rescored_top_k(run, "gauss_newton", relative=True).to_pylist()
+    for qid, ranked in relative.items():
+        expected = [tid for _, tid in sorted(ranked)[:3]]
+        assert [r["train_id"] for r in sorted((r for r in ours if r["query_id"] == qid), key=lambda r: r["rank"])] \
+            == expected
+
+
 def test_random_baseline_equals_an_enumeration_of_orderings():
     train = {f"t{i}": s for i, s in enumerate("aaabbc")}
     queries = {"q0": "a", "q1": "b", "q2": "c", "q3": "a"}

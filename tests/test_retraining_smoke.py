@@ -120,21 +120,28 @@ def test_image_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
 def tiny_language_cache():
     model = tiny_models.llama(0)
     ids = torch.randint(1, tiny_models.VOCAB, (30, 12), generator=torch.Generator().manual_seed(0))
-    hidden, base_logits = language.frozen_outputs(model, ids, batch_size=7)
-    return model, {"input_ids": ids, "hidden": hidden, "base_logits": base_logits}
+    hidden = language.frozen_hidden_states(model, ids, batch_size=7)
+    return model, {"input_ids": ids, "hidden": hidden, "base_weight": model.lm_head.weight.detach().clone()}
 
 
-def test_cached_outputs_and_untrained_adapter_are_the_full_models_logits_and_loss(tiny_language_cache):
+def test_cached_hidden_states_and_untrained_adapter_give_the_full_models_logits_and_loss(tiny_language_cache):
     model, cache = tiny_language_cache
+    adapter = language.OutputLoRA(cache["base_weight"], rank=4, alpha=8.0)
     with torch.no_grad():
         logits = model(input_ids=cache["input_ids"]).logits
         expected_losses = causal_lm_losses(model, {"input_ids": cache["input_ids"],
                                                    "attention_mask": torch.ones_like(cache["input_ids"])})
-    torch.testing.assert_close(cache["base_logits"].float(), logits, atol=2e-3, rtol=1e-3)
-    adapter = language.OutputLoRA(cache["hidden"].shape[-1], tiny_models.VOCAB, rank=4, alpha=8.0)
-    with torch.no_grad():
+        torch.testing.assert_close(adapter(cache["hidden"]), logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(language.per_sequence_losses(adapter, cache), expected_losses,
-                                   atol=1e-3, rtol=1e-4)
+                                   atol=1e-4, rtol=1e-4)
+    assert [name for name, _ in adapter.named_parameters()] == ["lora_A.weight", "lora_B.weight"]
+
+
+def test_epochs_schedule_scales_steps_with_the_set_and_steps_schedule_does_not():
+    by_epochs = language.argparse.Namespace(epochs=2.0, steps=30, batch_size=4)
+    by_steps = language.argparse.Namespace(epochs=None, steps=30, batch_size=4)
+    assert [language.steps_for(n, by_epochs) for n in (50, 51, 1000)] == [25, 26, 500]
+    assert [language.steps_for(n, by_steps) for n in (50, 1000)] == [30, 30]
 
 
 def test_batch_order_gives_every_set_the_same_steps_in_whole_passes():
@@ -151,7 +158,7 @@ def test_batch_order_gives_every_set_the_same_steps_in_whole_passes():
 
 def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache):
     _, cache = tiny_language_cache
-    args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, batch_size=4,
+    args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, epochs=None, batch_size=4,
                                        lr=1e-2, weight_decay=0.01, k=128, fractions=[0.25, 0.5])
     result = language.run_seed(0, cache, args)
     expected = {"base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order",
@@ -161,3 +168,13 @@ def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache):
     # Fine-tuning moved the adapter away from the base model (B starts at zero).
     assert result["fine-tuned on all"] != pytest.approx(result["base model (no fine-tuning)"], rel=1e-6)
     assert "| top 50% by dropout influence |" in "\n".join(language.table([result, result], args))
+
+
+def test_schedule_check_reports_validation_perplexity_every_half_epoch(tiny_language_cache, capsys):
+    _, cache = tiny_language_cache
+    args = language.argparse.Namespace(n_train=20, n_test=6, validate=4, rank=4, alpha=8.0, batch_size=4,
+                                       lr=1e-2, weight_decay=0.01)
+    language.validate_schedule(cache, args, max_epochs=1.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("base model: validation perplexity")
+    assert [line.split(":")[0] for line in lines[1:]] == ["lr 0.01, 0.5 epochs", "lr 0.01, 1 epochs"]
