@@ -41,10 +41,6 @@ class WeightPlan:
     def block_size(self) -> int:
         return len(self.unique_rows) * len(self.unique_cols)
 
-    @property
-    def dense_block(self) -> bool:
-        return self.block_size <= _DENSE_BLOCK_FACTOR * len(self.rows)
-
 
 @dataclass
 class BiasPlan:
@@ -99,10 +95,12 @@ def selected_products(x_cols: Tensor, col_of_entry: Tensor, gy: Tensor, rows: Te
 
 
 def use_dense_block(plan: WeightPlan, gy: Tensor) -> bool:
-    """The block path for gy [N, T, out]: not for one position (T = 1), where gathering is one
-    multiply per entry and the block only adds work; not past the temporary-memory bound."""
+    """The block path for gy [N, T, out]: when the block is small next to k (_DENSE_BLOCK_FACTOR);
+    not for one position (T = 1), where gathering is one multiply per entry and the block only
+    adds work; not past the temporary-memory bound."""
     n, t = gy.shape[0], gy.shape[1]
-    return plan.dense_block and t > 1 and n * plan.block_size <= _CHUNK_ELEMENTS
+    small = plan.block_size <= _DENSE_BLOCK_FACTOR * len(plan.rows)
+    return small and t > 1 and n * plan.block_size <= _CHUNK_ELEMENTS
 
 
 def dense_block_products(x_cols: Tensor, gy: Tensor, plan: WeightPlan) -> Tensor:
