@@ -288,12 +288,22 @@ def main() -> int:
         "| method | " + " | ".join(f"LoRA r={r}" for r in args.ranks) + " |",
         "|---|" + "---|" * len(args.ranks),
     ]
-    for key in table[args.ranks[0]]:
+    rows = ["val_accuracy", "dropout (job)", "self-influence (job)", *COMPRESSIONS, *HESSIANS, "random"]
+    for key in (key for key in rows if key in table[args.ranks[0]]):
         cells = []
         for rank in args.ranks:
             values = table[rank].get(key, [])
-            cells.append(f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}" if values else "n/a")
+            seeds_note = f" ({len(values)} seed{'s' * (len(values) > 1)})" if len(values) < len(args.seeds) else ""
+            cells.append(f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}{seeds_note}" if values else "n/a")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for rank in args.ranks:
+        pairs = zip(table[rank]["dropout (job)"], table[rank]["random"])
+        lines.append(f"Per seed, r = {rank} (dropout / random): " + ", ".join(f"{d:.3f} / {r:.3f}" for d, r in pairs) + ".")
+    timed = {key: values for rank in args.ranks for key, values in table[rank].items() if key.endswith(" seconds")}
+    lines.append("Minutes per (seed, rank) run, every phase that ran: " + ", ".join(
+        f"{m:.1f}" for rank in args.ranks for m in table[rank]["minutes (fine-tune, job, every method)"]) + "; "
+        + ", ".join(f"{key} {statistics.median(values):.0f} (median)" for key, values in timed.items()) + ".")
     text = "\n".join(lines) + "\n"
     publish(text, args.out)
     return 0
