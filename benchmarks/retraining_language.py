@@ -49,7 +49,7 @@ import distinf  # noqa: E402
 from distinf.assets import smollm2_dir, source_texts  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from retraining_image import removal_sets  # noqa: E402  (the same top / random choice as the image half)
+from retraining_image import kept, removal_sets  # noqa: E402  (the same top / random choice as the image half)
 from record import publish  # noqa: E402
 
 POOL_SEED = 0  # fixes which news articles form the pool; each seed splits the pool differently
@@ -173,7 +173,7 @@ def build_cache(args) -> dict[str, Tensor]:
 
 def run_seed(seed: int, cache: dict[str, Tensor], args) -> dict[str, float]:
     """One seed: test perplexities {row name: value} of the base model, the full fine-tune, and
-    the fine-tunes on the top / random x%."""
+    the fine-tunes on the top / random x% (args.protocol "keep") or on all but them ("remove")."""
     order = torch.randperm(args.n_train + args.n_test, generator=torch.Generator().manual_seed(seed))
     test, train = order[: args.n_test], order[args.n_test : args.n_test + args.n_train]
     out = {"base model (no fine-tuning)": perplexity(OutputLoRA(cache["base_weight"], args.rank, args.alpha),
@@ -188,10 +188,14 @@ def run_seed(seed: int, cache: dict[str, Tensor], args) -> dict[str, float]:
                             batch_size=8)
     out["attribution seconds"] = time.perf_counter() - started
     score_mean = res.scores.mean(0)
+    if getattr(args, "results", None):  # kept for reading the ranking afterwards
+        args.results.mkdir(parents=True, exist_ok=True)
+        np.save(args.results / f"seed{seed}-score_mean.npy", score_mean)
+    subset = (lambda chosen: train[chosen]) if args.protocol == "keep" else (lambda chosen: train[kept(len(train), chosen)])
     for fraction in args.fractions:
         top, rand = removal_sets(score_mean, fraction, np.random.default_rng([seed, int(fraction * 1000)]))
-        out[f"top {fraction:.0%}"] = perplexity(fine_tune(cache, train[top], seed, seed, args), cache, test)
-        out[f"random {fraction:.0%}"] = perplexity(fine_tune(cache, train[rand], seed, seed, args), cache, test)
+        out[f"top {fraction:.0%}"] = perplexity(fine_tune(cache, subset(top), seed, seed, args), cache, test)
+        out[f"random {fraction:.0%}"] = perplexity(fine_tune(cache, subset(rand), seed, seed, args), cache, test)
     return out
 
 
@@ -223,17 +227,21 @@ def summary(values: list[float], digits: int = 2, sign: bool = False) -> str:
 
 
 def table(results: list[dict[str, float]], args) -> list[str]:
-    lines = ["| fine-tuned on | test perplexity | − random's (same fraction) | per seed | seeds where lower than random |",
-             "|---|---|---|---|---|"]
+    """Keep: the top x% should give a lower perplexity than random x%; remove: leaving the top x%
+    out should give a higher one than leaving out random x%."""
+    keep = args.protocol == "keep"
+    lines = ["| fine-tuned on | test perplexity | − random's (same fraction) | per seed | seeds where "
+             + ("lower" if keep else "higher") + " than random |", "|---|---|---|---|---|"]
     for name in ("base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order"):
         lines.append(f"| {name} | {summary([r[name] for r in results])} | | | |")
     for fraction in args.fractions:
         top, rand = f"top {fraction:.0%}", f"random {fraction:.0%}"
         gaps = [r[top] - r[rand] for r in results]
-        lines.append(f"| {rand} | {summary([r[rand] for r in results])} | | | |")
-        lines.append(f"| {top} by dropout influence | {summary([r[top] for r in results])} | "
+        label = "" if keep else "all but "
+        lines.append(f"| {label}{rand} | {summary([r[rand] for r in results])} | | | |")
+        lines.append(f"| {label}{top} by dropout influence | {summary([r[top] for r in results])} | "
                      f"{summary(gaps, sign=True)} | {', '.join(f'{g:+.2f}' for g in gaps)} | "
-                     f"{sum(g < 0 for g in gaps)} of {len(gaps)} |")
+                     f"{sum((g < 0) if keep else (g > 0) for g in gaps)} of {len(gaps)} |")
     return lines
 
 
@@ -241,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10, 0.20])
+    parser.add_argument("--protocol", choices=["keep", "remove"], default="keep",
+                        help="keep: fine-tune on only the top / random x% (the paper's GPT-2 run); remove: on "
+                             "all but them (its ResNet and Pythia runs, and the image half)")
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
@@ -296,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.steps * args.batch_size / args.n_train:.2g} epochs)")
     command = " ".join(["benchmarks/retraining_language.py"] + (argv if argv is not None else sys.argv[1:]))
     lines = [
-        "### Language: SmolLM2-135M fine-tuned on news, retrained on the top x% only", "",
+        "### Language: SmolLM2-135M fine-tuned on news, retrained on "
+        + ("the top x% only" if args.protocol == "keep" else "all but the top x%"), "",
         f"Command: `.venv/bin/python {command}` ({minutes:.1f} min in this call; per seed "
         + ", ".join(f"{seed}: {r['seed seconds'] / 60:.1f} min + {r['cache minutes']:.1f} min computing the frozen "
                     f"model's outputs" for seed, r in zip(args.seeds, results)) + ").", "",
@@ -310,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Influence of every training sequence on the test set (score_mean) by `distinf.attribute` with dropout "
         f"k = {args.k} and the exact Gauss-Newton solve "
         f"({statistics.mean(r['attribution seconds'] for r in results):.0f} s per seed). 'top x%' fine-tunes the "
-        f"base model on only the x% of training sequences with the highest score_mean; 'random x%' on as many "
-        f"drawn at random. Mean ± std over seeds; the gap is taken seed by seed, and listed per seed.", "",
+        f"base model on {'only' if args.protocol == 'keep' else 'all but'} the x% of training sequences with the "
+        f"highest score_mean; 'random x%' {'on' if args.protocol == 'keep' else 'leaves out'} as many drawn at "
+        f"random. Mean ± std over seeds; the gap is taken seed by seed, and listed per seed.", "",
     ] + table(results, args)
     text = "\n".join(lines) + "\n"
     publish(text, args.out)

@@ -156,10 +156,16 @@ def test_batch_order_gives_every_set_the_same_steps_in_whole_passes():
                        torch.cat(language.batch_order(torch.arange(9), 4, 2, 0)))
 
 
-def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache):
+@pytest.mark.parametrize("protocol", ["keep", "remove"])
+def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache, protocol, monkeypatch):
     _, cache = tiny_language_cache
     args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, epochs=None, batch_size=4,
-                                       lr=1e-2, weight_decay=0.01, k=128, fractions=[0.25, 0.5])
+                                       lr=1e-2, weight_decay=0.01, k=128, fractions=[0.25, 0.5],
+                                       protocol=protocol)
+    trained_on = []
+    fine_tune = language.fine_tune
+    monkeypatch.setattr(language, "fine_tune", lambda cache, index, *rest: trained_on.append(index) or
+                        fine_tune(cache, index, *rest))
     result = language.run_seed(0, cache, args)
     expected = {"base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order",
                 "attribution seconds", "top 25%", "random 25%", "top 50%", "random 50%"}
@@ -167,7 +173,14 @@ def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache):
     assert all(np.isfinite(v) and v > 0 for v in result.values())
     # Fine-tuning moved the adapter away from the base model (B starts at zero).
     assert result["fine-tuned on all"] != pytest.approx(result["base model (no fine-tuning)"], rel=1e-6)
-    assert "| top 50% by dropout influence |" in "\n".join(language.table([result, result], args))
+    train = set(trained_on[0].tolist())
+    assert len(train) == 24 and set(trained_on[1].tolist()) == train
+    sizes = [len(index) for index in trained_on[2:]]  # top 25%, random 25%, top 50%, random 50%
+    assert sizes == ([6, 6, 12, 12] if protocol == "keep" else [18, 18, 12, 12])
+    for index in trained_on[2:]:
+        assert set(index.tolist()) <= train
+    label = "" if protocol == "keep" else "all but "
+    assert f"| {label}top 50% by dropout influence |" in "\n".join(language.table([result, result], args))
 
 
 def test_schedule_check_reports_validation_perplexity_every_half_epoch(tiny_language_cache, capsys):
