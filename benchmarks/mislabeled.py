@@ -301,10 +301,16 @@ def main() -> int:
     for rank in args.ranks:
         pairs = zip(table[rank]["dropout (job)"], table[rank]["random"])
         lines.append(f"Per seed, r = {rank} (dropout / random): " + ", ".join(f"{d:.3f} / {r:.3f}" for d, r in pairs) + ".")
-    timed = {key: values for rank in args.ranks for key, values in table[rank].items() if key.endswith(" seconds")}
-    lines.append("Minutes per (seed, rank) run, every phase that ran: " + ", ".join(
-        f"{m:.1f}" for rank in args.ranks for m in table[rank]["minutes (fine-tune, job, every method)"]) + "; "
-        + ", ".join(f"{key} {statistics.median(values):.0f} (median)" for key, values in timed.items()) + ".")
+    timed: dict[str, list[float]] = {}  # over every rank: a key's seconds from all the runs that timed it
+    for rank in args.ranks:
+        for key, values in table[rank].items():
+            if key.endswith(" seconds"):
+                timed.setdefault(key, []).extend(values)
+    run_minutes = [m for rank in args.ranks for m in table[rank].get("minutes (fine-tune, job, every method)", [])]
+    lines.append("Minutes per (seed, rank) run, every phase that ran (runs that recorded it): "
+                 + (", ".join(f"{m:.1f}" for m in run_minutes) or "none recorded") + "; "
+                 + ", ".join(f"{key} {statistics.median(values):.0f} (median of {len(values)})"
+                             for key, values in timed.items()) + ".")
     text = "\n".join(lines) + "\n"
     publish(text, args.out)
     return 0

@@ -166,7 +166,8 @@ def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache, pr
     fine_tune = language.fine_tune
     monkeypatch.setattr(language, "fine_tune", lambda cache, index, *rest: trained_on.append(index) or
                         fine_tune(cache, index, *rest))
-    result = language.run_seed(0, cache, args)
+    result, score_mean = language.run_seed(0, cache, args)
+    assert score_mean.shape == (24,) and np.isfinite(score_mean).all()
     expected = {"base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order",
                 "attribution seconds", "top 25%", "random 25%", "top 50%", "random 50%"}
     assert set(result) == expected
