@@ -114,13 +114,22 @@ def examples(cache: dict[str, Tensor], index: Tensor) -> list[dict[str, Tensor]]
     return [batch_of(cache, i) for i in index.tolist()]
 
 
-def batch_order(index: Tensor, steps: int, batch_size: int, order_seed: int) -> list[Tensor]:
+def batch_order(index: Tensor, steps: int, batch_size: int, order_seed: int,
+                universe: Tensor | None = None) -> list[Tensor]:
     """`steps` batches of `batch_size` entries of `index`: passes over it in fresh random orders
-    (from `order_seed`), cut into batches regardless of where a pass ends, so every arm gets the same
-    number of optimiser steps whatever the size of the set it is trained on."""
+    (from `order_seed`), cut into batches regardless of where a pass ends.
+
+    With `universe` (a superset of `index`, the whole training set) each pass is a random order of
+    the universe with the entries outside `index` dropped, so fine-tunes on two subsets see the
+    sequences they share in the same relative order: common random numbers, which keep the
+    data-order noise of one fine-tune out of the gap between two arms. The full set's order is
+    the same either way."""
     order = torch.Generator().manual_seed(order_seed)
+    pool = index if universe is None else universe
+    member = torch.isin(pool, index)
     passes = math.ceil(steps * batch_size / len(index))
-    stream = torch.cat([index[torch.randperm(len(index), generator=order)] for _ in range(passes)])
+    perms = [torch.randperm(len(pool), generator=order) for _ in range(passes)]
+    stream = torch.cat([pool[perm][member[perm]] for perm in perms])
     return list(stream[: steps * batch_size].split(batch_size))
 
 
@@ -130,13 +139,14 @@ def steps_for(n: int, args) -> int:
     return math.ceil(args.epochs * n / args.batch_size) if args.epochs else args.steps
 
 
-def fine_tune(cache: dict[str, Tensor], index: Tensor, seed: int, order_seed: int, args) -> OutputLoRA:
+def fine_tune(cache: dict[str, Tensor], index: Tensor, seed: int, order_seed: int, args,
+              universe: Tensor | None = None) -> OutputLoRA:
     """A fresh adapter (initialised from `seed`), AdamW for steps_for(len(index)) steps over `index`
-    in an order drawn from `order_seed`."""
+    in an order drawn from `order_seed` (coupled through `universe`, see batch_order)."""
     torch.manual_seed(seed)
     model = OutputLoRA(cache["base_weight"], args.rank, args.alpha)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    for part in batch_order(index, steps_for(len(index), args), args.batch_size, order_seed):
+    for part in batch_order(index, steps_for(len(index), args), args.batch_size, order_seed, universe):
         batch = batch_of(cache, part)
         loss = per_sequence_losses(model, batch).mean()
         optimizer.zero_grad()
@@ -177,29 +187,46 @@ def build_cache(args) -> dict[str, Tensor]:
     return cache
 
 
-def run_seed(seed: int, cache: dict[str, Tensor], args) -> tuple[dict[str, float], np.ndarray]:
+BASE_ROW = "base model (no fine-tuning)"
+REUSABLE_ROWS = (BASE_ROW, "fine-tuned on all", "fine-tuned on all, other data order", "attribution seconds")
+
+
+def run_seed(seed: int, cache: dict[str, Tensor], args,
+             reused: tuple[dict[str, float], np.ndarray] | None = None) -> tuple[dict[str, float], np.ndarray]:
     """One seed: test perplexities {row name: value} of the base model, the full fine-tune, and
     the fine-tunes on the top / random x% (args.protocol "keep") or on all but them ("remove"),
-    and the ranking they used (score_mean of every training sequence, in training-set order)."""
+    and the ranking they used (score_mean of every training sequence, in training-set order).
+
+    `reused` (an earlier run of this seed's rows and ranking) skips the full fine-tunes and the
+    attribution, which do not depend on args.protocol or args.order; the base model's perplexity is
+    recomputed to check that it is the same cache and split."""
     order = torch.randperm(args.n_train + args.n_test, generator=torch.Generator().manual_seed(seed))
     test, train = order[: args.n_test], order[args.n_test : args.n_test + args.n_train]
-    out = {"base model (no fine-tuning)": perplexity(OutputLoRA(cache["base_weight"], args.rank, args.alpha),
-                                                     cache, test)}
-    full = fine_tune(cache, train, seed, seed, args)
-    out["fine-tuned on all"] = perplexity(full, cache, test)
-    out["fine-tuned on all, other data order"] = perplexity(fine_tune(cache, train, seed, seed + 10_000, args),
-                                                            cache, test)
-    started = time.perf_counter()
-    res = distinf.attribute(full, examples(cache, train), examples(cache, test), task=per_sequence_losses,
-                            config={"compression": {"k": args.k}, "scoring": {"self_influence": False}},
-                            batch_size=8)
-    out["attribution seconds"] = time.perf_counter() - started
-    score_mean = res.scores.mean(0)
+    out = {BASE_ROW: perplexity(OutputLoRA(cache["base_weight"], args.rank, args.alpha), cache, test)}
+    if reused:
+        saved, score_mean = reused
+        if not math.isclose(saved[BASE_ROW], out[BASE_ROW], rel_tol=1e-6) or len(score_mean) != len(train):
+            raise SystemExit(f"seed {seed}: the reused run has base perplexity {saved[BASE_ROW]:.4f} and "
+                             f"{len(score_mean)} scores; this cache and split give {out[BASE_ROW]:.4f} and "
+                             f"{len(train)} training sequences")
+        out.update({row: saved[row] for row in REUSABLE_ROWS[1:]})
+    else:
+        full = fine_tune(cache, train, seed, seed, args)
+        out["fine-tuned on all"] = perplexity(full, cache, test)
+        out["fine-tuned on all, other data order"] = perplexity(fine_tune(cache, train, seed, seed + 10_000, args),
+                                                                cache, test)
+        started = time.perf_counter()
+        res = distinf.attribute(full, examples(cache, train), examples(cache, test), task=per_sequence_losses,
+                                config={"compression": {"k": args.k}, "scoring": {"self_influence": False}},
+                                batch_size=8)
+        out["attribution seconds"] = time.perf_counter() - started
+        score_mean = res.scores.mean(0)
     subset = (lambda chosen: train[chosen]) if args.protocol == "keep" else (lambda chosen: train[kept(len(train), chosen)])
+    universe = train if args.order == "coupled" else None
     for fraction in args.fractions:
         top, rand = removal_sets(score_mean, fraction, np.random.default_rng([seed, int(fraction * 1000)]))
-        out[f"top {fraction:.0%}"] = perplexity(fine_tune(cache, subset(top), seed, seed, args), cache, test)
-        out[f"random {fraction:.0%}"] = perplexity(fine_tune(cache, subset(rand), seed, seed, args), cache, test)
+        for name, chosen in ((f"top {fraction:.0%}", top), (f"random {fraction:.0%}", rand)):
+            out[name] = perplexity(fine_tune(cache, subset(chosen), seed, seed, args, universe), cache, test)
     return out, score_mean
 
 
@@ -265,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="optimiser steps of every fine-tune, whatever the size of its training set")
     parser.add_argument("--epochs", type=float,
                         help="instead of --steps: every fine-tune makes this many passes over its own set")
+    parser.add_argument("--order", choices=["independent", "coupled"], default="independent",
+                        help="independent: each arm's fine-tune draws its own data order (session 4); coupled: "
+                             "every arm follows one order of the full training set with its missing sequences "
+                             "skipped, so the top-vs-random gap is not swamped by data-order noise")
+    parser.add_argument("--reuse", type=Path, metavar="DIR",
+                        help="take each seed's full fine-tune rows and ranking from an earlier --results DIR "
+                             "run (same sizes and schedule) instead of recomputing them")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's (the paper's GPT-2 setting)")
@@ -296,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
             cache_minutes = (time.perf_counter() - started) / 60
             print(f"cache of {len(cache['input_ids'])} sequences: {cache_minutes:.1f} min", flush=True)
         seed_started = time.perf_counter()
-        result, score_mean = run_seed(seed, cache, args)
+        reused = None
+        if args.reuse:
+            reused = (json.loads((args.reuse / f"seed{seed}.json").read_text()),
+                      np.load(args.reuse / f"seed{seed}-score_mean.npy"))
+        result, score_mean = run_seed(seed, cache, args, reused)
         results.append(result)
         results[-1]["seed seconds"] = time.perf_counter() - seed_started
         results[-1]["cache minutes"] = cache_minutes
@@ -324,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({adapter_parameters:,} parameters; the 134.5M base weights frozen, "
         f"see the script's docstring for why), AdamW lr {args.lr:g}, weight decay {args.weight_decay:g}, batch "
         f"{args.batch_size}, {schedule}; the adapter starts from the same seeded "
-        f"initialisation in every arm. "
+        f"initialisation in every arm, "
+        + ("and every arm follows one random order of the full training set with the sequences it lacks skipped "
+           "(--order coupled). " if args.order == "coupled" else "and draws its own data order. ")
+        + (f"The full fine-tunes and the ranking are those of {args.reuse} (--reuse; the seed minutes "
+           "exclude them). " if args.reuse else "") +
         f"Influence of every training sequence on the test set (score_mean) by `distinf.attribute` with dropout "
         f"k = {args.k} and the exact Gauss-Newton solve "
         f"({statistics.mean(r['attribution seconds'] for r in results):.0f} s per seed). 'top x%' fine-tunes the "

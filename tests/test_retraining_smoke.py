@@ -156,16 +156,48 @@ def test_batch_order_gives_every_set_the_same_steps_in_whole_passes():
                        torch.cat(language.batch_order(torch.arange(9), 4, 2, 0)))
 
 
+def test_coupled_order_keeps_shared_sequences_in_the_same_relative_order():
+    universe = torch.arange(100, 140)
+    subsets = [universe[universe % 3 != 0], universe[universe % 5 != 0], universe]
+    streams = [torch.cat(language.batch_order(index, steps=12, batch_size=4, order_seed=3, universe=universe))
+               for index in subsets]
+    for index, stream in zip(subsets, streams):
+        assert sorted(stream[: len(index)].tolist()) == sorted(index.tolist())  # the first pass: the set once
+    shared = set(subsets[0].tolist()) & set(subsets[1].tolist())
+    first_pass = [[i for i in stream[: len(index)].tolist() if i in shared] for index, stream in zip(subsets, streams)]
+    assert first_pass[0] == first_pass[1] == first_pass[2]
+    # The full set's order is the uncoupled one, so full fine-tunes are the same under either order.
+    assert torch.equal(streams[2], torch.cat(language.batch_order(universe, steps=12, batch_size=4, order_seed=3)))
+    independent = [torch.cat(language.batch_order(index, steps=12, batch_size=4, order_seed=3))[: len(index)]
+                   for index in subsets[:2]]
+    assert [i for i in independent[0].tolist() if i in shared] != [i for i in independent[1].tolist() if i in shared]
+
+
+def language_args(**overrides):
+    settings = dict(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, epochs=None, batch_size=4, lr=1e-2,
+                    weight_decay=0.01, k=128, fractions=[0.25, 0.5], protocol="keep", order="independent")
+    return language.argparse.Namespace(**{**settings, **overrides})
+
+
+def test_language_seed_reuses_a_saved_ranking_and_full_fine_tunes(tiny_language_cache):
+    _, cache = tiny_language_cache
+    args = language_args(protocol="remove", order="coupled")
+    first, score_mean = language.run_seed(0, cache, args)
+    again, same_ranking = language.run_seed(0, cache, args, reused=(first, score_mean))
+    assert same_ranking is score_mean
+    assert again == pytest.approx(first, rel=1e-6)  # the arms are retrained and agree
+    with pytest.raises(SystemExit, match="base perplexity"):
+        language.run_seed(1, cache, args, reused=(first, score_mean))  # another split
+
+
 @pytest.mark.parametrize("protocol", ["keep", "remove"])
 def test_language_seed_fine_tunes_and_ranks_on_the_cache(tiny_language_cache, protocol, monkeypatch):
     _, cache = tiny_language_cache
-    args = language.argparse.Namespace(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, epochs=None, batch_size=4,
-                                       lr=1e-2, weight_decay=0.01, k=128, fractions=[0.25, 0.5],
-                                       protocol=protocol)
+    args = language_args(protocol=protocol)
     trained_on = []
     fine_tune = language.fine_tune
-    monkeypatch.setattr(language, "fine_tune", lambda cache, index, *rest: trained_on.append(index) or
-                        fine_tune(cache, index, *rest))
+    monkeypatch.setattr(language, "fine_tune", lambda cache, index, *rest, **kw: trained_on.append(index) or
+                        fine_tune(cache, index, *rest, **kw))
     result, score_mean = language.run_seed(0, cache, args)
     assert score_mean.shape == (24,) and np.isfinite(score_mean).all()
     expected = {"base model (no fine-tuning)", "fine-tuned on all", "fine-tuned on all, other data order",
