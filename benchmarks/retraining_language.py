@@ -225,9 +225,17 @@ def run_seed(seed: int, cache: dict[str, Tensor], args,
     universe = train if args.order == "coupled" else None
     for fraction in args.fractions:
         top, rand = removal_sets(score_mean, fraction, np.random.default_rng([seed, int(fraction * 1000)]))
-        for name, chosen in ((f"top {fraction:.0%}", top), (f"random {fraction:.0%}", rand)):
+        draws = [rand] + [removal_sets(score_mean, fraction, np.random.default_rng([seed, int(fraction * 1000), j]))[1]
+                          for j in range(1, args.random_draws)]
+        arms = [(f"top {fraction:.0%}", top)] + [(random_row(fraction, j), chosen) for j, chosen in enumerate(draws)]
+        for name, chosen in arms:
             out[name] = perplexity(fine_tune(cache, subset(chosen), seed, seed, args, universe), cache, test)
     return out, score_mean
+
+
+def random_row(fraction: float, draw: int) -> str:
+    """The row of the draw-th random x% (0: the one every table compares with)."""
+    return f"random {fraction:.0%}" + (f" (draw {draw + 1})" if draw else "")
 
 
 def validate_schedule(cache: dict[str, Tensor], args, max_epochs: float = 3.0) -> None:
@@ -273,6 +281,12 @@ def table(results: list[dict[str, float]], args) -> list[str]:
         lines.append(f"| {label}{top} by dropout influence | {summary([r[top] for r in results])} | "
                      f"{summary(gaps, sign=True)} | {', '.join(f'{g:+.2f}' for g in gaps)} | "
                      f"{sum((g < 0) if keep else (g > 0) for g in gaps)} of {len(gaps)} |")
+        for seed, r in zip(args.seeds, results) if args.random_draws > 1 else ():  # the gap's null spread
+            draws = [r[random_row(fraction, j)] for j in range(args.random_draws)]
+            spread, gap = statistics.stdev(draws), r[top] - statistics.mean(draws)
+            lines.append(f"| {label}random {fraction:.0%}, {len(draws)} draws (seed {seed}) | "
+                         f"{statistics.mean(draws):.2f} ± {spread:.2f} | top − their mean {gap:+.2f} "
+                         f"({gap / spread:+.1f} std) | {', '.join(f'{d:.2f}' for d in draws)} | |")
     return lines
 
 
@@ -296,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="independent: each arm's fine-tune draws its own data order (session 4); coupled: "
                              "every arm follows one order of the full training set with its missing sequences "
                              "skipped, so the top-vs-random gap is not swamped by data-order noise")
+    parser.add_argument("--random-draws", type=int, default=1,
+                        help="random x%% sets per fraction: more than one shows the spread the top-vs-random gap "
+                             "is to be judged against")
     parser.add_argument("--reuse", type=Path, metavar="DIR",
                         help="take each seed's full fine-tune rows and ranking from an earlier --results DIR "
                              "run (same sizes and schedule) instead of recomputing them")

@@ -175,7 +175,8 @@ def test_coupled_order_keeps_shared_sequences_in_the_same_relative_order():
 
 def language_args(**overrides):
     settings = dict(n_train=24, n_test=6, rank=4, alpha=8.0, steps=6, epochs=None, batch_size=4, lr=1e-2,
-                    weight_decay=0.01, k=128, fractions=[0.25, 0.5], protocol="keep", order="independent")
+                    weight_decay=0.01, k=128, fractions=[0.25, 0.5], protocol="keep", order="independent",
+                    random_draws=1, seeds=[0])
     return language.argparse.Namespace(**{**settings, **overrides})
 
 
@@ -188,6 +189,16 @@ def test_language_seed_reuses_a_saved_ranking_and_full_fine_tunes(tiny_language_
     assert again == pytest.approx(first, rel=1e-6)  # the arms are retrained and agree
     with pytest.raises(SystemExit, match="base perplexity"):
         language.run_seed(1, cache, args, reused=(first, score_mean))  # another split
+
+
+def test_language_seed_draws_several_random_sets_and_tables_their_spread(tiny_language_cache):
+    _, cache = tiny_language_cache
+    args = language_args(protocol="remove", fractions=[0.25], random_draws=3)
+    result, score_mean = language.run_seed(0, cache, args)
+    draws = [result[name] for name in ("random 25%", "random 25% (draw 2)", "random 25% (draw 3)")]
+    assert len(set(draws)) == 3  # three different sets left out
+    row = next(line for line in language.table([result], args) if "3 draws (seed 0)" in line)
+    assert f"top − their mean {result['top 25%'] - np.mean(draws):+.2f}" in row
 
 
 @pytest.mark.parametrize("protocol", ["keep", "remove"])
