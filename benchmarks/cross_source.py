@@ -338,7 +338,7 @@ def report(args, results: list[dict], minutes: float) -> str:
     phase_minutes = sum(value for r in results for value in r["seconds"].values()) / 60  # phases reused via --work too
     names = list(results[0]["measures"])
     seeds = " ".join(map(str, args.seeds))
-    command = (f"nice -n 5 .venv/bin/python benchmarks/cross_source.py --seeds {seeds} --n-train {args.n_train} "
+    command = (f".venv/bin/python benchmarks/cross_source.py --seeds {seeds} --n-train {args.n_train} "
                f"--n-query {args.n_query} --max-length {args.max_length} --epochs {args.epochs} --lr {args.lr} "
                f"--batch-size {args.batch_size} --k {args.k}"
                + (f" --attribute-methods {' '.join(args.attribute_methods)}" if args.attribute_methods else "")
