@@ -25,6 +25,11 @@ The session-3 schedule (`--steps 30` on 256 + 64 sequences, 0.47 epochs) is kept
 
 With --results DIR each seed's numbers are saved there, so seeds can run as separate processes
 (`--seeds 0`, `--seeds 1`, ...) and a last call with all seeds only tabulates them.
+
+Telling an effect from retraining noise (session 5): `--order coupled` makes every arm follow one
+order of the full training set (common random numbers), `--random-draws N` retrains on N random
+sets per fraction to show the spread a top-vs-random gap is judged against, and `--reuse DIR` takes
+a seed's full fine-tunes and ranking from an earlier --results DIR, since neither option changes them.
 """
 
 from __future__ import annotations
