@@ -286,7 +286,9 @@ def table(results: list[dict[str, float]], args) -> list[str]:
         lines.append(f"| {label}{top} by dropout influence | {summary([r[top] for r in results])} | "
                      f"{summary(gaps, sign=True)} | {', '.join(f'{g:+.2f}' for g in gaps)} | "
                      f"{sum((g < 0) if keep else (g > 0) for g in gaps)} of {len(gaps)} |")
-        for seed, r in zip(args.seeds, results) if args.random_draws > 1 else ():  # the gap's null spread
+        if args.random_draws == 1:
+            continue
+        for seed, r in zip(args.seeds, results):  # the spread the gap is judged against
             draws = [r[random_row(fraction, j)] for j in range(args.random_draws)]
             spread, gap = statistics.stdev(draws), r[top] - statistics.mean(draws)
             lines.append(f"| {label}random {fraction:.0%}, {len(draws)} draws (seed {seed}) | "

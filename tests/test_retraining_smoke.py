@@ -180,12 +180,18 @@ def language_args(**overrides):
     return language.argparse.Namespace(**{**settings, **overrides})
 
 
-def test_language_seed_reuses_a_saved_ranking_and_full_fine_tunes(tiny_language_cache):
+def test_language_seed_reuses_a_saved_ranking_and_full_fine_tunes(tiny_language_cache, monkeypatch):
     _, cache = tiny_language_cache
     args = language_args(protocol="remove", order="coupled")
     first, score_mean = language.run_seed(0, cache, args)
+    trained_on = []
+    fine_tune = language.fine_tune
+    monkeypatch.setattr(language, "fine_tune", lambda cache, index, *rest, **kw: trained_on.append(index) or
+                        fine_tune(cache, index, *rest, **kw))
+    monkeypatch.setattr(language.distinf, "attribute", None)  # reuse must not attribute again
     again, same_ranking = language.run_seed(0, cache, args, reused=(first, score_mean))
     assert same_ranking is score_mean
+    assert [len(index) for index in trained_on] == [18, 18, 12, 12]  # only the arms, no full fine-tune
     assert again == pytest.approx(first, rel=1e-6)  # the arms are retrained and agree
     with pytest.raises(SystemExit, match="base perplexity"):
         language.run_seed(1, cache, args, reused=(first, score_mean))  # another split
