@@ -43,25 +43,36 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
+def auto_class(cfg: ModelConfig) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def model_config(cfg: ModelConfig) -> Any:
+    """The folder's config.json as a transformers config."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(check_model_dir(cfg), trust_remote_code=cfg.trust_remote_code,
+                                      local_files_only=True)
+
+
 def load_model(cfg: ModelConfig) -> nn.Module:
     """The model in eval mode, with a LoRA adapter if the job names one.
 
-    Under a live `HfDeepSpeedConfig` (ZeRO-3) the parameters are partitioned as they load.
+    Under a live `HfDeepSpeedConfig` (ZeRO-3) the parameters are partitioned as they load; the
+    distributed job streams each rank's partitions instead (distinf.runtime.zero3).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    path = check_model_dir(cfg)
-    auto = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+    model = auto_class(cfg).from_pretrained(
+        check_model_dir(cfg), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
         use_safetensors=not cfg.allow_pickle, local_files_only=True,
     )
     if cfg.lora is not None:
-        model = _with_lora(model, cfg)
+        model = with_lora(model, cfg)
     return model.eval()
 
 
-def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     lora = cfg.lora

@@ -37,7 +37,7 @@ from distinf.core.index_set import IndexSet
 from distinf.core.scoring import TopK
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
 from distinf.ledger import Planned, pending_chunks, verified_records
-from distinf.models import load_tokenizer, model_fingerprint
+from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.reducer import Reducer
 from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
                                          open_for_append, remove_stale_chunks)
@@ -51,8 +51,7 @@ from distinf.tables import rejected_table, top_k_table, train_values_table
 
 __all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
 
-WORKER_ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SPLITS = ("train", "queries")
 # What a resumed run carries over from the stored manifest; the rest is recomputed.
 _CARRIED = ("name", "model_fingerprint", "data_fingerprint", "index_set_hash", "index_set_sha256", "params",
@@ -118,9 +117,16 @@ class Progress:
         return self.done
 
 
-def _worker_env() -> dict:
-    # DISTINF_TEST_* reach the workers so that tests can inject faults into real worker processes.
-    return {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("DISTINF_TEST_")}}
+def worker_env(device: str = "cpu") -> dict:
+    """The environment of the job's actors and tasks.
+
+    DeepSpeed's accelerator is named for the job's device both ways: left to itself it picks CUDA
+    wherever CUDA is visible, and a DS_ACCELERATOR=cpu inherited from the node would shard a GPU
+    job onto the CPU. DISTINF_TEST_* reach the workers so that tests can inject faults into real
+    worker processes.
+    """
+    return {**WORKER_ENV, "DS_ACCELERATOR": device,
+            **{k: v for k, v in os.environ.items() if k.startswith("DISTINF_TEST_")}}
 
 
 def _connect(cfg: JobConfig) -> bool:
@@ -135,7 +141,7 @@ def _connect(cfg: JobConfig) -> bool:
         start, where = (lambda: ray.init(address=cfg.runtime.address, log_to_driver=False)), cfg.runtime.address
     else:
         start, where = (lambda: ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
-                                         runtime_env={"env_vars": _worker_env()})), "a local Ray"
+                                         runtime_env={"env_vars": worker_env(cfg.runtime.device)})), "a local Ray"
     for _ in range(2):
         try:
             start()
@@ -170,7 +176,7 @@ def _fatal(error: BaseException, run_dir: Path) -> Exception | None:
     if isinstance(error, RayActorError) and error.actor_init_failed:
         return JobError(f"an actor of the job could not start: {error}")
     cause = _cause(error)
-    if isinstance(cause, (DataError, JobError)):
+    if isinstance(cause, (DataError, JobError, ModelError)):  # the same on every restart
         return cause
     if isinstance(cause, IntegrityError):
         return JobError(str(cause))
@@ -235,10 +241,14 @@ class WorkerGroup:
             remove_placement_group(self.placement)
 
 
+def worker_bundle(device: str) -> dict[str, int]:
+    """One rank's placement-group bundle: a CPU, and on a GPU job the GPU Ray then makes its only visible one."""
+    return {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
+
+
 def _start_workers(cfg: JobConfig, run_dir: Path, group: WorkerGroup) -> None:
     world = cfg.runtime.num_workers
-    gpu = cfg.runtime.device == "cuda"
-    bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+    bundle = worker_bundle(cfg.runtime.device)
     # The keys the job set, so that the worker's validation sees the same job as the driver's.
     job = cfg.model_dump(exclude_unset=True)
     group.placement = placement_group([bundle] * world, strategy="PACK")
@@ -249,9 +259,9 @@ def _start_workers(cfg: JobConfig, run_dir: Path, group: WorkerGroup) -> None:
                        "does the cluster have that many free slots?") from None
     group.workers = [
         GradientWorker.options(
-            num_cpus=1, num_gpus=1 if gpu else 0,
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group.placement, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": _worker_env()},
+            runtime_env={"env_vars": worker_env(cfg.runtime.device)},
         ).remote(rank, world, job, str(run_dir))
         for rank in range(world)
     ]
@@ -325,6 +335,7 @@ def _gradient_pass(cfg: JobConfig, run_dir: Path, work: dict[str, SplitWork], pa
                 if todo[split]:
                     for record in _compress(group, run_dir, split, work[split], pad_token_id, todo[split], attempt):
                         records[split][(record["chunk"], record["rank"])] = record
+            _record_memory(run_dir, state, _await_group([w.memory.remote() for w in group.workers], run_dir))
             _await_group([w.shutdown.remote() for w in group.workers], run_dir)
             break
         except _GroupFailed as failure:
@@ -384,10 +395,19 @@ def _adopt_index_set(run_dir: Path, state: dict, infos: list[dict]) -> pa.Table:
         params={"total": infos[0]["total_params"], "tracked": infos[0]["tracked_params"],
                 "tracked_fraction": infos[0]["tracked_params"] / infos[0]["total_params"]},
         workers=[{"rank": i["rank"], "host": i["host"], "node_ip": i["node_ip"], "node_id": i["node_id"],
-                  "local_params": i["local_params"]} for i in infos],
+                  "local_params": i["local_params"], "setup_seconds": i["setup_seconds"], "memory": i["memory"]}
+                 for i in infos],
     )
     atomic_write_json(state, run_dir / MANIFEST)
     return table
+
+
+def _record_memory(run_dir: Path, state: dict, peaks: list[dict]) -> None:
+    """Each rank's peak memory of the gradient pass, beside its setup peak (bytes; None where the
+    platform does not report it)."""
+    for worker, peak in zip(state["workers"], peaks):
+        worker["memory"] = {**worker.get("memory", {}), **peak}
+    atomic_write_json(state, run_dir / MANIFEST)
 
 
 def _compress(group: WorkerGroup, run_dir: Path, split: str, work: SplitWork, pad_token_id: int,
@@ -429,7 +449,7 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
     for attempt in range(max_restarts + 1):
         reducer = None
         try:
-            reducer = Reducer.options(runtime_env={"env_vars": _worker_env()}).remote(slices, cfg.hessian.model_dump())
+            reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
             reduced = ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(run_dir / "curvature"),
                                                     attempt))
             lap("curvature")

@@ -8,7 +8,6 @@ indices for every rank, and each chunk is committed to the ledger as it complete
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any, Sequence
 
@@ -16,34 +15,12 @@ import ray
 import torch
 from torch import Tensor
 
-from distinf.api import compress_examples
 from distinf.config import JobConfig
-from distinf.core.capture import GradientCapture
-from distinf.core.compressors import build_compressor
-from distinf.core.tasks import loss_function
-from distinf.core.tracking import track_modules
 from distinf.data import PAD, DataError
 from distinf.ledger import commit_chunk
-from distinf.models import load_model
 from distinf.runtime.faults import injected_delay, injected_fault
+from distinf.runtime.shard import GradientShard
 from distinf.tables import gradient_table
-
-
-def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
-    batch = cfg.runtime.batch_size
-    return {
-        "train_micro_batch_size_per_gpu": batch,
-        "train_batch_size": batch * world_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {
-            "stage": 3,
-            # Partition every tensor, small ones too, so each rank holds ~p/W elements.
-            "stage3_param_persistence_threshold": 0,
-            "stage3_model_persistence_threshold": 0,
-        },
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
-    }
 
 
 def nonfinite_rows(losses: Tensor, grads: Tensor) -> dict[int, str]:
@@ -66,18 +43,15 @@ def nonfinite_error(split: str, ids: Sequence[str], bad: dict[int, str], dtype: 
                      "Set data.on_bad_row: skip to leave such examples out (listed in rejected.parquet).")
 
 
-def local_parameter_elements(model: torch.nn.Module) -> int:
-    """Parameter elements this rank holds: its ZeRO-3 partitions, or everything when replicated."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
-
-
 @ray.remote
 class GradientWorker:
+    """A Ray actor around one GradientShard: placement, rendezvous, chunks and their ledger commits."""
+
     def __init__(self, rank: int, world_size: int, job: dict, run_dir: str):
         self.rank, self.world_size = rank, world_size
         self.cfg = JobConfig.model_validate(job)
         self.run_dir = run_dir
-        self.capture: GradientCapture | None = None
+        self.shard = GradientShard(self.cfg, rank, world_size)
         self.batches = 0
 
     def address(self) -> dict:
@@ -89,41 +63,13 @@ class GradientWorker:
             return s.getsockname()[1]
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the process group, build the (sharded) model, derive the index set, hook it."""
-        cfg, runtime = self.cfg, self.cfg.runtime
-        self.device = torch.device("cuda", 0) if runtime.device == "cuda" else torch.device("cpu")
-        if runtime.zero_stage == 3:
-            model = self._sharded_model(master_addr, master_port)
-        else:  # stages 0-2 shard only optimiser state and gradients, which inference never has
-            model = load_model(cfg.model).to(self.device)
-        comp = cfg.compression
-        tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
-        compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
-        self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
-        self.capture = GradientCapture(model, tracked, compressor).__enter__()
-        self.loss_fn = loss_function(cfg.model.task)
-        return {
-            "rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
-            "node_ip": ray.util.get_node_ip_address(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "local_params": local_parameter_elements(model), "total_params": tracked.total_numel,
-            "tracked_params": tracked.tracked_numel, "index_set_hash": self.index_set.fingerprint(),
-            "index_set": self.index_set.to_table() if self.rank == 0 else None,
-        }
+        """The shard's setup, with where it runs and (rank 0) the index set's table."""
+        info = self.shard.setup(master_addr, master_port)
+        return {**info, "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "index_set": self.shard.index_set.to_table() if self.rank == 0 else None}
 
-    def _sharded_model(self, master_addr: str, master_port: int) -> torch.nn.Module:
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # On CPU the shared-memory comm op would JIT-compile for a minute and leak /dev/shm files.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        config = deepspeed_config(self.cfg, self.world_size)
-        self._hf_ds_config = HfDeepSpeedConfig(config)  # alive while loading: partition on construction
-        engine, *_ = deepspeed.initialize(model=load_model(self.cfg.model), config=config)
-        return engine.module
+    def memory(self) -> dict:
+        return self.shard.memory()
 
     def compress(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
                  chunks: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, progress: Any = None,
@@ -142,7 +88,7 @@ class GradientWorker:
             for start in range(0, len(positions), batch_size):
                 step = list(positions[start : start + batch_size])
                 batch = [examples[p if p != PAD else 0] for p in step]
-                g, loss = compress_examples(self.capture, batch, self.loss_fn, len(batch), self.device, pad_token_id)
+                g, loss = self.shard.compute(batch, pad_token_id)
                 real = [i for i, p in enumerate(step) if p != PAD]
                 step_ids, g, loss = [ids[step[i]] for i in real], g[real], loss[real]
                 bad = nonfinite_rows(loss, g)
@@ -167,8 +113,4 @@ class GradientWorker:
         return records
 
     def shutdown(self) -> None:
-        if self.capture is not None:
-            self.capture.__exit__(None, None, None)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
+        self.shard.close()

@@ -1,0 +1,51 @@
+"""This process's resident memory, as Linux reports it: what a worker records in the manifest.
+
+Peak RSS is VmHWM from /proc/self/status; writing 5 to /proc/self/clear_refs resets it, so the
+setup peak and the gradient-pass peak are told apart. Elsewhere (or without permission) the
+readings are None and nothing is reset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss() -> int | None:
+    """Bytes: the highest resident set since the process started or since reset_peak_rss()."""
+    return _status_bytes("VmHWM")
+
+
+def current_rss() -> int | None:
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_memory() -> None:
+    """Hand memory freed inside glibc's heap back to the system (malloc_trim), so a transient
+    such as one module's full weights during construction stops counting as resident."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

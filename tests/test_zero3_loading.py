@@ -1,0 +1,106 @@
+"""ZeRO-3 partitions streamed from safetensors (distinf.runtime.zero3), against from_pretrained.
+
+Two real ranks (processes over gloo, DeepSpeed ZeRO-3); each gathers every parameter with
+DeepSpeed's own GatheredParameters and compares it with the same checkpoint loaded by
+transformers without DeepSpeed.
+"""
+
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import tiny_models
+from distinf.checkpoint import Checkpoint, CheckpointError
+from distinf.config import JobConfig
+from distinf.runtime.zero3 import deepspeed_config, largest_gather, map_weights
+
+pytestmark = pytest.mark.distributed
+
+
+def _job(model_dir, task="causal_lm", dtype="float32", device="cpu") -> JobConfig:
+    return JobConfig.model_validate({
+        "name": "zero3", "model": {"path": str(model_dir), "task": task, "dtype": dtype},
+        "data": {"train": {"path": "train.parquet"}, "queries": {"path": "queries.parquet"}},
+        "runtime": {"num_workers": 2, "device": device},
+    })
+
+
+def _rank(rank: int, port: int, model_dir: str, task: str, skip: tuple[str, ...], sys_path: list[str]) -> None:
+    sys.path[:] = sys_path
+    import os
+
+    import deepspeed
+
+    from distinf.runtime.shard import distributed_env
+    from distinf.runtime.zero3 import partitioned_model
+
+    os.environ.update(distributed_env(rank, 2, "127.0.0.1", port))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = _job(model_dir, task)
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    reference = dict(auto.from_pretrained(model_dir).named_parameters())  # before any ZeRO-3 config is live
+    model = partitioned_model(cfg.model, deepspeed_config(cfg, 2))
+    names = [name for name, _ in model.named_parameters()]
+    assert names == list(reference), (names, list(reference))
+    for name, param in model.named_parameters():
+        assert param.ds_tensor.numel() <= (param.ds_numel + 1) // 2 + 1  # this rank holds half, not the whole
+        with deepspeed.zero.GatheredParameters([param]):
+            if not name.startswith(skip):
+                assert torch.equal(param.data, reference[name].detach()), name
+    assert not model.training
+
+
+def _run_two_ranks(model_dir, task="causal_lm", skip=()) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(model_dir), task, skip, list(sys.path)), nprocs=2)
+
+
+def test_streamed_partitions_gather_to_the_checkpoint_with_tied_weights(tmp_path):
+    tiny_models.gpt2().save_pretrained(tmp_path)  # lm_head tied to wte, stored once
+    assert "lm_head.weight" not in Checkpoint(tmp_path).tensors
+    _run_two_ranks(tmp_path)
+
+
+def test_streamed_partitions_of_a_bare_backbone_checkpoint_in_bfloat16(tmp_path):
+    # A checkpoint of LlamaModel has no "model." prefix; stored in bf16, the job loads it as fp32.
+    model = tiny_models.llama(tied=True)
+    model.model.to(torch.bfloat16).save_pretrained(tmp_path)
+    model.config.save_pretrained(tmp_path)  # the causal-LM config, as a user's folder would hold
+    assert "embed_tokens.weight" in Checkpoint(tmp_path).tensors
+    _run_two_ranks(tmp_path)
+
+
+def test_a_checkpoint_without_the_head_falls_back_to_transformers(tmp_path, capfd):
+    tiny_models.llama(tied=False).save_pretrained(tmp_path)  # no classification head in it
+    _run_two_ranks(tmp_path, task="sequence_classification", skip=("score.",))
+    assert "cannot be streamed per partition: no checkpoint tensor for 1 parameter(s): score.weight" in capfd.readouterr().out
+
+
+def test_map_weights_names_the_parameters_it_cannot_find(tmp_path):
+    tiny_models.llama(tied=False).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(tiny_models.llama().config)
+    with pytest.raises(CheckpointError, match=r"no checkpoint tensor for 1 parameter\(s\): score.weight"):
+        map_weights(classifier, Checkpoint(tmp_path))
+
+
+def test_zero3_limits_release_each_module_and_prefetch_only_on_a_gpu(tmp_path):
+    cpu, gpu = _job(tmp_path), _job(tmp_path, dtype="bfloat16", device="cuda")
+    model = tiny_models.llama(tied=False)
+    largest = largest_gather(model)
+    assert largest == model.model.embed_tokens.weight.numel()  # the embedding (= lm_head) is the biggest gather
+    zero = deepspeed_config(cpu, 2, largest)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["stage3_prefetch_bucket_size"] == 0
+    assert zero["stage3_max_live_parameters"] == largest
+    config = deepspeed_config(gpu, 2, largest)
+    assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == largest
+    assert config["zero_optimization"]["stage3_max_live_parameters"] == 2 * largest
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert "stage3_max_reuse_distance" not in deepspeed_config(cpu, 2)["zero_optimization"]
