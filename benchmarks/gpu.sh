@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# distinf gradient extraction on one GPU (issue 8 item 5), one prepared script, under 8 minutes:
-# a Pythia-1.4B-sized random-initialised model under DeepSpeed ZeRO-3 on one rank, tokens/s of
-# distinf capture against the frozen forward + backward floor, peak GPU memory. See
-# benchmarks/gpu_extraction.py for the method.
+# distinf gradient extraction on one GPU (issue 15 item 4), one prepared script, under 8 minutes:
+# the gradient worker's own setup + compress path (distinf.runtime.shard.GradientShard, what the
+# Ray actor runs, here without Ray) on a random-initialised Pythia-1.4B-sized model written as a
+# bf16 safetensors checkpoint: ZeRO-3 on one rank over NCCL, partitions streamed from the
+# checkpoint, tokens/s of distinf capture against the frozen forward + backward floor, setup time,
+# peak GPU memory. See benchmarks/gpu_extraction.py for the method.
 #
-# The GPU machine (DESIGN.md §5) has python 3.12, torch, transformers, pyarrow but no deepspeed
+# The GPU machine has python 3.12, torch, transformers, pyarrow but no deepspeed
 # and no package registry, so DeepSpeed travels as wheels in .whl/ (ignored by git):
 #   benchmarks/gpu.sh --prepare    on this (CPU) machine: puts deepspeed and the pure-Python
 #                                  packages it needs into .whl/, from this virtualenv; says which

@@ -1,13 +1,22 @@
 """Gradient extraction on one GPU: distinf capture against the frozen forward + backward floor.
 
-One worker's path without Ray (the GPU machine has no Ray): torch.distributed with a single rank,
-the model built under DeepSpeed ZeRO-3 as `GradientWorker.setup` builds it (or, where DeepSpeed
-cannot be imported, a plain model on the device, and the output says so), a random-initialised
+`--path worker` (the default where DeepSpeed and the job config import): the code the gradient
+worker actor runs, without Ray (the GPU machine has none). A random-initialised
 Pythia-1.4B-sized GPT-NeoX (24 layers, width 2048, vocabulary 50,304; --size tiny for a check on
-any machine), one batch of random token ids. For each k the capture (`GradientCapture.batch`)
-alternates with the floor (forward + backward with frozen weights, the embedding output made to
-require grad) after warm-up; tokens/s are medians, the ratio is the median of per-pair ratios.
-Peak GPU memory is `torch.cuda.max_memory_allocated` over one step of each, after a reset.
+any machine) is written as a safetensors folder in --dtype, and `distinf.runtime.shard.GradientShard`
+sets up one rank exactly as the actor does (torch.distributed, ZeRO-3 partitions streamed from
+the checkpoint, the job's release-after-use limits, the index set, the hooks); a capture step is
+`GradientShard.compute` on a list of examples (collate, pinned asynchronous copy to the GPU,
+forward, backward, [N, k] back to the host). Its setup time and peak GPU memory are recorded.
+
+`--path core` (where DeepSpeed cannot be imported, or asked for): the model built in memory,
+under ZeRO-3 when DeepSpeed imports, else plain on the device (the output says which), and the
+capture is `GradientCapture.batch` on a batch already on the device.
+
+For each k the capture alternates with the floor (forward + backward with frozen weights, the
+embedding output made to require grad, on a batch already on the device) after warm-up;
+tokens/s are medians, the ratio is the median of per-pair ratios. Peak GPU memory is
+`torch.cuda.max_memory_allocated` over one step of each, after a reset.
 
     python benchmarks/gpu_extraction.py --out DIR            # on the GPU machine (benchmarks/gpu.sh)
     python benchmarks/gpu_extraction.py --size tiny --device cpu
@@ -101,6 +110,40 @@ def zero3_model(deepspeed, config, dtype: torch.dtype, device: torch.device, bat
     return engine.module.eval()
 
 
+def worker_shard(config, args: argparse.Namespace, device: torch.device, k: int):
+    """One rank set up by the worker's own code on a checkpoint written to a temporary folder."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from scale import write_random_checkpoint
+
+    from distinf.config import JobConfig
+    from distinf.runtime.shard import GradientShard
+
+    folder = Path(tempfile.gettempdir()) / f"distinf-gpu-{args.size}-{args.dtype}"
+    if not (folder / "model.safetensors.index.json").is_file():
+        write_random_checkpoint(folder, config, DTYPES[args.dtype])
+    cfg = JobConfig.model_validate({
+        "name": "gpu", "model": {"path": str(folder), "dtype": args.dtype},
+        "data": {"train": {"path": "unused.parquet"}, "queries": {"path": "unused.parquet"}},
+        "compression": {"k": k, "seed": 0},
+        "runtime": {"num_workers": 1, "device": device.type, "batch_size": args.batch},
+    })
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shard = GradientShard(cfg, 0, 1)
+    return shard, shard.setup("127.0.0.1", port)
+
+
+def worker_capture_step(shard, examples: list[dict]) -> "callable":
+    def run(_batch: dict) -> None:
+        with shard.capture:
+            shard.compute(examples, pad_token_id=0)
+
+    return run
+
+
 def plain_model(config, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -167,6 +210,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--zero3", default="auto", choices=["auto", "on", "off"],
                         help="auto: ZeRO-3 when deepspeed imports, else a plain model (and say so)")
+    parser.add_argument("--path", default="auto", choices=["auto", "worker", "core"],
+                        help="worker: GradientShard on a checkpoint, as the actor runs; core: the model in memory")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     args = parser.parse_args()
 
@@ -178,25 +223,45 @@ def main() -> None:
     deepspeed, ds_note = (None, "ZeRO-3 off (--zero3 off)") if args.zero3 == "off" else deepspeed_or_reason()
     if deepspeed is None and args.zero3 == "on":
         raise SystemExit(ds_note)
+    path = args.path
+    if path == "auto":
+        path = "worker" if deepspeed is not None and worker_path_importable() else "core"
     config = model_config(args.size)
+    ks = [int(k) for k in args.ks.split(",") if k]
     torch.manual_seed(0)
-    model = zero3_model(deepspeed, config, dtype, device, args.batch) if deepspeed else plain_model(config, dtype, device)
+    shard, setup = None, None
+    if path == "worker":
+        shard, setup = worker_shard(config, args, device, ks[0])
+        model = shard.capture.model
+        shard.capture.__exit__(None, None, None)  # entered per step below, so the floor runs without hooks
+        ds_note += "; the worker's own setup (GradientShard, checkpoint streamed per partition)"
+    elif deepspeed:
+        model = zero3_model(deepspeed, config, dtype, device, args.batch)
+    else:
+        model = plain_model(config, dtype, device)
     sync(device)
     load_s = time.perf_counter() - started
     tracked = track_modules(model)
     after_load = torch.cuda.memory_allocated() if device.type == "cuda" else None
     ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    examples = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
     print(json.dumps({"size": args.size, "device": str(device), "dtype": args.dtype, "zero3": deepspeed is not None,
-                      "note": ds_note, "params": tracked.total_numel, "tracked": tracked.tracked_numel,
-                      "load_s": round(load_s, 1)}), flush=True)
+                      "path": path, "note": ds_note, "params": tracked.total_numel, "tracked": tracked.tracked_numel,
+                      "load_s": round(load_s, 1), "setup": setup and {k: v for k, v in setup.items()
+                                                                       if k != "index_set_hash"}}), flush=True)
 
     floor = floor_step(model)
     for _ in range(args.warmup):
         floor(batch)
     rows = [{"config": "floor", "peak_bytes": peak_memory(floor, batch, device)}]
-    for k in [int(k) for k in args.ks.split(",") if k]:
-        capture = capture_step(GradientCapture(model, tracked, draw_index_set(tracked.param_shapes, k, 0)))
+    for k in ks:
+        if shard is not None:
+            if k != ks[0]:  # the same shard and model, the index set of this k
+                shard.capture = GradientCapture(model, tracked, draw_index_set(tracked.param_shapes, k, 0))
+            capture = worker_capture_step(shard, examples)
+        else:
+            capture = capture_step(GradientCapture(model, tracked, draw_index_set(tracked.param_shapes, k, 0)))
         for _ in range(args.warmup):
             capture(batch)
         pairs = [(timed(floor, batch, device), timed(capture, batch, device)) for _ in range(args.pairs)]
@@ -214,6 +279,7 @@ def main() -> None:
         f"device: {name}; torch {torch.__version__}; {args.size} GPT-NeoX, random init, {tracked.total_numel:,} "
         f"parameters ({tracked.tracked_numel:,} tracked), {args.dtype}; "
         f"{'ZeRO-3 on one rank (' + ds_note + ')' if deepspeed else 'NO ZeRO-3: ' + ds_note}; "
+        f"{_setup_line(setup, gib)}"
         f"batch {args.batch} × {args.tokens} tokens; {args.pairs} pairs after {args.warmup} warm-ups; "
         f"memory after load {gib(after_load)}; total {time.perf_counter() - started:.0f} s.",
         "",
@@ -230,7 +296,26 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.md").write_text(report + "\n")
         (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "note": ds_note,
-                                                          "zero3": deepspeed is not None, "rows": rows}, indent=1))
+                                                          "zero3": deepspeed is not None, "path": path,
+                                                          "setup": setup, "rows": rows}, indent=1, default=str))
+
+
+def worker_path_importable() -> bool:
+    try:
+        import distinf.runtime.shard  # noqa: F401  (needs pydantic for the job config)
+        return True
+    except Exception as error:
+        print(f"note: the worker path cannot be imported ({type(error).__name__}: {error}); using --path core",
+              flush=True)
+        return False
+
+
+def _setup_line(setup: dict | None, gib) -> str:
+    if not setup:
+        return ""
+    memory = setup["memory"]
+    return (f"worker setup {setup['setup_seconds']:.0f} s, {setup['local_params']:,} parameters held, setup peak RSS "
+            f"{gib(memory.get('setup_peak_rss'))}, setup peak GPU {gib(memory.get('setup_peak_gpu_allocated'))}; ")
 
 
 if __name__ == "__main__":

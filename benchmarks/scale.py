@@ -54,23 +54,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def random_llama(name: str) -> Path:
-    """The model folder, written once: shapes from a meta-device model, weights N(0, 0.02²) drawn
-    tensor by tensor, one shard in memory at a time."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The model folder under .assets/scale/, written once, with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig
 
     folder = assets_root() / "scale" / name
-    if (folder / "model.safetensors.index.json").is_file():
-        return folder
-    tokenizer_dir = smollm2_dir()
-    config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, **SHAPES[name])
+    if not (folder / "model.safetensors.index.json").is_file():
+        config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                             bos_token_id=1, eos_token_id=2, **SHAPES[name])
+        write_random_checkpoint(folder, config, tokenizer_dir=smollm2_dir())
+    return folder
+
+
+def write_random_checkpoint(folder: Path, config, dtype: torch.dtype = torch.float32,
+                            tokenizer_dir: Path | None = None) -> Path:
+    """A causal-LM folder of `config` with weights N(0, 0.02²) (norms 1) drawn tensor by tensor,
+    in safetensors shards of SHARD_BYTES, one shard in memory at a time; renamed into place last."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
+        skeleton = AutoModelForCausalLM.from_config(config)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config.save_pretrained(tmp)
-    for file in TOKENIZER_FILES:
+    for file in TOKENIZER_FILES if tokenizer_dir else ():
         if (tokenizer_dir / file).is_file():
             shutil.copy(tokenizer_dir / file, tmp / file)
     generator = torch.Generator().manual_seed(0)
@@ -84,19 +91,20 @@ def random_llama(name: str) -> Path:
         shard, shard_bytes = {}, 0
 
     for key, param in skeleton.named_parameters():
-        if key.endswith("norm.weight"):
-            value = torch.ones(param.shape)
+        if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+            value = torch.ones(param.shape, dtype=dtype)
         else:
-            value = torch.empty(param.shape).normal_(0.0, 0.02, generator=generator)
+            value = torch.empty(param.shape).normal_(0.0, 0.02, generator=generator).to(dtype)
         shard[key] = value
-        shard_bytes += value.numel() * 4
-        total += value.numel() * 4
+        shard_bytes += value.numel() * value.element_size()
+        total += value.numel() * value.element_size()
         if shard_bytes >= SHARD_BYTES:
             flush()
     if shard:
         flush()
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                  "weight_map": weight_map}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
 
