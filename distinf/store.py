@@ -19,19 +19,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from safetensors.numpy import load, save_file
+from safetensors.numpy import load
 
 MANIFEST = "manifest.json"
 
@@ -245,10 +247,99 @@ def atomic_write_json(data: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def atomic_write_arrays(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
-    """safetensors (no pickle) of named numpy arrays."""
-    _commit(path, lambda tmp: save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, tmp))
+Layout = Sequence[tuple[str, Any, tuple[int, ...]]]
+"""(name, numpy dtype, shape) of each array of a safetensors file, in the order of their bytes."""
+
+_SAFETENSORS_DTYPES = {np.dtype(t): code for t, code in (
+    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"), (np.int32, "I32"),
+    (np.int16, "I16"), (np.int8, "I8"), (np.uint64, "U64"), (np.uint32, "U32"), (np.uint16, "U16"),
+    (np.uint8, "U8"), (np.bool_, "BOOL"))}
+_BAND_BYTES = 8 << 20  # a non-contiguous array is written in row bands of about this size
+
+
+def safetensors_layout(specs: dict[str, tuple[Any, tuple[int, ...]]]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """{name: (dtype, shape)} in the order safetensors' own writer puts the bytes (larger dtypes first,
+    then by name), so that a file streamed in this layout is byte for byte `safetensors.numpy.save_file`'s."""
+    names = sorted(specs, key=lambda name: (-np.dtype(specs[name][0]).itemsize, name))
+    return [(name, np.dtype(specs[name][0]), tuple(int(d) for d in specs[name][1])) for name in names]
+
+
+def _little_endian(layout: Layout) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    return [(name, np.dtype(dtype).newbyteorder("<"), tuple(int(d) for d in shape)) for name, dtype, shape in layout]
+
+
+def safetensors_header(layout: Layout) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The 8-byte little-endian length and the JSON header {name: {dtype, shape, data_offsets}} of a
+    safetensors file whose arrays follow in `layout`'s order, padded with spaces to 8 bytes as
+    safetensors pads it (the data starts aligned); and {name: (start, stop)} of each array's bytes
+    from the file's start."""
+    entries, offset = {}, 0
+    for name, dtype, shape in _little_endian(layout):
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"safetensors: no dtype code for {dtype} ({name})")
+        if name in entries:
+            raise ValueError(f"safetensors: {name} twice in one file")
+        size = dtype.itemsize * math.prod(shape)
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    start = 8 + len(header)
+    spans = {name: (start + e["data_offsets"][0], start + e["data_offsets"][1]) for name, e in entries.items()}
+    return struct.pack("<Q", len(header)) + header, spans
+
+
+def _write_array(handle, array: np.ndarray) -> None:
+    if array.flags.c_contiguous:
+        handle.write(array.reshape(-1).view(np.uint8))  # straight from the array's memory
+        return
+    row_bytes = math.prod(array.shape[1:]) * array.itemsize  # a C-order row along the first axis
+    band = max(1, _BAND_BYTES // max(1, row_bytes))
+    for start in range(0, array.shape[0], band):  # a transposed factor, say: one band copied at a time
+        handle.write(np.ascontiguousarray(array[start:start + band]).reshape(-1).view(np.uint8))
+
+
+def write_safetensors(path: str | Path, layout: Layout, arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+    """A safetensors file streamed to a local `path`: the header of `layout` (the file's order), then
+    each (name, array) of `arrays` written at its place as it comes, in any order. The next array is
+    asked for only once the one before is written, so the file is never held in memory and a
+    producer may build, or overwrite, one array at a time. Every name of `layout` must come once."""
+    layout = _little_endian(layout)
+    header, spans = safetensors_header(layout)
+    expected = {name: (dtype, shape) for name, dtype, shape in layout}
+    written: set[str] = set()
+    with open(path, "wb") as handle:
+        handle.write(header)
+        for name, array in arrays:
+            array = np.asarray(array)
+            if name not in expected or name in written:
+                raise ValueError(f"safetensors: {name} is {'written twice' if name in written else 'not in the header'}")
+            dtype, shape = expected[name]
+            if array.dtype.newbyteorder("<") != dtype or array.shape != shape:
+                raise ValueError(f"safetensors: {name} is {array.dtype} {array.shape}, the header says {dtype} {shape}")
+            if array.dtype != dtype:  # big-endian: the file is little-endian
+                array = array.astype(dtype)
+            handle.seek(spans[name][0])
+            _write_array(handle, array)
+            written.add(name)
+        missing = [name for name in expected if name not in written]
+        if missing:
+            raise ValueError(f"safetensors: no array for {missing[:3]} of the header")
+        handle.truncate(spans[layout[-1][0]][1] if layout else len(header))
+
+
+def atomic_write_array_stream(layout: Layout, arrays: Iterable[tuple[str, np.ndarray]], path: str | Path) -> Path:
+    """safetensors (no pickle) of arrays produced one at a time (write_safetensors), committed whole."""
+    _commit(path, lambda tmp: write_safetensors(tmp, layout, arrays))
     return Path(path)
+
+
+def atomic_write_arrays(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
+    """safetensors (no pickle) of named numpy arrays: the bytes `safetensors.numpy.save_file` writes,
+    streamed array by array, never built in memory."""
+    arrays = {name: np.asarray(a) for name, a in arrays.items()}
+    layout = safetensors_layout({name: (a.dtype, a.shape) for name, a in arrays.items()})
+    return atomic_write_array_stream(layout, arrays.items(), path)
 
 
 def read_verified_bytes(path: str | Path, sha256: str) -> bytes:

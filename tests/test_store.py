@@ -13,8 +13,11 @@ import torch
 from distinf.config import HessianConfig
 from distinf.core.solvers import fit_solver
 from distinf.runtime.query import load_solver
-from distinf.store import (atomic_write_arrays, atomic_write_json, commit_table, display, file_sha256, is_empty,
-                           is_remote, list_files, read_verified_table, run_path)
+from safetensors.numpy import load_file, save
+
+from distinf.store import (atomic_write_array_stream, atomic_write_arrays, atomic_write_json, commit_table, display,
+                           file_sha256, is_empty, is_remote, list_files, read_arrays, read_verified_table, run_path,
+                           safetensors_layout)
 
 
 def test_a_uri_keeps_its_meaning_when_pathlib_folds_its_slashes():
@@ -58,3 +61,71 @@ def test_a_stored_curvature_reads_back_to_the_solver_it_was_written_from(tmp_pat
     queries = torch.randn(3, 10, dtype=torch.float64)
     np.testing.assert_allclose(loaded.precondition(queries).numpy(), solver.precondition(queries).numpy(),
                                rtol=1e-12, atol=1e-12)
+
+
+def _mixed_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "cholesky.0": np.asfortranarray(rng.standard_normal((3000, 700))),  # column-major: written in row bands
+        "cholesky.1": rng.standard_normal((5, 5)),
+        "gram_sum.10": rng.standard_normal((4, 3, 2)).transpose(2, 0, 1),    # neither C- nor F-order
+        "scalar": np.array(2.5),
+        "empty": np.zeros((0, 4)),
+        "big_endian": np.arange(7, dtype=">f8"),
+        "f32": rng.standard_normal(9).astype(np.float32),
+        "i64": np.arange(-3, 3, dtype=np.int64),
+        "flags": np.array([True, False, True]),
+    }
+
+
+def test_a_streamed_safetensors_file_reads_back_with_safetensors_own_loader(tmp_path):
+    arrays = _mixed_arrays()
+    path = atomic_write_arrays(arrays, tmp_path / "blocks.safetensors")
+    loaded = load_file(path)
+    assert sorted(loaded) == sorted(arrays)
+    for name, array in arrays.items():
+        assert loaded[name].shape == array.shape and loaded[name].dtype == array.dtype.newbyteorder("=")
+        np.testing.assert_array_equal(loaded[name], array)
+    assert {name: a.tolist() for name, a in read_arrays(path, file_sha256(path)).items()} == \
+        {name: a.tolist() for name, a in loaded.items()}
+    assert list_files(tmp_path) == {path: path.stat().st_size}  # no temporary file left
+
+
+def test_streamed_arrays_of_one_dtype_are_the_bytes_safetensors_writes(tmp_path):
+    arrays = {name: a for name, a in _mixed_arrays().items() if a.dtype == np.float64}
+    path = atomic_write_arrays(arrays, tmp_path / "blocks.safetensors")
+    assert path.read_bytes() == save({name: np.array(a, order="C") for name, a in arrays.items()})
+
+
+def test_arrays_may_come_in_any_order_and_are_read_only_until_written(tmp_path):
+    # The reducer's pattern: every Gram block is written, then each is overwritten by its factor.
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((n, n)) for n in (30, 1, 12)]
+    expected = {f"gram_sum.{i}": b.copy() for i, b in enumerate(blocks)}
+    expected |= {f"cholesky.{i}": 2 * b.T for i, b in enumerate(blocks)}
+
+    def produce():
+        for i, block in enumerate(blocks):
+            yield f"gram_sum.{i}", block
+        for i, block in enumerate(blocks):
+            block *= 2  # in place, after its Gram sum is on its way to disk
+            yield f"cholesky.{i}", block.T
+
+    layout = safetensors_layout({name: (a.dtype, a.shape) for name, a in expected.items()})
+    path = atomic_write_array_stream(layout, produce(), tmp_path / "blocks.safetensors")
+    loaded = load_file(path)
+    assert sorted(loaded) == sorted(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(loaded[name], array)
+    assert path.read_bytes() == save({name: np.array(a, order="C") for name, a in expected.items()})
+
+
+@pytest.mark.parametrize("broken", ["missing", "shape", "unknown", "twice"])
+def test_a_stream_that_does_not_match_its_header_is_refused_and_nothing_is_committed(tmp_path, broken):
+    a, b = np.ones((2, 2)), np.zeros(3)
+    layout = [("a", a.dtype, a.shape), ("b", b.dtype, b.shape)]
+    arrays = {"missing": [("a", a)], "shape": [("a", a), ("b", np.zeros(4))],
+              "unknown": [("a", a), ("c", b)], "twice": [("a", a), ("a", a), ("b", b)]}[broken]
+    with pytest.raises(ValueError, match="safetensors"):
+        atomic_write_array_stream(layout, iter(arrays), tmp_path / "blocks.safetensors")
+    assert list_files(tmp_path) == {}
