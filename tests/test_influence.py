@@ -1,5 +1,7 @@
 """attribute() against a dense solve built from full torch.func gradients, independently of distinf."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import distinf
 import tiny_models
-from distinf.core.curvature import AUTO_DAMPING_SCALE, GramSums, block_damping, factorize
+from distinf.core.curvature import AUTO_DAMPING_SCALE, Curvature, GramSums, block_damping, factorize, factorize_
 
 
 def micro_gpt2():
@@ -119,3 +121,41 @@ def test_zero_damping_on_a_rank_deficient_block_is_refused_clearly():
     sums = GramSums([slice(0, 6)]).add(torch.randn(3, 6))  # rank 3 < 6
     with pytest.raises(ValueError, match="not positive definite.*damping"):
         factorize(sums, 0.0)
+
+
+@pytest.mark.parametrize("damping", ["auto", 0.3])
+def test_in_place_factorisation_equals_cholesky_of_the_damped_gram(damping):
+    torch.manual_seed(3)
+    slices = [slice(0, 7), slice(7, 8), slice(8, 40), slice(40, 41)]
+    g = torch.randn(25, 41, dtype=torch.float32)
+    g[:, 40] = 0  # a block no example touches: zero Gram, λ = 1
+    sums = GramSums(slices).add(g[:9]).add(g[9:])
+    kept = factorize(sums, damping)  # the copying factorisation leaves the sums as they were
+    storage = [b.data_ptr() for b in sums.blocks]
+    curvature = factorize_(sums, damping)
+    x = g.double()
+    for i, part in enumerate(slices):
+        size = part.stop - part.start
+        gram = x[:, part].T @ x[:, part]
+        mean_eigenvalue = float(torch.trace(gram)) / (25 * size)
+        lam = damping if damping != "auto" else (AUTO_DAMPING_SCALE * mean_eigenvalue if mean_eigenvalue > 0 else 1.0)
+        reference = torch.linalg.cholesky(gram / 25 + lam * torch.eye(size, dtype=torch.float64))
+        assert curvature.damping[i] == pytest.approx(lam, rel=1e-12)
+        torch.testing.assert_close(curvature.cholesky[i], reference, rtol=1e-10, atol=1e-12)
+        assert curvature.cholesky[i].data_ptr() == storage[i]  # the Gram block's own storage
+        assert torch.equal(curvature.cholesky[i], kept.cholesky[i])  # and factorize's very numbers
+    assert curvature.damping == kept.damping and curvature.count == kept.count == 25
+
+
+def test_a_curvature_pickles_its_factors_out_of_band_and_reads_back_equal():
+    # Ray's object store pickles with protocol 5: the factors travel as buffers, not in the pickle.
+    sums = GramSums([slice(0, 30), slice(30, 50)]).add(torch.randn(40, 50))
+    curvature = factorize_(sums)
+    buffers = []
+    data = pickle.dumps(curvature, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 2 and len(data) < 1000
+    back = pickle.loads(data, buffers=buffers)
+    assert isinstance(back, Curvature) and back.damping == curvature.damping and back.count == curvature.count
+    assert all(torch.equal(a, b) for a, b in zip(back.cholesky, curvature.cholesky))
+    queries = torch.randn(3, 50)
+    assert torch.equal(back.precondition(queries), curvature.precondition(queries))

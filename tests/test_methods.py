@@ -21,7 +21,7 @@ from distinf.core.compressors.fjlt import hadamard_transform
 from distinf.core.compressors.logra import factor_ranks
 from distinf.core.compressors.pca import PCAFit
 from distinf.core.curvature import AUTO_DAMPING_SCALE
-from distinf.core.solvers import fit_solver, lissa_samples
+from distinf.core.solvers import DataInfSums, fit_solver, lissa_samples
 from distinf.core.tracking import track_modules
 from test_influence import QUERIES, TRAIN, dense_reference, full_gradients, micro_gpt2
 
@@ -296,6 +296,19 @@ def test_datainf_equals_its_formula_computed_densely(blocks, damping):
                                   for g in Gb) / n
     np.testing.assert_allclose(result.scores, (Q @ inverse @ G.T).numpy(), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(result.self_influence, torch.einsum("ik,kl,il->i", G, inverse, G).numpy(), rtol=1e-5)
+
+
+def test_datainf_solved_in_place_equals_its_solve_in_the_sums_own_storage():
+    g = torch.randn(20, 9, dtype=torch.float64)
+    slices, damping = [slice(0, 4), slice(4, 9)], [0.3, 2.0]
+    reference = DataInfSums(slices, damping).add(g).solve()
+    sums = DataInfSums(slices, damping).add(g[:7]).merge(DataInfSums(slices, damping).add(g[7:]))
+    storage = [b.data_ptr() for b in sums.blocks]
+    solved = sums.solve_()
+    for mine, theirs, ptr in zip(solved.inverses, reference.inverses, storage):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)
+        assert mine.data_ptr() == ptr
+    assert solved.count == 20 and solved.damping == damping
 
 
 def test_lissa_converges_to_the_exact_solve_as_iterations_grow():

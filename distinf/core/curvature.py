@@ -1,12 +1,16 @@
 """Gauss-Newton curvature in the compressed space: Ĥ = (1/n) Σ_i ĝ_i ĝ_iᵀ + Λ, block-diagonal.
 
 Gram sums are additive, so workers sum their chunks and a reducer sums the workers, all in
-float64; the damping and the Cholesky factors come from the total.
+float64; the damping and the Cholesky factors come from the total (`factorize`, or `factorize_`
+turning each Gram block into its factor in its own storage).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -52,11 +56,43 @@ class GramSums:
         return self
 
 
+def _rebuild(cls: type, plain: dict, tensors: dict, tensor_lists: dict):
+    # Arrays from Ray's object store are read-only views of shared memory; the tensors over them
+    # are only read (factors, inverses, batches), so torch's warning about it is moot here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return cls(**plain, **{name: torch.from_numpy(a) for name, a in tensors.items()},
+                   **{name: [torch.from_numpy(a) for a in arrays] for name, arrays in tensor_lists.items()})
+
+
+class ArrayPickled:
+    """A dataclass mixin: pickled with its tensor fields (and lists of tensors) as numpy arrays.
+
+    Under pickle protocol 5, which Ray's object store uses, numpy arrays travel out of band: a
+    task that receives the object gets tensors viewing the store's shared memory, with no copy of
+    its own (torch tensors would be pickled in band, and every task would deserialise a copy).
+    Unpickled, it is the same dataclass with the same CPU tensors.
+    """
+
+    def __reduce__(self):
+        plain, tensors, tensor_lists = {}, {}, {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                tensors[f.name] = value.detach().cpu().numpy()
+            elif isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
+                tensor_lists[f.name] = [v.detach().cpu().numpy() for v in value]
+            else:
+                plain[f.name] = value
+        return _rebuild, (type(self), plain, tensors, tensor_lists)
+
+
 @dataclass
-class Curvature:
+class Curvature(ArrayPickled):
     """Ĥ's factorisation: lower Cholesky factor and damping of each block.
 
     Like every solver of distinf.core.solvers it offers precondition and self_influence.
+    Pickled with its factors as numpy arrays (ArrayPickled): zero-copy from Ray's object store.
     """
 
     slices: list[slice]
@@ -85,21 +121,57 @@ def damping_from_trace(trace: float, count: int, size: int, damping: str | float
     return AUTO_DAMPING_SCALE * mean_eigenvalue if mean_eigenvalue > 0 else 1.0
 
 
+def factorize_block_(block: Tensor, count: int, lam: float, part: slice | None = None) -> Tensor:
+    """The lower Cholesky factor L of block/count + λI, computed in block's own storage (float64).
+
+    `block`, a contiguous Gram sum Σ ĝĝᵀ, is overwritten: scaled, damped on its diagonal and
+    factorised in place, with no k_l x k_l temporary. Returns L as the column-major view
+    `block.mT` of that storage, the very tensor (numbers and strides) torch.linalg.cholesky_ex
+    returns for block/count + λI: LAPACK works on column-major matrices, and the transposed view
+    of a symmetric matrix is that matrix in column-major order, so torch factorises it where it
+    lies. `part`, the block's columns, only names it in the error of a block that is not positive
+    definite.
+    """
+    if count == 0:
+        raise ValueError("no training examples: the curvature is undefined")
+    if not block.is_contiguous():
+        raise ValueError("factorize_block_: the Gram block must be contiguous")
+    block.div_(count)
+    block.diagonal().add_(lam)  # in place: no k x k identity or sum temporaries
+    factor = block.mT  # column-major: torch.linalg.cholesky_ex's own layout, so no copy
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    if int(info) != 0:
+        where = f" at columns {part.start}:{part.stop}" if part is not None else ""
+        raise ValueError(
+            f"curvature block{where} is not positive definite "
+            f"(damping {lam:g}); use hessian.damping: auto or a larger float"
+        )
+    return factor
+
+
 def factorize(sums: GramSums, damping: str | float = "auto") -> Curvature:
+    """Damping and Cholesky factor of every block; `sums` is left as it was."""
     if sums.count == 0:
         raise ValueError("no training examples: the curvature is undefined")
     factors, lambdas = [], []
     for block, part in zip(sums.blocks, sums.slices):
         lam = block_damping(block, sums.count, damping)
-        hessian = block / sums.count
-        hessian.diagonal().add_(lam)  # in place: no k x k identity or sum temporaries
-        factor, info = torch.linalg.cholesky_ex(hessian)
-        if int(info) != 0:
-            raise ValueError(
-                f"curvature block at columns {part.start}:{part.stop} is not positive definite "
-                f"(damping {lam:g}); use hessian.damping: auto or a larger float"
-            )
-        factors.append(factor)
+        factors.append(factorize_block_(block.clone(), sums.count, lam, part))
+        lambdas.append(lam)
+    return Curvature(sums.slices, factors, lambdas, sums.count)
+
+
+def factorize_(sums: GramSums, damping: str | float = "auto") -> Curvature:
+    """factorize in place: each Gram block of `sums` becomes its factor (the Curvature's tensors
+    view sums.blocks' storage), so only one k_l x k_l set is ever held; the same numbers as
+    factorize. `sums` is spent afterwards."""
+    if sums.count == 0:
+        raise ValueError("no training examples: the curvature is undefined")
+    factors, lambdas = [], []
+    for block, part in zip(sums.blocks, sums.slices):
+        lam = block_damping(block, sums.count, damping)
+        factors.append(factorize_block_(block, sums.count, lam, part))
         lambdas.append(lam)
     return Curvature(sums.slices, factors, lambdas, sums.count)
 

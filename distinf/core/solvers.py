@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distinf.core.curvature import GramSums, damping_from_trace, factorize
+from distinf.core.curvature import ArrayPickled, GramSums, damping_from_trace, factorize
 
 METHODS = ("gauss_newton", "identity", "datainf", "lissa")
 
@@ -110,9 +110,20 @@ class DataInfSums:
                     for b, lam in zip(self.blocks, self.damping)]
         return DataInf(self.slices, self.damping, inverses, self.count)
 
+    def solve_(self) -> "DataInf":
+        """solve in place: each block becomes its inverse (I − B/n)/λ in its own storage, with
+        solve's numbers (zeros may differ in sign); the sums are spent afterwards."""
+        if self.count == 0:
+            raise ValueError("no training examples: the curvature is undefined")
+        for b, lam in zip(self.blocks, self.damping):
+            b.div_(-self.count)
+            b.diagonal().add_(1.0)
+            b.div_(lam)
+        return DataInf(self.slices, self.damping, self.blocks, self.count)
+
 
 @dataclass
-class DataInf:
+class DataInf(ArrayPickled):
     slices: list[slice]
     damping: list[float]
     inverses: list[Tensor]  # the approximate Ĥ_l⁻¹, symmetric k_l x k_l
@@ -164,7 +175,7 @@ def _blockwise_gram(batch: Tensor, blocks: Tensor, count: int) -> Tensor:
 
 
 @dataclass
-class LiSSA:
+class LiSSA(ArrayPickled):
     """The recursion for every block at once: per-column damping and scale, block-wise H̃ products."""
 
     slices: list[slice]
