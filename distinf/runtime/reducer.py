@@ -1,10 +1,16 @@
 """The reducer: Gram sums of every train chunk -> damping -> Cholesky -> preconditioned queries.
 
 That is hessian.method gauss_newton; the other methods are solved over the chunks by
-distinf.runtime.solve and written to the same curvature/ files. It holds O(k²) (the blocks)
-and O(k·m) (the queries), never a model. Q goes into the object store once and every scoring
-task reads that one copy. Chunks are (path, sha256) pairs and are
-read only if they still match the checksum they were committed with.
+distinf.runtime.solve and written to the same curvature/ files. Chunks are (path, sha256) pairs and
+are read only if they still match the checksum they were committed with.
+
+Memory: the reducer holds one set of k_l x k_l float64 blocks, the queries and one result at a
+time, never a model. Gram tasks each sum a group of chunks, read one at a time, and return numpy
+blocks that the reducer reads from Ray's object store without a copy and adds into its total in
+place. The total is written to curvature/blocks.safetensors as it is (gram_sum.i), then each block
+is turned into its Cholesky factor in its own storage and written too (cholesky.i); the file is
+streamed, never built in memory. The factors and Q go into the object store once, as numpy arrays
+(Curvature pickles so), and every scoring task reads that one copy; the reducer drops its own.
 """
 
 from __future__ import annotations
@@ -17,19 +23,22 @@ import torch
 
 from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes, human_bytes
-from distinf.core.curvature import Curvature, GramSums, factorize, precondition
+from distinf.core.curvature import Curvature, GramSums, block_damping, factorize_block_, precondition
 from distinf.runtime.faults import injected_fault
-from distinf.core.solvers import Solver
-from distinf.runtime.solve import solve_chunks
-from distinf.store import atomic_write_arrays, atomic_write_json, read_verified_table
+from distinf.runtime.solve import Chunk, chunk_groups, merge_blocks, solve_chunks
+from distinf.store import (atomic_write_array_stream, atomic_write_arrays, atomic_write_json, read_verified_table,
+                           safetensors_layout)
 from distinf.tables import gradients_of
 
 
 @ray.remote(num_cpus=1)
-def chunk_gram(path: str, sha256: str, slices: list[slice]) -> GramSums:
-    """Partial Gram sums Σ ĝ ĝᵀ (float64) of one committed gradient chunk."""
-    table = read_verified_table(path, sha256, columns=["grad"])
-    return GramSums(slices).add(torch.from_numpy(gradients_of(table)))
+def chunk_gram(chunks: list[Chunk], slices: list[slice]) -> tuple[list[np.ndarray], int]:
+    """Partial Gram sums Σ ĝ ĝᵀ (float64 blocks, as numpy) and the example count of a group of
+    committed gradient chunks, read one at a time: one set of blocks per task, whatever the group."""
+    sums = GramSums(slices)
+    for path, sha256 in chunks:
+        sums.add(torch.from_numpy(gradients_of(read_verified_table(path, sha256, columns=["grad"]))))
+    return [block.numpy() for block in sums.blocks], sums.count
 
 
 @ray.remote(num_cpus=1)
@@ -37,61 +46,80 @@ class Reducer:
     def __init__(self, slices: list[slice], hessian: dict):
         self.slices = slices
         self.hessian = HessianConfig.model_validate(hessian)
-        self.curvature: Curvature | Solver | None = None
         if self.hessian.method in ("gauss_newton", "datainf"):
-            need = 16 * sum((s.stop - s.start) ** 2 for s in slices)  # float64 block and its factor
+            # The blocks (factorised in place) and their copy in the object store, on this node.
+            need = 16 * sum((s.stop - s.start) ** 2 for s in slices)
             if need > 0.8 * available_bytes():
                 raise MemoryError(
                     f"hessian.blocks: {len(slices)} curvature block(s) of up to {max(s.stop - s.start for s in slices):,} "
                     f"columns need {human_bytes(need)} but only {human_bytes(available_bytes())} is available; "
                     "use blocks: layer, a smaller compression.k, or hessian.method: identity or lissa")
 
-    def reduce(self, train_chunks: list[tuple[str, str]], query_chunks: list[tuple[str, str]],
+    def reduce(self, train_chunks: list[Chunk], query_chunks: list[Chunk],
                curvature_dir: str, attempt: int = 0) -> dict:
         """Sum the chunks' Gram sums, factorise, precondition the queries; returns object refs."""
         injected_fault("reducer", attempt)  # tests only
         if self.hessian.method == "gauss_newton":
-            total = GramSums(self.slices)
-            pending = [chunk_gram.remote(path, sha256, self.slices) for path, sha256 in train_chunks]
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                total.merge(ray.get(done[0]))
-            self.curvature = factorize(total, self.hessian.damping)
-            self._save(total, Path(curvature_dir))
-            count = total.count
+            curvature, count = self._gauss_newton(train_chunks, Path(curvature_dir))
         else:
-            self.curvature, arrays, count = solve_chunks(self.hessian, self.slices, train_chunks)
-            self._write(arrays, count, Path(curvature_dir))
+            curvature, arrays, count = solve_chunks(self.hessian, self.slices, train_chunks)
+            self._write(arrays, count, curvature.damping, Path(curvature_dir))
+            del arrays
 
         query_tables = [read_verified_table(path, sha256) for path, sha256 in query_chunks]
         query_grads = torch.from_numpy(np.concatenate([gradients_of(t) for t in query_tables]))
         query_ids = [i for t in query_tables for i in t.column("example_id").to_pylist()]
         query_losses = np.concatenate([t.column("loss").to_numpy() for t in query_tables])
-        preconditioned = precondition(self.curvature, query_grads).T.contiguous().numpy()  # [k, m]
-        return {
+        del query_tables
+        preconditioned = precondition(curvature, query_grads).T.contiguous().numpy()  # [k, m]
+        del query_grads
+        result = {
             # Wrapped in a list so Ray hands the caller the reference, not the array.
             "queries": [ray.put(preconditioned)],
-            "curvature": [ray.put(self.curvature)],
+            "curvature": [ray.put(curvature)],
             "query_ids": query_ids,
             "query_losses": query_losses,
-            "damping": self.curvature.damping,
+            "damping": curvature.damping,
             "count": count,
         }
+        # The object store holds them now; this process keeps no copy of its own.
+        del preconditioned, curvature
+        return result
 
-    def _save(self, total: GramSums, folder: Path) -> None:
-        arrays = {}
-        for i, (block, factor) in enumerate(zip(total.blocks, self.curvature.cholesky)):
-            arrays[f"gram_sum.{i}"] = block.numpy()
-            arrays[f"cholesky.{i}"] = factor.numpy()
-        self._write(arrays, total.count, folder)
+    def _gauss_newton(self, train_chunks: list[Chunk], folder: Path) -> tuple[Curvature, int]:
+        total = GramSums(self.slices)
+        pending = [chunk_gram.remote(group, self.slices) for group in chunk_groups(train_chunks, self.slices)]
+        merge_blocks(pending, total)
+        if total.count == 0:
+            raise ValueError("no training examples: the curvature is undefined")
+        count, lambdas = total.count, []
 
-    def _write(self, arrays: dict[str, np.ndarray], count: int, folder: Path) -> None:
+        def arrays():
+            # Gram sums first, as they are; then each block becomes its factor in place.
+            for i, block in enumerate(total.blocks):
+                yield f"gram_sum.{i}", block.numpy()
+            for i, (block, part) in enumerate(zip(total.blocks, self.slices)):
+                lam = block_damping(block, count, self.hessian.damping)
+                factor = factorize_block_(block, count, lam, part)
+                total.blocks[i] = factor
+                lambdas.append(lam)
+                yield f"cholesky.{i}", factor.numpy()
+
+        shapes = {f"{kind}.{i}": (np.float64, (s.stop - s.start,) * 2)
+                  for kind in ("gram_sum", "cholesky") for i, s in enumerate(self.slices)}
+        atomic_write_array_stream(safetensors_layout(shapes), arrays(), folder / "blocks.safetensors")
+        self._write_layout(count, lambdas, folder)
+        return Curvature(self.slices, total.blocks, lambdas, count), count
+
+    def _write(self, arrays: dict[str, np.ndarray], count: int, damping: list[float], folder: Path) -> None:
         """blocks.safetensors (gauss_newton: gram_sum.i, cholesky.i; datainf: inverse.i; lissa:
         batch.j, the sampled rows; identity: nothing) and blocks.json."""
         atomic_write_arrays(arrays, folder / "blocks.safetensors")
+        self._write_layout(count, damping, folder)
+
+    def _write_layout(self, count: int, damping: list[float], folder: Path) -> None:
         atomic_write_json({
             "method": self.hessian.method,
             "count": count,
-            "blocks": [{"start": s.start, "stop": s.stop, "damping": lam}
-                       for s, lam in zip(self.slices, self.curvature.damping)],
+            "blocks": [{"start": s.start, "stop": s.stop, "damping": lam} for s, lam in zip(self.slices, damping)],
         }, folder / "blocks.json")

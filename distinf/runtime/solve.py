@@ -16,11 +16,42 @@ import ray
 import torch
 
 from distinf.config import HessianConfig
+from distinf.core.compressors.none import available_bytes
 from distinf.core.solvers import DataInf, DataInfSums, Identity, LiSSA, Solver, block_dampings, block_traces, lissa_samples
 from distinf.store import read_verified_table
 from distinf.tables import gradients_of
 
 Chunk = tuple[str, str]  # (path, sha256)
+
+
+def chunk_groups(chunks: list[Chunk], slices: list[slice]) -> list[list[Chunk]]:
+    """The chunks dealt round-robin into groups, one per task that sums k_l x k_l blocks.
+
+    Each task holds one set of blocks however many chunks it reads, and its result is one set in
+    the object store until the reducer has added it, so there are as many groups as CPUs are free
+    in the cluster, at most one per chunk, and no more than a quarter of this node's free memory
+    holds as sets of blocks.
+    """
+    if not chunks:
+        return []
+    set_bytes = 8 * sum((s.stop - s.start) ** 2 for s in slices)
+    cpus = int(ray.available_resources().get("CPU", 0))
+    count = max(1, min(len(chunks), cpus, available_bytes() // (4 * max(1, set_bytes))))
+    return [chunks[g::count] for g in range(count)]
+
+
+def merge_blocks(futures: list, total: Any) -> None:
+    """Add each task's (numpy blocks, count) into `total` (GramSums, DataInfSums) as it arrives:
+    the blocks are read from the object store without a copy, added in place and dropped at once."""
+    pending = list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        blocks, count = ray.get(done[0])
+        for mine, theirs in zip(total.blocks, blocks, strict=True):
+            view = mine.numpy()
+            np.add(view, theirs, out=view)
+        total.count += count
+        del blocks, done
 
 
 def _grads(path: str, sha256: str) -> torch.Tensor:
@@ -34,8 +65,12 @@ def chunk_traces(path: str, sha256: str, slices: list[slice]) -> tuple[list[floa
 
 
 @ray.remote(num_cpus=1)
-def chunk_datainf(path: str, sha256: str, slices: list[slice], damping: list[float]) -> DataInfSums:
-    return DataInfSums(slices, damping).add(_grads(path, sha256))
+def chunk_datainf(chunks: list[Chunk], slices: list[slice], damping: list[float]) -> tuple[list[np.ndarray], int]:
+    """DataInf's weighted Gram sums (numpy blocks) and count of a group of chunks, read one at a time."""
+    sums = DataInfSums(slices, damping)
+    for path, sha256 in chunks:
+        sums.add(_grads(path, sha256))
+    return [block.numpy() for block in sums.blocks], sums.count
 
 
 @ray.remote(num_cpus=1)
@@ -78,8 +113,8 @@ def solve_chunks(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk
     damping, count = _dampings(hessian, slices, chunks)
     if hessian.method == "datainf":
         total = DataInfSums(slices, damping)
-        _reduce([chunk_datainf.remote(path, sha256, slices, damping) for path, sha256 in chunks], total.merge)
-        solver: DataInf = total.solve()
+        merge_blocks([chunk_datainf.remote(group, slices, damping) for group in chunk_groups(chunks, slices)], total)
+        solver: DataInf = total.solve_()  # the sums become the inverses: one set of blocks
         return solver, {f"inverse.{i}": m.numpy() for i, m in enumerate(solver.inverses)}, count
     if hessian.method == "lissa":
         ids_per_chunk = ray.get([chunk_ids.remote(p, s) for p, s in chunks])
