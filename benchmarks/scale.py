@@ -53,6 +53,11 @@ SHARD_BYTES = 2 * GIB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def model_folder(name: str) -> Path:
+    """A random-initialised shape of SHAPES, or SmolLM2-135M-Instruct itself ("smollm2-135m")."""
+    return smollm2_dir() if name == "smollm2-135m" else random_llama(name)
+
+
 def random_llama(name: str) -> Path:
     """The model folder under .assets/scale/, written once, with SmolLM2's tokenizer."""
     from transformers import LlamaConfig
@@ -110,8 +115,9 @@ def write_random_checkpoint(folder: Path, config, dtype: torch.dtype = torch.flo
 
 
 def parameters(folder: Path) -> int:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    return index["metadata"]["total_size"] // 4
+    from distinf.checkpoint import Checkpoint
+
+    return sum(t.numel for t in Checkpoint(folder).tensors.values())
 
 
 class RayProcessPeaks(threading.Thread):
@@ -147,7 +153,7 @@ class RayProcessPeaks(threading.Thread):
 
 
 def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
-    root = assets_root() / "scale" / "runs" / f"{model.name}-w{workers}"
+    root = assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     train, queries = mixed_source_corpus(args.train_per_source, 1, seed=0)
@@ -162,7 +168,8 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
                  "queries": {"path": str(root / "queries.parquet"), "id_column": "id"},
                  "max_length": args.tokens},
         "compression": {"k": args.k, "seed": 0},
-        "runtime": {"num_workers": workers, "batch_size": args.batch, "device": "cpu"},
+        "runtime": {"num_workers": workers, "batch_size": args.batch, "device": "cpu",
+                    "release_after_use": not args.keep_gathered},
         "output": {"path": str(root / "run")},
     }
     (root / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
@@ -179,7 +186,8 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
     manifest = json.loads((root / "run" / "manifest.json").read_text())
     others = [p for p in peaks.values() if "GradientWorker" not in p["name"] and p["hwm"] > 0]
     examples = manifest["counts"]["train"] + manifest["counts"]["queries"]
-    return {"model": model.name, "params": parameters(model), "workers": workers, "wall_seconds": round(wall, 1),
+    return {"model": args.model + (" (gathered weights kept)" if args.keep_gathered else ""),
+            "params": parameters(model), "workers": workers, "wall_seconds": round(wall, 1),
             "gradient_seconds": manifest["timings"]["gradients"], "examples": examples,
             "ranks": manifest["workers"], "timings": manifest["timings"],
             "reducer_peak": max((p["hwm"] for p in others if "Reducer" in p["name"]), default=None),
@@ -191,7 +199,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Command: `.venv/bin/python benchmarks/scale.py --model {args.model} --workers "
         f"{' '.join(map(str, args.workers))} --k {args.k} --tokens {args.tokens} --batch {args.batch} "
-        f"--train-per-source {args.train_per_source}` (torch {torch.__version__}, nproc {os.cpu_count()}, "
+        f"--train-per-source {args.train_per_source}{' --keep-gathered' if args.keep_gathered else ''}` (torch {torch.__version__}, nproc {os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end).",
         "",
         "| model (params, float32 bytes) | W | rank | local_params | setup s | setup peak RSS | gradient-pass peak RSS "
@@ -221,7 +229,9 @@ def _gib(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SHAPES), default="llama-1b")
+    parser.add_argument("--model", choices=sorted(SHAPES) + ["smollm2-135m"], default="llama-1b")
+    parser.add_argument("--keep-gathered", action="store_true",
+                        help="runtime.release_after_use: false (DeepSpeed's defaults), for the comparison")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--k", type=int, default=65536)
     parser.add_argument("--tokens", type=int, default=32, help="data.max_length")
@@ -230,7 +240,7 @@ def main() -> None:
     parser.add_argument("--out", help="append the section to this file (benchmarks/RESULTS.md)")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args()
-    model = random_llama(args.model)
+    model = model_folder(args.model)
     rows = [run_job(model, w, args) for w in args.workers]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

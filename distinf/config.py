@@ -143,6 +143,10 @@ class RuntimeConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 3
     """3 shards the parameters over the workers; 0-2 replicate the model (inference has no
     optimiser state or gradients for them to shard)."""
+    release_after_use: bool = True
+    """ZeRO-3: free each module's gathered weights after every use, so a rank holds its partition
+    plus about one layer (backward gathers again). false keeps DeepSpeed's defaults, which keep
+    weights gathered for reuse: fewer gathers, but a rank then holds most of the model."""
     chunk_examples: int = Field(default=256, gt=0)
     """Rows per committed gradient chunk (rounded up to whole batches)."""
     max_restarts: int = Field(default=2, ge=0)

@@ -104,3 +104,5 @@ def test_zero3_limits_release_each_module_and_prefetch_only_on_a_gpu(tmp_path):
     assert config["zero_optimization"]["stage3_max_live_parameters"] == 2 * largest
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
     assert "stage3_max_reuse_distance" not in deepspeed_config(cpu, 2)["zero_optimization"]
+    kept = cpu.model_copy(update={"runtime": cpu.runtime.model_copy(update={"release_after_use": False})})
+    assert "stage3_max_reuse_distance" not in deepspeed_config(kept, 2, largest)["zero_optimization"]

@@ -38,6 +38,7 @@ from distinf.core.scoring import TopK
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
 from distinf.ledger import Planned, pending_chunks, verified_records
 from distinf.models import ModelError, load_tokenizer, model_fingerprint
+from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
 from distinf.runtime.reducer import Reducer
 from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
                                          open_for_append, remove_stale_chunks)
@@ -51,7 +52,8 @@ from distinf.tables import rejected_table, top_k_table, train_values_table
 
 __all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
 
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+              **HOST_ALLOCATOR_ENV}
 SPLITS = ("train", "queries")
 # What a resumed run carries over from the stored manifest; the rest is recomputed.
 _CARRIED = ("name", "model_fingerprint", "data_fingerprint", "index_set_hash", "index_set_sha256", "params",

@@ -102,7 +102,9 @@ class GradientShard:
         """One batch: compressed gradients [N, k] and losses [N], on the CPU."""
         batch = move_batch(collate(list(examples), pad_token_id), self.device)
         grads, losses = self.capture.batch(batch, self.loss_fn)
-        return grads.cpu(), losses.cpu()
+        grads, losses = grads.cpu(), losses.cpu()
+        release_free_memory()  # what the step freed inside the heap, before the next step's peak
+        return grads, losses
 
     def memory(self) -> dict:
         """Peak memory since setup ended: resident bytes, and on a GPU the allocator's peak."""

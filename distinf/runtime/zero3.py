@@ -40,7 +40,7 @@ def deepspeed_config(cfg: JobConfig, world_size: int, largest_module: int | None
         "stage3_param_persistence_threshold": 0,
         "stage3_model_persistence_threshold": 0,
     }
-    if largest_module is not None:
+    if largest_module is not None and cfg.runtime.release_after_use:
         prefetch = largest_module if cfg.runtime.device == "cuda" else 0
         zero.update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=prefetch,
                     stage3_max_live_parameters=largest_module + prefetch)
