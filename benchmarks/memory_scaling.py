@@ -91,24 +91,24 @@ def override_zero_config(worker, overrides: dict) -> None:
     """Merge overrides into the worker's `zero_optimization` section before its setup builds the model.
 
     Patches the module function `setup` looks up, in this actor's process only: a what-if for
-    DeepSpeed's knobs without changing distinf/runtime/worker.py.
+    DeepSpeed's knobs without changing distinf/runtime/zero3.py.
     """
-    import distinf.runtime.worker as worker_module
+    import distinf.runtime.shard as shard_module
 
-    original = worker_module.deepspeed_config
+    original = shard_module.deepspeed_config
 
-    def patched(cfg, world_size):
-        config = original(cfg, world_size)
+    def patched(cfg, world_size, largest_module=None):
+        config = original(cfg, world_size, largest_module)
         config["zero_optimization"].update(overrides)
         return config
 
-    worker_module.deepspeed_config = patched
+    shard_module.deepspeed_config = patched
 
 
 def probe_after_setup(worker) -> dict:
     """The peak while setup loaded the model (VmHWM since probe_before), then the settled RSS."""
     load_peak = _status_kib("VmHWM")
-    model = worker.capture.model
+    model = worker.shard.capture.model
     held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
                for p in model.parameters())
     return {"load_peak_kib": load_peak, "rss_kib": _settle_and_reset_peak(), "param_bytes": held,
@@ -131,7 +131,7 @@ def _floor_pass(model, batch) -> None:
 
 def step(worker, mode: str, batch: dict, measure: bool) -> dict:
     """One batch of `mode` (floor | capture | plain); wall and CPU seconds, and peak RSS if measure."""
-    capture = worker.capture
+    capture = worker.shard.capture
     hooked = getattr(worker, "_bench_hooked", True)  # setup leaves the capture entered
     if mode == "capture" and not hooked:
         capture.__enter__()
@@ -141,7 +141,7 @@ def step(worker, mode: str, batch: dict, measure: bool) -> dict:
     base = _settle_and_reset_peak() if measure else 0
     wall, cpu = time.perf_counter(), time.process_time()
     if mode == "capture":
-        capture.batch(batch, worker.loss_fn)
+        capture.batch(batch, worker.shard.loss_fn)
     else:
         _floor_pass(worker._bench_plain if mode == "plain" else capture.model, batch)
     out = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
