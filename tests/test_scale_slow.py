@@ -1,4 +1,4 @@
-"""Per-rank memory of the real job on a model of ~0.5B parameters (benchmark-sized: DISTINF_SLOW=1).
+"""Per-rank memory of the real job on a model of ~0.65B parameters (2.4 GiB) (benchmark-sized: DISTINF_SLOW=1).
 
 The benchmark (benchmarks/scale.py) measures 1B and 3B models; this asserts the bound that the
 streamed ZeRO-3 loading and the release-after-use limits promise, on a model small enough for CI
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 def test_no_rank_holds_more_than_its_share_plus_a_working_set(tmp_path):
     from scale import write_random_checkpoint
 
-    config = LlamaConfig(vocab_size=30522, hidden_size=1536, intermediate_size=4096, num_hidden_layers=18,
+    config = LlamaConfig(vocab_size=30522, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
                          num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
                          max_position_embeddings=128, bos_token_id=101, eos_token_id=102, pad_token_id=0)
     model_dir = write_random_checkpoint(tmp_path / "model", config)
@@ -36,7 +36,7 @@ def test_no_rank_holds_more_than_its_share_plus_a_working_set(tmp_path):
         if (job_fixtures._tokenizer_dir() / name).exists():
             shutil.copy(job_fixtures._tokenizer_dir() / name, model_dir / name)
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    assert model_bytes > 1.8 * GIB  # the point: the whole model is more than a rank's bound below
+    assert model_bytes / 2 + 1.0 * GIB < model_bytes  # the point: a rank that held the model would fail
     train, queries = job_fixtures.corpus_files(tmp_path / "data", n_train_per_source=1, n_query_per_source=1)
     job = job_fixtures.job_file(tmp_path, model_dir, train, queries, data={"max_length": 32},
                                 runtime={"batch_size": 2, "chunk_examples": 8}, compression={"k": 8192})
@@ -44,6 +44,6 @@ def test_no_rank_holds_more_than_its_share_plus_a_working_set(tmp_path):
     share = model_bytes / 2
     for worker in manifest["workers"]:
         memory = worker["memory"]
-        assert memory["setup_peak_rss"] < share + 1.0 * GIB < model_bytes, (worker, model_bytes)
+        assert memory["setup_peak_rss"] < share + 1.0 * GIB, (worker, model_bytes)
         assert memory["gradients_peak_rss"] < share + 1.5 * GIB, (worker, model_bytes)
     print(json.dumps({"model_bytes": model_bytes, "workers": manifest["workers"]}, indent=1))
