@@ -19,11 +19,7 @@ def finished_run(request, tmp_path_factory):
     """A 2-worker ZeRO-3 run, and distinf.attribute on the same model, data and config."""
     root = tmp_path_factory.mktemp(request.param)
     model_dir = job_fixtures.tiny_model_dir(root, request.param)
-    # GPT-2's key bias has a gradient that is zero in exact arithmetic: its kept entry holds only
-    # float32 rounding, which differs between the ZeRO-3 and the plain model, and `damping: auto`
-    # (a tenth of the block's own mean eigenvalue, however small) turns that noise into O(1) of
-    # every score. A fixed damping keeps the comparison about the pipeline; llama runs with auto.
-    hessian = {"damping": 1e-4} if request.param == "gpt2" else {}
+    hessian = job_fixtures.GPT2_EXACT_HESSIAN if request.param == "gpt2" else {}  # llama runs with auto
     cfg = load_job(job_fixtures.job_file(root, model_dir, *job_fixtures.corpus_files(root / "data"), hessian=hessian))
     manifest = run_job(cfg)
     plan = plan_job(cfg)
