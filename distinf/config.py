@@ -6,6 +6,8 @@ dotted key path, e.g. ``compression.k: Input should be greater than 0``.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -71,6 +73,16 @@ class ModuleFilter(_Section):
     """Regexes matched (re.fullmatch) against module names; a module is tracked if one matches."""
     exclude: list[str] = Field(default_factory=list)
 
+    @field_validator("include", "exclude")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:  # refused here, before any worker loads a model
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return patterns
+
 
 class CompressionConfig(_Section):
     method: Literal["dropout", "none", "gaussian", "fjlt", "pca", "logra"] = "dropout"
@@ -107,8 +119,8 @@ class HessianConfig(_Section):
     @field_validator("damping")
     @classmethod
     def _non_negative(cls, value: Any) -> Any:
-        if value != "auto" and float(value) < 0:
-            raise ValueError("damping must be 'auto' or a float >= 0")
+        if value != "auto" and not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"damping must be 'auto' or a finite float >= 0, not {value}")
         return value
 
     @field_validator("lissa_scale")
