@@ -202,6 +202,14 @@ def test_nan_loss_stops_the_job_naming_the_example(shared_ray, tmp_path, nan_mod
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"
 
 
+def test_modules_that_track_nothing_fail_at_once_without_restarts(shared_ray, tmp_path, model_dir, capsys):
+    path = job(tmp_path, model_dir, good_rows(), compression={"modules": {"include": ["no_such_module"]}})
+    assert main(["run", str(path)]) == 2
+    assert "compression: no tracked parameters: check compression.modules" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["restarts"] == []
+
+
 def test_skip_mode_writes_every_bad_row_to_rejected_parquet_and_finishes(shared_ray, tmp_path, nan_model_dir):
     rows = [{"id": r["id"], "text": r["text"].encode()} for r in good_rows()]
     rows += [{"id": "blank", "text": b" "},                        # row 6

@@ -31,7 +31,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
-from distinf.config import JobConfig
+from distinf.config import ConfigError, JobConfig
 from distinf.core.curvature import block_slices
 from distinf.core.index_set import IndexSet
 from distinf.core.scoring import TopK
@@ -178,7 +178,7 @@ def _fatal(error: BaseException, run_dir: Path) -> Exception | None:
     if isinstance(error, RayActorError) and error.actor_init_failed:
         return JobError(f"an actor of the job could not start: {error}")
     cause = _cause(error)
-    if isinstance(cause, (DataError, JobError, ModelError)):  # the same on every restart
+    if isinstance(cause, (ConfigError, DataError, JobError, ModelError)):  # the same on every restart
         return cause
     if isinstance(cause, IntegrityError):
         return JobError(str(cause))
@@ -640,7 +640,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
         explained = write_error(error, run_dir)
         _mark_failed(run_dir, state, explained)
         raise explained from None
-    except (JobError, DataError) as error:
+    except (JobError, DataError, ConfigError, ModelError) as error:
         _mark_failed(run_dir, state, error)
         raise
 

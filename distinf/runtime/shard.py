@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from distinf.config import JobConfig
+from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
 from distinf.core.compressors import build_compressor
 from distinf.core.tasks import loss_function, move_batch
@@ -66,8 +66,11 @@ class GradientShard:
         else:  # stages 0-2 shard only optimiser state and gradients, which inference never has
             model = load_model(cfg.model).to(self.device)
         comp = cfg.compression
-        tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
-        compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
+        try:
+            tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
+            compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
+        except ValueError as error:  # the same on every rank and every restart: not worth a retry
+            raise ConfigError(f"compression: {error}") from None
         self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
         self.capture = GradientCapture(model, tracked, compressor).__enter__()
         self.loss_fn = loss_function(cfg.model.task)
