@@ -322,6 +322,28 @@ def test_chunk_plan_cuts_each_partition_into_the_same_whole_batch_chunks_on_ever
     assert plan == chunk_plan(n, world_size, batch_size, chunk_examples)  # the same on every attempt
 
 
+@pytest.mark.parametrize("n, world_size, batch_size, chunk_examples", [(25, 2, 2, 4), (7, 3, 2, 3), (2, 4, 8, 8)])
+def test_each_rank_is_sent_only_its_own_examples_and_runs_the_same_batches(n, world_size, batch_size, chunk_examples):
+    from distinf.data import Tokenized
+    from distinf.runtime.driver import rank_share
+
+    data = Tokenized(examples=[{"input_ids": torch.tensor([i])} for i in range(n)], ids=[f"e{i}" for i in range(n)],
+                     truncated=0, rows=list(range(n)), rejected=[])
+    plan = chunk_plan(n, world_size, batch_size, chunk_examples)
+    todo = list(range(len(plan)))[1:] or [0]  # a resumed pass: some chunks committed already
+    sent = 0
+    for rank in range(world_size):
+        global_parts = [plan[c][rank] for c in todo]
+        examples, ids, parts = rank_share(data, global_parts)
+        real = sorted({p for part in global_parts for p in part if p != PAD})
+        assert ids == [data.ids[p] for p in real] or (not real and len(ids) == 1)  # its own, nothing more
+        for global_part, part in zip(global_parts, parts):  # the same batches, PAD kept, the worker's lookup
+            assert [int(examples[p if p != PAD else 0]["input_ids"]) if p != PAD else PAD for p in part] == \
+                [g if g != PAD else PAD for g in global_part]
+        sent += len(real)
+    assert sent == len({p for c in todo for part in plan[c] for p in part if p != PAD})
+
+
 def test_skip_mode_sets_bad_rows_aside_with_their_row_and_reason(tmp_path):
     path = tmp_path / "t.csv"
     path.write_bytes(b"id,text,label\na,fine,1\nb,,0\na,again,1\nc,caf\xe9,0\n,no id,1\nd,ok,x\ne,good,0\n")

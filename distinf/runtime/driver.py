@@ -412,15 +412,28 @@ def _record_memory(run_dir: Path, state: dict, peaks: list[dict]) -> None:
     atomic_write_json(state, run_dir / MANIFEST)
 
 
+def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[list, list[str], list[list[int]]]:
+    """What one rank is sent for its chunks: only its own examples and ids, and its chunks'
+    positions renumbered into them (PAD kept), so no worker receives the whole dataset.
+
+    A rank whose every slot is padding gets the first example to run them on.
+    """
+    used = sorted({p for part in parts for p in part if p != PAD}) or [0]
+    local = {p: i for i, p in enumerate(used)}
+    return ([data.examples[p] for p in used], [data.ids[p] for p in used],
+            [[PAD if p == PAD else local[p] for p in part] for part in parts])
+
+
 def _compress(group: WorkerGroup, run_dir: Path, split: str, work: SplitWork, pad_token_id: int,
               todo: list[int], attempt: int) -> list[dict]:
     """Run the chunks `todo` of one split on every rank; returns their ledger records."""
     data, positions = work.data, work.positions
-    examples, ids = ray.put(data.examples), ray.put(data.ids)
     progress = Progress.remote()
-    futures = [w.compress.remote(split, examples, ids, [(c, positions[c][rank]) for c in todo],
-                                 pad_token_id, progress, attempt)
-               for rank, w in enumerate(group.workers)]
+    futures = []
+    for rank, worker in enumerate(group.workers):
+        examples, ids, parts = rank_share(data, [positions[c][rank] for c in todo])
+        futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids), list(zip(todo, parts)),
+                                              pad_token_id, progress, attempt))
     committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
     with tqdm(total=len(data.ids), initial=committed, desc=f"gradients/{split}", unit="ex", mininterval=1.0) as bar:
         def poll() -> None:
