@@ -152,14 +152,7 @@ def factorize_block_(block: Tensor, count: int, lam: float, part: slice | None =
 
 def factorize(sums: GramSums, damping: str | float = "auto") -> Curvature:
     """Damping and Cholesky factor of every block; `sums` is left as it was."""
-    if sums.count == 0:
-        raise ValueError("no training examples: the curvature is undefined")
-    factors, lambdas = [], []
-    for block, part in zip(sums.blocks, sums.slices):
-        lam = block_damping(block, sums.count, damping)
-        factors.append(factorize_block_(block.clone(), sums.count, lam, part))
-        lambdas.append(lam)
-    return Curvature(sums.slices, factors, lambdas, sums.count)
+    return factorize_(GramSums(sums.slices, [block.clone() for block in sums.blocks], sums.count), damping)
 
 
 def factorize_(sums: GramSums, damping: str | float = "auto") -> Curvature:

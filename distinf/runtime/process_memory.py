@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -48,11 +49,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+@functools.cache
+def _malloc_trim():
+    # Looked up once: find_library runs ldconfig, and this is called after every batch.
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def release_free_memory() -> None:
     """Hand memory freed inside glibc's heap back to the system (malloc_trim), so a transient
     such as one module's full weights during construction stops counting as resident."""
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
