@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--append-to", metavar="RUN_DIR",
                      help="add the training rows whose ids RUN_DIR lacks to that stored run, in place: only "
                           "their gradients are computed, then curvature and scores again (nightly runs)")
+    run.add_argument("--discard-pending", action="store_true",
+                     help="with --append-to: delete the rows an unfinished append of another training file "
+                          "committed (refused otherwise, naming them)")
     query = commands.add_parser("query", help="score new queries against a stored run, without recomputing "
                                 "the training gradients")
     query.add_argument("run_dir", help="a complete run directory (path or URI)")
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_dir = run_path(args.append_to or args.output or cfg.output.path)
         try:
-            manifest = run_job(cfg, run_dir, resume=args.resume, append=bool(args.append_to))
+            manifest = run_job(cfg, run_dir, resume=args.resume, append=bool(args.append_to),
+                               discard_pending=args.discard_pending)
         except JobError as error:
             print(f"distinf: {error}", file=sys.stderr)
             return 1

@@ -165,6 +165,13 @@ class RuntimeConfig(_Section):
     """How often a failed stage is restarted before the job fails: the whole gradient worker
     group (ZeRO-3 needs every rank) resuming from its committed chunks, or the reducer and
     scoring tasks."""
+    stall_timeout: float | None = Field(default=3600, gt=0)
+    """Seconds without progress after which a stage counts as hung and is restarted like a failed
+    one: no gradient batch committed by any rank, no reducer result, no scoring chunk done.
+    null waits forever."""
+    lease_seconds: float = Field(default=120, ge=10)
+    """How long the run directory's lease outlives its holder's last heartbeat (renewed every
+    quarter of it): a run killed without a chance to release it blocks the folder this long."""
 
 
 class OutputConfig(_Section):

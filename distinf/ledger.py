@@ -33,13 +33,15 @@ def record_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
 
 
 def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned_ids: Sequence[str],
-                 table: pa.Table | None, rejected: list[dict], attempt: int = 0) -> dict:
+                 table: pa.Table | None, rejected: list[dict], attempt: int = 0, run_id: str | None = None) -> dict:
     """Write one rank's part of a chunk (`table` None when no row is left) and then its record.
 
-    `attempt` (which worker group of the driver computed it) is kept for the record only.
+    `attempt` (which worker group of the driver computed it) and `run_id` (which run, under the
+    run directory's lease) are kept for the record only.
     """
     record = {"split": split, "rank": rank, "chunk": chunk, "ids": ids_digest(planned_ids),
-              "file": None, "rows": 0, "bytes": 0, "sha256": None, "rejected": rejected, "attempt": attempt}
+              "file": None, "rows": 0, "bytes": 0, "sha256": None, "rejected": rejected, "attempt": attempt,
+              "run_id": run_id}
     if table is not None and table.num_rows:
         path = chunk_path(run_dir, split, rank, chunk)
         record.update(commit_table(table, path), file=str(path.relative_to(run_dir)))

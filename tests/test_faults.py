@@ -206,3 +206,42 @@ def test_resuming_a_complete_intact_run_does_nothing_and_a_different_job_is_refu
     (tmp_path / "other" / "notes.txt").write_text("not a run")
     with pytest.raises(JobError, match="no readable manifest.json"):
         run_job(cfg, tmp_path / "other", resume=True)
+
+
+def test_a_second_writer_is_refused_while_the_first_runs_and_sigterm_marks_the_run_failed(
+        shared_ray, inputs, tmp_path, capsys):
+    """`distinf run --resume` (or an append) started while another driver computes the same folder
+    is refused by the lease, naming its holder; SIGTERM to that driver (`ray job stop`, a pod's
+    deletion) leaves a "failed" manifest and no lease, and every ledger record names the run."""
+    job = write_job(tmp_path, inputs)
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-m", "distinf", "run", str(job)], stdout=log, stderr=log,
+                              env={**os.environ, "DISTINF_TEST_BATCH_DELAY": "0.5"}, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(ledger(run_dir)) < 2:
+            assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.05)
+        holder = json.loads((run_dir / "lease.json").read_text())
+        assert holder["pid"] == driver.pid
+        for second in (["--resume"], []):
+            assert main(["run", str(job), *second]) == 1
+            assert f"is being written by run {holder['run_id']}" in capsys.readouterr().err
+        assert main(["run", str(job), "--append-to", str(run_dir)]) == 1
+        assert "is being written by run" in capsys.readouterr().err
+        assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"  # untouched
+
+        os.kill(driver.pid, signal.SIGTERM)
+        assert driver.wait(timeout=120) == 1, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "SIGTERM" in manifest["error"]
+    assert manifest["run_id"] == holder["run_id"]
+    assert not (run_dir / "lease.json").exists()
+    records = [json.loads(p.read_text()) for p in (run_dir / "ledger" / "train").glob("*.json")]
+    assert records and {r["run_id"] for r in records} == {holder["run_id"]}

@@ -159,3 +159,34 @@ def test_a_query_against_the_run_in_the_bucket_writes_beside_it_and_equals_the_r
     written = objects(s3, f"{prefix}/queries/queries")
     assert "manifest.json" in written and any(n.startswith("gradients/queries/part-") for n in written)
     assert not any(n.startswith(("gradients/train/", "curvature/")) for n in written)  # the run's, not recomputed
+
+
+def test_the_lease_on_s3_is_a_conditional_put_refused_while_live_and_taken_over_once_expired(s3):
+    """Two writers of one s3:// run directory: the second is refused (If-None-Match), an expired
+    lease is taken over by compare-and-swap (If-Match), and the former holder then writes no manifest."""
+    from distinf.runtime.lease import LeaseHeld, LeaseLost, acquire, write_manifest
+    from distinf.store import read_bytes, run_path
+
+    run_dir = run_path(f"s3://{BUCKET}/runs/leased")
+    first = acquire(run_dir, "distinf run", ttl=30)
+    try:
+        with pytest.raises(LeaseHeld, match=f"being written by run {first.run_id}"):
+            acquire(run_dir, "distinf run", ttl=30)
+        write_manifest(run_dir, {"status": "running"})
+        # The holder stalls past its ttl (its heartbeat thread stopped): a new run may take over.
+        first._stop.set()
+        later = time.time() + 120
+        second = acquire(run_dir, "distinf run", ttl=30, now=lambda: later)
+        try:
+            with pytest.raises(LeaseLost, match=second.run_id):
+                first.check()  # what the former holder does before each manifest write
+            with pytest.raises(LeaseLost):
+                first.renew()
+            assert json.loads(read_bytes(run_dir / "manifest.json"))["run_id"] == first.run_id
+            write_manifest(run_dir, {"status": "running"})
+            assert json.loads(read_bytes(run_dir / "manifest.json"))["run_id"] == second.run_id
+        finally:
+            second.release()
+    finally:
+        first.release()
+    acquire(run_dir, "distinf run", ttl=30).release()  # released: free again

@@ -41,13 +41,14 @@ from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
 from distinf.runtime.reducer import Reducer
 from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
-                                         open_for_append, remove_stale_chunks)
+                                         open_for_append, refuse_or_discard, stale_chunks)
+from distinf.runtime.lease import LeaseLost, acquire, write_manifest
 from distinf.runtime.rundir import (JobError, check_free_space, check_same_job, damaged_files, estimated_bytes,
-                                    open_run_dir, remove_leftovers, write_error)
+                                    is_unused, open_run_dir, remove_leftovers, terminated_as_error, write_error)
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.worker import GradientWorker
-from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_write_table, display, file_sha256,
-                           gradient_dir, is_empty, is_file, list_files, read_verified_table, run_path)
+from distinf.store import (IntegrityError, atomic_write_table, display, file_sha256, gradient_dir, is_file, list_files,
+                           read_verified_table, run_path)
 from distinf.tables import rejected_table, top_k_table, train_values_table
 
 __all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
@@ -193,9 +194,19 @@ def _headline(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _await_group(futures: list, run_dir: Path, poll: Callable[[], None] | None = None) -> list:
-    """Results of one call on every worker, in rank order; a failure raises _GroupFailed."""
+class Stalled(RuntimeError):
+    """A stage made no progress for runtime.stall_timeout seconds: hung, and restarted like a failure."""
+
+
+def _await_group(futures: list, run_dir: Path, poll: Callable[[], int] | None = None,
+                 stall: float | None = None, what: str = "the call") -> list:
+    """Results of one call on every worker, in rank order; a failure raises _GroupFailed.
+
+    `poll` returns a progress count; `stall` seconds without a new result or more progress
+    raise _GroupFailed(Stalled) (a hung rank, a collective that never completes).
+    """
     pending = list(futures)
+    seen, since = None, time.monotonic()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
         for ref in ready:
@@ -203,8 +214,13 @@ def _await_group(futures: list, run_dir: Path, poll: Callable[[], None] | None =
                 ray.get(ref)
             except RayError as error:
                 raise _blame(futures, ref, error, run_dir) from None
-        if poll is not None:
-            poll()
+        progress = (len(futures) - len(pending), poll() if poll is not None else 0)
+        if progress != seen:
+            seen, since = progress, time.monotonic()
+        elif pending and stall is not None and time.monotonic() - since > stall:
+            waiting = [futures.index(ref) for ref in pending]
+            raise _GroupFailed(waiting[0], Stalled(f"no progress in {what} for {stall:g} s (runtime.stall_timeout); "
+                                                   f"still waiting on rank(s) {waiting}"))
     return ray.get(futures)
 
 
@@ -267,13 +283,15 @@ def _start_workers(cfg: JobConfig, run_dir: Path, group: WorkerGroup) -> None:
         ).remote(rank, world, job, str(run_dir))
         for rank in range(world)
     ]
-    addresses = _await_group([w.address.remote() for w in group.workers], run_dir)
+    stall = cfg.runtime.stall_timeout
+    addresses = _await_group([w.address.remote() for w in group.workers], run_dir, stall=stall, what="start-up")
     # One machine (one node, or several nodes sharing an IP): rendezvous on loopback, since Ray
     # may report an address that is not bindable here; across machines, on rank 0's node.
     # A new port on every attempt: the last group's may still be held.
     host = "127.0.0.1" if len({a["ip"] for a in addresses}) == 1 else addresses[0]["ip"]
-    [port] = _await_group([group.workers[0].free_port.remote(host)], run_dir)
-    group.infos = _await_group([w.setup.remote(host, port) for w in group.workers], run_dir)
+    [port] = _await_group([group.workers[0].free_port.remote(host)], run_dir, stall=stall, what="start-up")
+    group.infos = _await_group([w.setup.remote(host, port) for w in group.workers], run_dir, stall=stall,
+                               what="model setup")
     if len({info["index_set_hash"] for info in group.infos}) != 1:
         raise JobError("workers derived different index sets; the job cannot continue")
 
@@ -335,7 +353,8 @@ def _gradient_pass(cfg: JobConfig, run_dir: Path, work: dict[str, SplitWork], pa
             index_table = _adopt_index_set(run_dir, state, group.infos)
             for split in splits:
                 if todo[split]:
-                    for record in _compress(group, run_dir, split, work[split], pad_token_id, todo[split], attempt):
+                    for record in _compress(cfg, group, run_dir, split, work[split], pad_token_id, todo[split],
+                                            attempt, state["run_id"]):
                         records[split][(record["chunk"], record["rank"])] = record
             _record_memory(run_dir, state, _await_group([w.memory.remote() for w in group.workers], run_dir))
             _await_group([w.shutdown.remote() for w in group.workers], run_dir)
@@ -347,7 +366,7 @@ def _gradient_pass(cfg: JobConfig, run_dir: Path, work: dict[str, SplitWork], pa
             who = _worker_name(failure.rank, group.infos)
             state["restarts"].append({"stage": "gradients", "attempt": attempt, "worker": who,
                                       "error": _headline(failure.error)})
-            atomic_write_json(state, run_dir / MANIFEST)
+            write_manifest(run_dir, state)
             if attempt == max_restarts:
                 raise JobError(f"gradient pass: {who} failed on attempt {attempt + 1} ({_headline(failure.error)}); "
                                f"gave up after runtime.max_restarts = {max_restarts} restart(s). Committed "
@@ -400,7 +419,7 @@ def _adopt_index_set(run_dir: Path, state: dict, infos: list[dict]) -> pa.Table:
                   "local_params": i["local_params"], "setup_seconds": i["setup_seconds"], "memory": i["memory"]}
                  for i in infos],
     )
-    atomic_write_json(state, run_dir / MANIFEST)
+    write_manifest(run_dir, state)
     return table
 
 
@@ -409,7 +428,7 @@ def _record_memory(run_dir: Path, state: dict, peaks: list[dict]) -> None:
     platform does not report it)."""
     for worker, peak in zip(state["workers"], peaks):
         worker["memory"] = {**worker.get("memory", {}), **peak}
-    atomic_write_json(state, run_dir / MANIFEST)
+    write_manifest(run_dir, state)
 
 
 def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[list, list[str], list[list[int]]]:
@@ -424,8 +443,8 @@ def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[list, list[str]
             [[PAD if p == PAD else local[p] for p in part] for part in parts])
 
 
-def _compress(group: WorkerGroup, run_dir: Path, split: str, work: SplitWork, pad_token_id: int,
-              todo: list[int], attempt: int) -> list[dict]:
+def _compress(cfg: JobConfig, group: WorkerGroup, run_dir: Path, split: str, work: SplitWork, pad_token_id: int,
+              todo: list[int], attempt: int, run_id: str) -> list[dict]:
     """Run the chunks `todo` of one split on every rank; returns their ledger records."""
     data, positions = work.data, work.positions
     progress = Progress.remote()
@@ -433,16 +452,19 @@ def _compress(group: WorkerGroup, run_dir: Path, split: str, work: SplitWork, pa
     for rank, worker in enumerate(group.workers):
         examples, ids, parts = rank_share(data, [positions[c][rank] for c in todo])
         futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids), list(zip(todo, parts)),
-                                              pad_token_id, progress, attempt))
+                                              pad_token_id, progress, attempt, run_id))
     committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
     with tqdm(total=len(data.ids), initial=committed, desc=f"gradients/{split}", unit="ex", mininterval=1.0) as bar:
-        def poll() -> None:
+        def poll() -> int:
             done = committed + ray.get(progress.value.remote())
             if done > bar.n:
                 bar.update(done - bar.n)
+            return done
 
         try:
-            return [record for records in _await_group(futures, run_dir, poll) for record in records]
+            return [record for records in _await_group(futures, run_dir, poll, cfg.runtime.stall_timeout,
+                                                       f"gradients/{split}")
+                    for record in records]
         finally:
             ray.kill(progress)
 
@@ -466,16 +488,19 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
         try:
             reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
             reduced = ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(run_dir / "curvature"),
-                                                    attempt))
+                                                    attempt), timeout=cfg.runtime.stall_timeout)
             lap("curvature")
             counts = score_outputs(cfg, run_dir, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
                                    reduced["query_ids"], query_order)
             lap("scoring")
             return reduced, counts
-        except RayError as error:
+        except (RayError, Stalled) as error:
             fatal = _fatal(error, run_dir)
             if fatal is not None:
                 raise fatal from None
+            if isinstance(error, GetTimeoutError):
+                error = Stalled(f"the reducer returned nothing for {cfg.runtime.stall_timeout:g} s "
+                                "(runtime.stall_timeout)")
             state["restarts"].append({"stage": "curvature and scoring", "attempt": attempt,
                                       "error": _headline(error)})
             if attempt == max_restarts:
@@ -517,7 +542,7 @@ def score_outputs(cfg: JobConfig, run_dir: Path, train_chunks: list[tuple[str, s
                                  query_ids, str(dense_dir / Path(path).name) if cfg.scoring.dense else None)
         for path, sha256 in train_chunks
     ]
-    chunks = ray.get(futures)
+    chunks = _await_tasks(futures, cfg.runtime.stall_timeout, "scoring")
     train_ids = [i for chunk in chunks for i in chunk.ids]  # input order, rejected examples left out
     position = {train_id: i for i, train_id in enumerate(train_ids)}
     n = len(train_ids)
@@ -543,6 +568,19 @@ def score_outputs(cfg: JobConfig, run_dir: Path, train_chunks: list[tuple[str, s
     values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None)
     atomic_write_table(values, run_dir / "scores" / "train_values.parquet")
     return {"train": n, "queries": len(query_ids)}
+
+
+def _await_tasks(futures: list, stall: float | None, what: str) -> list:
+    """Results of independent tasks, in order; Stalled if none finishes for `stall` seconds."""
+    pending, since = list(futures), time.monotonic()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        if ready:
+            since = time.monotonic()
+        elif stall is not None and time.monotonic() - since > stall:
+            raise Stalled(f"no {what} task finished for {stall:g} s (runtime.stall_timeout); "
+                          f"{len(pending)} of {len(futures)} still running")
+    return ray.get(futures)
 
 
 def rejected_rows(plan: Plan, gradients: Gradients, splits: tuple[str, ...] = SPLITS) -> list[tuple]:
@@ -580,7 +618,8 @@ RUN_OUTPUTS = ["index_set.parquet", "rejected.parquet", "curvature/blocks.safete
 # The job
 
 
-def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = False, append: bool = False) -> dict:
+def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = False, append: bool = False,
+            discard_pending: bool = False) -> dict:
     """Run the whole job; returns the manifest written last to run_dir/manifest.json.
 
     With `resume`, a run directory left by a killed or failed run (or a complete one with a
@@ -592,7 +631,23 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
     empty or missing run_dir gets a fresh run, so a schedule can always pass `append`.
     """
     run_dir = run_path(run_dir or cfg.output.path)
-    if append and is_empty(run_dir):  # the first night of a schedule: there is nothing to append to yet
+    if is_file(run_dir):
+        raise JobError(f"output.path: '{display(run_dir)}' is a file, not a folder")
+    purpose = "an append" if append else "a resumed run" if resume else "a run"
+    try:
+        lease = acquire(run_dir, f"distinf run, {purpose}", cfg.runtime.lease_seconds)
+    except OSError as error:
+        raise write_error(error, run_dir) from None
+    try:
+        with terminated_as_error():
+            return _run_job(cfg, run_dir, resume, append, discard_pending, lease.run_id)
+    finally:
+        lease.release()
+
+
+def _run_job(cfg: JobConfig, run_dir: Path, resume: bool, append: bool, discard_pending: bool, run_id: str) -> dict:
+    """run_job inside the run directory's lease."""
+    if append and is_unused(run_dir):  # the first night of a schedule: there is nothing to append to yet
         print(f"distinf: '{display(run_dir)}' holds no run yet; starting one there", flush=True)
         append = False
     if append:
@@ -616,7 +671,8 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
         plan = plan_job(cfg)
         fingerprints = {"model_fingerprint": model_fingerprint(cfg.model),
                         "data_fingerprint": {s: fingerprint(plan.split(s)) for s in SPLITS}}
-        state = {"status": "running", "name": cfg.name, "config": config, **fingerprints, "restarts": []}
+        state = {"status": "running", "run_id": run_id, "name": cfg.name, "config": config, **fingerprints,
+                 "restarts": []}
         if stored is not None:
             check_same_job(stored, config, fingerprints, run_dir)
             if stored.get("status") == "complete" and not damaged_files(run_dir, stored):
@@ -638,11 +694,12 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
             return stored
         # Restarts so far: the stored run's, and those of this append's failed tries.
         state = append_state(cfg, config, base, model, queries, fingerprint(plan.train), stored.get("restarts", []))
+        state["run_id"] = run_id
         work = {"train": split_work(cfg, plan.train, base.first_chunk, base.manifest["chunks"]["train"],
                                     base.segment),
                 "queries": SplitWork(plan.queries, {}, base.manifest["chunks"]["queries"])}
-        remove_stale_chunks(run_dir, "train", base.first_chunk,
-                            {(c, r) for c, parts in work["train"].positions.items() for r in range(len(parts))})
+        refuse_or_discard(run_dir, stale_chunks(run_dir, "train", base.first_chunk, {
+            (c, r) for c, parts in work["train"].positions.items() for r in range(len(parts))}), discard_pending)
         need = estimated_bytes(cfg.compression.k, len(plan.train.ids), 0, cfg.output.gradient_dtype,
                                cfg.scoring.dense, cfg.hessian.blocks == "full")
     check_free_space(run_dir, need)
@@ -655,6 +712,10 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
         raise explained from None
     except (JobError, DataError, ConfigError, ModelError) as error:
         _mark_failed(run_dir, state, error)
+        raise
+    except KeyboardInterrupt:
+        _mark_failed(run_dir, state, JobError("interrupted (Ctrl-C); committed chunks are kept: run again with "
+                                              "--resume to continue"))
         raise
 
 
@@ -679,9 +740,9 @@ def append_state(cfg: JobConfig, config: dict, base: Base, model: str, queries: 
 
 def _mark_failed(run_dir: Path, state: dict, error: Exception) -> None:
     try:
-        atomic_write_json({**state, "status": "failed", "error": str(error)}, run_dir / MANIFEST)
-    except OSError:
-        pass  # the error being reported may be this very disk
+        write_manifest(run_dir, {**state, "status": "failed", "error": str(error)})
+    except (OSError, LeaseLost):
+        pass  # the error being reported may be this very disk, or the lease itself
 
 
 def chunk_entry(record: dict) -> dict:
@@ -692,7 +753,7 @@ def chunk_entry(record: dict) -> dict:
 
 def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], state: dict, timings: dict,
          lap: Callable[[str], None]) -> dict:
-    atomic_write_json(state, run_dir / MANIFEST)  # "running" before anything else is touched
+    write_manifest(run_dir, state)  # "running" before anything else is touched
     started_ray = _connect(cfg)
     try:
         gradients = _gradient_pass(cfg, run_dir, work, plan.pad_token_id, state)
@@ -738,7 +799,7 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
             "data_fingerprint": pending["data_fingerprint"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }]
-    atomic_write_json(manifest, run_dir / MANIFEST)  # last, and only now "complete"
+    write_manifest(run_dir, manifest)  # last, and only now "complete"
     return manifest
 
 

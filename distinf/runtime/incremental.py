@@ -12,7 +12,9 @@ In place. The append works in RUN_DIR itself: the manifest says "running" (with 
 run it started from under "append") until every output is rewritten, then "complete" again.
 New chunks are numbered after every chunk the folder has ever held, as their own segment, so
 their names never collide with stored ones and input order is (segment, rank, chunk). A killed
-or failed append is finished by running the same command again: chunks it committed are kept.
+or failed append is finished by running the same command again: chunks it committed are kept. An
+append of another file over a failed one is refused, naming the failed one's rows, unless
+--discard-pending says to delete them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from pathlib import Path
 
 from distinf.runtime.rundir import (JobError, check_writable, config_differences, config_value, remove_leftovers,
                                     stored_manifest)
-from distinf.store import IntegrityError, display, list_files, read_verified_table, remove
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distinf.store import IntegrityError, display, list_files, read_bytes, read_verified_table, remove
 
 APPEND_KEYS = ("name", "runtime.", "output.path", "model.path", "data.train.path", "data.queries.path")
 """Job keys an append may change from the stored run: where and how it runs, and which files it
@@ -138,14 +143,35 @@ def chain_fingerprint(stored: str, appended: str) -> str:
     return hashlib.sha256(f"{stored}+{appended}".encode()).hexdigest()
 
 
-def remove_stale_chunks(run_dir: Path, split: str, first_chunk: int, planned: set[tuple[int, int]]) -> None:
-    """Delete chunks and ledger records numbered from `first_chunk` that the append no longer plans
-    (a killed append of another training file): no complete manifest ever listed them."""
+def stale_chunks(run_dir: Path, split: str, first_chunk: int, planned: set[tuple[int, int]]) -> list[Path]:
+    """Chunk files and ledger records numbered from `first_chunk` that this append does not plan:
+    a failed append of another training file committed them, and no complete manifest lists them."""
+    stale = []
     for folder in (run_dir / "gradients" / split, run_dir / "ledger" / split):
         for path in list_files(folder):
             match = _PART.match(path.name)
-            if match is None:
-                continue
-            rank, chunk = int(match.group(1)), int(match.group(2))
-            if chunk >= first_chunk and (chunk, rank) not in planned:
-                remove(path)
+            if match and int(match.group(2)) >= first_chunk and (int(match.group(2)), int(match.group(1))) not in planned:
+                stale.append(path)
+    return stale
+
+
+def refuse_or_discard(run_dir: Path, stale: list[Path], discard: bool) -> None:
+    """A failed append's rows are never deleted behind the user's back: refuse, naming them, unless
+    `discard` (--discard-pending) says to delete them."""
+    if not stale:
+        return
+    if discard:
+        for path in stale:
+            remove(path)
+        print(f"distinf: discarded {len(stale)} file(s) of an unfinished append (--discard-pending)", flush=True)
+        return
+    ids = []
+    for path in (p for p in stale if p.suffix == ".parquet"):
+        try:
+            ids += pq.read_table(pa.BufferReader(read_bytes(path)), columns=["example_id"]).column("example_id").to_pylist()
+        except (OSError, ValueError):
+            ids.append(f"(unreadable {path.name})")
+    shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    raise JobError(f"--append-to: '{display(run_dir)}' holds {len(ids)} row(s) committed by an unfinished append of "
+                   f"another training file ({shown}), which this append does not include. Finish that append by "
+                   "running it again with its own training file, or pass --discard-pending to delete those rows")

@@ -36,8 +36,9 @@ from distinf.runtime.driver import (_connect, _fatal, _gradient_pass, _headline,
                                     chunk_entry, chunk_files, input_order, output_checksums, plan_job,
                                     rejected_rows, score_outputs, split_work)
 from distinf.runtime.rundir import (JobError, check_writable, config_differences, config_value, damaged_files,
-                                    remove_leftovers, stored_manifest, write_error)
-from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_write_table, display, is_empty,
+                                    is_unused, remove_leftovers, stored_manifest, terminated_as_error, write_error)
+from distinf.runtime.lease import acquire, write_manifest
+from distinf.store import (IntegrityError, atomic_write_table, display,
                            is_file, read_arrays, read_manifest, read_verified_bytes, read_verified_table, run_path)
 from distinf.tables import gradients_of, rejected_table
 
@@ -81,26 +82,39 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
     state = {"status": "running", "name": cfg.name, "config": config, "query_of": of, "model_fingerprint": model,
              "data_fingerprint": {"queries": fingerprint(plan.queries)},
              "index_set_hash": stored["index_set_hash"], "restarts": []}
-    previous = _open_output(out, state)
-    if previous is not None:
-        if previous.get("status") == "complete" and previous["query_of"] == of and not damaged_files(out, previous):
-            return previous, out  # these queries are scored against this very run already
-        state.update({key: previous[key] for key in ("index_set_sha256", "params", "workers") if key in previous})
-    timings["plan"] = round(time.perf_counter() - clock, 3)
+    if is_file(out):
+        raise JobError(f"--output: '{display(out)}' is a file, not a folder")
     try:
-        return _query(cfg, run_dir, stored, out, plan, solver, state, timings), out
+        lease = acquire(out, "distinf query", cfg.runtime.lease_seconds)
     except OSError as error:
-        explained = write_error(error, out)
-        _mark_failed(out, state, explained)
-        raise explained from None
-    except JobError as error:
-        _mark_failed(out, state, error)
-        raise
+        raise write_error(error, out) from None
+    state["run_id"] = lease.run_id
+    try:
+        with terminated_as_error():
+            previous = _open_output(out, state)
+            if previous is not None:
+                if previous.get("status") == "complete" and previous["query_of"] == of and \
+                        not damaged_files(out, previous):
+                    return previous, out  # these queries are scored against this very run already
+                state.update({key: previous[key] for key in ("index_set_sha256", "params", "workers")
+                              if key in previous})
+            timings["plan"] = round(time.perf_counter() - clock, 3)
+            try:
+                return _query(cfg, run_dir, stored, out, plan, solver, state, timings), out
+            except OSError as error:
+                explained = write_error(error, out)
+                _mark_failed(out, state, explained)
+                raise explained from None
+            except JobError as error:
+                _mark_failed(out, state, error)
+                raise
+    finally:
+        lease.release()
 
 
 def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver, state: dict,
            timings: dict) -> dict:
-    atomic_write_json(state, out / MANIFEST)  # "running" before anything else is touched
+    write_manifest(out, state)  # "running" before anything else is touched
     clock = time.perf_counter()
     started_ray = _connect(cfg)
     try:
@@ -144,7 +158,7 @@ def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver,
                     "dense": "scores/dense/" if cfg.scoring.dense else None, "rejected": "rejected.parquet",
                     "gradients": ["gradients/queries/"]},
     }
-    atomic_write_json(manifest, out / MANIFEST)  # last, and only now "complete"
+    write_manifest(out, manifest)  # last, and only now "complete"
     return manifest
 
 
@@ -162,10 +176,8 @@ def _identity(run_dir: Path, stored: dict) -> dict:
 
 def _open_output(out: Path, state: dict) -> dict | None:
     """The manifest of an earlier query of the same queries into `out`, or None for a new folder."""
-    if is_file(out):
-        raise JobError(f"--output: '{display(out)}' is a file, not a folder")
     previous = None
-    if not is_empty(out):
+    if not is_unused(out):
         try:
             previous = read_manifest(out)
         except (OSError, ValueError):

@@ -7,12 +7,16 @@ went wrong with the output folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
-from distinf.store import (MANIFEST, atomic_write_json, display, file_sha256, free_bytes, is_empty, is_file,
-                           is_remote, list_files, make_folder, read_manifest, remove)
+from distinf.store import (MANIFEST, atomic_write_json, display, file_sha256, free_bytes, is_file, is_remote,
+                           list_files, make_folder, read_manifest, remove)
 
 RESUMABLE_KEYS = ("runtime.address", "runtime.max_restarts", "output.path", "model.path", "data.train.path",
                   "data.queries.path")
@@ -20,8 +24,46 @@ RESUMABLE_KEYS = ("runtime.address", "runtime.max_restarts", "output.path", "mod
 model and data files are checked by their fingerprints instead)."""
 
 
+LEASE = "lease.json"
+"""The run directory's lease (distinf.runtime.lease): one writer at a time."""
+
+
 class JobError(RuntimeError):
     """The job cannot go on; the message says what failed and what to do."""
+
+
+class Interrupted(JobError):
+    """The driver was told to stop (SIGTERM: `ray job stop`, a pod's deletion, a scheduler's timeout)."""
+
+
+@contextlib.contextmanager
+def terminated_as_error() -> Iterator[None]:
+    """Turn SIGTERM into Interrupted inside the block, so that the run is marked failed, its lease
+    released and its Ray stopped, as for any other error. Only the main thread receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted("terminated by SIGTERM; committed chunks are kept: run again with --resume to continue")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_control(name: str) -> bool:
+    return name == LEASE or name.startswith((".lease-takeover-", f".{LEASE}."))
+
+
+def is_unused(run_dir: Path) -> bool:
+    """True when the folder holds no run: nothing, or only its lease (taken before this check)."""
+    if is_remote(run_dir):
+        return all(p.parent == Path(run_dir) and _is_control(p.name) for p in list_files(run_dir, recursive=True))
+    path = Path(run_dir)
+    return not path.exists() or (path.is_dir() and all(_is_control(e.name) for e in path.iterdir()))
 
 
 def open_run_dir(run_dir: Path, resume: bool) -> dict | None:
@@ -33,7 +75,7 @@ def open_run_dir(run_dir: Path, resume: bool) -> dict | None:
     if is_file(run_dir):
         raise JobError(f"output.path: '{display(run_dir)}' is a file, not a folder")
     stored = None
-    if not is_empty(run_dir):
+    if not is_unused(run_dir):
         if not resume:
             raise JobError(f"output.path: '{display(run_dir)}' is not empty; choose a new output folder, or pass "
                            "--resume to continue the run in it")
@@ -70,10 +112,18 @@ def check_writable(run_dir: Path, key: str) -> None:
 def remove_leftovers(run_dir: Path) -> None:
     """Temporary files half-written by a process that was killed; no reader ever sees them.
 
-    (Object stores never hold any: files are uploaded whole from local temporary files.)"""
-    if not is_remote(run_dir):
-        for leftover in run_dir.rglob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+    Called only under the folder's lease. Folders below it that are run directories of their own
+    (`distinf query` outputs under queries/, with their own lease) are left to their own writer,
+    and so is the lease's own renewal. (Object stores never hold any: files are uploaded whole
+    from local temporary files.)"""
+    if is_remote(run_dir):
+        return
+    for folder, subfolders, files in os.walk(run_dir):
+        subfolders[:] = [d for d in subfolders
+                         if not any(os.path.exists(os.path.join(folder, d, name)) for name in (MANIFEST, LEASE))]
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp") and not _is_control(name):
+                Path(folder, name).unlink(missing_ok=True)
 
 
 def config_differences(stored: dict, current: dict, prefix: str = "",

@@ -73,7 +73,7 @@ class GradientWorker:
 
     def compress(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
                  chunks: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, progress: Any = None,
-                 attempt: int = 0) -> list[dict]:
+                 attempt: int = 0, run_id: str | None = None) -> list[dict]:
         """Compute and commit chunks of this rank's partition: (chunk index, positions), PAD a
         padding slot. Every rank is given the same chunk indices, hence the same steps.
 
@@ -109,7 +109,8 @@ class GradientWorker:
             table = (gradient_table(kept, torch.cat(losses).numpy(), torch.cat(grads).numpy(), dtype)
                      if kept else None)
             planned = [ids[p] for p in positions if p != PAD]
-            records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt))
+            records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
+                                        run_id))
         return records
 
     def shutdown(self) -> None:
