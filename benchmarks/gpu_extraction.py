@@ -122,7 +122,10 @@ def worker_shard(config, args: argparse.Namespace, device: torch.device, k: int)
 
     folder = Path(tempfile.gettempdir()) / f"distinf-gpu-{args.size}-{args.dtype}"
     if not (folder / "model.safetensors.index.json").is_file():
-        write_random_checkpoint(folder, config, DTYPES[args.dtype])
+        write_random_checkpoint(folder, config, DTYPES[args.dtype], generate_on=device.type)
+        if device.type == "cuda":  # the setup's peak is the shard's own, not the drawing's
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     cfg = JobConfig.model_validate({
         "name": "gpu", "model": {"path": str(folder), "dtype": args.dtype},
         "data": {"train": {"path": "unused.parquet"}, "queries": {"path": "unused.parquet"}},

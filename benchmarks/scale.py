@@ -13,6 +13,16 @@ tasks). The target of issue 15: a worker's peak under half the model's bytes + 1
 
     .venv/bin/python benchmarks/scale.py --model llama-1b --workers 2 1 --out benchmarks/RESULTS.md
     .venv/bin/python benchmarks/scale.py --model llama-3b --workers 2 --out benchmarks/RESULTS.md
+
+`--device cuda` runs the same job with `runtime.device: cuda` (one GPU per worker, NCCL) on a
+bfloat16 checkpoint, and adds each rank's peak GPU allocation. For a machine without the packages
+the texts come from, or without SmolLM2's folder (the GPU machine), `--export-inputs DIR` writes
+the tokenizer files and the sampled texts under DIR/scale/ here, and `--assets DIR` there reads
+them (benchmarks/gpu_job.sh copies .gpu_assets/scale into a work folder first, so the carried
+folder holds only the inputs):
+
+    .venv/bin/python benchmarks/scale.py --export-inputs .gpu_assets --train-per-source 64
+    python3 benchmarks/scale.py --assets WORK --device cuda --model llama-1b --workers 1 --train-per-source 64
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -53,27 +65,64 @@ SHARD_BYTES = 2 * GIB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def model_folder(name: str) -> Path:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUERIES_PER_SOURCE = 1
+
+
+def model_folder(name: str, dtype: str = "float32", generate_on: str = "cpu") -> Path:
     """A random-initialised shape of SHAPES, or SmolLM2-135M-Instruct itself ("smollm2-135m")."""
-    return smollm2_dir() if name == "smollm2-135m" else random_llama(name)
+    return smollm2_dir() if name == "smollm2-135m" else random_llama(name, dtype, generate_on)
 
 
-def random_llama(name: str) -> Path:
-    """The model folder under .assets/scale/, written once, with SmolLM2's tokenizer."""
+def random_llama(name: str, dtype: str = "float32", generate_on: str = "cpu") -> Path:
+    """The model folder under .assets/scale/ (`<name>` in float32, `<name>-<dtype>` otherwise),
+    written once, with SmolLM2's tokenizer."""
     from transformers import LlamaConfig
 
-    folder = assets_root() / "scale" / name
+    folder = assets_root() / "scale" / (name if dtype == "float32" else f"{name}-{dtype}")
     if not (folder / "model.safetensors.index.json").is_file():
         config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
                              bos_token_id=1, eos_token_id=2, **SHAPES[name])
-        write_random_checkpoint(folder, config, tokenizer_dir=smollm2_dir())
+        write_random_checkpoint(folder, config, DTYPES[dtype], tokenizer_dir=tokenizer_dir(), generate_on=generate_on)
     return folder
 
 
+def tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer files: the copy `--export-inputs` wrote, else SmolLM2's own folder."""
+    exported = assets_root() / "scale" / "tokenizer"
+    return exported if (exported / "tokenizer.json").is_file() else smollm2_dir()
+
+
+def corpus(train_per_source: int) -> tuple[pa.Table, pa.Table]:
+    """(train, queries) of the demo corpus's sources: the copy `--export-inputs` wrote for this
+    size, else sampled from the installed packages (the same rows: the sample is seeded)."""
+    folder = assets_root() / "scale" / "corpus"
+    paths = [folder / f"{split}-{train_per_source}x{QUERIES_PER_SOURCE}.parquet" for split in ("train", "queries")]
+    if all(path.is_file() for path in paths):
+        return pq.read_table(paths[0]), pq.read_table(paths[1])
+    return mixed_source_corpus(train_per_source, QUERIES_PER_SOURCE, seed=0)
+
+
+def export_inputs(dest: Path, train_per_source: int) -> None:
+    """SmolLM2's tokenizer files and the sampled texts under dest/scale/, for a machine that has
+    neither the packages the texts come from nor SmolLM2's folder (the GPU machine)."""
+    source, tables = tokenizer_dir(), corpus(train_per_source)
+    (dest / "scale" / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (dest / "scale" / "corpus").mkdir(parents=True, exist_ok=True)
+    for file in TOKENIZER_FILES:
+        if (source / file).is_file():
+            shutil.copy(source / file, dest / "scale" / "tokenizer" / file)
+    for split, table in zip(("train", "queries"), tables):
+        pq.write_table(table, dest / "scale" / "corpus" / f"{split}-{train_per_source}x{QUERIES_PER_SOURCE}.parquet")
+    print(f"{dest / 'scale'}: tokenizer from {source}, {tables[0].num_rows} training and {tables[1].num_rows} "
+          "query texts")
+
+
 def write_random_checkpoint(folder: Path, config, dtype: torch.dtype = torch.float32,
-                            tokenizer_dir: Path | None = None) -> Path:
+                            tokenizer_dir: Path | None = None, generate_on: str = "cpu") -> Path:
     """A causal-LM folder of `config` with weights N(0, 0.02²) (norms 1) drawn tensor by tensor,
-    in safetensors shards of SHARD_BYTES, one shard in memory at a time; renamed into place last."""
+    in safetensors shards of SHARD_BYTES, one shard in memory at a time; renamed into place last.
+    `generate_on="cuda"` draws on the GPU (other numbers than the CPU's; ~25 s less at 1B)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -85,7 +134,7 @@ def write_random_checkpoint(folder: Path, config, dtype: torch.dtype = torch.flo
     for file in TOKENIZER_FILES if tokenizer_dir else ():
         if (tokenizer_dir / file).is_file():
             shutil.copy(tokenizer_dir / file, tmp / file)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=generate_on).manual_seed(0)
     weight_map, shard, shard_bytes, total = {}, {}, 0, 0
 
     def flush() -> None:
@@ -99,7 +148,7 @@ def write_random_checkpoint(folder: Path, config, dtype: torch.dtype = torch.flo
         if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
             value = torch.ones(param.shape, dtype=dtype)
         else:
-            value = torch.empty(param.shape).normal_(0.0, 0.02, generator=generator).to(dtype)
+            value = torch.empty(param.shape, device=generate_on).normal_(0.0, 0.02, generator=generator).to(dtype).cpu()
         shard[key] = value
         shard_bytes += value.numel() * value.element_size()
         total += value.numel() * value.element_size()
@@ -153,22 +202,20 @@ class RayProcessPeaks(threading.Thread):
 
 
 def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
-    root = assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}"
+    root = run_root(model, workers, args)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    train, queries = mixed_source_corpus(args.train_per_source, 1, seed=0)
-    import pyarrow.parquet as pq
-
+    train, queries = corpus(args.train_per_source)
     pq.write_table(train, root / "train.parquet")
     pq.write_table(queries, root / "queries.parquet")
     job = {
         "name": f"scale-{model.name}-w{workers}",
-        "model": {"path": str(model), "task": "causal_lm", "dtype": "float32"},
+        "model": {"path": str(model), "task": "causal_lm", "dtype": args.dtype},
         "data": {"train": {"path": str(root / "train.parquet"), "id_column": "id"},
                  "queries": {"path": str(root / "queries.parquet"), "id_column": "id"},
                  "max_length": args.tokens},
         "compression": {"k": args.k, "seed": 0},
-        "runtime": {"num_workers": workers, "batch_size": args.batch, "device": "cpu",
+        "runtime": {"num_workers": workers, "batch_size": args.batch, "device": args.device,
                     "release_after_use": not args.keep_gathered},
         "output": {"path": str(root / "run")},
     }
@@ -176,50 +223,65 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
     sampler = RayProcessPeaks()
     sampler.start()
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "distinf", "run", str(root / "job.yaml")], capture_output=True,
-                          text=True)
+    with (root / "distinf-run.log").open("w") as log:  # the job's whole output, kept beside its run
+        proc = subprocess.run([sys.executable, "-m", "distinf", "run", str(root / "job.yaml")], stdout=log,
+                              stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - started
     peaks = sampler.stop()
     if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-        raise SystemExit(f"distinf run failed for {model.name} at W = {workers}")
+        print((root / "distinf-run.log").read_text()[-6000:])
+        raise SystemExit(f"distinf run failed for {model.name} at W = {workers} (log: {root / 'distinf-run.log'})")
     manifest = json.loads((root / "run" / "manifest.json").read_text())
     others = [p for p in peaks.values() if "GradientWorker" not in p["name"] and p["hwm"] > 0]
     examples = manifest["counts"]["train"] + manifest["counts"]["queries"]
     return {"model": args.model + (" (gathered weights kept)" if args.keep_gathered else ""),
-            "params": parameters(model), "workers": workers, "wall_seconds": round(wall, 1),
+            "params": parameters(model), "dtype": args.dtype, "device": args.device, "workers": workers,
+            "wall_seconds": round(wall, 1),
             "gradient_seconds": manifest["timings"]["gradients"], "examples": examples,
             "ranks": manifest["workers"], "timings": manifest["timings"],
             "reducer_peak": max((p["hwm"] for p in others if "Reducer" in p["name"]), default=None),
             "task_peak": max((p["hwm"] for p in others if "Reducer" not in p["name"]), default=None),
-            "k": manifest["k"]}
+            "k": manifest["k"], "versions": manifest.get("versions"), "run_dir": str(root / "run")}
+
+
+def run_root(model: Path, workers: int, args: argparse.Namespace) -> Path:
+    return assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}"
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
+    gpu = args.device == "cuda"
+    versions = rows[0].get("versions") or {} if rows else {}
     lines = [
-        f"Command: `.venv/bin/python benchmarks/scale.py --model {args.model} --workers "
-        f"{' '.join(map(str, args.workers))} --k {args.k} --tokens {args.tokens} --batch {args.batch} "
-        f"--train-per-source {args.train_per_source}{' --keep-gathered' if args.keep_gathered else ''}` (torch {torch.__version__}, nproc {os.cpu_count()}, "
-        f"load average {os.getloadavg()[0]:.1f} at the end).",
+        f"Command: `{os.path.basename(sys.executable)} benchmarks/scale.py {' '.join(sys.argv[1:])}` "
+        f"(torch {torch.__version__}, " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch")
+        + f", nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end"
+        + (f", {torch.cuda.get_device_name(0)}" if gpu and torch.cuda.is_available() else "") + ").",
         "",
-        "| model (params, float32 bytes) | W | rank | local_params | setup s | setup peak RSS | gradient-pass peak RSS "
-        "| target: bytes/W + 1.5 GiB | gradient pass s/example | reducer peak | Gram/scoring task peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| model (params, {args.dtype} bytes) | W | rank | local_params | setup s | setup peak RSS "
+        "| gradient-pass peak RSS " + ("| setup peak GPU allocated | gradient-pass peak GPU allocated " if gpu else
+                                      "| target: bytes/W + 1.5 GiB ")
+        + "| gradient pass s/example | reducer peak | Gram/scoring task peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for row in rows:
-        model_bytes = row["params"] * 4
+        model_bytes = row["params"] * DTYPES[row.get("dtype", "float32")].itemsize
         for rank in row["ranks"]:
             memory = rank.get("memory", {})
+            if gpu:
+                middle = (f"| {_gib(memory.get('setup_peak_gpu_allocated'))} "
+                          f"| {_gib(memory.get('gradients_peak_gpu_allocated'))} ")
+            else:
+                middle = f"| {_gib(model_bytes / row['workers'] + 1.5 * GIB)} "
             lines.append(
                 f"| {row['model']} ({row['params'] / 1e9:.2f}B, {model_bytes / GIB:.2f} GiB) | {row['workers']} "
                 f"| {rank['rank']} | {rank['local_params']:,} | {rank.get('setup_seconds', float('nan')):.0f} "
                 f"| {_gib(memory.get('setup_peak_rss'))} | {_gib(memory.get('gradients_peak_rss'))} "
-                f"| {_gib(model_bytes / row['workers'] + 1.5 * GIB)} "
-                f"| {row['gradient_seconds'] / row['examples']:.2f} | {_gib(row['reducer_peak'])} "
+                + middle +
+                f"| {row['gradient_seconds'] / row['examples']:.3f} | {_gib(row['reducer_peak'])} "
                 f"| {_gib(row['task_peak'])} |")
     lines.append("")
     lines.append("Timings (s): " + "; ".join(f"{r['model']} W = {r['workers']}: " + ", ".join(
-        f"{k} {v:.0f}" for k, v in r["timings"].items()) + f", wall {r['wall_seconds']:.0f}" for r in rows))
+        f"{k} {v:.1f}" for k, v in r["timings"].items()) + f", wall {r['wall_seconds']:.0f}" for r in rows))
     return "\n".join(lines)
 
 
@@ -237,10 +299,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="data.max_length")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--train-per-source", type=int, default=3, help="training texts per source (6 sources)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="runtime.device")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="model.dtype and the checkpoint's (default: float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--assets", type=Path, default=None,
+                        help="asset folder (DISTINF_ASSETS): the model, the runs and --export-inputs' copy "
+                             "go under its scale/")
+    parser.add_argument("--export-inputs", type=Path, metavar="DIR", default=None,
+                        help="only write the tokenizer files and the texts under DIR/scale/, then stop")
     parser.add_argument("--out", help="append the section to this file (benchmarks/RESULTS.md)")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args()
-    model = model_folder(args.model)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.export_inputs is not None:
+        export_inputs(args.export_inputs, args.train_per_source)
+        return
+    if args.assets is not None:
+        os.environ["DISTINF_ASSETS"] = str(args.assets.resolve())
+    started = time.perf_counter()
+    draw_on = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    model = model_folder(args.model, args.dtype, draw_on)
+    print(f"model {model} ready in {time.perf_counter() - started:.0f} s", flush=True)
     rows = [run_job(model, w, args) for w in args.workers]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

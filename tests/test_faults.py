@@ -245,3 +245,19 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_sigterm_marks_the_r
     assert not (run_dir / "lease.json").exists()
     records = [json.loads(p.read_text()) for p in (run_dir / "ledger" / "train").glob("*.json")]
     assert records and {r["run_id"] for r in records} == {holder["run_id"]}
+
+
+def test_a_hung_worker_is_caught_by_the_stall_timeout_and_the_run_marked_failed(shared_ray, inputs, tmp_path,
+                                                                                monkeypatch):
+    """A rank that stops making progress (here: sleeping a minute after its first batch) is a
+    failure after runtime.stall_timeout, restarted like one; with no restarts left the job fails
+    saying so, and the manifest says "failed", not "running" forever."""
+    monkeypatch.setenv("DISTINF_TEST_BATCH_DELAY", "60")
+    cfg = load_job(write_job(tmp_path, inputs), ["runtime.stall_timeout=15", "runtime.max_restarts=0"])
+    started = time.monotonic()
+    with pytest.raises(JobError, match="no progress in .* for 15 s \\(runtime.stall_timeout\\)"):
+        run_job(cfg)
+    assert time.monotonic() - started < 55  # caught well before the first sleep ends
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "runtime.stall_timeout" in manifest["error"]
+    assert manifest["restarts"][0]["error"].startswith("Stalled")

@@ -47,3 +47,46 @@ def test_a_cpu_batch_moves_unchanged_and_shares_no_pinned_memory():
     batch = {"input_ids": torch.arange(6).view(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
     moved = move_batch(batch, torch.device("cpu"))
     assert all(torch.equal(moved[k], batch[k]) and not moved[k].is_pinned() for k in batch)
+
+
+def test_the_zero3_build_runs_on_a_transformers_without_the_arange_guard(monkeypatch):
+    # transformers 5.17 (the GPU machine's) has no prevent_arange_dtype_change; its import used to
+    # fail every rank's setup there.
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    from distinf.runtime.zero3 import arange_dtype_guard
+
+    monkeypatch.delattr(hf_deepspeed, "prevent_arange_dtype_change", raising=False)
+    with arange_dtype_guard():
+        assert torch.arange(3, dtype=torch.float32).dtype == torch.float32
+
+
+def test_a_trimmed_wheel_lists_exactly_what_it_keeps(tmp_path):
+    import base64
+    import hashlib
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from trim_wheel import trim_wheel
+
+    files = {"ray/__init__.py": b"x = 1\n", "ray/jars/a.jar": b"j" * 100, "ray/serve/api.py": b"s\n",
+             "ray/dashboard/client/build/index.html": b"<html>", "ray/dashboard/agent.py": b"a\n",
+             "ray/_private/thirdparty_files/pkg-1.dist-info/RECORD": b"pkg/x.py,,\n"}
+    wheel = tmp_path / "ray-1.0-cp312-cp312-manylinux2014_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        archive.writestr("ray-1.0.dist-info/RECORD", "".join(f"{n},,\n" for n in files))
+    out = trim_wheel(wheel, tmp_path / "out")
+    with zipfile.ZipFile(out) as archive:
+        names = set(archive.namelist())
+        record = archive.read("ray-1.0.dist-info/RECORD").decode().splitlines()
+        vendored = archive.read("ray/_private/thirdparty_files/pkg-1.dist-info/RECORD")
+    kept = {"ray/__init__.py", "ray/dashboard/agent.py", "ray/_private/thirdparty_files/pkg-1.dist-info/RECORD"}
+    assert names == kept | {"ray-1.0.dist-info/RECORD"}
+    assert vendored == b"pkg/x.py,,\n"  # a vendored package's RECORD is an ordinary file, left as it was
+    digest = base64.urlsafe_b64encode(hashlib.sha256(files["ray/__init__.py"]).digest()).rstrip(b"=").decode()
+    assert f"ray/__init__.py,sha256={digest},6" in record
+    assert {line.split(",")[0] for line in record} == kept | {"ray-1.0.dist-info/RECORD"}

@@ -43,8 +43,9 @@ from distinf.runtime.reducer import Reducer
 from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
                                          open_for_append, refuse_or_discard, stale_chunks)
 from distinf.runtime.lease import LeaseLost, acquire, write_manifest
-from distinf.runtime.rundir import (JobError, check_free_space, check_same_job, damaged_files, estimated_bytes,
-                                    is_unused, open_run_dir, remove_leftovers, terminated_as_error, write_error)
+from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_free_space, check_same_job,
+                                    damaged_files, estimated_bytes, interruption, is_unused, open_run_dir, remove_leftovers, terminated_as_error,
+                                    write_error)
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.worker import GradientWorker
 from distinf.store import (IntegrityError, atomic_write_table, display, file_sha256, gradient_dir, is_file, list_files,
@@ -710,12 +711,11 @@ def _run_job(cfg: JobConfig, run_dir: Path, resume: bool, append: bool, discard_
         explained = write_error(error, run_dir)
         _mark_failed(run_dir, state, explained)
         raise explained from None
-    except (JobError, DataError, ConfigError, ModelError) as error:
-        _mark_failed(run_dir, state, error)
-        raise
-    except KeyboardInterrupt:
-        _mark_failed(run_dir, state, JobError("interrupted (Ctrl-C); committed chunks are kept: run again with "
-                                              "--resume to continue"))
+    except BaseException as error:  # any exit but success leaves a "failed" manifest, never "running"
+        stopped = interruption(error)
+        _mark_failed(run_dir, state, stopped or error)
+        if stopped is not None and not isinstance(error, (Interrupted, KeyboardInterrupt)):
+            raise stopped from None
         raise
 
 
@@ -755,6 +755,7 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
          lap: Callable[[str], None]) -> dict:
     write_manifest(run_dir, state)  # "running" before anything else is touched
     started_ray = _connect(cfg)
+    arm_sigterm()
     try:
         gradients = _gradient_pass(cfg, run_dir, work, plan.pad_token_id, state)
         lap("gradients")

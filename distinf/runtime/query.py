@@ -35,11 +35,12 @@ from distinf.models import model_fingerprint
 from distinf.runtime.driver import (_connect, _fatal, _gradient_pass, _headline, _mark_failed, _versions,
                                     chunk_entry, chunk_files, input_order, output_checksums, plan_job,
                                     rejected_rows, score_outputs, split_work)
-from distinf.runtime.rundir import (JobError, check_writable, config_differences, config_value, damaged_files,
-                                    is_unused, remove_leftovers, stored_manifest, terminated_as_error, write_error)
+from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_writable, config_differences,
+                                    config_value, damaged_files, interruption, is_unused, remove_leftovers,
+                                    stored_manifest, terminated_as_error, write_error)
 from distinf.runtime.lease import acquire, write_manifest
-from distinf.store import (IntegrityError, atomic_write_table, display,
-                           is_file, read_arrays, read_manifest, read_verified_bytes, read_verified_table, run_path)
+from distinf.store import (IntegrityError, atomic_write_table, display, is_file, read_arrays, read_manifest,
+                           read_verified_bytes, read_verified_table, run_path)
 from distinf.tables import gradients_of, rejected_table
 
 QUERY_KEYS = ("name", "runtime.", "output.path", "model.path", "data.queries.", "scoring.top_k", "scoring.dense")
@@ -105,8 +106,11 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
                 explained = write_error(error, out)
                 _mark_failed(out, state, explained)
                 raise explained from None
-            except JobError as error:
-                _mark_failed(out, state, error)
+            except BaseException as error:  # any exit but success leaves a "failed" manifest
+                stopped = interruption(error)
+                _mark_failed(out, state, stopped or error)
+                if stopped is not None and not isinstance(error, (Interrupted, KeyboardInterrupt)):
+                    raise stopped from None
                 raise
     finally:
         lease.release()
@@ -117,6 +121,7 @@ def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver,
     write_manifest(out, state)  # "running" before anything else is touched
     clock = time.perf_counter()
     started_ray = _connect(cfg)
+    arm_sigterm()
     try:
         gradients = _gradient_pass(cfg, out, {"queries": split_work(cfg, plan.queries)}, plan.pad_token_id, state)
         timings["gradients"] = round(time.perf_counter() - clock, 3)

@@ -36,18 +36,39 @@ class Interrupted(JobError):
     """The driver was told to stop (SIGTERM: `ray job stop`, a pod's deletion, a scheduler's timeout)."""
 
 
+def _terminated(signum, frame):
+    raise Interrupted("terminated by SIGTERM; committed chunks are kept: run again with --resume to continue")
+
+
+def interruption(error: BaseException) -> Interrupted | None:
+    """The Interrupted behind `error` (Ray's C code wraps what a signal handler raises in a
+    SystemError), or one for Ctrl-C; None for any other error."""
+    if isinstance(error, KeyboardInterrupt):
+        return Interrupted("interrupted (Ctrl-C); committed chunks are kept: run again with --resume to continue")
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def arm_sigterm() -> None:
+    """SIGTERM raises Interrupted (main thread only: the only one that receives signals). Called
+    again once Ray is connected, because ray.init installs a handler of its own that aborts."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
 @contextlib.contextmanager
 def terminated_as_error() -> Iterator[None]:
     """Turn SIGTERM into Interrupted inside the block, so that the run is marked failed, its lease
-    released and its Ray stopped, as for any other error. Only the main thread receives signals."""
+    released and its Ray stopped, as for any other error."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame):
-        raise Interrupted("terminated by SIGTERM; committed chunks are kept: run again with --resume to continue")
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ renamed by a model-specific conversion, a head the checkpoint lacks, pickle weig
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -150,9 +151,19 @@ def _streaming_plan(cfg: ModelConfig) -> Checkpoint | None:
         return None
 
 
+def arange_dtype_guard():
+    """transformers' guard that keeps `zero.Init` from casting the explicitly typed `torch.arange`
+    of RoPE buffers to the model's dtype (entered before `zero.Init`), where transformers has one;
+    before it did (5.17, say) its own ZeRO-3 loading ran without one, and so does this."""
+    try:
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:
+        return contextlib.nullcontext()
+    return prevent_arange_dtype_change()
+
+
 def _streamed(cfg: ModelConfig, ds_config: dict, checkpoint: Checkpoint) -> nn.Module:
     import deepspeed
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     try:
         from transformers.initialization import no_init_weights
@@ -160,8 +171,7 @@ def _streamed(cfg: ModelConfig, ds_config: dict, checkpoint: Checkpoint) -> nn.M
         from transformers.modeling_utils import no_init_weights
 
     dtype = DTYPES[cfg.dtype]
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config,
-                                                                                 dtype=dtype):
+    with no_init_weights(), arange_dtype_guard(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         model = auto_class(cfg).from_config(model_config(cfg), dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.tie_weights()  # as from_pretrained does once the weights are in
     load_partitions(model, checkpoint, map_weights(model, checkpoint))
