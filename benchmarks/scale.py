@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,7 +242,22 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
             "ranks": manifest["workers"], "timings": manifest["timings"],
             "reducer_peak": max((p["hwm"] for p in others if "Reducer" in p["name"]), default=None),
             "task_peak": max((p["hwm"] for p in others if "Reducer" not in p["name"]), default=None),
-            "k": manifest["k"], "versions": manifest.get("versions"), "run_dir": str(root / "run")}
+            "k": manifest["k"], "versions": manifest.get("versions"), "run_dir": str(root / "run"),
+            "progress": progress_seconds((root / "distinf-run.log").read_text(errors="replace"))}
+
+
+_BAR = re.compile(r"gradients/(\w+):\s+\d+%\|[^|\n]*\| (\d+)/(\d+) \[(\d+(?::\d+)+)<")
+
+
+def progress_seconds(log: str) -> dict[str, dict]:
+    """Per split, examples and whole seconds from the last state of the job's progress bar: the pass
+    alone, from the first compress call to the bar's close (no Ray start, no setup; polled each
+    second; its count may lag the last batch, its time does not)."""
+    out = {}
+    for split, _, total, elapsed in _BAR.findall(log.replace("\r", "\n")):
+        seconds = sum(int(v) * 60 ** i for i, v in enumerate(reversed(elapsed.split(":"))))
+        out[split] = {"examples": int(total), "seconds": seconds}
+    return out
 
 
 def run_root(model: Path, workers: int, args: argparse.Namespace) -> Path:
@@ -280,6 +296,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 f"| {row['gradient_seconds'] / row['examples']:.3f} | {_gib(row['reducer_peak'])} "
                 f"| {_gib(row['task_peak'])} |")
     lines.append("")
+    lines.append("Gradient pass alone (progress bars, whole seconds): " + "; ".join(
+        f"{r['model']} W = {r['workers']}: " + ", ".join(
+            f"{split} {p['examples']} examples in {p['seconds']} s" for split, p in r.get("progress", {}).items())
+        for r in rows) + ". \"s/example\" above: the manifest's gradients time (Ray start, worker start, setup "
+        "and the pass) per example.")
     lines.append("Timings (s): " + "; ".join(f"{r['model']} W = {r['workers']}: " + ", ".join(
         f"{k} {v:.1f}" for k, v in r["timings"].items()) + f", wall {r['wall_seconds']:.0f}" for r in rows))
     return "\n".join(lines)
