@@ -255,3 +255,39 @@ def test_a_query_refuses_a_damaged_curvature_another_model_and_keys_that_change_
     with pytest.raises(JobError, match="blocks.safetensors' does not match the checksum"):
         query_run(run_dir, inputs["later"])
     assert not (run_dir / "queries").exists()
+
+
+def test_an_append_of_another_file_never_deletes_a_failed_appends_rows_unless_told(shared_ray, inputs, tmp_path,
+                                                                                   capsys):
+    """Night 2's append fails after committing some rows; night 3 appends another file. Its plan
+    has no place for night 2's rows: it is refused, naming them, and only --discard-pending
+    deletes them; the run then holds night 1 and night 3's rows."""
+    table = pq.read_table(inputs["train"])
+    pq.write_table(table.slice(20, 4), tmp_path / "day3.parquet")
+    one_batch_chunks = {"runtime": {"chunk_examples": 2}}
+    run_dir = tmp_path / "run"
+    run_job(load_job(write_job(tmp_path / "day1", inputs, "day1", **one_batch_chunks)), run_dir)
+    day2 = write_job(tmp_path / "day2", inputs, "day2", **one_batch_chunks)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTINF_TEST_KILL", "rank1:batch2")  # after the append's first chunk is committed
+        with pytest.raises(JobError, match="gradient pass"):
+            run_job(load_job(day2, ["runtime.max_restarts=0"]), run_dir, append=True)
+    failed = json.loads((run_dir / "manifest.json").read_text())
+    first = failed["append"]["first_chunk"]
+    pending = [record for (chunk, _), (record, _) in ledger(run_dir).items() if chunk >= first]
+    pending_ids = {i for r in pending for i in pq.read_table(run_dir / r["file"]).column("example_id").to_pylist()}
+    assert pending_ids and pending_ids <= set(pq.read_table(inputs["day2"]).column("id").to_pylist())
+
+    day3 = write_job(tmp_path / "day3", inputs, "train", **one_batch_chunks)
+    day3_cfg = load_job(day3, [f"data.train.path={tmp_path / 'day3.parquet'}"])
+    with pytest.raises(JobError, match=f"holds {len(pending_ids)} row\\(s\\) committed by an unfinished append") as refused:
+        run_job(day3_cfg, run_dir, append=True)
+    assert sum(repr(i) in str(refused.value) for i in pending_ids) == min(5, len(pending_ids))  # named
+    assert all((run_dir / r["file"]).exists() for r in pending)  # nothing deleted
+
+    manifest = run_job(day3_cfg, run_dir, append=True, discard_pending=True)
+    assert manifest["status"] == "complete" and manifest["counts"]["train"] == 20
+    values = pq.read_table(run_dir / "scores" / "train_values.parquet").column("train_id").to_pylist()
+    expected = table.slice(0, 16).column("id").to_pylist() + table.slice(20, 4).column("id").to_pylist()
+    assert values == expected
+    assert not (pending_ids - set(expected)) & set(values)  # day 2's rows that day 3 lacks are gone

@@ -699,8 +699,8 @@ def _run_job(cfg: JobConfig, run_dir: Path, resume: bool, append: bool, discard_
         work = {"train": split_work(cfg, plan.train, base.first_chunk, base.manifest["chunks"]["train"],
                                     base.segment),
                 "queries": SplitWork(plan.queries, {}, base.manifest["chunks"]["queries"])}
-        refuse_or_discard(run_dir, stale_chunks(run_dir, "train", base.first_chunk, {
-            (c, r) for c, parts in work["train"].positions.items() for r in range(len(parts))}), discard_pending)
+        refuse_or_discard(run_dir, stale_chunks(run_dir, "train", base.first_chunk, work["train"].planned()),
+                          discard_pending)
         need = estimated_bytes(cfg.compression.k, len(plan.train.ids), 0, cfg.output.gradient_dtype,
                                cfg.scoring.dense, cfg.hessian.blocks == "full")
     check_free_space(run_dir, need)

@@ -20,6 +20,7 @@ append of another file over a failed one is refused, naming the failed one's row
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from distinf.runtime.rundir import (JobError, check_writable, config_differences
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distinf.store import IntegrityError, display, list_files, read_bytes, read_verified_table, remove
+from distinf.ledger import Planned, ids_digest
+from distinf.store import IntegrityError, display, is_file, list_files, read_bytes, read_verified_table, remove
 
 APPEND_KEYS = ("name", "runtime.", "output.path", "model.path", "data.train.path", "data.queries.path")
 """Job keys an append may change from the stored run: where and how it runs, and which files it
@@ -143,15 +145,23 @@ def chain_fingerprint(stored: str, appended: str) -> str:
     return hashlib.sha256(f"{stored}+{appended}".encode()).hexdigest()
 
 
-def stale_chunks(run_dir: Path, split: str, first_chunk: int, planned: set[tuple[int, int]]) -> list[Path]:
-    """Chunk files and ledger records numbered from `first_chunk` that this append does not plan:
-    a failed append of another training file committed them, and no complete manifest lists them."""
+def stale_chunks(run_dir: Path, split: str, first_chunk: int, planned: Planned) -> list[Path]:
+    """Ledger records numbered from `first_chunk`, and their chunk files, that this append does not
+    plan as they are (another chunk, or other ids in it): a failed append of another training file
+    committed them, and no complete manifest lists them."""
     stale = []
-    for folder in (run_dir / "gradients" / split, run_dir / "ledger" / split):
-        for path in list_files(folder):
-            match = _PART.match(path.name)
-            if match and int(match.group(2)) >= first_chunk and (int(match.group(2)), int(match.group(1))) not in planned:
-                stale.append(path)
+    for path in list_files(run_dir / "ledger" / split):
+        match = _PART.match(path.name)
+        if match is None or int(match.group(2)) < first_chunk:
+            continue
+        rank, chunk = int(match.group(1)), int(match.group(2))
+        try:
+            record = json.loads(read_bytes(path).decode("utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable: never a commit, so no row of it was ever counted
+        parts = planned.get(chunk, [])
+        if rank >= len(parts) or record.get("ids") != ids_digest(parts[rank]):
+            stale += [path] + ([run_dir / record["file"]] if record.get("file") else [])
     return stale
 
 
@@ -166,7 +176,7 @@ def refuse_or_discard(run_dir: Path, stale: list[Path], discard: bool) -> None:
         print(f"distinf: discarded {len(stale)} file(s) of an unfinished append (--discard-pending)", flush=True)
         return
     ids = []
-    for path in (p for p in stale if p.suffix == ".parquet"):
+    for path in (p for p in stale if p.suffix == ".parquet" and is_file(p)):
         try:
             ids += pq.read_table(pa.BufferReader(read_bytes(path)), columns=["example_id"]).column("example_id").to_pylist()
         except (OSError, ValueError):
