@@ -23,12 +23,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]+:/+[^/]*@", re.IGNORECASE)
+
+
+def refuse_credentials(path: str | None) -> str | None:
+    """`path` unchanged, unless it is a URI with credentials in it (`s3://KEY:SECRET@bucket/x`).
+
+    A path is echoed in messages, manifests and Ray task arguments, so a secret must never be in
+    one; the error does not repeat it.
+    """
+    if path is not None and _USERINFO.match(str(path)):
+        raise ValueError("the URI has credentials in it (user:secret@), which would be echoed in logs and "
+                         "manifests; leave them out and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                         "an instance role or a profile (AWS_PROFILE)")
+    return path
+
+
 class LoraConfig(_Section):
     adapter_path: str | None = None
     """A saved PEFT adapter folder to load on top of the base model."""
     r: int | None = Field(default=None, gt=0)
     alpha: float | None = None
     target_modules: list[str] | None = None
+
+    check_no_credentials = field_validator("adapter_path")(refuse_credentials)
 
     @model_validator(mode="after")
     def _one_source(self) -> "LoraConfig":
@@ -47,6 +65,8 @@ class ModelConfig(_Section):
     allow_pickle: bool = False
     """Allow loading `pytorch_model.bin` (pickle) weights when no safetensors exist."""
 
+    check_no_credentials = field_validator("path")(refuse_credentials)
+
 
 class DatasetConfig(_Section):
     path: str
@@ -55,6 +75,8 @@ class DatasetConfig(_Section):
     label_column: str | None = None
     id_column: str | None = None
     """Without an id column the ids are the row numbers, as strings."""
+
+    check_no_credentials = field_validator("path")(refuse_credentials)
 
 
 class DataConfig(_Section):
@@ -170,6 +192,8 @@ class RuntimeConfig(_Section):
 class OutputConfig(_Section):
     path: str = "runs/demo"
     gradient_dtype: Literal["float32", "float16"] = "float32"
+
+    check_no_credentials = field_validator("path")(refuse_credentials)
 
 
 class AttributionConfig(_Section):
