@@ -1,0 +1,69 @@
+"""Credentials embedded in a URI (`s3://KEY:SECRET@bucket/x`) are refused wherever a path is given,
+without the secret being repeated, and `store.display` never shows them (issue 16)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distinf.cli import main
+from distinf.config import ConfigError, load_job
+from distinf.store import display
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+URI = f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs/x"
+JOB = {"model": {"path": "m"}, "data": {"train": {"path": "t.parquet"}, "queries": {"path": "q.parquet"}}}
+
+
+def write_job(tmp_path, key: str) -> str:
+    job = yaml.safe_load(yaml.safe_dump(JOB))
+    *parents, leaf = key.split(".")
+    node = job
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = URI
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["output.path", "data.train.path", "data.queries.path", "model.path",
+                                 "model.lora.adapter_path"])
+def test_a_job_file_with_credentials_in_a_uri_is_refused_naming_the_key_not_the_secret(tmp_path, capsys, key):
+    path = write_job(tmp_path, key)
+    with pytest.raises(ConfigError) as error:
+        load_job(path)
+    message = str(error.value)
+    assert f"{key}: the URI has credentials in it" in message and "AWS_ACCESS_KEY_ID" in message
+    assert SECRET not in message and "AKIAEXAMPLE" not in message
+    for command in ("validate", "run"):
+        assert main([command, path]) == 2
+        captured = capsys.readouterr()
+        assert key in captured.err and SECRET not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["run", "JOB", "--output", URI], "--output"),
+    (["run", "JOB", "--append-to", URI], "--append-to"),
+    (["run", "JOB", "--set", f"output.path={URI}"], "output.path"),
+    (["query", URI, "--queries", "q.parquet"], "RUN_DIR"),
+    (["query", "s3://bucket/run", "--queries", URI], "--queries"),
+    (["query", "s3://bucket/run", "--queries", "q.parquet", "--output", URI], "--output"),
+])
+def test_command_line_paths_with_credentials_are_refused_without_echoing_them(tmp_path, capsys, argv, flag):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(JOB))
+    assert main([str(job) if a == "JOB" else a for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert f"{flag}: the URI has credentials in it" in captured.err
+    assert SECRET not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("path, shown", [
+    (URI, "s3://***@bucket/runs/x"),
+    (f"s3:/AKIAEXAMPLE:{SECRET}@bucket/runs/x", "s3://***@bucket/runs/x"),  # as a pathlib.Path folds it
+    ("s3://bucket/runs/x@night", "s3://bucket/runs/x@night"),  # an @ in a key is no credential
+    ("/data/user@host/run", "/data/user@host/run"),
+])
+def test_display_redacts_userinfo_of_any_uri(path, shown):
+    assert display(path) == shown
