@@ -35,6 +35,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.numpy import load
 
+from distinf.config import ConfigError, refuse_credentials
+
 MANIFEST = "manifest.json"
 
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -62,7 +64,14 @@ def is_remote(path: str | Path) -> bool:
 
 
 def run_path(path: str | Path) -> Path:
-    """A run directory as distinf carries it: local paths made absolute, URIs kept as they are."""
+    """A run directory as distinf carries it: local paths made absolute, URIs kept as they are.
+
+    A URI with credentials in it is refused here too, for callers of the Python API: the path
+    travels in Ray task arguments and manifests."""
+    try:
+        refuse_credentials(str(path))
+    except ValueError as error:
+        raise ConfigError(f"run directory: {error}") from None
     return Path(path) if is_remote(path) else Path(path).resolve()
 
 

@@ -67,3 +67,16 @@ def test_command_line_paths_with_credentials_are_refused_without_echoing_them(tm
 ])
 def test_display_redacts_userinfo_of_any_uri(path, shown):
     assert display(path) == shown
+
+
+def test_the_python_api_refuses_a_run_directory_with_credentials(tmp_path):
+    from distinf.runtime.driver import run_job
+    from distinf.runtime.query import query_run
+    from distinf.store import run_path
+
+    cfg = load_job(write_job(tmp_path, "name"))  # any valid job: the run directory is refused first
+    for call in (lambda: run_path(URI), lambda: run_job(cfg, URI), lambda: query_run(URI, tmp_path / "q.parquet")):
+        with pytest.raises(ConfigError) as error:
+            call()
+        assert "run directory: the URI has credentials in it" in str(error.value)
+        assert SECRET not in str(error.value)
