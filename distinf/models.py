@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,11 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_RACY_NS = 2_000_000_000
+"""Files saved less than this long ago are not cached, as git treats racily clean files: some
+filesystems keep mtimes to the second (or two), so two saves in one tick could share an mtime."""
+
+
 def cached_file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, hashed again only when its (path, size, mtime_ns, inode) changed.
 
@@ -154,6 +160,8 @@ def cached_file_sha256(path: Path) -> str:
     except (OSError, ValueError):
         pass
     sha256 = _file_sha256(path)
+    if time.time_ns() - stat.st_mtime_ns < _RACY_NS:
+        return sha256  # saved just now: a re-save within the same mtime tick would look unchanged
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -21,7 +22,15 @@ def model_dir(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (folder / "model.safetensors").write_bytes(os.urandom(6 * MIB))  # bytes only: never loaded here
+    for file in folder.iterdir():
+        saved_a_minute_ago(file)
     return folder
+
+
+def saved_a_minute_ago(path, plus_ns: int = 0):
+    """Files saved just now are hashed but not cached (a second save could share their mtime)."""
+    then = time.time_ns() - 60 * 1_000_000_000 + plus_ns
+    os.utime(path, ns=(then, then))
 
 
 @pytest.fixture
@@ -41,9 +50,7 @@ def resave_middle_byte(path):
     """Change one byte in the middle of the file, keeping its size, as a re-saved fine-tune would."""
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    stat = path.stat()
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a later save, on any clock
+    path.write_bytes(bytes(data))  # the same file, the same size, a new mtime
 
 
 def test_a_resave_that_changes_only_middle_bytes_changes_the_fingerprint(model_dir):
@@ -60,10 +67,21 @@ def test_an_unchanged_checkpoint_is_hashed_once_and_a_touched_one_again(model_di
     hashed.clear()
     assert models.model_fingerprint(cfg) == first and hashed == []  # from the cache: nothing read
 
-    weights = model_dir / "model.safetensors"
-    stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched, bytes unchanged
+    saved_a_minute_ago(model_dir / "model.safetensors", plus_ns=1_000_000)  # touched, bytes unchanged
     assert models.model_fingerprint(cfg) == first and hashed == ["model.safetensors"]
+    hashed.clear()
+    assert models.model_fingerprint(cfg) == first and hashed == []
+
+
+def test_a_file_saved_just_now_is_hashed_every_time_until_its_mtime_is_safely_past(model_dir, hashed):
+    cfg = ModelConfig(path=str(model_dir))
+    first = models.model_fingerprint(cfg)
+    resave_middle_byte(model_dir / "model.safetensors")  # mtime: now
+    hashed.clear()
+    second = models.model_fingerprint(cfg)
+    assert second != first and hashed == ["model.safetensors"]
+    hashed.clear()
+    assert models.model_fingerprint(cfg) == second and hashed == ["model.safetensors"]  # not cached yet
 
 
 def test_the_cache_is_per_user_and_a_broken_or_unwritable_one_only_costs_hashing(model_dir, hashed, monkeypatch,
