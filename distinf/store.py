@@ -255,8 +255,8 @@ def _publish(filesystem: pafs.FileSystem, source: Path, key: str) -> None:
     pyarrow cannot abort an output stream: closing it, which `with` does on an error too (and so
     does its destructor), completes the upload with the bytes written so far. So the upload goes
     to a temporary key beside the name, deleted if anything fails, and only a finished upload is
-    copied to the name on the server (`move`: one CopyObject, which creates the object whole, then
-    a delete of the temporary key).
+    moved to the name on the server (on S3 one CopyObject, which creates the object whole, then a
+    delete of the temporary key; on GCS a rewrite; on HDFS a rename).
     """
     if source.stat().st_size > _SERVER_COPY_LIMIT:
         # Over CopyObject's limit only a direct upload is possible (a gradient chunk or JSON record
@@ -268,13 +268,20 @@ def _publish(filesystem: pafs.FileSystem, source: Path, key: str) -> None:
     try:
         _upload(filesystem, source, staged)
         filesystem.move(staged, key)
+    except NotImplementedError:  # a store without move (Azure blobs without a hierarchical namespace)
+        _delete_quietly(filesystem, staged)
+        _upload(filesystem, source, key)
     except BaseException:
-        try:
-            if filesystem.get_file_info(staged).type == pafs.FileType.File:
-                filesystem.delete_file(staged)
-        except OSError:
-            pass  # the store is unreachable: the upload's own error is the one to report
+        _delete_quietly(filesystem, staged)
         raise
+
+
+def _delete_quietly(filesystem: pafs.FileSystem, key: str) -> None:
+    try:
+        if filesystem.get_file_info(key).type == pafs.FileType.File:
+            filesystem.delete_file(key)
+    except OSError:
+        pass  # the store is unreachable: the upload's own error is the one to report
 
 
 def write_parquet(table: pa.Table, path: str | Path) -> None:

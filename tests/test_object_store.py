@@ -196,3 +196,31 @@ def test_an_upload_that_fails_midway_publishes_nothing_and_leaves_no_temporary_o
     with s3.open_input_stream(f"{prefix}/manifest.json") as stream:
         assert json.loads(stream.readall())["version"] == 3
     assert set(objects(s3, prefix)) == {"manifest.json"}
+
+
+
+class _WithoutMove:
+    """The moto bucket's filesystem as one without a server-side move (pyarrow's Azure filesystem
+    on blobs without a hierarchical namespace)."""
+
+    def __init__(self, filesystem: pafs.FileSystem):
+        self.filesystem, self.moves = filesystem, 0
+
+    def __getattr__(self, name):
+        return getattr(self.filesystem, name)
+
+    def move(self, src, dest):
+        self.moves += 1
+        raise NotImplementedError("move is not implemented")
+
+
+def test_a_store_without_server_side_move_gets_the_whole_object_and_no_temporary_one(s3, monkeypatch):
+    from distinf import store
+
+    prefix = f"{BUCKET}/without-move"
+    without_move = _WithoutMove(s3)
+    monkeypatch.setattr(store, "_filesystem", lambda scheme, netloc: (without_move, netloc))
+    store.atomic_write_json({"whole": True}, f"s3://{prefix}/manifest.json")
+    assert without_move.moves == 1 and set(objects(s3, prefix)) == {"manifest.json"}
+    with s3.open_input_stream(f"{prefix}/manifest.json") as stream:
+        assert json.loads(stream.readall()) == {"whole": True}
