@@ -23,7 +23,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]+:/+[^/]*@", re.IGNORECASE)
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]+):/+([^/]*)@", re.IGNORECASE)
+KEY_SCHEMES = ("s3", "gs", "gcs")
+"""Schemes whose userinfo can only be a key; elsewhere a bare user is a name (`hdfs://alice@nn`,
+`abfs://container@account...`) and only a `:password` part is a secret."""
+
+
+def has_credentials(path: str) -> bool:
+    match = _USERINFO.match(path)
+    return bool(match) and (":" in match.group(2) or match.group(1).lower() in KEY_SCHEMES)
 
 
 def refuse_credentials(path: str | None) -> str | None:
@@ -32,7 +40,7 @@ def refuse_credentials(path: str | None) -> str | None:
     A path is echoed in messages, manifests and Ray task arguments, so a secret must never be in
     one; the error does not repeat it.
     """
-    if path is not None and _USERINFO.match(str(path)):
+    if path is not None and has_credentials(str(path)):
         raise ValueError("the URI has credentials in it (user:secret@), which would be echoed in logs and "
                          "manifests; leave them out and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                          "an instance role or a profile (AWS_PROFILE)")

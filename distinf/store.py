@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.numpy import load
 
-from distinf.config import ConfigError, refuse_credentials
+from distinf.config import KEY_SCHEMES, ConfigError, refuse_credentials
 
 MANIFEST = "manifest.json"
 
@@ -79,14 +79,17 @@ def display(path: str | Path) -> str:
     """A path as the user wrote it: `s3://bucket/run`, not the folded `s3:/bucket/run`.
 
     Credentials in a URI (`s3://KEY:SECRET@bucket`, refused by the job's validation) are shown as
-    `***@`, so that no message, manifest or task argument built from a path can echo a secret.
+    `***`, so that no message, manifest or task argument built from a path can echo a secret.
     """
     uri = _split_uri(path)
     if uri is None:
         return str(path)
     netloc, slash, rest = uri[1].partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
+    userinfo, at, host = netloc.rpartition("@")
+    if at and uri[0] in KEY_SCHEMES:
+        netloc = f"***@{host}"
+    elif ":" in userinfo:  # user:password@ (a bare user, as in hdfs://alice@namenode, is no secret)
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
     return f"{uri[0]}://{netloc}{slash}{rest}"
 
 

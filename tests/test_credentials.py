@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from distinf.cli import main
-from distinf.config import ConfigError, load_job
+from distinf.config import ConfigError, has_credentials, load_job
 from distinf.store import display
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -62,11 +62,38 @@ def test_command_line_paths_with_credentials_are_refused_without_echoing_them(tm
 @pytest.mark.parametrize("path, shown", [
     (URI, "s3://***@bucket/runs/x"),
     (f"s3:/AKIAEXAMPLE:{SECRET}@bucket/runs/x", "s3://***@bucket/runs/x"),  # as a pathlib.Path folds it
+    ("s3://AKIAEXAMPLE@bucket/runs/x", "s3://***@bucket/runs/x"),  # on S3 any userinfo is a key
+    (f"abfs://container:{SECRET}@account.dfs.core.windows.net/x", "abfs://container:***@account.dfs.core.windows.net/x"),
+    (f"hdfs://alice:{SECRET}@namenode:8020/runs/x", "hdfs://alice:***@namenode:8020/runs/x"),
     ("s3://bucket/runs/x@night", "s3://bucket/runs/x@night"),  # an @ in a key is no credential
+    ("hdfs://alice@namenode:8020/runs/x", "hdfs://alice@namenode:8020/runs/x"),  # a user name, no secret
+    ("abfs://container@account.dfs.core.windows.net/x", "abfs://container@account.dfs.core.windows.net/x"),
     ("/data/user@host/run", "/data/user@host/run"),
 ])
-def test_display_redacts_userinfo_of_any_uri(path, shown):
+def test_display_redacts_credentials_of_any_uri(path, shown):
     assert display(path) == shown
+    assert has_credentials(path) == ("***" in shown)
+
+
+@pytest.mark.parametrize("path", ["s3://AKIAEXAMPLE@bucket/x", f"gs://{SECRET}@bucket/x",
+                                  f"abfs://container:{SECRET}@account.dfs.core.windows.net/x",
+                                  f"hdfs://alice:{SECRET}@namenode:8020/x"])
+def test_every_scheme_with_a_secret_in_its_uri_is_refused(tmp_path, path):
+    job = yaml.safe_load(yaml.safe_dump(JOB))
+    job["output"] = {"path": path}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match="output.path: the URI has credentials in it") as error:
+        load_job(tmp_path / "job.yaml")
+    assert SECRET not in str(error.value)
+
+
+@pytest.mark.parametrize("path", ["hdfs://alice@namenode:8020/runs/x", "abfs://container@account.dfs.core.windows.net/x",
+                                  "s3://bucket/runs/x@night"])
+def test_a_user_name_or_an_at_sign_in_a_key_is_no_credential(tmp_path, path):
+    job = yaml.safe_load(yaml.safe_dump(JOB))
+    job["output"] = {"path": path}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert load_job(tmp_path / "job.yaml").output.path == path
 
 
 def test_the_python_api_refuses_a_run_directory_with_credentials(tmp_path):
