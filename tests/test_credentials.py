@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from distinf.cli import main
-from distinf.config import ConfigError, has_credentials, load_job
+from distinf.config import ConfigError, load_job
 from distinf.store import display
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -71,6 +71,8 @@ def test_command_line_paths_with_credentials_are_refused_without_echoing_them(tm
     ("/data/user@host/run", "/data/user@host/run"),
 ])
 def test_display_redacts_credentials_of_any_uri(path, shown):
+    from distinf.config import has_credentials
+
     assert display(path) == shown
     assert has_credentials(path) == ("***" in shown)
 
