@@ -6,24 +6,59 @@ import argparse
 import sys
 from pathlib import Path
 
-from distinf.config import ConfigError, JobConfig, load_job
+from distinf.config import ConfigError, JobConfig, load_job, refuse_credentials
 from distinf.store import run_path
 
 
+def _check_compression(cfg: JobConfig) -> str | None:
+    """What each worker checks once its model is loaded (runtime.shard), found here from the meta
+    model's shapes in a second: a module pattern that tracks nothing, k below the tracked tensors.
+    Returns a note when the model cannot be built without its weights (then the run checks)."""
+    from distinf.core.compressors import build_compressor
+    from distinf.core.tracking import track_modules
+    from distinf.models import meta_model
+
+    try:
+        model = meta_model(cfg.model)
+    except Exception as error:  # custom model code that needs real tensors: not a fault of the job file
+        return f"  compression: not checked before the run (no meta-device model: {type(error).__name__})"
+    comp = cfg.compression
+    try:  # compressors draw their projections lazily: building one costs no more than the index set
+        build_compressor(track_modules(model, comp.modules.include, comp.modules.exclude),
+                         comp.method, comp.k, comp.seed, comp.allocation)
+    except ValueError as error:
+        raise ConfigError(f"compression: {error}") from None
+    return None
+
+
 def _validate(cfg: JobConfig) -> str:
-    """Check everything a run would read before it starts: model folder, tokenizer, both data sets."""
+    """Check everything a run would read before it starts: model folder, tokenizer, both data sets,
+    and the compression setting against the model's shapes (no weights read)."""
     from distinf.runtime.driver import plan_job
 
     plan = plan_job(cfg)
+    unchecked = _check_compression(cfg)
     lines = [f"ok: model '{cfg.model.path}', {len(plan.train.ids)} training examples "
              f"({plan.train.truncated} truncated to {cfg.data.max_length} tokens), "
              f"{len(plan.queries.ids)} queries ({plan.queries.truncated} truncated)"]
+    if unchecked:
+        lines.append(unchecked)
     for role, data in (("train", plan.train), ("queries", plan.queries)):
         if data.rejected:
             first = data.rejected[0]
             lines.append(f"  data.{role}: {len(data.rejected)} row(s) will be skipped (data.on_bad_row: skip); "
                          f"the first, row {first.row}: {first.reason}")
     return "\n".join(lines)
+
+
+def _refuse_credentials(args: argparse.Namespace) -> None:
+    """The command line's own paths, checked as the job file's are (config.refuse_credentials)."""
+    for flag, attribute in (("RUN_DIR", "run_dir"), ("--queries", "queries"), ("--output", "output"),
+                            ("--append-to", "append_to")):
+        try:
+            refuse_credentials(getattr(args, attribute, None))
+        except ValueError as error:
+            raise ConfigError(f"{flag}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--noisy-column", help="a boolean column of the training file marking known-noisy "
                         "rows (e.g. flipped labels): adds their ROC curve")
     args = parser.parse_args(argv)
+    try:
+        _refuse_credentials(args)
+    except ConfigError as error:
+        print(f"distinf: {error}", file=sys.stderr)
+        return 2
 
     if args.command == "report":
         from distinf.report import write_report

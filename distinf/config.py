@@ -23,12 +23,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]+):/+([^/]*)@", re.IGNORECASE)
+KEY_SCHEMES = ("s3", "gs", "gcs")
+"""Schemes whose userinfo can only be a key; elsewhere a bare user is a name (`hdfs://alice@nn`,
+`abfs://container@account...`) and only a `:password` part is a secret."""
+
+
+def has_credentials(path: str) -> bool:
+    match = _USERINFO.match(path)
+    return bool(match) and (":" in match.group(2) or match.group(1).lower() in KEY_SCHEMES)
+
+
+def refuse_credentials(path: str | None) -> str | None:
+    """`path` unchanged, unless it is a URI with credentials in it (`s3://KEY:SECRET@bucket/x`).
+
+    A path is echoed in messages, manifests and Ray task arguments, so a secret must never be in
+    one; the error does not repeat it.
+    """
+    if path is not None and has_credentials(str(path)):
+        raise ValueError("the URI has credentials in it (user:secret@), which would be echoed in logs and "
+                         "manifests; leave them out and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                         "an instance role or a profile (AWS_PROFILE)")
+    return path
+
+
 class LoraConfig(_Section):
     adapter_path: str | None = None
     """A saved PEFT adapter folder to load on top of the base model."""
     r: int | None = Field(default=None, gt=0)
     alpha: float | None = None
     target_modules: list[str] | None = None
+
+    check_no_credentials = field_validator("adapter_path")(refuse_credentials)
 
     @model_validator(mode="after")
     def _one_source(self) -> "LoraConfig":
@@ -47,6 +73,8 @@ class ModelConfig(_Section):
     allow_pickle: bool = False
     """Allow loading `pytorch_model.bin` (pickle) weights when no safetensors exist."""
 
+    check_no_credentials = field_validator("path")(refuse_credentials)
+
 
 class DatasetConfig(_Section):
     path: str
@@ -55,6 +83,8 @@ class DatasetConfig(_Section):
     label_column: str | None = None
     id_column: str | None = None
     """Without an id column the ids are the row numbers, as strings."""
+
+    check_no_credentials = field_validator("path")(refuse_credentials)
 
 
 class DataConfig(_Section):
@@ -177,6 +207,8 @@ class RuntimeConfig(_Section):
 class OutputConfig(_Section):
     path: str = "runs/demo"
     gradient_dtype: Literal["float32", "float16"] = "float32"
+
+    check_no_credentials = field_validator("path")(refuse_credentials)
 
 
 class AttributionConfig(_Section):

@@ -9,9 +9,9 @@ Where the run lives. A run directory is a local path or a URI of a pyarrow files
 which folds a URI's `//` into `/` (`s3:/bucket/runs/x`); every function here accepts both
 spellings, so path arithmetic (`run_dir / "scores"`) is the same for both and only the I/O below
 knows where the bytes go. On a local disk a file is written under a temporary name, flushed and
-renamed. Object stores have no rename, but a PUT of a whole object is atomic: the file is written
-to a local temporary file first and then uploaded in one piece, so the object appears complete
-or not at all (a killed upload leaves nothing behind under the name).
+renamed. Object stores have no rename: the file is written to a local temporary file, uploaded
+under a temporary key beside its name, then copied to its name on the server (`_publish`), so the
+object appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.numpy import load
+
+from distinf.config import KEY_SCHEMES, ConfigError, refuse_credentials
 
 MANIFEST = "manifest.json"
 
@@ -62,14 +64,33 @@ def is_remote(path: str | Path) -> bool:
 
 
 def run_path(path: str | Path) -> Path:
-    """A run directory as distinf carries it: local paths made absolute, URIs kept as they are."""
+    """A run directory as distinf carries it: local paths made absolute, URIs kept as they are.
+
+    A URI with credentials in it is refused here too, for callers of the Python API: the path
+    travels in Ray task arguments and manifests."""
+    try:
+        refuse_credentials(str(path))
+    except ValueError as error:
+        raise ConfigError(f"run directory: {error}") from None
     return Path(path) if is_remote(path) else Path(path).resolve()
 
 
 def display(path: str | Path) -> str:
-    """A path as the user wrote it: `s3://bucket/run`, not the folded `s3:/bucket/run`."""
+    """A path as the user wrote it: `s3://bucket/run`, not the folded `s3:/bucket/run`.
+
+    Credentials in a URI (`s3://KEY:SECRET@bucket`, refused by the job's validation) are shown as
+    `***`, so that no message, manifest or task argument built from a path can echo a secret.
+    """
     uri = _split_uri(path)
-    return f"{uri[0]}://{uri[1]}" if uri else str(path)
+    if uri is None:
+        return str(path)
+    netloc, slash, rest = uri[1].partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if at and uri[0] in KEY_SCHEMES:
+        netloc = f"***@{host}"
+    elif ":" in userinfo:  # user:password@ (a bare user, as in hdfs://alice@namenode, is no secret)
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return f"{uri[0]}://{netloc}{slash}{rest}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,12 +237,54 @@ def _commit(path: str | Path, write: Callable[[str], None], digest: bool = False
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         else:
-            # One object, visible only once the upload completes (a multipart upload too).
-            with open(tmp, "rb") as source, filesystem.open_output_stream(key) as target:
-                shutil.copyfileobj(source, target, 8 << 20)
+            _publish(filesystem, tmp, key)
     finally:
         tmp.unlink(missing_ok=True)
     return record
+
+
+_SERVER_COPY_LIMIT = 5 << 30
+"""S3's CopyObject (what pyarrow's `move` sends) copies objects of at most 5 GiB in one request."""
+
+
+def _upload(filesystem: pafs.FileSystem, source: Path, key: str) -> None:
+    with open(source, "rb") as handle, filesystem.open_output_stream(key) as target:
+        shutil.copyfileobj(handle, target, 8 << 20)
+
+
+def _publish(filesystem: pafs.FileSystem, source: Path, key: str) -> None:
+    """Upload the local file `source` to `key` whole, or leave `key` as it was.
+
+    pyarrow cannot abort an output stream: closing it, which `with` does on an error too (and so
+    does its destructor), completes the upload with the bytes written so far. So the upload goes
+    to a temporary key beside the name, deleted if anything fails, and only a finished upload is
+    moved to the name on the server (on S3 one CopyObject, which creates the object whole, then a
+    delete of the temporary key; on GCS a rewrite; on HDFS a rename).
+    """
+    if source.stat().st_size > _SERVER_COPY_LIMIT:
+        # Over CopyObject's limit only a direct upload is possible (a gradient chunk or JSON record
+        # never is); an error midway may publish a partial object, which the sha256 recorded for
+        # every committed output catches when it is read.
+        _upload(filesystem, source, key)
+        return
+    staged = str(_temporary(Path(key)))
+    try:
+        _upload(filesystem, source, staged)
+        filesystem.move(staged, key)
+    except NotImplementedError:  # a store without move (Azure blobs without a hierarchical namespace)
+        _delete_quietly(filesystem, staged)
+        _upload(filesystem, source, key)
+    except BaseException:
+        _delete_quietly(filesystem, staged)
+        raise
+
+
+def _delete_quietly(filesystem: pafs.FileSystem, key: str) -> None:
+    try:
+        if filesystem.get_file_info(key).type == pafs.FileType.File:
+            filesystem.delete_file(key)
+    except OSError:
+        pass  # the store is unreachable: the upload's own error is the one to report
 
 
 def write_parquet(table: pa.Table, path: str | Path) -> None:

@@ -190,3 +190,68 @@ def test_the_lease_on_s3_is_a_conditional_put_refused_while_live_and_taken_over_
     finally:
         first.release()
     acquire(run_dir, "distinf run", ttl=30).release()  # released: free again
+
+
+@pytest.mark.parametrize("interruption", [ConnectionResetError("connection reset midway"), KeyboardInterrupt()])
+def test_an_upload_that_fails_midway_publishes_nothing_and_leaves_no_temporary_object(s3, monkeypatch, interruption):
+    """pyarrow completes an output stream's upload when it is closed, on an error too; a write that
+    fails after some bytes must leave each name as it was (missing, or its old whole content)."""
+    import pyarrow as pa
+
+    from distinf import store
+
+    prefix = f"{BUCKET}/midway-{type(interruption).__name__}"
+    run = f"s3://{prefix}"
+    store.atomic_write_json({"status": "complete", "version": 1}, f"{run}/manifest.json")
+    old = objects(s3, prefix)
+
+    def copy_then_fail(source, target, length=0):
+        target.write(source.read(64))  # some bytes reach the store, then the copy is cut off
+        raise interruption
+
+    monkeypatch.setattr(store.shutil, "copyfileobj", copy_then_fail)
+    table = pa.table({"example_id": [str(i) for i in range(500)], "grad": [[float(i)] * 16 for i in range(500)]})
+    writes = [lambda: store.atomic_write_json({"status": "running", "version": 2, "pad": "x" * 4096},
+                                              f"{run}/manifest.json"),
+              lambda: store.atomic_write_json({"chunk": 0}, f"{run}/ledger/train/00000.json"),
+              lambda: store.commit_table(table, f"{run}/gradients/train/part-00000-00000.parquet")]
+    for write in writes:
+        with pytest.raises(type(interruption)):
+            write()
+    monkeypatch.undo()
+
+    assert objects(s3, prefix) == old  # no partial object under a name, no temporary object beside one
+    with s3.open_input_stream(f"{prefix}/manifest.json") as stream:
+        assert json.loads(stream.readall()) == {"status": "complete", "version": 1}
+    store.atomic_write_json({"status": "complete", "version": 3}, f"{run}/manifest.json")  # and a whole one lands
+    with s3.open_input_stream(f"{prefix}/manifest.json") as stream:
+        assert json.loads(stream.readall())["version"] == 3
+    assert set(objects(s3, prefix)) == {"manifest.json"}
+
+
+
+class _WithoutMove:
+    """The moto bucket's filesystem as one without a server-side move (pyarrow's Azure filesystem
+    on blobs without a hierarchical namespace)."""
+
+    def __init__(self, filesystem: pafs.FileSystem):
+        self.filesystem, self.moves = filesystem, 0
+
+    def __getattr__(self, name):
+        return getattr(self.filesystem, name)
+
+    def move(self, src, dest):
+        self.moves += 1
+        raise NotImplementedError("move is not implemented")
+
+
+def test_a_store_without_server_side_move_gets_the_whole_object_and_no_temporary_one(s3, monkeypatch):
+    from distinf import store
+
+    prefix = f"{BUCKET}/without-move"
+    without_move = _WithoutMove(s3)
+    monkeypatch.setattr(store, "_filesystem", lambda scheme, netloc: (without_move, netloc))
+    store.atomic_write_json({"whole": True}, f"s3://{prefix}/manifest.json")
+    assert without_move.moves == 1 and set(objects(s3, prefix)) == {"manifest.json"}
+    with s3.open_input_stream(f"{prefix}/manifest.json") as stream:
+        assert json.loads(stream.readall()) == {"whole": True}
