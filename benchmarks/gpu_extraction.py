@@ -221,6 +221,8 @@ def main() -> None:
     started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda" alone: set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = DTYPES[args.dtype]
     deepspeed, ds_note = (None, "ZeRO-3 off (--zero3 off)") if args.zero3 == "off" else deepspeed_or_reason()
