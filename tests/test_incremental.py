@@ -127,6 +127,9 @@ def test_an_append_equals_a_from_scratch_run_on_the_union(appended, from_scratch
     ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (run_dir, from_scratch))
     np.testing.assert_allclose(ours["damping"], theirs["damping"], rtol=1e-9)
     assert ours["counts"]["train"] == 24 and ours["index_set_hash"] == theirs["index_set_hash"]
+    # The curvature started from the stored run's Gram sums: only the append's 2 new chunks were read.
+    assert ours["curvature_input"] == {"stored_gram_sums": True, "chunks_read": 2}
+    assert theirs["curvature_input"] == {"stored_gram_sums": False, "chunks_read": 6}
 
 
 def test_an_append_computes_only_the_new_rows_in_new_chunks_and_keeps_the_stored_ones(appended):

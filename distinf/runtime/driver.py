@@ -49,7 +49,7 @@ from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_fr
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.worker import GradientWorker
 from distinf.store import (IntegrityError, atomic_write_table, display, file_sha256, gradient_dir, is_file, list_files,
-                           read_verified_table, run_path)
+                           read_verified_bytes, read_verified_table, run_path)
 from distinf.tables import rejected_table, top_k_table, train_values_table
 
 __all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
@@ -483,13 +483,21 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
     chunks = {s: chunk_files(run_dir, gradients.records[s]) for s in SPLITS}
     index_set = IndexSet.from_table(gradients.index_table, _shapes_from(gradients.index_table))
     slices = block_slices(index_set, cfg.hessian.blocks)
+    stored_sums, curvature_chunks = None, chunks["train"]
+    pending = state.get(APPEND_PENDING)
+    if pending is not None and cfg.hessian.method == "gauss_newton":
+        stored_sums = _stored_gram_sums(run_dir, pending["base"], slices)
+        if stored_sums is not None:  # the stored run's sums, plus this append's chunks only
+            curvature_chunks = chunk_files(run_dir, [r for r in gradients.records["train"]
+                                                     if r.get("segment") == pending["segment"]])
+    state["curvature_input"] = {"stored_gram_sums": stored_sums is not None, "chunks_read": len(curvature_chunks)}
     max_restarts = cfg.runtime.max_restarts
     for attempt in range(max_restarts + 1):
         reducer = None
         try:
             reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
-            reduced = ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(run_dir / "curvature"),
-                                                    attempt), timeout=cfg.runtime.stall_timeout)
+            reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(run_dir / "curvature"),
+                                                    attempt, stored_sums), timeout=cfg.runtime.stall_timeout)
             lap("curvature")
             counts = score_outputs(cfg, run_dir, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
                                    reduced["query_ids"], query_order)
@@ -512,6 +520,25 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
             if reducer is not None:  # only now: the scoring tasks read objects the reducer owns
                 ray.kill(reducer)
     raise AssertionError("unreachable")
+
+
+def _stored_gram_sums(run_dir: Path, base: dict, slices: list[slice]) -> tuple[str, str, int] | None:
+    """(path, sha256, count) of the Gram sums the run an append extends stored, if they are intact
+    and of the same blocks; else None, and the curvature is summed over every chunk again (a
+    failed append's reducer may have rewritten them since)."""
+    files = base.get("files", {})
+    try:
+        layout = json.loads(read_verified_bytes(run_dir / "curvature" / "blocks.json", files["curvature/blocks.json"]))
+        path = run_dir / "curvature" / "blocks.safetensors"
+        if file_sha256(path) != files["curvature/blocks.safetensors"]:
+            raise IntegrityError(str(path))
+    except (KeyError, OSError, ValueError):
+        print("distinf: the stored Gram sums are not the run's any more; summing every chunk again", flush=True)
+        return None
+    if layout.get("method") != "gauss_newton" or \
+            [(b["start"], b["stop"]) for b in layout["blocks"]] != [(s.start, s.stop) for s in slices]:
+        return None
+    return str(path), files["curvature/blocks.safetensors"], int(layout["count"])
 
 
 def _shapes_from(index_table: pa.Table) -> list[tuple[str, tuple[int, ...]]]:

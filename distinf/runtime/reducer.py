@@ -26,8 +26,8 @@ from distinf.core.compressors.none import available_bytes, human_bytes
 from distinf.core.curvature import Curvature, GramSums, block_damping, factorize_block_, precondition
 from distinf.runtime.faults import injected_fault
 from distinf.runtime.solve import Chunk, chunk_groups, merge_blocks, solve_chunks
-from distinf.store import (atomic_write_array_stream, atomic_write_arrays, atomic_write_json, read_verified_table,
-                           safetensors_layout)
+from distinf.store import (atomic_write_array_stream, atomic_write_arrays, atomic_write_json, read_arrays,
+                           read_verified_table, safetensors_layout)
 from distinf.tables import gradients_of
 
 
@@ -56,11 +56,15 @@ class Reducer:
                     "use blocks: layer, a smaller compression.k, or hessian.method: identity or lissa")
 
     def reduce(self, train_chunks: list[Chunk], query_chunks: list[Chunk],
-               curvature_dir: str, attempt: int = 0) -> dict:
-        """Sum the chunks' Gram sums, factorise, precondition the queries; returns object refs."""
+               curvature_dir: str, attempt: int = 0, stored_sums: tuple[str, str, int] | None = None) -> dict:
+        """Sum the chunks' Gram sums, factorise, precondition the queries; returns object refs.
+
+        `stored_sums` (gauss_newton, an append): (path, sha256, count) of a stored run's
+        blocks.safetensors, whose gram_sum.i are the sums over every chunk not in `train_chunks`;
+        they are the starting point, so only the new chunks are read."""
         injected_fault("reducer", attempt)  # tests only
         if self.hessian.method == "gauss_newton":
-            curvature, count = self._gauss_newton(train_chunks, Path(curvature_dir))
+            curvature, count = self._gauss_newton(train_chunks, Path(curvature_dir), stored_sums)
         else:
             curvature, arrays, count = solve_chunks(self.hessian, self.slices, train_chunks)
             self._write(arrays, count, curvature.damping, Path(curvature_dir))
@@ -86,8 +90,16 @@ class Reducer:
         del preconditioned, curvature
         return result
 
-    def _gauss_newton(self, train_chunks: list[Chunk], folder: Path) -> tuple[Curvature, int]:
+    def _gauss_newton(self, train_chunks: list[Chunk], folder: Path,
+                      stored_sums: tuple[str, str, int] | None = None) -> tuple[Curvature, int]:
         total = GramSums(self.slices)
+        if stored_sums is not None:
+            path, sha256, count = stored_sums
+            stored = read_arrays(path, sha256)
+            for i, block in enumerate(total.blocks):
+                block.copy_(torch.from_numpy(stored[f"gram_sum.{i}"]))
+            total.count = count
+            del stored
         pending = [chunk_gram.remote(group, self.slices) for group in chunk_groups(train_chunks, self.slices)]
         merge_blocks(pending, total)
         if total.count == 0:
