@@ -207,6 +207,9 @@ class RuntimeConfig(_Section):
 class OutputConfig(_Section):
     path: str = "runs/demo"
     gradient_dtype: Literal["float32", "float16"] = "float32"
+    keep_versions: int = Field(default=7, ge=1)
+    """Complete versions of the outputs kept under versions/ (one per run or append, newest last):
+    a week of nightly history by default."""
 
     check_no_credentials = field_validator("path")(refuse_credentials)
 

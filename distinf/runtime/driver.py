@@ -19,6 +19,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,9 +47,11 @@ from distinf.runtime.lease import LeaseLost, acquire, write_manifest
 from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_free_space, check_same_job,
                                     damaged_files, estimated_bytes, interruption, is_unused, open_run_dir, remove_leftovers, terminated_as_error,
                                     write_error)
+from distinf.runtime import versions
 from distinf.runtime.scoring import score_train_chunk
+from distinf.runtime.versions import stamp
 from distinf.runtime.worker import GradientWorker
-from distinf.store import (IntegrityError, atomic_write_table, display, file_sha256, gradient_dir, is_file, list_files,
+from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_write_table, display, file_sha256, gradient_dir, is_file, list_files,
                            read_verified_bytes, read_verified_table, run_path)
 from distinf.tables import rejected_table, top_k_table, train_values_table
 
@@ -474,9 +477,10 @@ def _compress(cfg: JobConfig, group: WorkerGroup, run_dir: Path, split: str, wor
 # Curvature and scoring
 
 
-def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gradients: Gradients, state: dict,
-                      lap: Callable[[str], None]) -> tuple[dict, dict]:
-    """Reducer then scoring tasks, restarted together (scoring reads the reducer's objects).
+def _reduce_and_score(cfg: JobConfig, run_dir: Path, out: Path, query_order: list[str], gradients: Gradients,
+                      state: dict, lap: Callable[[str], None]) -> tuple[dict, dict]:
+    """Reducer then scoring tasks, restarted together (scoring reads the reducer's objects),
+    reading the chunks of run_dir and writing curvature/ and scores/ into the version folder `out`.
 
     Returns the reducer's result and the counts of scored examples.
     """
@@ -496,11 +500,11 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, query_order: list[str], gra
         reducer = None
         try:
             reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
-            reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(run_dir / "curvature"),
+            reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(out / "curvature"),
                                                     attempt, stored_sums), timeout=cfg.runtime.stall_timeout)
             lap("curvature")
-            counts = score_outputs(cfg, run_dir, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
-                                   reduced["query_ids"], query_order)
+            counts = score_outputs(cfg, out, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
+                                   reduced["query_ids"], query_order, version=_version_of(state))
             lap("scoring")
             return reduced, counts
         except (RayError, Stalled) as error:
@@ -554,13 +558,14 @@ def chunk_files(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
 
 def score_outputs(cfg: JobConfig, run_dir: Path, train_chunks: list[tuple[str, str]], preconditioned: Any,
                   curvature: Any, query_ids: list[str], query_order: list[str],
-                  carried: pa.Table | None = None) -> dict:
+                  carried: pa.Table | None = None, version: tuple[str, datetime] | None = None) -> dict:
     """Scoring tasks over the train chunks (given in input order), merged into scores/top_k.parquet,
     scores/train_values.parquet and, with scoring.dense, scores/dense/ under run_dir.
 
     `preconditioned` [k, m] and `curvature` are object refs; `query_ids` are the columns of
     `preconditioned`, `query_order` the query file's order. `carried`, a stored run's
     train_values table, supplies self_influence instead of computing it again (distinf query).
+    `version` (run_id, as_of) stamps every row of top_k and train_values with them.
     Returns the counts of scored train examples and queries.
     """
     dense_dir = run_dir / "scores" / "dense"
@@ -592,8 +597,10 @@ def score_outputs(cfg: JobConfig, run_dir: Path, train_chunks: list[tuple[str, s
     rows_in_order = np.argsort([query_rank[q] for q in query_ids], kind="stable")
     top_table = top_k_table([query_ids[i] for i in rows_in_order], train_ids,
                             top.scores[rows_in_order], top.positions[rows_in_order])
-    atomic_write_table(top_table, run_dir / "scores" / "top_k.parquet")
     values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None)
+    if version is not None:
+        top_table, values = stamp(top_table, *version), stamp(values, *version)
+    atomic_write_table(top_table, run_dir / "scores" / "top_k.parquet")
     atomic_write_table(values, run_dir / "scores" / "train_values.parquet")
     return {"train": n, "queries": len(query_ids)}
 
@@ -624,9 +631,9 @@ def rejected_rows(plan: Plan, gradients: Gradients, splits: tuple[str, ...] = SP
     return rows
 
 
-def _write_rejected(run_dir: Path, rows: list[tuple]) -> dict[str, int]:
+def _write_rejected(run_dir: Path, rows: list[tuple], version: tuple[str, datetime]) -> dict[str, int]:
     """rejected.parquet; returns the count per split."""
-    atomic_write_table(rejected_table(rows), run_dir / "rejected.parquet")
+    atomic_write_table(stamp(rejected_table(rows), *version), run_dir / "rejected.parquet")
     return {split: sum(row[1] == split for row in rows) for split in SPLITS}
 
 
@@ -638,8 +645,14 @@ def output_checksums(run_dir: Path, names: list[str]) -> dict[str, str]:
     return {name: file_sha256(run_dir / name) for name in names}
 
 
-RUN_OUTPUTS = ["index_set.parquet", "rejected.parquet", "curvature/blocks.safetensors", "curvature/blocks.json",
-               "scores/top_k.parquet", "scores/train_values.parquet"]
+VERSIONED_OUTPUTS = ["rejected.parquet", "curvature/blocks.safetensors", "curvature/blocks.json",
+                     "scores/top_k.parquet", "scores/train_values.parquet"]
+"""What each run or append stages in its version folder, then publishes (with scores/dense/ parts)."""
+RUN_OUTPUTS = ["index_set.parquet"] + VERSIONED_OUTPUTS
+
+
+def _version_of(state: dict) -> tuple[str, datetime]:
+    return state["run_id"], datetime.fromisoformat(state["as_of"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,23 +793,25 @@ def chunk_entry(record: dict) -> dict:
 
 def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], state: dict, timings: dict,
          lap: Callable[[str], None]) -> dict:
+    state["as_of"] = versions.now().isoformat()
     write_manifest(run_dir, state)  # "running" before anything else is touched
+    out = versions.version_dir(run_dir, state["run_id"])  # outputs are staged here, published at the end
     started_ray = _connect(cfg)
     arm_sigterm()
     try:
         gradients = _gradient_pass(cfg, run_dir, work, plan.pad_token_id, state)
         lap("gradients")
-        reduced, counts = _reduce_and_score(cfg, run_dir, plan.queries.ids, gradients, state, lap)
+        reduced, counts = _reduce_and_score(cfg, run_dir, out, plan.queries.ids, gradients, state, lap)
     finally:
         if started_ray:
             ray.shutdown()
     pending = state.pop(APPEND_PENDING, None)
     if pending is None:
-        rejected = _write_rejected(run_dir, rejected_rows(plan, gradients))
+        rejected = _write_rejected(out, rejected_rows(plan, gradients), _version_of(state))
         truncated = plan.train.truncated
     else:  # the stored run's rows, then the new training rows'
-        rejected = _write_rejected(run_dir, [tuple(row) for row in pending["rejected"]]
-                                   + rejected_rows(plan, gradients, ("train",)))
+        rejected = _write_rejected(out, [tuple(row[:4]) for row in pending["rejected"]]
+                                   + rejected_rows(plan, gradients, ("train",)), _version_of(state))
         truncated = pending["base"]["counts"]["truncated_train"] + plan.train.truncated
     chunks = {s: [chunk_entry(r) for r in gradients.records[s] if r["file"]] for s in SPLITS}
     manifest = {
@@ -811,7 +826,6 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
         "damping": reduced["damping"],
         "timings": timings,
         "chunks": chunks,
-        "files": output_checksums(run_dir, RUN_OUTPUTS),
         "outputs": {"top_k": "scores/top_k.parquet", "train_values": "scores/train_values.parquet",
                     "dense": "scores/dense/" if cfg.scoring.dense else None, "rejected": "rejected.parquet",
                     "gradients": ["gradients/train/", "gradients/queries/"], "curvature": "curvature/"},
@@ -827,7 +841,21 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
             "data_fingerprint": pending["data_fingerprint"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }]
-    write_manifest(run_dir, manifest)  # last, and only now "complete"
+    return _switch_to(cfg, run_dir, out, manifest)
+
+
+def _switch_to(cfg: JobConfig, run_dir: Path, out: Path, manifest: dict) -> dict:
+    """Publish the complete version staged in `out`: its own manifest first, then each output over
+    the run directory's, then the run directory's manifest, last and only now "complete"."""
+    staged = output_checksums(out, VERSIONED_OUTPUTS)
+    atomic_write_json({**manifest, "files": staged}, out / MANIFEST)
+    kept = versions.prune(run_dir, cfg.output.keep_versions, manifest["run_id"])
+    versions.publish(run_dir, out, list(staged))
+    manifest = {**manifest, "version": manifest["run_id"], "history": kept,
+                "files": output_checksums(run_dir, RUN_OUTPUTS)}
+    if manifest["files"].items() - ({"index_set.parquet": manifest["files"]["index_set.parquet"]} | staged).items():
+        raise JobError(f"output.path: publishing version {manifest['run_id']} changed bytes on the way; run again")
+    write_manifest(run_dir, manifest)
     return manifest
 
 

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from distinf.ledger import Planned, ids_digest
 from distinf.store import IntegrityError, display, is_file, list_files, read_bytes, read_verified_table, remove
 
-APPEND_KEYS = ("name", "runtime.", "output.path", "model.path", "data.train.path", "data.queries.path")
+APPEND_KEYS = ("name", "runtime.", "output.path", "output.keep_versions", "model.path", "data.train.path",
+               "data.queries.path")
 """Job keys an append may change from the stored run: where and how it runs, and which files it
 reads. Everything else (model settings, columns, max_length, compression, hessian, scoring,
 gradient_dtype) changes the numbers or the outputs' meaning and is refused."""

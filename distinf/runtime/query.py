@@ -39,6 +39,7 @@ from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_wr
                                     config_value, damaged_files, interruption, is_unused, remove_leftovers,
                                     stored_manifest, terminated_as_error, write_error)
 from distinf.runtime.lease import acquire, write_manifest
+from distinf.runtime.versions import last_complete, now, stamp
 from distinf.store import (IntegrityError, atomic_write_table, display, is_file, read_arrays, read_manifest,
                            read_verified_bytes, read_verified_table, run_path)
 from distinf.tables import gradients_of, rejected_table
@@ -55,10 +56,11 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
               overrides: list[str] = ()) -> tuple[dict, Path]:
     """Score the queries of `queries` against the run in `run_dir`; returns (manifest, output folder)."""
     run_dir = run_path(run_dir)
-    stored = stored_manifest(run_dir, "distinf query")
-    if stored.get("status") != "complete":
+    found = stored_manifest(run_dir, "distinf query")
+    stored = last_complete(found)  # while an append runs, or after one failed: the version it started from
+    if stored is None:
         raise JobError(f"distinf query: '{display(run_dir)}' is not a complete run (status "
-                       f"{stored.get('status')!r}); finish it with --resume first")
+                       f"{found.get('status')!r}); finish it with --resume first")
     job = copy.deepcopy(stored["config"])
     job["data"]["queries"]["path"] = str(queries)
     for assignment in overrides:
@@ -119,6 +121,7 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
 def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver, state: dict,
            timings: dict) -> dict:
     write_manifest(out, state)  # "running" before anything else is touched
+    version = (state["run_id"], now())  # every output row carries them
     clock = time.perf_counter()
     started_ray = _connect(cfg)
     arm_sigterm()
@@ -136,7 +139,7 @@ def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver,
         carried = read_verified_table(run_dir / "scores" / "train_values.parquet",
                                       stored["files"]["scores/train_values.parquet"])
         counts = score_outputs(cfg, out, train_chunks, ray.put(preconditioned), ray.put(solver), query_ids,
-                               plan.queries.ids, carried)
+                               plan.queries.ids, carried, version=version)
         timings["scoring"] = round(time.perf_counter() - clock, 3)
     except IntegrityError as error:
         raise JobError(f"distinf query: {error}") from None
@@ -147,7 +150,7 @@ def _query(cfg: JobConfig, run_dir: Path, stored: dict, out: Path, plan, solver,
         if started_ray:
             ray.shutdown()
     rows = rejected_rows(plan, gradients, ("queries",))
-    atomic_write_table(rejected_table(rows), out / "rejected.parquet")
+    atomic_write_table(stamp(rejected_table(rows), *version), out / "rejected.parquet")
     manifest = {
         **state,
         "status": "complete",
