@@ -294,3 +294,44 @@ def test_an_append_of_another_file_never_deletes_a_failed_appends_rows_unless_to
     expected = table.slice(0, 16).column("id").to_pylist() + table.slice(20, 4).column("id").to_pylist()
     assert values == expected
     assert not (pending_ids - set(expected)) & set(values)  # day 2's rows that day 3 lacks are gone
+
+
+def test_every_version_is_kept_with_run_id_and_as_of_so_history_reads_in_duckdb(appended):
+    import duckdb
+
+    run_dir = appended[0]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    history = manifest["history"]
+    assert len(history) == 2 and history[-1] == manifest["version"] == manifest["run_id"]  # night 1, night 2
+    for version in history:
+        assert json.loads((run_dir / "versions" / version / "manifest.json").read_text())["status"] == "complete"
+    rows = duckdb.sql(f"SELECT run_id, min(as_of), count(*) FROM read_parquet('{run_dir}/versions/*/scores/"
+                      "train_values.parquet') GROUP BY run_id ORDER BY 2").fetchall()
+    assert [(r[0], r[2]) for r in rows] == [(history[0], 16), (history[1], 24)]
+    current = pq.read_table(run_dir / "scores" / "top_k.parquet")
+    assert set(current.column("run_id").to_pylist()) == {manifest["run_id"]}
+    assert (run_dir / "scores" / "top_k.parquet").read_bytes() == \
+        (run_dir / "versions" / manifest["run_id"] / "scores" / "top_k.parquet").read_bytes()
+
+
+def test_a_failed_append_leaves_the_last_version_readable_and_queryable(shared_ray, inputs, tmp_path):
+    """The append's reducer dies (no restarts left): the outputs and what the manifest vouches for
+    are still night 1's, byte for byte, and `distinf query` scores against them; running the append
+    again publishes night 2, and output.keep_versions bounds the history."""
+    run_dir = tmp_path / "run"
+    night1 = run_job(load_job(write_job(tmp_path / "day1", inputs, "day1")), run_dir)
+    outputs = {name: (run_dir / name).read_bytes() for name in night1["files"]}
+    day2 = write_job(tmp_path / "day2", inputs, "day2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTINF_TEST_KILL", "reducer")
+        with pytest.raises(JobError, match="curvature and scoring failed"):
+            run_job(load_job(day2, ["runtime.max_restarts=0"]), run_dir, append=True)
+    failed = json.loads((run_dir / "manifest.json").read_text())
+    assert failed["status"] == "failed" and failed["append"]["base"]["run_id"] == night1["run_id"]
+    assert {name: (run_dir / name).read_bytes() for name in night1["files"]} == outputs  # untouched
+    manifest, out = query_run(run_dir, inputs["later"])
+    assert manifest["status"] == "complete" and manifest["counts"]["train"] == 16
+
+    night2 = run_job(load_job(day2, ["output.keep_versions=1"]), run_dir, append=True)
+    assert night2["status"] == "complete" and night2["counts"]["train"] == 24
+    assert sorted(p.name for p in (run_dir / "versions").iterdir()) == [night2["run_id"]] == night2["history"]
