@@ -45,8 +45,8 @@ from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint
                                          open_for_append, refuse_or_discard, stale_chunks)
 from distinf.runtime.lease import LeaseLost, acquire, write_manifest
 from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_free_space, check_same_job,
-                                    damaged_files, estimated_bytes, interruption, is_unused, open_run_dir, remove_leftovers, terminated_as_error,
-                                    write_error)
+                                    damaged_files, estimated_bytes, interruption, is_unused, open_run_dir,
+                                    remove_leftovers, terminated_as_error, unwritable, write_error)
 from distinf.runtime import versions
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.versions import stamp
@@ -678,7 +678,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
     try:
         lease = acquire(run_dir, f"distinf run, {purpose}", cfg.runtime.lease_seconds)
     except OSError as error:
-        raise write_error(error, run_dir) from None
+        raise unwritable(run_dir, "output.path", error) from None
     try:
         with terminated_as_error():
             return _run_job(cfg, run_dir, resume, append, discard_pending, lease.run_id)

@@ -37,7 +37,7 @@ from distinf.runtime.driver import (_connect, _fatal, _gradient_pass, _headline,
                                     rejected_rows, score_outputs, split_work)
 from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_writable, config_differences,
                                     config_value, damaged_files, interruption, is_unused, remove_leftovers,
-                                    stored_manifest, terminated_as_error, write_error)
+                                    stored_manifest, terminated_as_error, unwritable, write_error)
 from distinf.runtime.lease import acquire, write_manifest
 from distinf.runtime.versions import last_complete, now, stamp
 from distinf.store import (IntegrityError, atomic_write_table, display, is_file, read_arrays, read_manifest,
@@ -90,7 +90,7 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
     try:
         lease = acquire(out, "distinf query", cfg.runtime.lease_seconds)
     except OSError as error:
-        raise write_error(error, out) from None
+        raise unwritable(out, "--output", error) from None
     state["run_id"] = lease.run_id
     try:
         with terminated_as_error():

@@ -126,8 +126,12 @@ def check_writable(run_dir: Path, key: str) -> None:
         probe = atomic_write_json({}, run_dir / ".write-probe")
         remove(probe)
     except OSError as error:
-        raise JobError(f"{key}: cannot write to '{display(run_dir)}': {error.strerror or error}; "
-                       "choose a folder you can write to") from None
+        raise unwritable(run_dir, key, error) from None
+
+
+def unwritable(run_dir: Path, key: str, error: OSError) -> JobError:
+    return JobError(f"{key}: cannot write to '{display(run_dir)}': {error.strerror or error}; "
+                    "choose a folder you can write to")
 
 
 def remove_leftovers(run_dir: Path) -> None:
