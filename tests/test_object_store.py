@@ -255,3 +255,20 @@ def test_a_store_without_server_side_move_gets_the_whole_object_and_no_temporary
     assert without_move.moves == 1 and set(objects(s3, prefix)) == {"manifest.json"}
     with s3.open_input_stream(f"{prefix}/manifest.json") as stream:
         assert json.loads(stream.readall()) == {"whole": True}
+
+
+def test_temporary_objects_of_a_killed_upload_are_removed_but_not_a_nested_query_s(s3):
+    from distinf.runtime.rundir import remove_leftovers
+    from distinf.store import run_path
+
+    run_dir = run_path(f"s3://{BUCKET}/runs/leftovers")
+    key = f"{BUCKET}/runs/leftovers"
+    for name in ("gradients/train/.part-00000-00000.parquet.0a1b2c3d.tmp", "queries/night/lease.json",
+                 "queries/night/.manifest.json.4e5f6a7b.tmp", "gradients/train/part-00000-00000.parquet"):
+        with s3.open_output_stream(f"{key}/{name}") as out:
+            out.write(b"x")
+    remove_leftovers(run_dir)
+    left = sorted(info.path[len(key) + 1:] for info in s3.get_file_info(pafs.FileSelector(key, recursive=True))
+                  if info.type == pafs.FileType.File)
+    assert left == ["gradients/train/part-00000-00000.parquet", "queries/night/.manifest.json.4e5f6a7b.tmp",
+                    "queries/night/lease.json"]

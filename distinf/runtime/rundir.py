@@ -139,9 +139,15 @@ def remove_leftovers(run_dir: Path) -> None:
 
     Called only under the folder's lease. Folders below it that are run directories of their own
     (`distinf query` outputs under queries/, with their own lease) are left to their own writer,
-    and so is the lease's own renewal. (Object stores never hold any: files are uploaded whole
-    from local temporary files.)"""
+    and so is the lease's own renewal. On an object store they are the temporary keys of uploads
+    killed before their server-side copy to the name."""
     if is_remote(run_dir):
+        stored = list_files(run_dir, recursive=True)
+        nested = {p.parent for p in stored if p.name in (MANIFEST, LEASE)} - {run_dir}
+        for path in stored:
+            if path.name.startswith(".") and path.name.endswith(".tmp") and not _is_control(path.name) \
+                    and not any(folder in path.parents for folder in nested):
+                remove(path)
         return
     for folder, subfolders, files in os.walk(run_dir):
         subfolders[:] = [d for d in subfolders
