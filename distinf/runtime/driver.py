@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 from distinf.config import ConfigError, JobConfig
 from distinf.core.curvature import block_slices
 from distinf.core.index_set import IndexSet
+from distinf.core.numerics import NumericalError
 from distinf.core.scoring import TopK
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
 from distinf.ledger import Planned, pending_chunks, verified_records
 from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
-from distinf.runtime.reducer import Reducer
+from distinf.runtime.reducer import Reducer, zero_block_entries
 from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
                                          open_for_append, remove_stale_chunks)
 from distinf.runtime.rundir import (JobError, check_free_space, check_same_job, damaged_files, estimated_bytes,
@@ -180,7 +181,7 @@ def _fatal(error: BaseException, run_dir: Path) -> Exception | None:
     cause = _cause(error)
     if isinstance(cause, (ConfigError, DataError, JobError, ModelError)):  # the same on every restart
         return cause
-    if isinstance(cause, IntegrityError):
+    if isinstance(cause, (IntegrityError, NumericalError)):
         return JobError(str(cause))
     if isinstance(cause, OSError):
         return write_error(cause, run_dir)
@@ -720,6 +721,7 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
                    "rejected_train": rejected["train"], "rejected_queries": rejected["queries"],
                    "train_chunks": len(chunks["train"]), "query_chunks": len(chunks["queries"])},
         "damping": reduced["damping"],
+        "zero_blocks": zero_block_entries(gradients.index_table, reduced.get("zero_blocks", [])),
         "timings": timings,
         "chunks": chunks,
         "files": output_checksums(run_dir, RUN_OUTPUTS),
@@ -765,6 +767,8 @@ def summary(manifest: dict, run_dir: Path) -> str:
         f"({manifest['params']['tracked_fraction']:.1%} of {manifest['params']['total']:,} parameters)",
         f"  damping    {len(damping)} block(s), min {min(damping):.3g}, median {float(np.median(damping)):.3g}, "
         f"max {max(damping):.3g}",
+        *[f"  zero block columns {z['columns']} ({', '.join(z['params'])}): gradient is zero, contributes nothing"
+          for z in manifest.get("zero_blocks", [])],
         "  workers    " + ", ".join(f"rank {w['rank']} on {w['host']}: {w['local_params']:,} params"
                                   for w in manifest["workers"]),
         "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items()),
