@@ -194,12 +194,15 @@ def factorize_(sums: GramSums, damping: str | float = "auto") -> Curvature:
 
 def factorize_or_zero_(block: Tensor, count: int, damping: str | float, part: slice,
                        is_zero: bool) -> tuple[float, Tensor]:
-    """(λ, factor) of one Gram block, in place; a zero block is cleared first, so its damping is
-    the untouched block's (1 under auto) and its stored factor √λ·I."""
-    if is_zero:
-        block.zero_()
+    """(λ, factor) of one Gram block, in place. A zero block is not factorised: its damping is an
+    untouched block's (1 under auto), its stored factor √λ·I, and precondition never reads it."""
+    if not is_zero:
+        lam = block_damping(block, count, damping)
+        return lam, factorize_block_(block, count, lam, part)
+    block.zero_()
     lam = block_damping(block, count, damping)
-    return lam, factorize_block_(block, count, lam, part)
+    block.diagonal().fill_(math.sqrt(lam))
+    return lam, block.mT
 
 
 def precondition(curvature: Curvature, grads: Tensor) -> Tensor:
