@@ -59,7 +59,7 @@ def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
     m, kk = scores.shape
     for q in range(m):
         require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}'")
-    rows_q, cols = np.nonzero(np.ones_like(scores, dtype=bool))
+    rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
     train = np.asarray(train_ids, dtype=object)
     return pa.table(
         [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),
