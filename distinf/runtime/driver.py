@@ -767,8 +767,9 @@ def summary(manifest: dict, run_dir: Path) -> str:
         f"({manifest['params']['tracked_fraction']:.1%} of {manifest['params']['total']:,} parameters)",
         f"  damping    {len(damping)} block(s), min {min(damping):.3g}, median {float(np.median(damping)):.3g}, "
         f"max {max(damping):.3g}",
-        *[f"  zero block columns {z['columns']} ({', '.join(z['params'])}): gradient is zero, contributes nothing"
-          for z in manifest.get("zero_blocks", [])],
+        *([f"  zero       {len(manifest['zero_blocks'])} block(s) with a zero gradient, left out of every score: "
+           + "; ".join(f"columns {z['columns']} ({', '.join(z['params'])})" for z in manifest["zero_blocks"][:5])
+           + (" ..." if len(manifest["zero_blocks"]) > 5 else "")] if manifest.get("zero_blocks") else []),
         "  workers    " + ", ".join(f"rank {w['rank']} on {w['host']}: {w['local_params']:,} params"
                                   for w in manifest["workers"]),
         "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items()),
