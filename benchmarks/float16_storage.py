@@ -102,6 +102,11 @@ def main() -> None:
     subnormal = float(((np.abs(g32) < FLOAT16_MIN_NORMAL) & nonzero).sum() / nonzero.sum())
     flushed = float(((g16 == 0) & nonzero).sum() / nonzero.sum())
     entry_error = np.abs(g16.astype(np.float32) - g32)[nonzero] / np.abs(g32[nonzero])
+    # Per curvature block: the share of its entries flushed, and of its Gram trace lost.
+    flushed_share = [float(((g16[:, p] == 0) & nonzero[:, p]).sum() / max(1, nonzero[:, p].sum())) for p in slices]
+    trace_loss = [abs(float(np.square(g16[:, p].astype(np.float64)).sum() / np.square(g32[:, p].astype(np.float64)).sum()) - 1)
+                  if nonzero[:, p].any() else 0.0 for p in slices]
+    worst = int(np.argmax(flushed_share))
 
     full = answer(stored(result.train_grads, "float32"), stored(result.query_grads, "float32"), slices)
     half = answer(stored(result.train_grads, "float16"), stored(result.query_grads, "float16"), slices)
@@ -124,15 +129,18 @@ How far are its scores from float32 storage of the same gradients?
 ({minutes:.1f} min; torch {torch.__version__}, nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end).
 
 **Setup.** SmolLM2-135M-Instruct (float32), {n} training and {m} query texts of the packaged six-source
-corpus (`mixed_source_corpus({args.train_per_source}, {args.queries_per_source}, seed=0)`, at most
-{args.max_length} tokens), dropout k = {args.k}, `blocks: layer`, `damping: auto`. The gradients are computed once
+corpus (`mixed_source_corpus({args.train_per_source}, {args.queries_per_source}, seed=0)`, at most {args.max_length} tokens),
+dropout k = {args.k}, `blocks: layer`, `damping: auto`. The gradients are computed once
 and written and read back by the job's own `gradient_table` / `gradients_of` as float32 and as float16; the
 curvature, preconditioned queries, scores and self-influence follow from each with the job's core.
 
 **The cast** (all {g32.size:,} stored entries, {int(nonzero.sum()):,} non-zero): largest |entry| {np.abs(g32).max():.3g}
 (float16 overflows above {FLOAT16_MAX:.0f}: {overflow} entries); below float16's smallest normal
 ({FLOAT16_MIN_NORMAL:.2g}, fewer mantissa bits) {subnormal:.1%}; flushed to zero {flushed:.2%}; relative error per
-non-zero entry median {np.median(entry_error):.2e}, 99th percentile {np.quantile(entry_error, 0.99):.2e}.
+non-zero entry median {np.median(entry_error):.2e}, 99th percentile {np.quantile(entry_error, 0.99):.2e}. Per
+curvature block ({len(slices)} blocks): the most flushed is {names[worst]} ({flushed_share[worst]:.1%} of its entries,
+median over blocks {np.median(flushed_share):.2%}); its Gram trace Σ‖ĝ_l‖² changes by at most {max(trace_loss):.2e}
+(median {np.median(trace_loss):.2e}) relative.
 
 | measure (float16 against float32 storage) | value |
 |---|---|
