@@ -38,6 +38,7 @@ def load_curvature(run_dir: Path) -> Curvature:
         cholesky=[torch.from_numpy(arrays[f"cholesky.{i}"]) for i in range(len(blocks))],
         damping=[b["damping"] for b in blocks],
         count=layout["count"],
+        zero_blocks=layout.get("zero_blocks", []),
     )
 
 

@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from distinf.core.numerics import require_finite
+
 TOP_K_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("rank", pa.int32()), ("train_id", pa.string()), ("score", pa.float32())]
 )
@@ -30,7 +32,11 @@ def gradient_schema(k: int, dtype: str = "float32") -> pa.Schema:
 def gradient_table(ids: Sequence[str], losses: np.ndarray, grads: np.ndarray, dtype: str = "float32") -> pa.Table:
     """example_id, loss, grad (fixed_size_list[k]) for rows of grads [n, k]."""
     schema = gradient_schema(grads.shape[1], dtype)
-    flat = pa.array(np.ascontiguousarray(grads, dtype=np.float16 if dtype == "float16" else np.float32).ravel())
+    stored = np.ascontiguousarray(grads, dtype=np.float16 if dtype == "float16" else np.float32)
+    # Checked after the cast: float16 turns entries beyond ±65504 into inf, which a checksum would
+    # then vouch for. The workers leave such rows out first; this is the last line.
+    require_finite(stored, f"a gradient chunk stored as {dtype}")
+    flat = pa.array(stored.ravel())
     return pa.table(
         [pa.array(list(ids), pa.string()), pa.array(np.asarray(losses, np.float32)),
          pa.FixedSizeListArray.from_arrays(flat, grads.shape[1])],
@@ -47,10 +53,13 @@ def gradients_of(table: pa.Table) -> np.ndarray:
 
 def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
                 positions: np.ndarray) -> pa.Table:
-    """scores/positions [m, K] of a TopK (positions index train_ids); rank 1 = strongest proponent."""
+    """scores/positions [m, K] of a TopK (positions index train_ids); rank 1 = strongest proponent.
+
+    A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace."""
     m, kk = scores.shape
-    valid = np.isfinite(scores)
-    rows_q, cols = np.nonzero(valid)
+    for q in range(m):
+        require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}'")
+    rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
     train = np.asarray(train_ids, dtype=object)
     return pa.table(
         [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),

@@ -53,14 +53,6 @@ def corpus_files(root: Path, n_train_per_source: int = 4, n_query_per_source: in
     return root / "train.parquet", root / "queries.parquet"
 
 
-# For comparing the job with the one-process core on the tiny GPT-2: its attention key bias has a
-# gradient that is zero in exact arithmetic, so its kept entries hold only float32 rounding, which
-# differs between the ZeRO-3 and the plain model; `damping: auto` (a tenth of the block's own mean
-# eigenvalue, however small) turns that noise into O(1) of every score. A fixed damping keeps such
-# comparisons about the pipeline.
-GPT2_EXACT_HESSIAN = {"damping": 1e-4}
-
-
 def job_file(root: Path, model_dir: Path, train: Path, queries: Path, **sections) -> Path:
     job = {
         "name": "test",

@@ -19,8 +19,8 @@ def finished_run(request, tmp_path_factory):
     """A 2-worker ZeRO-3 run, and distinf.attribute on the same model, data and config."""
     root = tmp_path_factory.mktemp(request.param)
     model_dir = job_fixtures.tiny_model_dir(root, request.param)
-    hessian = job_fixtures.GPT2_EXACT_HESSIAN if request.param == "gpt2" else {}  # llama runs with auto
-    cfg = load_job(job_fixtures.job_file(root, model_dir, *job_fixtures.corpus_files(root / "data"), hessian=hessian))
+    # damping: auto for both; GPT-2's attention key bias is a zero block and contributes nothing.
+    cfg = load_job(job_fixtures.job_file(root, model_dir, *job_fixtures.corpus_files(root / "data")))
     manifest = run_job(cfg)
     plan = plan_job(cfg)
     reference = distinf.attribute(
@@ -75,19 +75,25 @@ def test_each_zero3_worker_held_half_the_parameters(finished_run):
         assert worker["setup_seconds"] > 0
 
 
+VERSION_COLUMNS = [("run_id", "VARCHAR"), ("as_of", "TIMESTAMP WITH TIME ZONE")]  # every output row's version
+
+
 def test_outputs_read_back_with_duckdb_with_the_documented_columns(finished_run):
     run_dir, manifest, plan, _ = finished_run
     k = manifest["k"]
     expected = {
         "scores/top_k.parquet": [("query_id", "VARCHAR"), ("rank", "INTEGER"), ("train_id", "VARCHAR"),
-                                 ("score", "FLOAT")],
+                                 ("score", "FLOAT"), *VERSION_COLUMNS],
         "scores/train_values.parquet": [("train_id", "VARCHAR"), ("loss", "FLOAT"), ("score_mean", "FLOAT"),
-                                        ("self_influence", "FLOAT")],
+                                        ("self_influence", "FLOAT"), *VERSION_COLUMNS],
         # Parquet has no fixed-size list type: DuckDB sees a list, pyarrow the fixed_size_list it wrote.
         "gradients/train/*.parquet": [("example_id", "VARCHAR"), ("loss", "FLOAT"), ("grad", "FLOAT[]")],
         "gradients/queries/*.parquet": [("example_id", "VARCHAR"), ("loss", "FLOAT"), ("grad", "FLOAT[]")],
         "index_set.parquet": [("param", "VARCHAR"), ("flat_index", "BIGINT")],
-        "scores/dense/*.parquet": [("query_id", "VARCHAR"), ("train_id", "VARCHAR"), ("score", "FLOAT")],
+        "scores/dense/*.parquet": [("query_id", "VARCHAR"), ("train_id", "VARCHAR"), ("score", "FLOAT"),
+                                   *VERSION_COLUMNS],
+        "rejected.parquet": [("example_id", "VARCHAR"), ("split", "VARCHAR"), ("row", "BIGINT"),
+                             ("reason", "VARCHAR"), *VERSION_COLUMNS],
     }
     con = duckdb.connect()
     for pattern, columns in expected.items():

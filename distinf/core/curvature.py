@@ -8,6 +8,7 @@ turning each Gram block into its factor in its own storage).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -15,9 +16,16 @@ import torch
 from torch import Tensor
 
 from distinf.core.index_set import IndexSet
+from distinf.core.numerics import NumericalError
 
 # λ_l = AUTO_DAMPING_SCALE · mean eigenvalue of the block's Gram: the paper's and DataInf's rule.
 AUTO_DAMPING_SCALE = 0.1
+
+# A block whose gradient is zero in exact arithmetic (a frozen or unused tensor; GPT-2's attention
+# key bias, whose shift every softmax ignores) holds at most float32 rounding: entries whose root
+# mean square is below float32's machine epsilon times the largest block's. `damping: auto` would
+# scale that rounding up to O(1) of every score, so such a block is set to contribute nothing.
+ZERO_BLOCK_TOLERANCE = 2.0 ** -23
 
 
 def block_slices(index_set: IndexSet, blocks: str) -> list[slice]:
@@ -99,12 +107,21 @@ class Curvature(ArrayPickled):
     cholesky: list[Tensor]
     damping: list[float]
     count: int
+    zero_blocks: list[int] = field(default_factory=list)  # blocks that contribute exactly nothing
 
     def precondition(self, grads: Tensor) -> Tensor:
         return precondition(self, grads)
 
     def self_influence(self, grads: Tensor) -> Tensor:
         return self_influence(self, grads)
+
+
+def zero_blocks(traces: list[float], count: int, slices: list[slice]) -> list[int]:
+    """The blocks whose gradient is zero or float32 rounding of zero, from each block's Σ_i ‖ĝ_i^l‖²:
+    an entry root mean square of 0, or at most ZERO_BLOCK_TOLERANCE times the largest block's."""
+    rms = [math.sqrt(max(t, 0.0) / (count * max(1, s.stop - s.start))) for t, s in zip(traces, slices)]
+    top = max(rms, default=0.0)
+    return [i for i, r in enumerate(rms) if r == 0.0 or r <= ZERO_BLOCK_TOLERANCE * top]
 
 
 def block_damping(gram_sum: Tensor, count: int, damping: str | float) -> float:
@@ -136,16 +153,21 @@ def factorize_block_(block: Tensor, count: int, lam: float, part: slice | None =
         raise ValueError("no training examples: the curvature is undefined")
     if not block.is_contiguous():
         raise ValueError("factorize_block_: the Gram block must be contiguous")
+    where = f" at columns {part.start}:{part.stop}" if part is not None else ""
+    if not math.isfinite(lam):
+        raise NumericalError(f"curvature block{where}: damping is {lam}; set hessian.damping to a finite float")
     block.div_(count)
     block.diagonal().add_(lam)  # in place: no k x k identity or sum temporaries
+    if not bool(torch.isfinite(block).all()):  # LAPACK may "factorise" NaN without complaint
+        raise NumericalError(f"curvature block{where} holds non-finite values (NaN or inf) (damping {lam:g}): "
+                             "a stored gradient is not finite; recompute the run's gradients")
     factor = block.mT  # column-major: torch.linalg.cholesky_ex's own layout, so no copy
     info = torch.empty((), dtype=torch.int32)
     torch.linalg.cholesky_ex(factor, out=(factor, info))
     if int(info) != 0:
-        where = f" at columns {part.start}:{part.stop}" if part is not None else ""
-        raise ValueError(
-            f"curvature block{where} is not positive definite "
-            f"(damping {lam:g}); use hessian.damping: auto or a larger float"
+        raise NumericalError(
+            f"curvature block{where} is not positive definite with damping {lam:g}; "
+            "raise hessian.damping (or use auto); no restart can change this"
         )
     return factor
 
@@ -161,12 +183,26 @@ def factorize_(sums: GramSums, damping: str | float = "auto") -> Curvature:
     factorize. `sums` is spent afterwards."""
     if sums.count == 0:
         raise ValueError("no training examples: the curvature is undefined")
+    zero = zero_blocks([float(torch.trace(b)) for b in sums.blocks], sums.count, sums.slices)
     factors, lambdas = [], []
-    for block, part in zip(sums.blocks, sums.slices):
-        lam = block_damping(block, sums.count, damping)
-        factors.append(factorize_block_(block, sums.count, lam, part))
+    for i, (block, part) in enumerate(zip(sums.blocks, sums.slices)):
+        lam, factor = factorize_or_zero_(block, sums.count, damping, part, i in zero)
+        factors.append(factor)
         lambdas.append(lam)
-    return Curvature(sums.slices, factors, lambdas, sums.count)
+    return Curvature(sums.slices, factors, lambdas, sums.count, zero)
+
+
+def factorize_or_zero_(block: Tensor, count: int, damping: str | float, part: slice,
+                       is_zero: bool) -> tuple[float, Tensor]:
+    """(λ, factor) of one Gram block, in place. A zero block is not factorised: its damping is an
+    untouched block's (1 under auto), its stored factor √λ·I, and precondition never reads it."""
+    if not is_zero:
+        lam = block_damping(block, count, damping)
+        return lam, factorize_block_(block, count, lam, part)
+    block.zero_()
+    lam = block_damping(block, count, damping)
+    block.diagonal().fill_(math.sqrt(lam))
+    return lam, block.mT
 
 
 def precondition(curvature: Curvature, grads: Tensor) -> Tensor:
@@ -174,9 +210,10 @@ def precondition(curvature: Curvature, grads: Tensor) -> Tensor:
     if not isinstance(curvature, Curvature):
         return curvature.precondition(grads)
     g = grads.detach().to("cpu", torch.float64)
-    out = torch.empty_like(g)
-    for factor, part in zip(curvature.cholesky, curvature.slices):
-        out[:, part] = torch.cholesky_solve(g[:, part].T, factor).T
+    out = torch.zeros_like(g)  # a zero block's columns stay exactly 0
+    for i, (factor, part) in enumerate(zip(curvature.cholesky, curvature.slices)):
+        if i not in curvature.zero_blocks:
+            out[:, part] = torch.cholesky_solve(g[:, part].T, factor).T
     return out
 
 
@@ -186,7 +223,9 @@ def self_influence(curvature: Curvature, grads: Tensor) -> Tensor:
         return curvature.self_influence(grads)
     g = grads.detach().to("cpu", torch.float64)
     total = torch.zeros(g.shape[0], dtype=torch.float64)
-    for factor, part in zip(curvature.cholesky, curvature.slices):
+    for i, (factor, part) in enumerate(zip(curvature.cholesky, curvature.slices)):
+        if i in curvature.zero_blocks:
+            continue
         whitened = torch.linalg.solve_triangular(factor, g[:, part].T, upper=False)
         total += whitened.square().sum(0)
     return total

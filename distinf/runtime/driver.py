@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 from distinf.config import ConfigError, JobConfig
 from distinf.core.curvature import block_slices
 from distinf.core.index_set import IndexSet
+from distinf.core.numerics import NumericalError
 from distinf.core.scoring import TopK
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
 from distinf.ledger import Planned, pending_chunks, verified_records
 from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
-from distinf.runtime.reducer import Reducer
+from distinf.runtime.reducer import Reducer, zero_block_entries
 from distinf.runtime.incremental import (APPEND_PENDING, Base, chain_fingerprint, check_appendable,
                                          open_for_append, refuse_or_discard, stale_chunks)
 from distinf.runtime.lease import LeaseLost, acquire, write_manifest
@@ -185,7 +186,7 @@ def _fatal(error: BaseException, run_dir: Path) -> Exception | None:
     cause = _cause(error)
     if isinstance(cause, (ConfigError, DataError, JobError, ModelError)):  # the same on every restart
         return cause
-    if isinstance(cause, IntegrityError):
+    if isinstance(cause, (IntegrityError, NumericalError)):
         return JobError(str(cause))
     if isinstance(cause, OSError):
         return write_error(cause, run_dir)
@@ -572,7 +573,8 @@ def score_outputs(cfg: JobConfig, run_dir: Path, train_chunks: list[tuple[str, s
     with_self_influence = cfg.scoring.self_influence and carried is None
     futures = [
         score_train_chunk.remote(path, sha256, preconditioned, curvature, cfg.scoring.top_k, with_self_influence,
-                                 query_ids, str(dense_dir / Path(path).name) if cfg.scoring.dense else None)
+                                 query_ids, str(dense_dir / Path(path).name) if cfg.scoring.dense else None,
+                                 version)
         for path, sha256 in train_chunks
     ]
     chunks = _await_tasks(futures, cfg.runtime.stall_timeout, "scoring")
@@ -824,6 +826,7 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
                    "rejected_train": rejected["train"], "rejected_queries": rejected["queries"],
                    "train_chunks": len(chunks["train"]), "query_chunks": len(chunks["queries"])},
         "damping": reduced["damping"],
+        "zero_blocks": zero_block_entries(gradients.index_table, reduced.get("zero_blocks", [])),
         "timings": timings,
         "chunks": chunks,
         "outputs": {"top_k": "scores/top_k.parquet", "train_values": "scores/train_values.parquet",
@@ -882,6 +885,9 @@ def summary(manifest: dict, run_dir: Path) -> str:
         f"({manifest['params']['tracked_fraction']:.1%} of {manifest['params']['total']:,} parameters)",
         f"  damping    {len(damping)} block(s), min {min(damping):.3g}, median {float(np.median(damping)):.3g}, "
         f"max {max(damping):.3g}",
+        *([f"  zero       {len(manifest['zero_blocks'])} block(s) with a zero gradient, left out of every score: "
+           + "; ".join(f"columns {z['columns']} ({', '.join(z['params'])})" for z in manifest["zero_blocks"][:5])
+           + (" ..." if len(manifest["zero_blocks"]) > 5 else "")] if manifest.get("zero_blocks") else []),
         "  workers    " + ", ".join(f"rank {w['rank']} on {w['host']}: {w['local_params']:,} params"
                                   for w in manifest["workers"]),
         "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items()),

@@ -216,7 +216,8 @@ def load_solver(run_dir: Path, manifest: dict, hessian: HessianConfig):
     method = layout.get("method", "gauss_newton")
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     if method == "gauss_newton":
-        return Curvature(slices, [tensors[f"cholesky.{i}"] for i in range(len(slices))], damping, layout["count"])
+        return Curvature(slices, [tensors[f"cholesky.{i}"] for i in range(len(slices))], damping, layout["count"],
+                         layout.get("zero_blocks", []))
     if method == "identity":
         return Identity(slices)
     if method == "datainf":

@@ -23,9 +23,10 @@ import torch
 
 from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes, human_bytes
-from distinf.core.curvature import Curvature, GramSums, block_damping, factorize_block_, precondition
+from distinf.core.curvature import Curvature, GramSums, factorize_or_zero_, precondition, zero_blocks
+from distinf.core.numerics import require_finite_columns
 from distinf.runtime.faults import injected_fault
-from distinf.runtime.solve import Chunk, chunk_groups, merge_blocks, solve_chunks
+from distinf.runtime.solve import Chunk, chunk_grads, chunk_groups, merge_blocks, solve_chunks
 from distinf.store import (atomic_write_array_stream, atomic_write_arrays, atomic_write_json, read_arrays,
                            read_verified_table, safetensors_layout)
 from distinf.tables import gradients_of
@@ -37,8 +38,14 @@ def chunk_gram(chunks: list[Chunk], slices: list[slice]) -> tuple[list[np.ndarra
     committed gradient chunks, read one at a time: one set of blocks per task, whatever the group."""
     sums = GramSums(slices)
     for path, sha256 in chunks:
-        sums.add(torch.from_numpy(gradients_of(read_verified_table(path, sha256, columns=["grad"]))))
+        sums.add(chunk_grads(path, sha256, slices))
     return [block.numpy() for block in sums.blocks], sums.count
+
+
+def zero_block_entries(index_table, spans: list[tuple[int, int]]) -> list[dict]:
+    """The manifest's zero_blocks: each block's columns "a:b" and the parameter tensors in them."""
+    params = index_table.column("param").to_pylist()
+    return [{"columns": f"{a}:{b}", "params": list(dict.fromkeys(params[a:b]))} for a, b in spans]
 
 
 @ray.remote(num_cpus=1)
@@ -71,12 +78,16 @@ class Reducer:
             del arrays
 
         query_tables = [read_verified_table(path, sha256) for path, sha256 in query_chunks]
+        for (path, _), table in zip(query_chunks, query_tables):
+            require_finite_columns(gradients_of(table), self.slices, f"query gradient chunk {path}")
         query_grads = torch.from_numpy(np.concatenate([gradients_of(t) for t in query_tables]))
         query_ids = [i for t in query_tables for i in t.column("example_id").to_pylist()]
         query_losses = np.concatenate([t.column("loss").to_numpy() for t in query_tables])
         del query_tables
         preconditioned = precondition(curvature, query_grads).T.contiguous().numpy()  # [k, m]
         del query_grads
+        require_finite_columns(preconditioned.T, self.slices, "the preconditioned queries Ĥ⁻¹ĝ")
+        zero = getattr(curvature, "zero_blocks", [])
         result = {
             # Wrapped in a list so Ray hands the caller the reference, not the array.
             "queries": [ray.put(preconditioned)],
@@ -85,6 +96,7 @@ class Reducer:
             "query_losses": query_losses,
             "damping": curvature.damping,
             "count": count,
+            "zero_blocks": [(self.slices[i].start, self.slices[i].stop) for i in zero],
         }
         # The object store holds them now; this process keeps no copy of its own.
         del preconditioned, curvature
@@ -105,14 +117,14 @@ class Reducer:
         if total.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
         count, lambdas = total.count, []
+        zero = zero_blocks([float(torch.trace(b)) for b in total.blocks], count, self.slices)
 
         def arrays():
             # Gram sums first, as they are; then each block becomes its factor in place.
             for i, block in enumerate(total.blocks):
                 yield f"gram_sum.{i}", block.numpy()
             for i, (block, part) in enumerate(zip(total.blocks, self.slices)):
-                lam = block_damping(block, count, self.hessian.damping)
-                factor = factorize_block_(block, count, lam, part)
+                lam, factor = factorize_or_zero_(block, count, self.hessian.damping, part, i in zero)
                 total.blocks[i] = factor
                 lambdas.append(lam)
                 yield f"cholesky.{i}", factor.numpy()
@@ -120,8 +132,8 @@ class Reducer:
         shapes = {f"{kind}.{i}": (np.float64, (s.stop - s.start,) * 2)
                   for kind in ("gram_sum", "cholesky") for i, s in enumerate(self.slices)}
         atomic_write_array_stream(safetensors_layout(shapes), arrays(), folder / "blocks.safetensors")
-        self._write_layout(count, lambdas, folder)
-        return Curvature(self.slices, total.blocks, lambdas, count), count
+        self._write_layout(count, lambdas, folder, zero)
+        return Curvature(self.slices, total.blocks, lambdas, count, zero), count
 
     def _write(self, arrays: dict[str, np.ndarray], count: int, damping: list[float], folder: Path) -> None:
         """blocks.safetensors (gauss_newton: gram_sum.i, cholesky.i; datainf: inverse.i; lissa:
@@ -129,9 +141,10 @@ class Reducer:
         atomic_write_arrays(arrays, folder / "blocks.safetensors")
         self._write_layout(count, damping, folder)
 
-    def _write_layout(self, count: int, damping: list[float], folder: Path) -> None:
+    def _write_layout(self, count: int, damping: list[float], folder: Path, zero: list[int] = ()) -> None:
         atomic_write_json({
             "method": self.hessian.method,
             "count": count,
             "blocks": [{"start": s.start, "stop": s.stop, "damping": lam} for s, lam in zip(self.slices, damping)],
+            "zero_blocks": list(zero),  # indices into blocks: they contribute nothing to any score
         }, folder / "blocks.json")

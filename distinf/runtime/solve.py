@@ -18,6 +18,7 @@ import torch
 from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes
 from distinf.core.solvers import DataInf, DataInfSums, Identity, LiSSA, Solver, block_dampings, block_traces, lissa_samples
+from distinf.core.numerics import require_finite_columns
 from distinf.store import read_verified_table
 from distinf.tables import gradients_of
 
@@ -54,13 +55,16 @@ def merge_blocks(futures: list, total: Any) -> None:
         del blocks, done
 
 
-def _grads(path: str, sha256: str) -> torch.Tensor:
-    return torch.from_numpy(gradients_of(read_verified_table(path, sha256, columns=["grad"])))
+def chunk_grads(path: str, sha256: str, slices: list[slice]) -> torch.Tensor:
+    """A committed chunk's gradients [n, k], refused (naming the file and block) unless finite."""
+    grads = gradients_of(read_verified_table(path, sha256, columns=["grad"]))
+    require_finite_columns(grads, slices, f"gradient chunk {path}")
+    return torch.from_numpy(grads)
 
 
 @ray.remote(num_cpus=1)
 def chunk_traces(path: str, sha256: str, slices: list[slice]) -> tuple[list[float], int]:
-    grads = _grads(path, sha256)
+    grads = chunk_grads(path, sha256, slices)
     return block_traces(grads, slices), grads.shape[0]
 
 
@@ -69,7 +73,7 @@ def chunk_datainf(chunks: list[Chunk], slices: list[slice], damping: list[float]
     """DataInf's weighted Gram sums (numpy blocks) and count of a group of chunks, read one at a time."""
     sums = DataInfSums(slices, damping)
     for path, sha256 in chunks:
-        sums.add(_grads(path, sha256))
+        sums.add(chunk_grads(path, sha256, slices))
     return [block.numpy() for block in sums.blocks], sums.count
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from distinf.config import JobConfig
+from distinf.core.numerics import float16_overflow_rows
 from distinf.data import PAD, DataError
 from distinf.ledger import commit_chunk
 from distinf.runtime.faults import injected_delay, injected_fault
@@ -23,8 +24,9 @@ from distinf.runtime.shard import GradientShard
 from distinf.tables import gradient_table
 
 
-def nonfinite_rows(losses: Tensor, grads: Tensor) -> dict[int, str]:
-    """Rows of losses [N] / compressed gradients [N, k] that are not finite, with the reason.
+def nonfinite_rows(losses: Tensor, grads: Tensor, gradient_dtype: str = "float32") -> dict[int, str]:
+    """Rows of losses [N] / compressed gradients [N, k] that are not finite, or (gradient_dtype
+    float16) would not be once stored, with the reason.
 
     fp16 overflow or a degenerate example shows up here; one such row would turn the curvature,
     and with it every score, into NaN.
@@ -32,6 +34,9 @@ def nonfinite_rows(losses: Tensor, grads: Tensor) -> dict[int, str]:
     bad = {i: f"loss is {losses[i].item()}" for i in torch.nonzero(~torch.isfinite(losses)).flatten().tolist()}
     for i in torch.nonzero(~torch.isfinite(grads).all(dim=1)).flatten().tolist():
         bad.setdefault(i, "gradient has non-finite entries")
+    if gradient_dtype == "float16":
+        for i, reason in float16_overflow_rows(grads).items():
+            bad.setdefault(i, reason)
     return bad
 
 
@@ -91,7 +96,7 @@ class GradientWorker:
                 g, loss = self.shard.compute(batch, pad_token_id)
                 real = [i for i, p in enumerate(step) if p != PAD]
                 step_ids, g, loss = [ids[step[i]] for i in real], g[real], loss[real]
-                bad = nonfinite_rows(loss, g)
+                bad = nonfinite_rows(loss, g, dtype)
                 if bad and not skip:
                     raise nonfinite_error(split, step_ids, bad, self.cfg.model.dtype)
                 if bad:
