@@ -15,8 +15,9 @@
 # that is pending or running is followed (never submitted twice), one that failed with exit 2 fails
 # the night, one that failed otherwise is a spent attempt; the first id not yet used is submitted.
 #
-# `ray job submit` itself only says SUCCEEDED or FAILED (exit 0 or 1). The entrypoint therefore
-# prints "distinf-exit-code=N" as its last line, and the exit code is read back from `ray job logs`.
+# `ray job submit` itself only says SUCCEEDED or FAILED (exit 0 or 1). The entrypoint,
+# distinf-entrypoint.sh, therefore prints "distinf-exit-code=N" as its last line, and the exit code
+# is read back from `ray job logs`.
 # A job that failed without that line (driver killed, node lost) counts as a runtime failure (1).
 #
 # Environment: RAY_ADDRESS (http://HEAD-SVC:8265), RAY_AUTH_MODE/RAY_AUTH_TOKEN when the cluster
@@ -36,6 +37,7 @@ MAX_ATTEMPTS=${MAX_ATTEMPTS:-5}
 POLL_SECONDS=${POLL_SECONDS:-30}
 PENDING_DEADLINE=${PENDING_DEADLINE:-900}
 RAY=${RAY:-ray}
+ENTRYPOINT=${ENTRYPOINT:-/app/cluster/kuberay/distinf-entrypoint.sh}
 MARKER=distinf-exit-code
 
 log() { echo "submit-nightly: $*" >&2; }
@@ -100,10 +102,10 @@ follow() {
   outcome "$state" "$id"
 }
 
-printf -v command 'distinf run %q --append-to %q --set output.path=%q' "$JOB_FILE" "$RUN_DIR" "$RUN_DIR"
+printf -v command 'run %q --append-to %q --set output.path=%q' "$JOB_FILE" "$RUN_DIR" "$RUN_DIR"
 command="$command${DISTINF_ARGS:+ $DISTINF_ARGS}"
-# One string: Ray runs the entrypoint with a shell, which prints distinf's exit code last.
-entrypoint="$command; rc=\$?; echo $MARKER=\$rc; exit \$rc"
+# distinf-entrypoint.sh prints distinf's exit code last; retries are this Job's (backoffLimit).
+entrypoint="$ENTRYPOINT $command"
 
 for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
   id="$SUBMISSION_PREFIX-$NIGHT-$attempt"
