@@ -391,7 +391,7 @@ def test_the_cronjob_retries_exit_1_and_fails_at_once_on_exit_2():
 FAKE_RAY = r'''#!PYTHON
 """A `ray job` CLI that answers as Ray 2.60's does (status lines from
 ray/dashboard/modules/job/cli.py::_log_job_status) and runs submitted entrypoints at once."""
-import json, os, subprocess, sys
+import json, os, shlex, subprocess, sys
 from pathlib import Path
 
 state = Path(os.environ["FAKE_RAY_STATE"])
@@ -410,7 +410,7 @@ def save(i, j):
 
 if verb == "submit":
     i = rest[rest.index("--submission-id") + 1]
-    entry = " ".join(rest[rest.index("--") + 1:])      # Ray joins the words and runs them in a shell
+    entry = shlex.join(rest[rest.index("--") + 1:])    # as Ray 2.60 joins the words, run in a shell
     if job(i):
         sys.exit(f"job {i} already exists")
     with open(state / "submitted", "a") as f:
@@ -559,5 +559,6 @@ def test_the_ray_cli_says_what_the_submitter_reads():
         pytest.skip(f"installed Ray {ray.__version__} is not the image's {version}")
     source = Path(job_cli.__file__).read_text()
     for phrase in ("f\"Job '{job_id}' succeeded\"", "f\"Job '{job_id}' was stopped\"", "f\"Job '{job_id}' failed\"",
-                   "f\"Status for job '{job_id}': {info.status}\"", '"--submission-id"', '"--no-wait"', '"--follow"'):
+                   "f\"Status for job '{job_id}': {info.status}\"", '"--submission-id"', '"--no-wait"', '"--follow"',
+                   "shlex.join(entrypoint)"):
         assert phrase in source, phrase

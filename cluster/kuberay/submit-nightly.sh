@@ -102,10 +102,11 @@ follow() {
   outcome "$state" "$id"
 }
 
-printf -v command 'run %q --append-to %q --set output.path=%q' "$JOB_FILE" "$RUN_DIR" "$RUN_DIR"
-command="$command${DISTINF_ARGS:+ $DISTINF_ARGS}"
 # distinf-entrypoint.sh prints distinf's exit code last; retries are this Job's (backoffLimit).
-entrypoint="$ENTRYPOINT $command"
+# One word per argument: `ray job submit` quotes each (shlex.join) into the command Ray runs.
+read -r -a extra <<<"$DISTINF_ARGS"
+entrypoint=("$ENTRYPOINT" run "$JOB_FILE" --append-to "$RUN_DIR" --set "output.path=$RUN_DIR" "${extra[@]}")
+command="${entrypoint[*]:1}"
 
 for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
   id="$SUBMISSION_PREFIX-$NIGHT-$attempt"
@@ -113,7 +114,7 @@ for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
   case "$state" in
     ABSENT)
       log "submitting $id: $command"
-      "$RAY" job submit --submission-id "$id" --no-wait -- "$entrypoint" || {
+      "$RAY" job submit --submission-id "$id" --no-wait -- "${entrypoint[@]}" || {
         log "could not submit $id (head unreachable, or the id was taken meanwhile): retried"; exit 1; }
       follow "$id"; exit $? ;;
     SUCCEEDED) log "$id already succeeded"; exit 0 ;;
