@@ -260,7 +260,8 @@ def nightly_config():
     return job_of(distinf_args(submitted_entrypoint()))[0]
 
 
-def submitted_entrypoint(tmp=None):
+def submitted_entrypoint():
+    """The entrypoint the CronJob's submitter sends, run against a fake `ray` CLI."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
