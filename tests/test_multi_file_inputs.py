@@ -280,3 +280,30 @@ def _upload(s3, path: Path, key: str) -> None:
 def _upload_bytes(s3, data: bytes, key: str) -> None:
     with s3.open_output_stream(key) as out:
         out.write(data)
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, message", [
+    ([], "data.train.path: the list of files is empty"),
+    (["a.jsonl", " "], "data.train.path: a path is empty"),
+    (["a.jsonl", "s3://AKIAXYZ:s3cr3tvalue@bucket/b.jsonl"], "data.train.path: the URI has credentials in it"),
+])
+def test_a_bad_list_of_files_is_refused_naming_the_key(path, message):
+    from distinf.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"path": "m"}, "data": {"train": {"path": path}, "queries": {"path": "q.jsonl"}}})
+    assert message in str(info.value) and "s3cr3tvalue" not in str(info.value)
+
+
+def test_a_list_of_files_in_a_job_file_validates(tmp_path):
+    from distinf.config import load_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {path: m}\ndata:\n  train: {path: [a.parquet, 'b/*.jsonl', s3://bucket/c/]}\n"
+                   "  queries: {path: q.jsonl, messages_column: messages}\n")
+    cfg = load_job(job)
+    assert cfg.data.train.path == ["a.parquet", "b/*.jsonl", "s3://bucket/c/"]
+    assert cfg.data.queries.masked and not cfg.data.train.masked
