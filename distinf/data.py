@@ -1,10 +1,13 @@
-"""The job's input side: read a dataset file, tokenise it, split it across ranks, collate batches.
+"""The job's input side: read a dataset (one file, or many: a folder, a glob, a list, a
+`save_to_disk` folder; local or on an object store), tokenise it (masking the loss to the
+completion or assistant tokens of instruction data), split it across ranks, collate batches.
 
 Pure functions, no Ray. `read_dataset` and `tokenize` check the data once, at the edge, and raise
 `DataError` with a message that names the file, the job-file key and the row, e.g.
-``data.train: 'train.csv' row 3 (id 'a7'): text is empty``. Rows are counted from 0, as the
-default example ids are. With `data.on_bad_row: skip` a bad row is left out instead and returned
-as a `Rejection` (row, id, reason); problems of the whole file still raise.
+``data.train: 'train.csv' row 3 (id 'a7'): text is empty``. Rows are counted from 0 in their
+file, as the default example ids are (across the files, for several). With `data.on_bad_row:
+skip` a bad row is left out instead and returned as a `Rejection` (row, id, reason, file);
+problems of a whole file still raise.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pyarrow.fs as pafs
 import torch
 
 from distinf.config import DatasetConfig
+from distinf.core.tasks import IGNORE_INDEX  # the label of a token that carries no loss
 
 PAD = -1
 """Partition entry of a padding slot: the rank runs some real example there and drops its outputs."""
@@ -761,10 +765,6 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
     if not out.examples:
         raise _all_rejected(key, out.rejected)
     return out
-
-
-IGNORE_INDEX = -100
-"""The label of a token that carries no loss (cross-entropy's ignore_index)."""
 
 
 def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | str:
