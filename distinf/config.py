@@ -77,14 +77,62 @@ class ModelConfig(_Section):
 
 
 class DatasetConfig(_Section):
-    path: str
-    """Parquet, JSONL or CSV file."""
+    path: Union[str, list[str]]
+    """A Parquet, JSONL or CSV file; a folder of them (read recursively, in name order; files whose
+    names start with '.' or '_' skipped); a glob (`data/part-*.parquet`); or a list of any of these.
+    Local or on S3/GCS (`s3://bucket/prefix/`). A folder written by a Hugging Face dataset's
+    `save_to_disk` (state.json + arrow files) is read as one dataset."""
     text_column: str = "text"
     label_column: str | None = None
     id_column: str | None = None
-    """Without an id column the ids are the row numbers, as strings."""
+    """Without an id column the ids are the row numbers, as strings (across several files, the
+    position in the files read in order)."""
+    prompt_column: str | None = None
+    """With completion_column: the text is prompt + completion, and only the completion's tokens
+    carry the loss (causal_lm)."""
+    completion_column: str | None = None
+    messages_column: str | None = None
+    """A chat column (a list of {role, content}) rendered with the tokenizer's chat template; only
+    the assistant turns' tokens carry the loss (causal_lm)."""
 
-    check_no_credentials = field_validator("path")(refuse_credentials)
+    @field_validator("path")
+    @classmethod
+    def _paths(cls, path: Any) -> Any:
+        paths = path if isinstance(path, list) else [path]
+        if not paths:
+            raise ValueError("the list of files is empty")
+        for item in paths:
+            if not str(item).strip():
+                raise ValueError("a path is empty")
+            refuse_credentials(item)
+        return path
+
+    @model_validator(mode="after")
+    def _one_text_source(self) -> "DatasetConfig":
+        pair = (self.prompt_column, self.completion_column)
+        if (pair[0] is None) != (pair[1] is None):
+            given, missing = (("prompt_column", "completion_column") if pair[0] is not None
+                              else ("completion_column", "prompt_column"))
+            raise ValueError(f"{given} needs {missing} (the loss covers the completion of each prompt)")
+        masked = [key for key in ("prompt_column", "completion_column", "messages_column")
+                  if getattr(self, key) is not None]
+        if self.messages_column is not None and len(masked) > 1:
+            raise ValueError("messages_column cannot be combined with prompt_column/completion_column; "
+                             "use one or the other")
+        if masked:
+            # Compared with the default, not model_fields_set: a dumped config re-validates.
+            if self.text_column != "text":
+                raise ValueError(f"text_column is not used with {' and '.join(masked)} (the text is built "
+                                 "from them); leave text_column out")
+            if self.label_column is not None:
+                raise ValueError(f"label_column is not used with {' and '.join(masked)} (they are for "
+                                 "causal_lm instruction data); leave label_column out")
+        return self
+
+    @property
+    def masked(self) -> bool:
+        """Whether only part of each text (a completion, the assistant turns) carries the loss."""
+        return self.completion_column is not None or self.messages_column is not None
 
 
 class DataConfig(_Section):
@@ -233,6 +281,16 @@ class JobConfig(AttributionConfig):
     data: DataConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _masking_needs_causal_lm(self) -> "JobConfig":
+        for role in ("train", "queries"):
+            dataset = getattr(self.data, role)
+            if dataset.masked and self.model.task != "causal_lm":
+                key = "messages_column" if dataset.messages_column else "prompt_column"
+                raise ValueError(f"data.{role}.{key}: masks the loss of a causal_lm; model.task is "
+                                 f"{self.model.task!r}")
+        return self
 
     @model_validator(mode="after")
     def _methods_the_job_runs(self) -> "JobConfig":

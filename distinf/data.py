@@ -1,25 +1,34 @@
-"""The job's input side: read a dataset file, tokenise it, split it across ranks, collate batches.
+"""The job's input side: read a dataset (one file, or many: a folder, a glob, a list, a
+`save_to_disk` folder; local or on an object store), tokenise it (masking the loss to the
+completion or assistant tokens of instruction data), split it across ranks, collate batches.
 
 Pure functions, no Ray. `read_dataset` and `tokenize` check the data once, at the edge, and raise
 `DataError` with a message that names the file, the job-file key and the row, e.g.
-``data.train: 'train.csv' row 3 (id 'a7'): text is empty``. Rows are counted from 0, as the
-default example ids are. With `data.on_bad_row: skip` a bad row is left out instead and returned
-as a `Rejection` (row, id, reason); problems of the whole file still raise.
+``data.train: 'train.csv' row 3 (id 'a7'): text is empty``. Rows are counted from 0 in their
+file, as the default example ids are (across the files, for several). With `data.on_bad_row:
+skip` a bad row is left out instead and returned as a `Rejection` (row, id, reason, file);
+problems of a whole file still raise.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import torch
 
 from distinf.config import DatasetConfig
+from distinf.core.tasks import IGNORE_INDEX  # the label of a token that carries no loss
 
 PAD = -1
 """Partition entry of a padding slot: the rank runs some real example there and drops its outputs."""
@@ -38,10 +47,13 @@ class Rejection:
     """A row left out under `data.on_bad_row: skip`, and why."""
 
     row: int
-    """The row in the file, from 0."""
+    """The row in its file, from 0."""
     example_id: str | None
     """None when the id itself is what is wrong."""
     reason: str
+    """With several files, it begins with the file: "in 'data/part-1.jsonl': ..."."""
+    file: str | None = None
+    """The file, when the dataset has several."""
 
 
 class _BadRows:
@@ -76,66 +88,314 @@ def _all_rejected(where: str, rejected: list[Rejection]) -> DataError:
 # Reading
 
 
+@dataclass(frozen=True)
+class Source:
+    """One file of a dataset: its name as the user would write it, where it lies, its format."""
+
+    name: str
+    filesystem: Any
+    """A pyarrow FileSystem, or None for a local file."""
+    path: str
+    """The path inside `filesystem`."""
+    fmt: str
+    """parquet, json, csv, or arrow (a Hugging Face `save_to_disk` shard: an Arrow IPC stream)."""
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def dataset_files(path: str | list[str], key: str) -> list[Source]:
+    """The files that `data.<role>.path` names, in the order they are read.
+
+    A file; a folder (every data file below it, in name order, names starting with '.' or '_'
+    skipped, other files ignored); a glob; a Hugging Face `save_to_disk` folder (its arrow files
+    in state.json's order); or a list of any of these, in list order. A file named twice is an
+    error, and so is a name that matches nothing.
+    """
+    paths = path if isinstance(path, list) else [path]
+    found: list[Source] = []
+    for item in paths:
+        found += _expand(str(item), key, single=not isinstance(path, list))
+    seen: set[str] = set()
+    for source in found:
+        if source.name in seen:
+            raise DataError(f"{key}.path: '{source.name}' is named twice; each file is read once")
+        seen.add(source.name)
+    return found
+
+
+def _expand(path: str, key: str, single: bool) -> list[Source]:
+    from distinf.store import _resolve, _split_uri
+
+    filesystem, inner = _resolve(path)
+    uri = _split_uri(path)
+
+    def name_of(found: str) -> str:
+        return f"{uri[0]}://{found}" if uri else found
+
+    def info(target: str):
+        if filesystem is None:
+            local = Path(target)
+            return "dir" if local.is_dir() else "file" if local.is_file() else None
+        kind = filesystem.get_file_info(target).type
+        return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(kind)
+
+    if _GLOB.search(inner):
+        if filesystem is None:
+            matches = sorted(m for m in glob.glob(inner, recursive=True) if Path(m).is_file())
+        else:
+            base = inner[: _GLOB.search(inner).start()].rpartition("/")[0]
+            listed = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            matches = sorted(i.path for i in listed
+                             if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, inner))
+        if not matches:
+            raise DataError(f"{key}.path: no file matches '{path}'")
+        return [Source(name_of(m), filesystem, m, _format_of(Path(m), key)) for m in matches]
+    kind = info(inner)
+    if kind == "file":
+        return [Source(path if single else name_of(inner), filesystem, inner, _format_of(Path(inner), key))]
+    if kind is None:
+        raise DataError(f"{key}.path: no such file '{path}'")
+    folder = inner.rstrip("/")
+    if info(f"{folder}/state.json") == "file":
+        return _saved_dataset(folder, filesystem, name_of, key)
+    if info(f"{folder}/dataset_dict.json") == "file":
+        raise DataError(f"{key}.path: '{path}' holds a DatasetDict saved with save_to_disk; name one split's "
+                        f"folder, e.g. '{path.rstrip('/')}/train'")
+    if filesystem is None:
+        listed = [str(p) for p in Path(folder).rglob("*") if p.is_file()]
+    else:
+        listed = [i.path for i in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+                  if i.type == pafs.FileType.File]
+    files = []
+    for found in sorted(listed):
+        relative = found[len(folder) + 1:]
+        if any(part.startswith((".", "_")) for part in relative.split("/")):
+            continue  # _SUCCESS, .crc and other writers' bookkeeping, as pyarrow.dataset skips them
+        try:
+            fmt = _format_of(Path(found), key)
+        except DataError:
+            continue  # a README or other non-data file beside the data
+        files.append(Source(name_of(found), filesystem, found, fmt))
+    if not files:
+        raise DataError(f"{key}.path: no .parquet, .jsonl or .csv files in the folder '{path}'")
+    return files
+
+
+def _saved_dataset(folder: str, filesystem: Any, name_of, key: str) -> list[Source]:
+    """The arrow files of a `datasets.Dataset.save_to_disk` folder, from its state.json."""
+    where = f"{key}.path: '{name_of(folder)}'"
+    try:
+        if filesystem is None:
+            state = json.loads(Path(folder, "state.json").read_text(encoding="utf-8"))
+        else:
+            with filesystem.open_input_stream(f"{folder}/state.json") as stream:
+                state = json.loads(stream.read())
+        files = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{where}: state.json is not that of a dataset saved with save_to_disk "
+                        f"(no _data_files list of filenames: {error})") from None
+    if not files:
+        raise DataError(f"{where}: state.json lists no data files")
+    return [Source(name_of(f"{folder}/{name}"), filesystem, f"{folder}/{name}", "arrow") for name in files]
+
+
 def read_table(cfg: DatasetConfig, role: str) -> pa.Table:
-    """Read one dataset file into a table of `example_id` (string), `text` (string) and, when
-    `cfg.label_column` is set, `label` (int64), in file order.
+    """Read a dataset into a table of `example_id` (string), `text` (string) and, when
+    `cfg.label_column` is set, `label` (int64), in file order; with prompt/completion columns
+    also `prompt` and `completion` (text is their concatenation), with a messages column also
+    `messages` (list of {role, content}; text shows the turns as "role: content" lines).
 
     Parquet (.parquet, .pq), JSON lines (.jsonl, .ndjson, .json) or CSV (.csv), the text formats
-    optionally compressed (.gz, .bz2, .zst, .lz4). Ids are `cfg.id_column` cast to string, or the
-    row numbers "0", "1", ... `role` ("train" or "queries") names the job-file key in errors.
+    optionally compressed (.gz, .bz2, .zst, .lz4), one file or several (`dataset_files`). Ids are
+    `cfg.id_column` cast to string, or the row numbers "0", "1", ... (counted across the files).
+    `role` ("train" or "queries") names the job-file key in errors.
     """
-    return read_dataset(cfg, role)[0].drop_columns(["row"])
+    table = read_dataset(cfg, role)[0]
+    return table.drop_columns([c for c in ("row", "file") if c in table.column_names])
 
 
 def read_dataset(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> tuple[pa.Table, list[Rejection]]:
-    """`read_table`'s table plus `row` (int64, the row in the file), and the rejected rows.
+    """`read_table`'s table plus `row` (int64, the row in its file) and, when the dataset has
+    several files, `file` (the file's name); and the rejected rows.
 
     With on_bad_row="error" the first bad row raises DataError and the list is empty; with "skip"
     bad rows (missing or non-UTF-8 id or text, empty text, a repeated id, a missing or
-    non-integer label) are left out of the table and listed. A problem of the whole file (no
-    such file or column, no rows, unreadable) raises in both modes, as does a file whose every
-    row is bad.
+    non-integer label, a missing or empty completion, messages without an assistant turn) are
+    left out of the table and listed. A problem of a whole file (no such file or column,
+    unreadable) raises in both modes, as do a dataset without rows and one whose every row is
+    bad. Ids must be unique across the files: a repeat names both files.
     """
     key = f"data.{role}"
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise DataError(f"{key}.path: no such file '{cfg.path}'")
-    fmt = _format_of(path, key)
+    sources = dataset_files(cfg.path, key)
     skip = on_bad_row == "skip"
-    table = _read_raw(path, fmt, key, [c for c in (cfg.text_column, cfg.id_column) if c], skip)
-    where = f"{key}: '{cfg.path}'"
+    many = len(sources) > 1
+    tables, rejected = [], []
+    first_seen: dict[str, tuple[str, int]] = {}
+    offset = 0
+    for source in sources:
+        table, bad = _read_source(cfg, key, source, skip, many, offset)
+        offset += table.num_rows + len(bad)
+        if many and table.num_rows:
+            table = _check_ids_across(table, source, first_seen, bad, key, skip)
+        tables.append(table)
+        rejected += bad
+    where = f"{key}: '{cfg.path}'" if not many else f"{key} ({len(sources)} files)"
+    total = sum(t.num_rows for t in tables)
+    if total == 0 and not rejected:
+        raise DataError(f"{where} has no rows")
+    if total == 0:
+        raise _all_rejected(where, rejected)
+    return pa.concat_tables(tables), rejected
 
-    columns = {"text": cfg.text_column, "label": cfg.label_column, "example_id": cfg.id_column}
-    for field, column in columns.items():
+
+def _check_ids_across(table: pa.Table, source: Source, first_seen: dict, bad: list[Rejection], key: str,
+                      skip: bool) -> pa.Table:
+    """Ids already read from an earlier file: an error naming both files, or (skip) rejected here."""
+    keep = []
+    for example_id, row in zip(table.column("example_id").to_pylist(), table.column("row").to_pylist()):
+        if example_id in first_seen:
+            other, other_row = first_seen[example_id]
+            if not skip:
+                raise DataError(f"{key}: duplicate id '{example_id}' in '{other}' row {other_row} and "
+                                f"'{source.name}' row {row}; ids must be unique across the files")
+            bad.append(Rejection(row, example_id, f"in '{source.name}': duplicate id '{example_id}' (first in "
+                                 f"'{other}' row {other_row})", source.name))
+            keep.append(False)
+        else:
+            first_seen[example_id] = (source.name, row)
+            keep.append(True)
+    return table if all(keep) else table.filter(pa.array(keep, pa.bool_()))
+
+
+def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many: bool,
+                 offset: int) -> tuple[pa.Table, list[Rejection]]:
+    """One file's rows, checked: the table (with `row`, and `file` when `many`) and its rejections.
+
+    Default ids are `offset` + the row, so that they stay unique across files. An empty file
+    among several has no rows and no error.
+    """
+    string_columns = [c for c in (cfg.text_column, cfg.id_column, cfg.prompt_column,
+                                  cfg.completion_column) if c]
+    table = _read_raw(source, key, string_columns, skip, allow_empty=many)
+    where = f"{key}: '{source.name}'"
+    if cfg.messages_column is not None:
+        text_fields = {"messages": cfg.messages_column}
+    elif cfg.prompt_column is not None:
+        text_fields = {"prompt": cfg.prompt_column, "completion": cfg.completion_column}
+    else:
+        text_fields = {"text": cfg.text_column}
+    columns = {**text_fields, "label": cfg.label_column, "example_id": cfg.id_column}
+    if table.num_rows == 0 and many:
+        return _empty_table(cfg, many), []
+    for name, column in columns.items():
         if column is not None and column not in table.column_names:
-            option = "id_column" if field == "example_id" else f"{field}_column"
-            available = ", ".join(repr(name) for name in table.column_names)
-            raise DataError(f"{key}.{option}: no column '{column}' in '{cfg.path}'; "
+            option = "id_column" if name == "example_id" else f"{name}_column"
+            available = ", ".join(repr(c) for c in table.column_names)
+            raise DataError(f"{key}.{option}: no column '{column}' in '{source.name}'; "
                             f"the columns are {available}")
     if table.num_rows == 0:
         raise DataError(f"{where} has no rows")
 
     bad = _BadRows(where, skip)
     if cfg.id_column is None:
-        ids = pa.array([str(row) for row in range(table.num_rows)], pa.string())
+        ids = pa.array([str(offset + row) for row in range(table.num_rows)], pa.string())
     else:
         ids = _as_string(table.column(cfg.id_column), bad, f"id column '{cfg.id_column}'")
         _check_ids(ids, bad)
     bad.ids = ids
-    text = _as_string(table.column(cfg.text_column), bad, f"text column '{cfg.text_column}'")
-    _check_text(text, bad)
-
-    out = {"example_id": ids, "text": text}
+    out = {"example_id": ids}
+    if cfg.messages_column is not None:
+        out["text"], out["messages"] = _as_messages(table.column(cfg.messages_column), bad,
+                                                    f"messages column '{cfg.messages_column}'")
+    elif cfg.prompt_column is not None:
+        prompt = _as_string(table.column(cfg.prompt_column), bad, f"prompt column '{cfg.prompt_column}'")
+        completion = _as_string(table.column(cfg.completion_column), bad,
+                                f"completion column '{cfg.completion_column}'")
+        for row in _rows_where(pc.is_null(prompt)):
+            bad.add(row, "the prompt is missing")
+        for row in _rows_where(pc.is_null(completion)):
+            bad.add(row, "the completion is missing")
+        for row in _rows_where(pc.equal(pc.utf8_trim_whitespace(completion), "")):
+            bad.add(row, "the completion is empty")
+        out["text"] = pc.binary_join_element_wise(pc.fill_null(prompt, ""), pc.fill_null(completion, ""), "")
+        out["prompt"], out["completion"] = prompt, completion
+    else:
+        text = _as_string(table.column(cfg.text_column), bad, f"text column '{cfg.text_column}'")
+        _check_text(text, bad)
+        out["text"] = text
     if cfg.label_column is not None:
         out["label"] = _as_labels(table.column(cfg.label_column), bad)
     out["row"] = pa.array(range(table.num_rows), pa.int64())
+    if many:
+        out["file"] = pa.array([source.name] * table.num_rows, pa.string())
     table = pa.table(out)
     if not bad.reasons:
         return table, []
     rejected = bad.rejections()
-    if len(rejected) == table.num_rows:
+    if many:
+        rejected = [Rejection(r.row, r.example_id, f"in '{source.name}': {r.reason}", source.name)
+                    for r in rejected]
+    elif len(rejected) == table.num_rows:
         raise _all_rejected(where, rejected)
     return table.filter(pa.array([row not in bad.reasons for row in range(table.num_rows)])), rejected
+
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _empty_table(cfg: DatasetConfig, many: bool) -> pa.Table:
+    fields = [("example_id", pa.string()), ("text", pa.string())]
+    if cfg.messages_column is not None:
+        fields.append(("messages", _MESSAGES))
+    elif cfg.prompt_column is not None:
+        fields += [("prompt", pa.string()), ("completion", pa.string())]
+    if cfg.label_column is not None:
+        fields.append(("label", pa.int64()))
+    fields.append(("row", pa.int64()))
+    if many:
+        fields.append(("file", pa.string()))
+    return pa.schema(fields).empty_table()
+
+
+def _as_messages(column: pa.ChunkedArray, bad: _BadRows, what: str) -> tuple[pa.Array, pa.Array]:
+    """A chat column as (display text, list<struct<role, content>>); a value may also be a JSON
+    string of that list (CSV). A row without a well-formed list or without an assistant turn
+    with content is bad; when skipping, it becomes null."""
+    column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    textual = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    if not (textual or pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise DataError(f"{bad.where}: {what} has type {column.type}; expected a list of "
+                        "{role, content} objects")
+    values, texts = [], []
+    for row, value in enumerate(column.to_pylist()):
+        problem, turns = None, None
+        if value is None:
+            problem = "the messages are missing"
+        else:
+            if textual:
+                try:
+                    value = json.loads(value)
+                except ValueError as error:
+                    value, problem = None, f"{what} is not a JSON list of {{role, content}} objects ({error})"
+            if problem is None:
+                turns = value if isinstance(value, list) else None
+                if not turns or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                        and isinstance(t.get("content"), str) for t in turns):
+                    problem = f"{what} is not a non-empty list of {{role, content}} objects with string values"
+                elif not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+                    problem = "the messages have no assistant turn with content (nothing carries the loss)"
+        if problem is not None:
+            bad.add(row, problem)
+            values.append(None)
+            texts.append(None)
+            continue
+        turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+        values.append(turns)
+        texts.append("\n".join(f"{t['role']}: {t['content']}" for t in turns))
+    return pa.array(texts, pa.string()), pa.array(values, _MESSAGES)
 
 
 def _format_of(path: Path, key: str) -> str:
@@ -151,58 +411,84 @@ def _format_of(path: Path, key: str) -> str:
     return fmt
 
 
-def _read_raw(path: Path, fmt: str, key: str, text_columns: list[str], skip: bool = False) -> pa.Table:
-    import pyarrow.csv
-    import pyarrow.json
-    import pyarrow.parquet
+def _open(source: Source):
+    """A stream of the file's bytes, decompressed by its suffix."""
+    if source.filesystem is None:
+        return pa.input_stream(source.path, compression="detect")
+    return source.filesystem.open_input_stream(source.path, compression="detect")
 
-    if fmt != "parquet" and path.stat().st_size == 0:
-        raise DataError(f"{key}: '{path}' has no rows (the file is empty)")
+
+def _size(source: Source) -> int:
+    if source.filesystem is None:
+        return Path(source.path).stat().st_size
+    return source.filesystem.get_file_info(source.path).size
+
+
+def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = False,
+              allow_empty: bool = False) -> pa.Table:
+    """One file as a table, through pyarrow.dataset (a `save_to_disk` shard: an Arrow stream)."""
+    import pyarrow.csv
+    import pyarrow.dataset as ds
+
+    fmt = source.fmt
+    if fmt not in ("parquet", "arrow") and _size(source) == 0:
+        if allow_empty:
+            return pa.table({})
+        raise DataError(f"{key}: '{source.name}' has no rows (the file is empty)")
     try:
-        if fmt == "parquet":
-            return pyarrow.parquet.read_table(path)
+        if fmt == "arrow":
+            with _open(source) as stream:
+                return pa.ipc.open_stream(stream).read_all()
         if fmt == "csv":
             # Text and ids as strings, so that an id such as "007" keeps its zeros; absent
             # columns are ignored here and reported by the caller. When skipping bad rows, read
             # them as bytes so that a non-UTF-8 row is found by row, not fatal to the file.
             types = {name: pa.binary() if skip else pa.string() for name in text_columns}
-            return pyarrow.csv.read_csv(
-                path, convert_options=pyarrow.csv.ConvertOptions(column_types=types))
-        table = pyarrow.json.read_json(path)
-        table.validate(full=True)  # the JSON reader does not check UTF-8 by itself
+            file_format = ds.CsvFileFormat(convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+        else:
+            file_format = fmt
+        table = ds.dataset(source.path, format=file_format, filesystem=source.filesystem).to_table()
+        if fmt == "json":
+            table.validate(full=True)  # the JSON reader does not check UTF-8 by itself
         return table
     except (pa.ArrowInvalid, OSError) as error:
-        raise _read_error(path, fmt, key, error) from None
+        if allow_empty and fmt == "csv" and "Empty CSV file" in str(error):
+            return pa.table({})
+        raise _read_error(source, key, error) from None
 
 
-def _read_error(path: Path, fmt: str, key: str, error: Exception) -> DataError:
-    line = _first_non_utf8_line(path) if fmt != "parquet" else None
+def _read_error(source: Source, key: str, error: Exception) -> DataError:
+    fmt, name = source.fmt, source.name
+    line = _first_non_utf8_line(source) if fmt in ("csv", "json") else None
     if line is not None:
-        return DataError(f"{key}: '{path}' is not valid UTF-8 text (line {line}); "
+        return DataError(f"{key}: '{name}' is not valid UTF-8 text (line {line}); "
                          "re-encode the file as UTF-8")
     if fmt == "csv" and "Empty CSV file" in str(error):
-        return DataError(f"{key}: '{path}' has no rows (the file is empty)")
-    if fmt == "json" and _starts_with_bracket(path):
-        return DataError(f"{key}: '{path}' holds a JSON array; write one JSON object per line "
+        return DataError(f"{key}: '{name}' has no rows (the file is empty)")
+    if fmt == "json" and _starts_with_bracket(source):
+        return DataError(f"{key}: '{name}' holds a JSON array; write one JSON object per line "
                          "(JSON lines)")
-    kind = {"parquet": "Parquet", "csv": "CSV", "json": "JSON lines"}[fmt]
-    return DataError(f"{key}: '{path}' could not be read as {kind}: {error}")
+    kind = {"parquet": "Parquet", "csv": "CSV", "json": "JSON lines", "arrow": "an Arrow stream"}[fmt]
+    return DataError(f"{key}: '{name}' could not be read as {kind}: {error}")
 
 
-def _first_non_utf8_line(path: Path) -> int | None:
+def _first_non_utf8_line(source: Source) -> int | None:
     """The 1-based line of the first byte sequence that is not UTF-8, or None; streams the file."""
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
-    with pa.input_stream(str(path), compression="detect") as stream:
-        while chunk := stream.read(1 << 20):
-            pending = decoder.getstate()[0]  # an unfinished character from the last chunk, no \n
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as error:
-                return line + (pending + chunk)[: error.start].count(b"\n")
-            line += chunk.count(b"\n")
+    try:
+        with _open(source) as stream:
+            while chunk := stream.read(1 << 20):
+                pending = decoder.getstate()[0]  # an unfinished character from the last chunk, no \n
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as error:
+                    return line + (pending + chunk)[: error.start].count(b"\n")
+                line += chunk.count(b"\n")
+    except OSError:
+        return None
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
@@ -210,9 +496,12 @@ def _first_non_utf8_line(path: Path) -> int | None:
     return None
 
 
-def _starts_with_bracket(path: Path) -> bool:
-    with pa.input_stream(str(path), compression="detect") as stream:
-        return stream.read(4096).lstrip().startswith(b"[")
+def _starts_with_bracket(source: Source) -> bool:
+    try:
+        with _open(source) as stream:
+            return stream.read(4096).lstrip().startswith(b"[")
+    except OSError:
+        return False
 
 
 def _as_string(column: pa.ChunkedArray, bad: _BadRows, what: str) -> pa.Array:
@@ -342,14 +631,17 @@ class Tokenized:
 
     examples: list[dict[str, torch.Tensor]]
     """input_ids [T] and attention_mask [T] (int64, T <= max_length, no padding); for
-    sequence_classification also labels [] (int64)."""
+    sequence_classification also labels [] (int64); for a masked causal_lm (prompt/completion or
+    messages columns) also labels [T]: input_ids with -100 at every token that carries no loss."""
     ids: list[str]
     truncated: int
     """How many examples were cut to max_length."""
     rows: list[int] = field(default_factory=list)
-    """The row in the file of each example."""
+    """The row in its file of each example."""
     rejected: list[Rejection] = field(default_factory=list)
     """Rows left out under on_bad_row="skip", by `read_dataset` and by `tokenize`."""
+    files: list[str | None] = field(default_factory=list)
+    """The file of each example, when the dataset has several (else empty)."""
 
 
 _TOKENIZE_CHUNK = 1024
@@ -365,9 +657,20 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
     `truncation_side`, special tokens kept) and counted in `Tokenized.truncated`. For
     `sequence_classification` each example also gets a 0-d `labels` from the table's `label`
     column, checked against `num_labels`. For `causal_lm` there is no labels key (the loss
-    predicts input_ids[1:]), so every example needs at least 2 tokens. Errors name the table's
-    `row` column when it has one; with on_bad_row="skip" a failing example is left out and
-    listed in `Tokenized.rejected` instead.
+    predicts input_ids[1:]), so every example needs at least 2 tokens.
+
+    Loss masking (causal_lm): a table with `prompt` and `completion` columns is tokenised as the
+    text prompt + completion, and `labels` keeps only the tokens that cover completion
+    characters (a token straddling the boundary counts as completion; special tokens the
+    tokenizer adds count as completion after the first completion token, as prompt before). A
+    table with `messages` is rendered with the tokenizer's chat template (no special tokens
+    added: the template writes them) and `labels` keeps the tokens of each assistant turn, as
+    the template writes it after the generation prompt (content and end-of-turn). The loss is
+    the mean over the kept tokens that have a token before them. An example truncated so far
+    that no such token is left is a bad row.
+
+    Errors name the table's `row` column (and `file`) when it has one; with on_bad_row="skip"
+    a failing example is left out and listed in `Tokenized.rejected` instead.
     """
     key = f"data.{role}"
     if task not in ("causal_lm", "sequence_classification"):
@@ -375,9 +678,22 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
     if task == "causal_lm" and max_length < 2:
         raise DataError(f"data.max_length: {max_length} leaves causal_lm nothing to predict; "
                         "use at least 2")
+    mode = "messages" if "messages" in table.column_names else \
+        "completion" if "completion" in table.column_names else "text"
+    if mode != "text":
+        option = f"{key}.{'messages' if mode == 'messages' else 'prompt'}_column"
+        if task != "causal_lm":
+            raise DataError(f"{option}: loss masking is for causal_lm, not {task}")
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError(f"{option}: needs a fast tokenizer (tokenizer.json) to tell the masked tokens "
+                            "apart by character offsets; the tokenizer of model.path is a slow one")
+        if mode == "messages" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{option}: the tokenizer of model.path has no chat template to render the "
+                            "messages with")
     ids = table.column("example_id").to_pylist()
     texts = table.column("text").to_pylist()
     rows = table.column("row").to_pylist() if "row" in table.column_names else list(range(len(ids)))
+    files = table.column("file").to_pylist() if "file" in table.column_names else None
     labels = None
     if task == "sequence_classification":
         if "label" not in table.column_names:
@@ -386,18 +702,44 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
             raise ValueError("tokenize: sequence_classification needs num_labels")
         labels = table.column("label").to_pylist()
 
+    def where(i: int) -> str:
+        return f"{key}: '{files[i]}' row {rows[i]}" if files else f"{key} row {rows[i]}"
+
     out = Tokenized(examples=[], ids=[], truncated=0)
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
-        encoded = _encode(tokenizer, texts[start:start + _TOKENIZE_CHUNK], max_length,
-                          add_special_tokens)
-        for offset, (input_ids, mask, cut) in enumerate(encoded):
+        stop = start + _TOKENIZE_CHUNK
+        spans: list[list[tuple[int, int]] | str] | None = None
+        if mode == "completion":
+            prompts = table.column("prompt").slice(start, _TOKENIZE_CHUNK).to_pylist()
+            spans = [[(len(p), len(t))] for p, t in zip(prompts, texts[start:stop])]
+        elif mode == "messages":
+            rendered = [_render_chat(tokenizer, m) for m in table.column("messages").slice(
+                start, _TOKENIZE_CHUNK).to_pylist()]
+            texts[start:stop] = [r[0] if isinstance(r, tuple) else "" for r in rendered]
+            spans = [r[1] if isinstance(r, tuple) else r for r in rendered]
+        encoded = _encode(tokenizer, texts[start:stop], max_length,
+                          add_special_tokens and mode != "messages", offsets=mode != "text")
+        for offset, (input_ids, mask, cut, token_spans) in enumerate(encoded):
             i = start + offset
             example = {"input_ids": torch.tensor(input_ids, dtype=torch.int64),
                        "attention_mask": torch.tensor(mask, dtype=torch.int64)}
             problem = None
-            if task == "causal_lm" and len(input_ids) < 2:
+            if spans is not None and isinstance(spans[offset], str):
+                problem = spans[offset]  # the chat template could not render the row
+            elif task == "causal_lm" and len(input_ids) < 2:
                 problem = (f"{len(input_ids)} token(s) after tokenisation; causal_lm needs at "
                            "least 2 (one to predict)")
+            elif spans is not None:
+                keep = _loss_tokens(token_spans, spans[offset], mode)
+                predicted = sum(keep[1:])
+                if predicted == 0:
+                    what = "completion" if mode == "completion" else "assistant turns"
+                    problem = (f"no token of the {what} is left to carry the loss: cut away by "
+                               f"data.max_length ({max_length} tokens)" if cut else
+                               f"the {what} has no token with a token before it to predict it from")
+                else:
+                    example["labels"] = example["input_ids"].masked_fill(
+                        ~torch.tensor(keep, dtype=torch.bool), IGNORE_INDEX)
             elif labels is not None:
                 label = labels[i]
                 if label is None:
@@ -409,16 +751,64 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
                     example["labels"] = torch.tensor(label, dtype=torch.int64)
             if problem is not None:
                 if on_bad_row != "skip":
-                    raise DataError(f"{key} row {rows[i]} (id '{ids[i]}'): {problem}")
-                out.rejected.append(Rejection(rows[i], ids[i], problem))
+                    raise DataError(f"{where(i)} (id '{ids[i]}'): {problem}")
+                file = files[i] if files else None
+                out.rejected.append(Rejection(rows[i], ids[i], f"in '{file}': {problem}" if file else problem,
+                                              file))
                 continue
             out.examples.append(example)
             out.ids.append(ids[i])
             out.rows.append(rows[i])
+            if files:
+                out.files.append(files[i])
             out.truncated += cut
     if not out.examples:
         raise _all_rejected(key, out.rejected)
     return out
+
+
+def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | str:
+    """(the conversation as the chat template renders it, the character spans of its assistant
+    turns), or the reason it cannot be rendered turn by turn.
+
+    An assistant turn j spans from the end of messages[:j] rendered with the generation prompt
+    to the end of messages[:j+1]; each rendering must be a prefix of the whole, or the turns
+    cannot be told apart.
+    """
+    def render(turns: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    try:
+        whole = render(messages, False)
+        spans = []
+        for j, turn in enumerate(messages):
+            if turn["role"] != "assistant":
+                continue
+            before = render(messages[:j], True) if j else ""
+            through = render(messages[: j + 1], False)
+            if not (whole.startswith(through) and through.startswith(before)):
+                return (f"the chat template does not render the conversation turn by turn (turn {j} renders "
+                        "differently within the whole), so its assistant tokens cannot be told apart")
+            if turn["content"].strip():
+                spans.append((len(before), len(through)))
+    except Exception as error:  # noqa: BLE001 - a template raises what it likes (jinja2, ValueError)
+        return f"the chat template could not render the messages: {error}"
+    return whole, spans
+
+
+def _loss_tokens(token_spans: list[tuple[int, int]], spans: list[tuple[int, int]], mode: str) -> list[bool]:
+    """Which tokens carry the loss: those overlapping a span of characters (a completion, an
+    assistant turn). A zero-width token (a special token the tokenizer added) carries it after a
+    completion began (an EOS), not before (a BOS)."""
+    keep, begun = [], False
+    for start, end in token_spans:
+        if start == end:
+            keep.append(begun if mode == "completion" else False)
+            continue
+        hit = any(start < stop and end > first for first, stop in spans)
+        begun = begun or hit
+        keep.append(hit)
+    return keep
 
 
 def fingerprint(data: Tokenized) -> str:
@@ -432,27 +822,32 @@ def fingerprint(data: Tokenized) -> str:
     return digest.hexdigest()
 
 
-def _encode(tokenizer: Any, texts: list[str], max_length: int,
-            add_special_tokens: bool) -> list[tuple[list[int], list[int], bool]]:
-    """(input_ids, attention_mask, truncated) per text, without ever encoding a text in full.
+def _encode(tokenizer: Any, texts: list[str], max_length: int, add_special_tokens: bool,
+            offsets: bool = False) -> list[tuple[list[int], list[int], bool, list | None]]:
+    """(input_ids, attention_mask, truncated, character offsets or None) per text, without ever
+    encoding a text in full.
 
     Encoding to max_length + 1 returns every short text exactly; a result of max_length + 1
     tokens means the text did not fit, and only those are encoded again to max_length.
     """
-    def run(batch: list[str], limit: int) -> tuple[list[list[int]], list[list[int]]]:
+    def run(batch: list[str], limit: int) -> tuple[list[list[int]], list[list[int]], list | None]:
         out = tokenizer(batch, add_special_tokens=add_special_tokens, truncation=True,
                         max_length=limit, padding=False, return_attention_mask=True,
-                        return_token_type_ids=False)
-        return out["input_ids"], out["attention_mask"]
+                        return_token_type_ids=False, return_offsets_mapping=offsets)
+        spans = [[tuple(span) for span in seq] for seq in out["offset_mapping"]] if offsets else None
+        return out["input_ids"], out["attention_mask"], spans
 
-    input_ids, masks = run(texts, max_length + 1)
+    input_ids, masks, spans = run(texts, max_length + 1)
     long = [i for i, seq in enumerate(input_ids) if len(seq) > max_length]
     if long:
-        cut_ids, cut_masks = run([texts[i] for i in long], max_length)
-        for i, seq, mask in zip(long, cut_ids, cut_masks):
+        cut_ids, cut_masks, cut_spans = run([texts[i] for i in long], max_length)
+        for j, (i, seq, mask) in enumerate(zip(long, cut_ids, cut_masks)):
             input_ids[i], masks[i] = seq, mask
+            if offsets:
+                spans[i] = cut_spans[j]
     cut = set(long)
-    return [(ids, mask, i in cut) for i, (ids, mask) in enumerate(zip(input_ids, masks))]
+    return [(ids, mask, i in cut, spans[i] if offsets else None)
+            for i, (ids, mask) in enumerate(zip(input_ids, masks))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""Datasets as users hold them: a folder, a glob or a list of Parquet/JSONL/CSV files (local and on S3),
+and a Hugging Face `save_to_disk` folder, each read as the one file they were cut from."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distinf
+import job_fixtures
+from distinf.assets import mixed_source_corpus
+from distinf.config import DatasetConfig
+from distinf.data import DataError, dataset_files, fingerprint, read_dataset, tokenize
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    train, _ = mixed_source_corpus(4, 1, seed=0)
+    return train.select(["id", "text"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return job_fixtures.tiny_model_dir(tmp_path_factory.mktemp("model"), "gpt2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def write(table: pa.Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    elif path.suffix == ".csv":
+        pacsv.write_csv(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()), encoding="utf-8")
+    return path
+
+
+def parts(table: pa.Table, bounds=(0, 7, 15)) -> list[pa.Table]:
+    edges = [*bounds, table.num_rows]
+    return [table.slice(a, b - a) for a, b in zip(edges, edges[1:])]
+
+
+def read(path, **kw):
+    return read_dataset(DatasetConfig(path=path, **kw), "train")
+
+
+def layouts(root: Path, table: pa.Table) -> dict[str, object]:
+    """The same rows as one file, and as a folder, a glob and a list of files of mixed formats."""
+    one = write(table, root / "one.parquet")
+    folder = root / "folder"
+    for i, part in enumerate(parts(table)):
+        write(part, folder / f"part-{i:05d}.parquet")
+    write(table.slice(0, 0), folder / "part-99999.parquet")  # an empty part, as Spark writes them
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-00000.parquet.crc").write_bytes(b"\0")
+    (folder / "README.md").write_text("not data")
+    for i, part in enumerate(parts(table)):
+        write(part, root / "glob" / f"shard-{i}.jsonl")
+    mixed = [write(part, root / "mixed" / f"p{i}{suffix}")
+             for i, (part, suffix) in enumerate(zip(parts(table), (".csv", ".jsonl", ".parquet")))]
+    return {"one": str(one), "folder": str(folder), "glob": str(root / "glob" / "shard-*.jsonl"),
+            "list": [str(p) for p in mixed]}
+
+
+def test_a_folder_a_glob_and_a_list_give_the_one_files_tokens_and_fingerprint(tmp_path, corpus, tokenizer):
+    paths = layouts(tmp_path, corpus)
+    assert [s.name for s in dataset_files(paths["folder"], "data.train")] == \
+        [str(tmp_path / "folder" / f"part-{i:05d}.parquet") for i in (0, 1, 2, 99999)]
+    one, _ = read(paths["one"], id_column="id")
+    expected = fingerprint(tokenize(one, tokenizer, 48, "causal_lm"))
+    for layout in ("folder", "glob", "list"):
+        table, rejected = read(paths[layout], id_column="id")
+        assert rejected == []
+        assert table.select(["example_id", "text"]).equals(one.select(["example_id", "text"])), layout
+        assert table.column("row").to_pylist() == [*range(7), *range(8), *range(9)]
+        assert set(table.column("file").to_pylist()) <= {s.name for s in dataset_files(paths[layout], "data.train")}
+        data = tokenize(table, tokenizer, 48, "causal_lm")
+        assert fingerprint(data) == expected, layout
+        assert data.files[7].endswith(("1.parquet", "1.jsonl"))
+
+
+def test_without_an_id_column_the_ids_count_rows_across_the_files(tmp_path, corpus):
+    paths = layouts(tmp_path, corpus)
+    table, _ = read(paths["glob"])
+    assert table.column("example_id").to_pylist() == [str(i) for i in range(corpus.num_rows)]
+
+
+def test_the_same_attribution_as_one_file(tmp_path, corpus, model_dir, tokenizer):
+    paths = layouts(tmp_path, corpus)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    results = {}
+    for layout in ("one", "folder", "list"):
+        table, _ = read(paths[layout], id_column="id")
+        data = tokenize(table, tokenizer, 48, "causal_lm")
+        results[layout] = distinf.attribute(model, data.examples, data.examples[:3], train_ids=data.ids,
+                                            config={"compression": {"k": 256}}, batch_size=4)
+    for layout in ("folder", "list"):
+        np.testing.assert_array_equal(results[layout].scores, results["one"].scores)
+        assert results[layout].top_k.equals(results["one"].top_k)
+
+
+def test_a_repeated_id_across_files_names_both_files(tmp_path, corpus):
+    first, second = write(corpus.slice(0, 5), tmp_path / "a.jsonl"), write(corpus.slice(4, 5), tmp_path / "b.jsonl")
+    repeated = corpus.column("id")[4].as_py()
+    with pytest.raises(DataError) as info:
+        read([str(first), str(second)], id_column="id")
+    assert str(info.value) == (f"data.train: duplicate id '{repeated}' in '{first}' row 4 and '{second}' row 0; "
+                               "ids must be unique across the files")
+    table, rejected = read_dataset(DatasetConfig(path=[str(first), str(second)], id_column="id"), "train", "skip")
+    assert table.num_rows == 9
+    assert [(r.row, r.example_id, r.file) for r in rejected] == [(0, repeated, str(second))]
+    assert rejected[0].reason == f"in '{second}': duplicate id '{repeated}' (first in '{first}' row 4)"
+
+
+def test_a_bad_row_names_its_file_and_its_row_in_that_file(tmp_path, corpus):
+    rows = corpus.slice(0, 3).to_pylist()
+    rows[1]["text"] = "  "
+    first, second = write(corpus.slice(3, 4), tmp_path / "a.jsonl"), write(pa.Table.from_pylist(rows), tmp_path / "b.jsonl")
+    with pytest.raises(DataError) as info:
+        read(str(tmp_path / "*.jsonl"), id_column="id")
+    assert str(info.value) == f"data.train: '{second}' row 1 (id '{rows[1]['id']}'): text is empty"
+    _, rejected = read_dataset(DatasetConfig(path=str(tmp_path), id_column="id"), "train", "skip")
+    assert [(r.row, r.file, r.reason) for r in rejected] == [(1, str(second), f"in '{second}': text is empty")]
+
+
+def test_a_completion_cut_away_in_the_second_file_names_that_file(tmp_path, tokenizer):
+    rows = [{"id": f"r{i}", "prompt": "word " * (3 if i != 4 else 40), "completion": "end"} for i in range(6)]
+    table = pa.Table.from_pylist(rows)
+    first, second = write(table.slice(0, 3), tmp_path / "a.parquet"), write(table.slice(3), tmp_path / "b.parquet")
+    data, _ = read([str(first), str(second)], id_column="id", prompt_column="prompt", completion_column="completion")
+    with pytest.raises(DataError, match=rf"data.train: '{second}' row 1 \(id 'r4'\): no token of the completion"):
+        tokenize(data, tokenizer, 16, "causal_lm")
+    skipped = tokenize(data, tokenizer, 16, "causal_lm", on_bad_row="skip")
+    assert [(r.row, r.file) for r in skipped.rejected] == [(1, str(second))]
+
+
+def test_names_that_match_nothing_or_twice_are_refused(tmp_path, corpus):
+    write(corpus, tmp_path / "t.jsonl")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    cases = {str(tmp_path / "*.parquet"): f"data.train.path: no file matches '{tmp_path / '*.parquet'}'",
+             str(tmp_path / "empty"): f"data.train.path: no .parquet, .jsonl or .csv files in the folder",
+             str(tmp_path / "none"): f"data.train.path: no such file '{tmp_path / 'none'}'"}
+    for path, message in cases.items():
+        with pytest.raises(DataError, match=message.replace("*", r"\*").replace(".", r"\.")):
+            read(path)
+    with pytest.raises(DataError, match="is named twice"):
+        read([str(tmp_path / "t.jsonl"), str(tmp_path / "*.jsonl")])
+
+
+def test_every_part_empty_is_a_dataset_without_rows(tmp_path, corpus):
+    write(corpus.slice(0, 0), tmp_path / "d" / "a.parquet")
+    write(corpus.slice(0, 0), tmp_path / "d" / "b.parquet")
+    with pytest.raises(DataError, match=r"data.train \(2 files\) has no rows"):
+        read(str(tmp_path / "d"), id_column="id")
+
+
+# --- a Hugging Face dataset saved with save_to_disk --------------------------------------------
+
+
+def save_to_disk(table: pa.Table, folder: Path, shards: int = 2) -> Path:
+    """The layout `datasets.Dataset.save_to_disk` writes: Arrow IPC *stream* shards named
+    data-0000i-of-0000n.arrow, dataset_info.json and state.json listing the shards in order."""
+    folder.mkdir(parents=True)
+    names, edges = [], np.linspace(0, table.num_rows, shards + 1).astype(int)
+    for i, (a, b) in enumerate(zip(edges, edges[1:])):
+        name = f"data-{i:05d}-of-{shards:05d}.arrow"
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(a, b - a), max_chunksize=1000)
+        names.append(name)
+    features = {name: {"dtype": "string", "_type": "Value"} for name in table.column_names}
+    (folder / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": features,
+                                                          "homepage": "", "license": ""}))
+    (folder / "state.json").write_text(json.dumps({
+        "_data_files": [{"filename": name} for name in names], "_fingerprint": "0123456789abcdef",
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+        "_split": "train"}))
+    return folder
+
+
+def test_a_save_to_disk_folder_reads_as_the_one_file(tmp_path, corpus, tokenizer):
+    folder = save_to_disk(corpus, tmp_path / "saved" / "train", shards=3)
+    (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    one, _ = read(str(write(corpus, tmp_path / "one.parquet")), id_column="id")
+    table, _ = read(str(folder), id_column="id")
+    assert table.select(["example_id", "text"]).equals(one.select(["example_id", "text"]))
+    assert fingerprint(tokenize(table, tokenizer, 48, "causal_lm")) == fingerprint(tokenize(one, tokenizer, 48, "causal_lm"))
+    with pytest.raises(DataError, match=r"holds a DatasetDict saved with save_to_disk; name one split's folder, "
+                                        r"e.g. '.*saved/train'"):
+        read(str(tmp_path / "saved"), id_column="id")
+
+
+def test_a_save_to_disk_folder_written_by_datasets_if_installed(tmp_path, corpus):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset(corpus).save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    table, _ = read(str(tmp_path / "hf"), id_column="id")
+    assert table.column("example_id").to_pylist() == corpus.column("id").to_pylist()
+
+
+# --- on S3 (moto) ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with one bucket; AWS_* point distinf at it."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                                "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
+                patch.setenv(name, value)
+            filesystem = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing",
+                                           secret_key="testing", allow_bucket_creation=True)
+            filesystem.create_dir("inputs")
+            yield filesystem
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_a_folder_a_glob_and_a_saved_dataset_on_s3_read_as_the_local_file(tmp_path, corpus, s3):
+    local = layouts(tmp_path, corpus)
+    save_to_disk(corpus, tmp_path / "saved")
+    for folder in ("folder", "glob", "saved"):
+        for path in sorted((tmp_path / folder).iterdir()):
+            _upload(s3, path, f"inputs/{folder}/{path.name}")
+    one, _ = read(local["one"], id_column="id")
+    for path in ("s3://inputs/folder/", "s3://inputs/glob/shard-*.jsonl", "s3://inputs/saved"):
+        table, _ = read(path, id_column="id")
+        assert table.select(["example_id", "text"]).equals(one.select(["example_id", "text"])), path
+    files = {s.name for s in dataset_files("s3://inputs/folder", "data.train")}
+    assert files == {f"s3://inputs/folder/part-{i:05d}.parquet" for i in (0, 1, 2, 99999)}
+    rows = corpus.slice(0, 1).to_pylist()
+    _upload_bytes(s3, "".join(json.dumps(r) + "\n" for r in rows).encode(), "inputs/glob/shard-9.jsonl")
+    with pytest.raises(DataError, match=r"duplicate id '.*' in 's3://inputs/glob/shard-0.jsonl' row 0 and "
+                                        r"'s3://inputs/glob/shard-9.jsonl' row 0"):
+        read("s3://inputs/glob/shard-*.jsonl", id_column="id")
+
+
+def _upload(s3, path: Path, key: str) -> None:
+    _upload_bytes(s3, path.read_bytes(), key)
+
+
+def _upload_bytes(s3, data: bytes, key: str) -> None:
+    with s3.open_output_stream(key) as out:
+        out.write(data)
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, message", [
+    ([], "data.train.path: the list of files is empty"),
+    (["a.jsonl", " "], "data.train.path: a path is empty"),
+    (["a.jsonl", "s3://AKIAXYZ:s3cr3tvalue@bucket/b.jsonl"], "data.train.path: the URI has credentials in it"),
+])
+def test_a_bad_list_of_files_is_refused_naming_the_key(path, message):
+    from distinf.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"path": "m"}, "data": {"train": {"path": path}, "queries": {"path": "q.jsonl"}}})
+    assert message in str(info.value) and "s3cr3tvalue" not in str(info.value)
+
+
+def test_a_list_of_files_in_a_job_file_validates(tmp_path):
+    from distinf.config import load_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {path: m}\ndata:\n  train: {path: [a.parquet, 'b/*.jsonl', s3://bucket/c/]}\n"
+                   "  queries: {path: q.jsonl, messages_column: messages}\n")
+    cfg = load_job(job)
+    assert cfg.data.train.path == ["a.parquet", "b/*.jsonl", "s3://bucket/c/"]
+    assert cfg.data.queries.masked and not cfg.data.train.masked
