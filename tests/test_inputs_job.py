@@ -49,7 +49,7 @@ def test_a_multi_file_instruction_job_equals_the_one_file_core(tmp_path):
 
     model_dir = job_fixtures.tiny_model_dir(tmp_path, "gpt2")
     columns = {"id_column": "id", "prompt_column": "prompt", "completion_column": "completion"}
-    job = job_fixtures.job_file(tmp_path, model_dir, tmp_path / "train", tmp_path / "q", hessian=job_fixtures.GPT2_EXACT_HESSIAN,
+    job = job_fixtures.job_file(tmp_path, model_dir, tmp_path / "train", tmp_path / "q",
                                 data={"train": {"path": str(tmp_path / "train"), **columns},
                                       "queries": {"path": query_files, **columns}, "max_length": 48})
     cfg = load_job(job)

@@ -45,10 +45,18 @@ def test_job_submitted_through_the_ray_jobs_api_completes(job_dir, tmp_path):
 
         client = JobSubmissionClient("http://127.0.0.1:8291")
         output = job_dir / "runs" / "submitted"
-        job_id = client.submit_job(
-            entrypoint=f"distinf run job.yaml --set runtime.address=auto --output {output}",
-            runtime_env={"working_dir": str(job_dir)},
-        )
+        started = time.time()
+        while True:  # the head's job agent may come up a little after `ray start` returns
+            try:
+                job_id = client.submit_job(
+                    entrypoint=f"distinf run job.yaml --set runtime.address=auto --output {output}",
+                    runtime_env={"working_dir": str(job_dir)},
+                )
+                break
+            except RuntimeError as error:
+                if "No available agent" not in str(error) or time.time() - started > 120:
+                    raise
+                time.sleep(2)
         deadline = time.time() + 420
         while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.time() < deadline, client.get_job_logs(job_id)[-3000:]
