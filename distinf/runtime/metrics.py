@@ -1,9 +1,9 @@
 """The job's Ray metrics (`ray.util.metrics`), for the Ray dashboard and Prometheus.
 
-    distinf_examples_done_total{job, split}      examples whose gradients are computed
-    distinf_chunks_committed_total{job, split}   gradient chunks committed to the ledger
-    distinf_restarts_total{job, stage}           restarts of a failed or stalled stage
-    distinf_stage_seconds{job, stage}            wall seconds of each finished stage (gauge)
+    distinf_examples_done{job, split}      counter: examples whose gradients are computed
+    distinf_chunks_committed{job, split}   counter: gradient chunk parts committed to the ledger
+    distinf_restarts{job, stage}           counter: restarts of a failed or stalled stage
+    distinf_stage_seconds{job, stage}      gauge: wall seconds of each finished stage
 
 Recorded by the driver only (it sees every rank's progress), and created on first use, once
 Ray is connected. A metric that cannot be created or recorded (no metrics agent, an older Ray)
