@@ -31,6 +31,17 @@ def test_log_lines_are_key_value_or_json_at_the_level_asked(monkeypatch):
     assert configure().level == logging.INFO and len(configure().handlers) == 1
 
 
+def test_nothing_is_recorded_before_ray_is_connected(monkeypatch):
+    import ray
+
+    from distinf.runtime import metrics
+
+    assert not ray.is_initialized()
+    made = job_fixtures.recording_metrics(monkeypatch)
+    metrics.stage_seconds("test", "plan", 0.5)  # the driver sets it again once connected
+    assert made == {} and metrics._made == {}
+
+
 def test_a_run_shows_in_structured_logs_and_metrics_and_stdout_ends_with_the_summary(tmp_path, monkeypatch,
                                                                                   capfd):
     made = job_fixtures.recording_metrics(monkeypatch)

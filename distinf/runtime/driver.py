@@ -872,6 +872,8 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
     out = versions.version_dir(run_dir, state["run_id"])  # outputs are staged here, published at the end
     started_ray = _connect(cfg)
     arm_sigterm()
+    for stage, seconds in timings.items():  # timed before Ray was connected, so not recorded yet
+        metrics.stage_seconds(cfg.name, stage, seconds)
     try:
         gradients = _gradient_pass(cfg, run_dir, work, plan.pad_token_id, state)
         lap("gradients")

@@ -5,8 +5,9 @@
     distinf_restarts{job, stage}           counter: restarts of a failed or stalled stage
     distinf_stage_seconds{job, stage}      gauge: wall seconds of each finished stage
 
-Recorded by the driver only (it sees every rank's progress), and created on first use, once
-Ray is connected. A metric that cannot be created or recorded (no metrics agent, an older Ray)
+Recorded by the driver only (it sees every rank's progress), and created on first use once Ray
+is connected; before that nothing is recorded (the driver sets the stages timed so far again once
+it has connected). A metric that cannot be created or recorded (no metrics agent, an older Ray)
 is skipped: metrics never fail a job.
 """
 
@@ -45,6 +46,10 @@ def _metric(key: str) -> Any:
 
 
 def _record(key: str, method: str, value: float, tags: dict[str, str]) -> None:
+    import ray
+
+    if not ray.is_initialized():  # a metric made before ray.init may never reach the metrics agent
+        return
     metric = _metric(key)
     if metric is None:
         return
