@@ -113,8 +113,8 @@ def main() -> None:
                 rows.append(f"| {dtype} | {name} | {size:,} | {size / raw:.3f} | {write_s * 1e3:.1f} | "
                             f"{read_s * 1e3:.1f} | {duck} | {panda} |")
     minutes = (time.perf_counter() - started) / 60
-    import duckdb as _d
-    versions = f"pyarrow {pa.__version__}, DuckDB {_d.__version__}" + (f", pandas {pandas.__version__}" if pandas else "")
+    versions = f"pyarrow {pa.__version__}, DuckDB {duckdb.__version__}" + (
+        f", pandas {pandas.__version__}" if pandas else "")
     section = f"""## Parquet encoding of gradient chunks: zstd and BYTE_STREAM_SPLIT (issue 18 §4)
 
 **Command.** `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/parquet_encoding.py --out benchmarks/RESULTS.md`

@@ -39,9 +39,9 @@ from distinf.core.curvature import block_slices
 from distinf.core.index_set import IndexSet
 from distinf.core.numerics import NumericalError
 from distinf.core.scoring import TopK
-from distinf.log import configure as configure_logging
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
 from distinf.ledger import Planned, pending_chunks, verified_records
+from distinf.log import configure as configure_logging
 from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
 from distinf.runtime.reducer import Reducer, zero_block_entries
@@ -64,8 +64,8 @@ __all__ = ["JobError", "Plan", "capacity_shortfall", "cluster_resources", "plan_
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
               **HOST_ALLOCATOR_ENV}
 SPLITS = ("train", "queries")
-# What a resumed run carries over from the stored manifest; the rest is recomputed.
 log = logging.getLogger("distinf.driver")
+# What a resumed run carries over from the stored manifest; the rest is recomputed.
 _CARRIED = ("name", "model_fingerprint", "data_fingerprint", "index_set_hash", "index_set_sha256", "params",
             "workers", "restarts", "resumed")
 
