@@ -31,9 +31,47 @@ def _check_compression(cfg: JobConfig) -> str | None:
     return None
 
 
+def _check_space(cfg: JobConfig, n_train: int, n_queries: int) -> str:
+    """The output folder's disk against what the run writes (rundir.estimated_bytes); object
+    storage has no such limit. A folder not made yet is measured on its nearest existing parent."""
+    from distinf.runtime.rundir import JobError, check_free_space, estimated_bytes
+    from distinf.store import is_remote
+
+    run_dir = run_path(cfg.output.path)
+    need = estimated_bytes(cfg.compression.k, n_train, n_queries, cfg.output.gradient_dtype, cfg.scoring.dense,
+                           cfg.hessian.blocks == "full")
+    if is_remote(run_dir):
+        return f"  output.path: object storage, about {need / 2**20:,.1f} MiB to write (no free-space check)"
+    folder = Path(run_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        check_free_space(folder, need)
+    except JobError as error:
+        raise ConfigError(str(error)) from None
+    return f"  output.path: about {need / 2**20:,.1f} MiB to write, room for it"
+
+
+def _check_capacity(cfg: JobConfig) -> str | None:
+    """With runtime.address: the cluster's total CPUs/GPUs against runtime.num_workers bundles.
+    A shortfall is a warning, not an error: an autoscaler may add the nodes once the job asks."""
+    if not cfg.runtime.address:
+        return None
+    from distinf.runtime.driver import capacity_shortfall, cluster_resources
+
+    resources = cluster_resources(cfg.runtime.address)
+    short = capacity_shortfall(resources, cfg.runtime.num_workers, cfg.runtime.device)
+    if short is None:
+        have = ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+        return f"  runtime.address: the cluster has {have} for {cfg.runtime.num_workers} worker(s)"
+    return (f"  warning: {short} now; unless an autoscaler adds nodes the run fails after "
+            f"runtime.placement_timeout = {cfg.runtime.placement_timeout:g} s")
+
+
 def _validate(cfg: JobConfig) -> str:
     """Check everything a run would read before it starts: model folder, tokenizer, both data sets,
-    and the compression setting against the model's shapes (no weights read)."""
+    and the compression setting against the model's shapes (no weights read); then the output
+    folder's free space and, with runtime.address, the cluster's capacity."""
     from distinf.runtime.driver import plan_job
 
     plan = plan_job(cfg)
@@ -43,6 +81,10 @@ def _validate(cfg: JobConfig) -> str:
              f"{len(plan.queries.ids)} queries ({plan.queries.truncated} truncated)"]
     if unchecked:
         lines.append(unchecked)
+    lines.append(_check_space(cfg, len(plan.train.ids), len(plan.queries.ids)))
+    capacity = _check_capacity(cfg)
+    if capacity:
+        lines.append(capacity)
     for role, data in (("train", plan.train), ("queries", plan.queries)):
         if data.rejected:
             first = data.rejected[0]
@@ -95,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--noisy-column", help="a boolean column of the training file marking known-noisy "
                         "rows (e.g. flipped labels): adds their ROC curve")
     args = parser.parse_args(argv)
+    from distinf.log import configure
+
+    configure()  # structured log lines on stderr; stdout is the command's result
     try:
         _refuse_credentials(args)
     except ConfigError as error:

@@ -250,6 +250,9 @@ class RuntimeConfig(_Section):
     lease_seconds: float = Field(default=120, ge=10)
     """How long the run directory's lease outlives its holder's last heartbeat (renewed every
     quarter of it): a run killed without a chance to release it blocks the folder this long."""
+    placement_timeout: float = Field(default=600, gt=0)
+    """Seconds to wait for the placement group of runtime.num_workers bundles before the job
+    fails: an autoscaling cluster may need longer to bring its GPU nodes up."""
 
 
 class OutputConfig(_Section):

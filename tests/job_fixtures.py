@@ -70,3 +70,36 @@ def job_file(root: Path, model_dir: Path, train: Path, queries: Path, **sections
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+class FakeMetric:
+    """Stands in for a ray.util.metrics object: the values recorded, by their tags' values."""
+
+    def __init__(self, kind: str, name: str, description: str, tag_keys: tuple[str, ...]):
+        self.kind, self.name, self.tag_keys, self.values = kind, name, tag_keys, {}
+
+    def _key(self, tags: dict) -> tuple:
+        assert set(tags) == set(self.tag_keys)
+        return tuple(tags[k] for k in self.tag_keys)
+
+    def inc(self, value: float, tags: dict) -> None:
+        self.values[self._key(tags)] = self.values.get(self._key(tags), 0) + value
+
+    def set(self, value: float, tags: dict) -> None:
+        self.values[self._key(tags)] = value
+
+
+def recording_metrics(monkeypatch) -> dict[str, FakeMetric]:
+    """Make the driver's Ray metrics FakeMetrics for this test; returns them by metric name."""
+    from distinf.runtime import metrics
+
+    made: dict[str, FakeMetric] = {}
+
+    def factory(kind, name, description, tag_keys):
+        made[name] = FakeMetric(kind, name, description, tag_keys)
+        return made[name]
+
+    metrics.reset()
+    monkeypatch.setattr(metrics, "factory", factory)
+    monkeypatch.setattr(metrics, "_made", {})  # restored, so later tests get real metrics again
+    return made

@@ -102,10 +102,17 @@ def assert_same_outputs(run_dir: Path, reference: tuple[Path, object]) -> None:
 
 
 def test_a_sigkilled_gradient_worker_is_replaced_and_the_pass_resumes_from_committed_chunks(
-        undisturbed, inputs, tmp_path, monkeypatch):
+        undisturbed, inputs, tmp_path, monkeypatch, capsys):
     # Rank 1 dies after its 3rd batch: chunk 0 (2 batches) is committed on both ranks, chunk 1 is not.
     monkeypatch.setenv("DISTINF_TEST_KILL", "rank1:batch3")
+    made = job_fixtures.recording_metrics(monkeypatch)
     manifest = run_job(load_job(write_job(tmp_path, inputs)))
+
+    # The operator's view: one structured warning, and the restart counted in the Ray metrics.
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "event=restart" in line]
+    assert "level=warning logger=distinf.driver" in warning and "stage=gradients" in warning
+    assert "worker rank 1 (pid " in warning and "attempt=1" in warning
+    assert made["distinf_restarts"].values == {("test", "gradients"): 1}
 
     [restart] = manifest["restarts"]
     assert restart["stage"] == "gradients" and restart["worker"].startswith("worker rank 1 (pid ")

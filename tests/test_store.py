@@ -129,3 +129,29 @@ def test_a_stream_that_does_not_match_its_header_is_refused_and_nothing_is_commi
     with pytest.raises(ValueError, match="safetensors"):
         atomic_write_array_stream(layout, iter(arrays), tmp_path / "blocks.safetensors")
     assert list_files(tmp_path) == {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gradient_chunks_are_zstd_with_byte_stream_split_floats_and_read_back_in_pyarrow_and_duckdb(tmp_path, dtype):
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from distinf.tables import gradient_table, gradients_of
+
+    grads = np.random.default_rng(0).standard_normal((16, 300)).astype(np.float32) * 1e-3
+    table = gradient_table([f"ex-{i}" for i in range(16)], np.arange(16, dtype=np.float32), grads, dtype)
+    path = tmp_path / "part-00000-00000.parquet"
+    record = commit_table(table, path)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert {c.compression for c in columns.values()} == {"ZSTD"}
+    assert "RLE_DICTIONARY" in columns["example_id"].encodings  # strings keep their dictionary
+    assert "BYTE_STREAM_SPLIT" in columns["loss"].encodings
+    # float16 stays PLAIN: DuckDB refuses BYTE_STREAM_SPLIT on half floats.
+    assert ("BYTE_STREAM_SPLIT" in columns["grad.list.element"].encodings) == (dtype == "float32")
+    assert not any("DICTIONARY" in e for e in columns["grad.list.element"].encodings)
+    stored = gradients_of(read_verified_table(path, record["sha256"]))
+    np.testing.assert_array_equal(stored, grads.astype(dtype).astype(np.float32))
+    rows = duckdb.sql(f"SELECT example_id, loss, grad FROM '{path}' ORDER BY loss").fetchall()
+    assert [r[0] for r in rows] == [f"ex-{i}" for i in range(16)]
+    np.testing.assert_array_equal(np.array([r[2] for r in rows], np.float32), stored)

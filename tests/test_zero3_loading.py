@@ -80,7 +80,7 @@ def test_streamed_partitions_of_a_bare_backbone_checkpoint_in_bfloat16(tmp_path)
 def test_a_checkpoint_without_the_head_falls_back_to_transformers(tmp_path, capfd):
     tiny_models.llama(tied=False).save_pretrained(tmp_path)  # no classification head in it
     _run_two_ranks(tmp_path, task="sequence_classification", skip=("score.",))
-    assert "cannot be streamed per partition: no checkpoint tensor for 1 parameter(s): score.weight" in capfd.readouterr().out
+    assert "cannot be streamed per partition: no checkpoint tensor for 1 parameter(s): score.weight" in capfd.readouterr().err
 
 
 def test_map_weights_names_the_parameters_it_cannot_find(tmp_path):

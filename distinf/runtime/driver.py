@@ -15,8 +15,10 @@ the same job.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,6 +41,7 @@ from distinf.core.numerics import NumericalError
 from distinf.core.scoring import TopK
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
 from distinf.ledger import Planned, pending_chunks, verified_records
+from distinf.log import configure as configure_logging
 from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
 from distinf.runtime.reducer import Reducer, zero_block_entries
@@ -48,7 +51,7 @@ from distinf.runtime.lease import LeaseLost, acquire, write_manifest
 from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_free_space, check_same_job,
                                     damaged_files, estimated_bytes, interruption, is_unused, open_run_dir,
                                     remove_leftovers, terminated_as_error, unwritable, write_error)
-from distinf.runtime import versions
+from distinf.runtime import metrics, versions
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.versions import stamp
 from distinf.runtime.worker import GradientWorker
@@ -56,11 +59,12 @@ from distinf.store import (MANIFEST, IntegrityError, atomic_write_json, atomic_w
                            read_verified_bytes, read_verified_table, run_path)
 from distinf.tables import rejected_table, top_k_table, train_values_table
 
-__all__ = ["JobError", "Plan", "plan_job", "run_job", "summary"]
+__all__ = ["JobError", "Plan", "capacity_shortfall", "cluster_resources", "plan_job", "run_job", "summary"]
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
               **HOST_ALLOCATOR_ENV}
 SPLITS = ("train", "queries")
+log = logging.getLogger("distinf.driver")
 # What a resumed run carries over from the stored manifest; the rest is recomputed.
 _CARRIED = ("name", "model_fingerprint", "data_fingerprint", "index_set_hash", "index_set_sha256", "params",
             "workers", "restarts", "resumed")
@@ -115,14 +119,20 @@ def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
 
 @ray.remote(num_cpus=0)
 class Progress:
+    """Every rank's examples done and chunks committed, for the driver's bar, logs and metrics."""
+
     def __init__(self) -> None:
         self.done = 0
+        self.chunks = 0
 
     def add(self, n: int) -> None:
         self.done += n
 
-    def value(self) -> int:
-        return self.done
+    def chunk(self) -> None:
+        self.chunks += 1
+
+    def value(self) -> tuple[int, int]:
+        return self.done, self.chunks
 
 
 def worker_env(device: str = "cpu") -> dict:
@@ -141,14 +151,15 @@ def _connect(cfg: JobConfig) -> bool:
     """Join runtime.address, or start a local Ray; True if this job started it (and stops it).
 
     A local Ray on a loaded node can miss its own start-up window; one retry, then a JobError
-    (recorded in the manifest) instead of a raw traceback.
+    (recorded in the manifest) instead of a raw traceback. log_to_driver: the actors' log lines
+    reach the driver's stderr, and so `ray job logs`.
     """
     if ray.is_initialized():
         return False
     if cfg.runtime.address:
-        start, where = (lambda: ray.init(address=cfg.runtime.address, log_to_driver=False)), cfg.runtime.address
+        start, where = (lambda: ray.init(address=cfg.runtime.address, log_to_driver=True)), cfg.runtime.address
     else:
-        start, where = (lambda: ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False,
+        start, where = (lambda: ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
                                          runtime_env={"env_vars": worker_env(cfg.runtime.device)})), "a local Ray"
     for _ in range(2):
         try:
@@ -269,17 +280,46 @@ def worker_bundle(device: str) -> dict[str, int]:
     return {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
 
 
+def capacity_shortfall(resources: dict[str, float], num_workers: int, device: str) -> str | None:
+    """What a cluster with `resources` (ray.cluster_resources(): totals) lacks for the job's worker
+    bundles, in words; None when it has enough."""
+    bundle = worker_bundle(device)
+    short = [f"{need * num_workers:g} {name} (the cluster has {resources.get(name, 0):g})"
+             for name, need in bundle.items() if resources.get(name, 0) < need * num_workers]
+    if not short:
+        return None
+    return f"runtime.num_workers: {num_workers} workers of {bundle} need " + ", ".join(short)
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """The total resources of the Ray cluster at `address`: connect, read, disconnect (a Ray this
+    process has joined already is read and left as it is)."""
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as error:  # ray.init raises bare Exceptions for an address it cannot reach
+        ray.shutdown()
+        raise ConfigError(f"runtime.address: cannot connect to the Ray cluster at {address!r}: "
+                          f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    try:
+        return dict(ray.cluster_resources())
+    finally:
+        ray.shutdown()
+
+
 def _start_workers(cfg: JobConfig, run_dir: Path, group: WorkerGroup) -> None:
     world = cfg.runtime.num_workers
     bundle = worker_bundle(cfg.runtime.device)
     # The keys the job set, so that the worker's validation sees the same job as the driver's.
     job = cfg.model_dump(exclude_unset=True)
     group.placement = placement_group([bundle] * world, strategy="PACK")
+    timeout = cfg.runtime.placement_timeout
     try:
-        ray.get(group.placement.ready(), timeout=600)
+        ray.get(group.placement.ready(), timeout=timeout)
     except GetTimeoutError:
-        raise JobError(f"runtime.num_workers: could not place {world} workers ({bundle} each) within 600 s; "
-                       "does the cluster have that many free slots?") from None
+        raise JobError(f"runtime.num_workers: could not place {world} workers ({bundle} each) within {timeout:g} s "
+                       "(runtime.placement_timeout); does the cluster have that many free slots?") from None
     group.workers = [
         GradientWorker.options(
             num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
@@ -371,13 +411,15 @@ def _gradient_pass(cfg: JobConfig, run_dir: Path, work: dict[str, SplitWork], pa
             who = _worker_name(failure.rank, group.infos)
             state["restarts"].append({"stage": "gradients", "attempt": attempt, "worker": who,
                                       "error": _headline(failure.error)})
+            metrics.restarted(cfg.name, "gradients")
             write_manifest(run_dir, state)
             if attempt == max_restarts:
                 raise JobError(f"gradient pass: {who} failed on attempt {attempt + 1} ({_headline(failure.error)}); "
                                f"gave up after runtime.max_restarts = {max_restarts} restart(s). Committed "
                                "chunks are kept: run again with --resume to continue") from None
-            print(f"distinf: {who} failed ({_headline(failure.error)}); restarting the worker group "
-                  f"({attempt + 1} of {max_restarts} restarts)", flush=True)
+            log.warning(f"{who} failed ({_headline(failure.error)}); restarting the worker group "
+                        f"({attempt + 1} of {max_restarts} restarts)",
+                        extra={"event": "restart", "stage": "gradients", "attempt": attempt + 1})
         finally:
             group.stop()
         remove_leftovers(run_dir)
@@ -459,19 +501,39 @@ def _compress(cfg: JobConfig, group: WorkerGroup, run_dir: Path, split: str, wor
         futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids), list(zip(todo, parts)),
                                               pad_token_id, progress, attempt, run_id))
     committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
-    with tqdm(total=len(data.ids), initial=committed, desc=f"gradients/{split}", unit="ex", mininterval=1.0) as bar:
+    fields = {"split": split, "attempt": attempt, "total": len(data.ids)}
+    log.info(f"gradients/{split}: {len(todo)} chunk(s) to compute, {committed} of {len(data.ids)} examples stored",
+             extra={"event": "stage_start", "stage": "gradients", "chunks": len(todo), **fields})
+    seen = [0, 0]  # examples, chunks: what the metrics and the log have been told
+    logged = time.monotonic()
+    # A bar only for a person at a terminal; a log (`ray job logs`, a pod's) gets a line a minute.
+    with tqdm(total=len(data.ids), initial=committed, desc=f"gradients/{split}", unit="ex", mininterval=1.0,
+              disable=not sys.stderr.isatty()) as bar:
         def poll() -> int:
-            done = committed + ray.get(progress.value.remote())
+            nonlocal logged
+            examples, chunks = ray.get(progress.value.remote())
+            metrics.examples_done(cfg.name, split, examples - seen[0])
+            metrics.chunks_committed(cfg.name, split, chunks - seen[1])
+            seen[:] = examples, chunks
+            done = committed + examples
             if done > bar.n:
                 bar.update(done - bar.n)
+            if time.monotonic() - logged >= 60:
+                logged = time.monotonic()
+                log.info(f"gradients/{split}: {done} of {len(data.ids)} examples",
+                         extra={"event": "progress", "done": done, **fields})
             return done
 
         try:
-            return [record for records in _await_group(futures, run_dir, poll, cfg.runtime.stall_timeout,
-                                                       f"gradients/{split}")
-                    for record in records]
+            records = [record for records in _await_group(futures, run_dir, poll, cfg.runtime.stall_timeout,
+                                                          f"gradients/{split}")
+                       for record in records]
+            poll()  # the last batches and commits, which may land after the last poll
         finally:
             ray.kill(progress)
+    log.info(f"gradients/{split}: {len(records)} chunk part(s) committed",
+             extra={"event": "stage_done", "stage": "gradients", "parts": len(records), **fields})
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +579,11 @@ def _reduce_and_score(cfg: JobConfig, run_dir: Path, out: Path, query_order: lis
                                 "(runtime.stall_timeout)")
             state["restarts"].append({"stage": "curvature and scoring", "attempt": attempt,
                                       "error": _headline(error)})
+            metrics.restarted(cfg.name, "curvature and scoring")
+            if attempt < max_restarts:
+                log.warning(f"curvature and scoring failed ({_headline(error)}); restarting "
+                            f"({attempt + 1} of {max_restarts} restarts)",
+                            extra={"event": "restart", "stage": "curvature and scoring", "attempt": attempt + 1})
             if attempt == max_restarts:
                 raise JobError(f"curvature and scoring failed on attempt {attempt + 1} ({_headline(error)}); gave "
                                f"up after runtime.max_restarts = {max_restarts} restart(s). The gradients are "
@@ -538,7 +605,8 @@ def _stored_gram_sums(run_dir: Path, base: dict, slices: list[slice]) -> tuple[s
         if file_sha256(path) != files["curvature/blocks.safetensors"]:
             raise IntegrityError(str(path))
     except (KeyError, OSError, ValueError):
-        print("distinf: the stored Gram sums are not the run's any more; summing every chunk again", flush=True)
+        log.info("the stored Gram sums are not the run's any more; summing every chunk again",
+                 extra={"event": "gram_sums_recomputed"})
         return None
     if layout.get("method") != "gauss_newton" or \
             [(b["start"], b["stop"]) for b in layout["blocks"]] != [(s.start, s.stop) for s in slices]:
@@ -673,6 +741,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
     lacks, in place (distinf.runtime.incremental); running it again finishes a failed append. An
     empty or missing run_dir gets a fresh run, so a schedule can always pass `append`.
     """
+    configure_logging()
     run_dir = run_path(run_dir or cfg.output.path)
     if is_file(run_dir):
         raise JobError(f"output.path: '{display(run_dir)}' is a file, not a folder")
@@ -691,7 +760,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
 def _run_job(cfg: JobConfig, run_dir: Path, resume: bool, append: bool, discard_pending: bool, run_id: str) -> dict:
     """run_job inside the run directory's lease."""
     if append and is_unused(run_dir):  # the first night of a schedule: there is nothing to append to yet
-        print(f"distinf: '{display(run_dir)}' holds no run yet; starting one there", flush=True)
+        log.info(f"'{display(run_dir)}' holds no run yet; starting one there", extra={"event": "first_run"})
         append = False
     if append:
         stored, base = open_for_append(run_dir)
@@ -708,6 +777,9 @@ def _run_job(cfg: JobConfig, run_dir: Path, resume: bool, append: bool, discard_
         now = time.perf_counter()
         timings[name] = round(now - clock, 3)
         clock = now
+        metrics.stage_seconds(cfg.name, name, timings[name])
+        log.info(f"stage {name} done in {timings[name]:.1f} s", extra={"event": "stage_done", "stage": name,
+                                                                        "seconds": timings[name]})
 
     config = json.loads(json.dumps(cfg.model_dump(), default=str))  # as the manifest stores it
     if base is None:
@@ -732,8 +804,8 @@ def _run_job(cfg: JobConfig, run_dir: Path, resume: bool, append: bool, discard_
         queries = fingerprint(plan.queries)
         check_appendable(base.manifest, config, model, queries, run_dir)
         if stored.get("status") == "complete" and not plan.train.ids and not plan.train.rejected:
-            print(f"distinf: every training row of data.train is in '{display(run_dir)}' already; nothing to append",
-                  flush=True)
+            log.info(f"every training row of data.train is in '{display(run_dir)}' already; nothing to append",
+                     extra={"event": "nothing_to_append"})
             return stored
         # Restarts so far: the stored run's, and those of this append's failed tries.
         state = append_state(cfg, config, base, model, queries, fingerprint(plan.train), stored.get("restarts", []))
@@ -800,6 +872,8 @@ def _run(cfg: JobConfig, run_dir: Path, plan: Plan, work: dict[str, SplitWork], 
     out = versions.version_dir(run_dir, state["run_id"])  # outputs are staged here, published at the end
     started_ray = _connect(cfg)
     arm_sigterm()
+    for stage, seconds in timings.items():  # timed before Ray was connected, so not recorded yet
+        metrics.stage_seconds(cfg.name, stage, seconds)
     try:
         gradients = _gradient_pass(cfg, run_dir, work, plan.pad_token_id, state)
         lap("gradients")

@@ -20,6 +20,7 @@ append of another file over a failed one is refused, naming the failed one's row
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -174,7 +175,9 @@ def refuse_or_discard(run_dir: Path, stale: list[Path], discard: bool) -> None:
     if discard:
         for path in stale:
             remove(path)
-        print(f"distinf: discarded {len(stale)} file(s) of an unfinished append (--discard-pending)", flush=True)
+        logging.getLogger("distinf.driver").warning(
+            f"discarded {len(stale)} file(s) of an unfinished append (--discard-pending)",
+            extra={"event": "discarded_pending", "files": len(stale)})
         return
     ids = []
     for path in (p for p in stale if p.suffix == ".parquet" and is_file(p)):

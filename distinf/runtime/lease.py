@@ -19,6 +19,7 @@ by write-then-read-back, which narrows but does not close the race, and the docs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -164,7 +165,8 @@ def _take(run_dir: Path, purpose: str, ttl: float, run_id: str | None, now: Call
     if not _take_over(lease.path, current, etag, lease.body()):
         raise LeaseHeld(f"'{display(run_dir)}': another process is taking over the expired lease of "
                         f"{describe(current)} right now; one run directory has one writer")
-    print(f"distinf: took over the expired lease of {describe(current)} on '{display(run_dir)}'", flush=True)
+    logging.getLogger("distinf.lease").warning(f"took over the expired lease of {describe(current)} on "
+                                               f"'{display(run_dir)}'", extra={"event": "lease_taken_over"})
     return lease
 
 

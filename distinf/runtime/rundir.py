@@ -19,7 +19,7 @@ from distinf.store import (MANIFEST, atomic_write_json, display, file_sha256, fr
                            list_files, make_folder, read_manifest, remove)
 
 RESUMABLE_KEYS = ("runtime.address", "runtime.max_restarts", "runtime.stall_timeout", "runtime.lease_seconds",
-                  "output.path", "output.keep_versions", "model.path", "data.train.path", "data.queries.path")
+                  "runtime.placement_timeout", "output.path", "output.keep_versions", "model.path", "data.train.path", "data.queries.path")
 """Job keys a resumed run may change: where and how patiently it runs, not what it computes (moved
 model and data files are checked by their fingerprints instead)."""
 

@@ -8,7 +8,10 @@ indices for every rank, and each chunk is committed to the ledger as it complete
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import time
 from typing import Any, Sequence
 
 import ray
@@ -19,9 +22,12 @@ from distinf.config import JobConfig
 from distinf.core.numerics import float16_overflow_rows
 from distinf.data import PAD, DataError
 from distinf.ledger import commit_chunk
+from distinf.log import configure as configure_logging
 from distinf.runtime.faults import injected_delay, injected_fault
 from distinf.runtime.shard import GradientShard
 from distinf.tables import gradient_table
+
+log = logging.getLogger("distinf.worker")
 
 
 def nonfinite_rows(losses: Tensor, grads: Tensor, gradient_dtype: str = "float32") -> dict[int, str]:
@@ -53,6 +59,7 @@ class GradientWorker:
     """A Ray actor around one GradientShard: placement, rendezvous, chunks and their ledger commits."""
 
     def __init__(self, rank: int, world_size: int, job: dict, run_dir: str):
+        configure_logging()
         self.rank, self.world_size = rank, world_size
         self.cfg = JobConfig.model_validate(job)
         self.run_dir = run_dir
@@ -70,6 +77,9 @@ class GradientWorker:
     def setup(self, master_addr: str, master_port: int) -> dict:
         """The shard's setup, with where it runs and (rank 0) the index set's table."""
         info = self.shard.setup(master_addr, master_port)
+        log.info(f"rank {self.rank} of {self.world_size} ready: {info['local_params']:,} local parameters",
+                 extra={"event": "worker_ready", "rank": self.rank, "pid": os.getpid(),
+                        "seconds": info.get("setup_seconds")})
         return {**info, "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "index_set": self.shard.index_set.to_table() if self.rank == 0 else None}
 
@@ -89,6 +99,7 @@ class GradientWorker:
         skip = self.cfg.data.on_bad_row == "skip"
         records = []
         for chunk, positions in chunks:
+            began = time.perf_counter()
             kept, losses, grads, rejected = [], [], [], []
             for start in range(0, len(positions), batch_size):
                 step = list(positions[start : start + batch_size])
@@ -116,6 +127,14 @@ class GradientWorker:
             planned = [ids[p] for p in positions if p != PAD]
             records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
                                         run_id))
+            if progress is not None:
+                progress.chunk.remote()
+            log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",
+                     extra={"event": "chunk_committed", "split": split, "chunk": chunk, "rank": self.rank,
+                            "rows": len(kept), "rejected": len(rejected), "attempt": attempt,
+                            "seconds": round(time.perf_counter() - began, 3)})
+        if progress is not None:  # calls from one caller run in order: this returns once ours have landed
+            ray.get(progress.value.remote())
         return records
 
     def shutdown(self) -> None:

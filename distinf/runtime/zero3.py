@@ -15,6 +15,7 @@ renamed by a model-specific conversion, a head the checkpoint lacks, pickle weig
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -146,8 +147,9 @@ def _streaming_plan(cfg: ModelConfig) -> Checkpoint | None:
         map_weights(skeleton, checkpoint)
         return checkpoint
     except CheckpointError as error:
-        print(f"distinf: loading '{path}' through transformers' ZeRO-3 path (rank 0 reads the whole "
-              f"checkpoint) because its weights cannot be streamed per partition: {error}", flush=True)
+        logging.getLogger("distinf.worker").warning(
+            f"loading '{path}' through transformers' ZeRO-3 path (rank 0 reads the whole checkpoint) because "
+            f"its weights cannot be streamed per partition: {error}", extra={"event": "not_streamed"})
         return None
 
 
