@@ -88,3 +88,9 @@ def pending_chunks(planned: Planned, records: dict[tuple[int, int], dict]) -> li
     """Chunks that some rank has not committed intact: all ranks compute these, in lockstep."""
     return [chunk for chunk, ranks in planned.items()
             if any((chunk, rank) not in records for rank in range(len(ranks)))]
+
+
+def input_order(record: dict) -> tuple[int, int, int]:
+    """Chunks sorted by this key list the examples in input order: each rank holds a contiguous
+    run of its segment's examples, cut into consecutive chunks; appended segments come after."""
+    return record.get("segment", 0), record["rank"], record["chunk"]

@@ -2,7 +2,9 @@
 
 Proponents come from scores/top_k.parquet. Opponents (the most negative scores) are not stored,
 so they are recomputed here for the few queries shown, from the stored query gradients, the
-stored Cholesky factors and one pass over the training chunks: no model is loaded.
+stored curvature (any hessian.method) and one pass over the training chunks: no model is loaded.
+Every file is read through the run's manifest, checked against its sha256, locally or on an
+object store.
 """
 
 from __future__ import annotations
@@ -10,36 +12,24 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distinf.config import DatasetConfig
-from distinf.core.curvature import Curvature, precondition
+from distinf.config import DatasetConfig, HessianConfig
+from distinf.core.curvature import precondition
 from distinf.core.scoring import TopK, score_chunk
 from distinf.data import read_table
-from distinf.store import list_chunks, read_arrays, read_manifest
+from distinf.ledger import input_order
+from distinf.runtime.curvature_files import read_solver
+from distinf.store import atomic_write_text, display, read_manifest, read_verified_table, run_path
 from distinf.tables import gradients_of
 
 SHOWN_QUERIES = 4
 SHOWN_EXAMPLES = 3
-
-
-def load_curvature(run_dir: Path) -> Curvature:
-    """The factorised curvature a run stored under curvature/."""
-    layout = json.loads((run_dir / "curvature" / "blocks.json").read_text())
-    arrays = read_arrays(run_dir / "curvature" / "blocks.safetensors")
-    blocks = layout["blocks"]
-    return Curvature(
-        slices=[slice(b["start"], b["stop"]) for b in blocks],
-        cholesky=[torch.from_numpy(arrays[f"cholesky.{i}"]) for i in range(len(blocks))],
-        damping=[b["damping"] for b in blocks],
-        count=layout["count"],
-        zero_blocks=layout.get("zero_blocks", []),
-    )
 
 
 def _texts(dataset: dict, role: str) -> dict[str, str]:
@@ -50,17 +40,22 @@ def _texts(dataset: dict, role: str) -> dict[str, str]:
     return dict(zip(table.column("example_id").to_pylist(), table.column("text").to_pylist()))
 
 
-def extremes(run_dir: Path, query_ids: list[str], count: int) -> dict[str, tuple[list, list]]:
+def _chunks(run_dir: Path, manifest: dict, split: str) -> list[pa.Table]:
+    return [read_verified_table(run_dir / c["file"], c["sha256"])
+            for c in sorted(manifest["chunks"][split], key=input_order)]
+
+
+def extremes(run_dir: Path, manifest: dict, query_ids: list[str], count: int) -> dict[str, tuple[list, list]]:
     """For each query: ([(train_id, score)] strongest proponents, [...] strongest opponents)."""
-    tables = [pq.read_table(p) for p in list_chunks(run_dir, "queries")]
+    tables = _chunks(run_dir, manifest, "queries")
     ids = [i for t in tables for i in t.column("example_id").to_pylist()]
     grads = np.concatenate([gradients_of(t) for t in tables])
     rows = [ids.index(q) for q in query_ids]
-    preconditioned = precondition(load_curvature(run_dir), torch.from_numpy(grads[rows])).T
+    solver = read_solver(run_dir, manifest["files"], HessianConfig.model_validate(manifest["config"]["hessian"]))
+    preconditioned = precondition(solver, torch.from_numpy(grads[rows])).T
     best, worst = TopK(len(rows), count), TopK(len(rows), count)
     train_ids: list[str] = []
-    for path in list_chunks(run_dir, "train"):
-        table = pq.read_table(path)
+    for table in _chunks(run_dir, manifest, "train"):
         scores = score_chunk(preconditioned, torch.from_numpy(gradients_of(table))).numpy()
         positions = np.arange(len(train_ids), len(train_ids) + table.num_rows)
         best.update(scores, positions)
@@ -130,14 +125,16 @@ def _rows(pairs: list[tuple[str, float]], texts: dict[str, str]) -> str:
 
 def write_report(run_dir: str | Path, noisy_column: str | None = None) -> Path:
     """Write RUN_DIR/report.html and return its path."""
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     manifest = read_manifest(run_dir)
     if not manifest or manifest.get("status") != "complete":
-        raise ValueError(f"{run_dir}: not a complete distinf run (manifest.json missing or not complete)")
+        raise ValueError(f"{display(run_dir)}: not a complete distinf run (manifest.json missing or not complete)")
     data = manifest["config"]["data"]
     train_texts, query_texts = _texts(data["train"], "train"), _texts(data["queries"], "queries")
-    values = pq.read_table(run_dir / "scores" / "train_values.parquet").to_pydict()
-    top = pq.read_table(run_dir / "scores" / "top_k.parquet").to_pydict()
+    files = manifest["files"]
+    values = read_verified_table(run_dir / "scores" / "train_values.parquet",
+                                 files["scores/train_values.parquet"]).to_pydict()
+    top = read_verified_table(run_dir / "scores" / "top_k.parquet", files["scores/top_k.parquet"]).to_pydict()
     query_ids = list(dict.fromkeys(top["query_id"]))
     shown = query_ids[:: max(1, len(query_ids) // SHOWN_QUERIES)][:SHOWN_QUERIES]
 
@@ -152,7 +149,7 @@ def write_report(run_dir: str | Path, noisy_column: str | None = None) -> Path:
         noisy = np.array([bool(flags.get(i)) for i in values["train_id"]])
 
     sections = []
-    for query_id, (best, worst) in extremes(run_dir, shown, SHOWN_EXAMPLES).items():
+    for query_id, (best, worst) in extremes(run_dir, manifest, shown, SHOWN_EXAMPLES).items():
         sections.append(
             f"<h3>query {html.escape(query_id)}</h3><p class=q>{html.escape(query_texts.get(query_id, ''))}</p>"
             f"<table><tr><th colspan=3>strongest proponents (upweighting lowers the query loss)</th></tr>"
@@ -167,13 +164,9 @@ table{{border-collapse:collapse;margin:.5em 0 1.5em;width:100%}}td,th{{border:1p
 font-size:13px;vertical-align:top;text-align:left}}th{{background:#f3f3f3}}p.q{{font-style:italic}}img{{max-width:100%}}</style>
 </head><body><h1>distinf report: {html.escape(manifest['name'])}</h1>
 <p>{counts['train']} training examples, {counts['queries']} queries, k = {manifest['k']},
-{len(manifest['damping'])} curvature block(s). Run directory: {html.escape(str(run_dir.resolve()))}</p>
+{len(manifest['damping'])} curvature block(s) ({html.escape(manifest['config']['hessian']['method'])}). Run directory: {html.escape(display(run_dir))}</p>
 <h2>Distributions</h2>{''.join(_plots(values, np.asarray(top['score']), noisy))}
 <h2>Queries</h2>{''.join(sections)}
 <h2>Most self-influential training examples</h2><table><tr><th>train_id</th><th>self-influence</th><th>text</th></tr>{self_rows}</table>
 </body></html>"""
-    path = run_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(page, run_dir / "report.html")

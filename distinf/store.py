@@ -320,10 +320,13 @@ def commit_table(table: pa.Table, path: str | Path) -> dict:
     return {"rows": table.num_rows, **_commit(path, lambda tmp: write_parquet(table, tmp), digest=True)}
 
 
-def atomic_write_json(data: Any, path: str | Path) -> Path:
-    text = json.dumps(data, indent=2, default=str)
+def atomic_write_text(text: str, path: str | Path) -> Path:
     _commit(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return Path(path)
+
+
+def atomic_write_json(data: Any, path: str | Path) -> Path:
+    return atomic_write_text(json.dumps(data, indent=2, default=str), path)
 
 
 Layout = Sequence[tuple[str, Any, tuple[int, ...]]]

@@ -1,5 +1,7 @@
 """The comparison methods in the distributed job (2 ZeRO-3 workers over gloo) against distinf.attribute."""
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import JOB_COMPRESSION_METHODS, JOB_HESSIAN_METHODS, load_job
+from distinf.report import extremes, write_report
 from distinf.runtime.driver import plan_job, run_job
 
 pytestmark = pytest.mark.distributed
@@ -43,3 +46,14 @@ def test_job_scores_equal_attribute(tmp_path, compression, hessian):
     np.testing.assert_allclose(values.column("self_influence").to_numpy(), reference.self_influence,
                                rtol=1e-4, atol=1e-6 * np.abs(reference.self_influence).max())
     assert pq.read_table(run_dir / "index_set.parquet").equals(reference.index_set)
+
+    # The report reads this method's stored curvature back: its recomputed proponents and
+    # opponents of each query shown are the extremes of the reference scores.
+    shown = plan.queries.ids[:2]
+    for query_id, (best, worst) in extremes(run_dir, json.loads((run_dir / "manifest.json").read_text()),
+                                            shown, 3).items():
+        row = reference.scores[q[query_id]]
+        np.testing.assert_allclose([s for _, s in best], np.sort(row)[::-1][:3], rtol=1e-4,
+                                   atol=1e-4 * np.abs(row).max())
+        np.testing.assert_allclose([s for _, s in worst], np.sort(row)[:3], rtol=1e-4, atol=1e-4 * np.abs(row).max())
+    assert f"({hessian})" in write_report(run_dir).read_text()

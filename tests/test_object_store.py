@@ -272,3 +272,11 @@ def test_temporary_objects_of_a_killed_upload_are_removed_but_not_a_nested_query
                   if info.type == pafs.FileType.File)
     assert left == ["gradients/train/part-00000-00000.parquet", "queries/night/.manifest.json.4e5f6a7b.tmp",
                     "queries/night/lease.json"]
+
+
+def test_the_report_of_a_run_in_the_bucket_is_written_there(s3, s3_run):
+    from distinf.cli import main
+
+    assert main(["report", RUN]) == 0
+    page = s3.open_input_stream(f"{BUCKET}/runs/nightly/report.html").readall().decode()
+    assert "<h2>Queries</h2>" in page and "(gauss_newton)" in page

@@ -12,7 +12,7 @@ import torch
 
 from distinf.config import HessianConfig
 from distinf.core.solvers import fit_solver
-from distinf.runtime.query import load_solver
+from distinf.runtime.curvature_files import read_solver
 from safetensors.numpy import load_file, save
 
 from distinf.store import (atomic_write_array_stream, atomic_write_arrays, atomic_write_json, commit_table, display,
@@ -57,7 +57,7 @@ def test_a_stored_curvature_reads_back_to_the_solver_it_was_written_from(tmp_pat
                        "blocks": [{"start": s.start, "stop": s.stop, "damping": d}
                                   for s, d in zip(slices, solver.damping)]}, run_dir / "curvature" / "blocks.json")
     files = {name: file_sha256(run_dir / name) for name in ("curvature/blocks.json", "curvature/blocks.safetensors")}
-    loaded = load_solver(run_dir, {"files": files}, HessianConfig(method=method))
+    loaded = read_solver(run_dir, files, HessianConfig(method=method))
     queries = torch.randn(3, 10, dtype=torch.float64)
     np.testing.assert_allclose(loaded.precondition(queries).numpy(), solver.precondition(queries).numpy(),
                                rtol=1e-12, atol=1e-12)

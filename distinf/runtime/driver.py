@@ -40,7 +40,7 @@ from distinf.core.index_set import IndexSet
 from distinf.core.numerics import NumericalError
 from distinf.core.scoring import TopK
 from distinf.data import PAD, DataError, Tokenized, chunk_plan, fingerprint, read_dataset, tokenize
-from distinf.ledger import Planned, pending_chunks, verified_records
+from distinf.ledger import Planned, input_order, pending_chunks, verified_records
 from distinf.log import configure as configure_logging
 from distinf.models import ModelError, load_tokenizer, model_fingerprint
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
@@ -372,12 +372,6 @@ def split_work(cfg: JobConfig, data: Tokenized, first_chunk: int = 0, carried: l
     plan = (chunk_plan(len(data.ids), runtime.num_workers, runtime.batch_size, runtime.chunk_examples)
             if data.ids else [])
     return SplitWork(data, {first_chunk + c: parts for c, parts in enumerate(plan)}, list(carried), segment)
-
-
-def input_order(record: dict) -> tuple[int, int, int]:
-    """Chunks sorted by this key list the examples in input order: each rank holds a contiguous
-    run of its segment's examples, cut into consecutive chunks; appended segments come after."""
-    return record.get("segment", 0), record["rank"], record["chunk"]
 
 
 def _gradient_pass(cfg: JobConfig, run_dir: Path, work: dict[str, SplitWork], pad_token_id: int,

@@ -28,27 +28,27 @@ import torch
 from ray.exceptions import RayError
 
 from distinf.config import HessianConfig, JobConfig, apply_override, parse_config
-from distinf.core.curvature import Curvature, precondition
-from distinf.core.solvers import DataInf, Identity, LiSSA
+from distinf.core.curvature import precondition
 from distinf.data import fingerprint
+from distinf.ledger import input_order
 from distinf.models import model_fingerprint
 from distinf.runtime.driver import (_connect, _fatal, _gradient_pass, _headline, _mark_failed, _versions,
-                                    chunk_entry, chunk_files, input_order, output_checksums, plan_job,
+                                    chunk_entry, chunk_files, output_checksums, plan_job,
                                     rejected_rows, score_outputs, split_work)
 from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_writable, config_differences,
                                     config_value, damaged_files, interruption, is_unused, remove_leftovers,
                                     stored_manifest, terminated_as_error, unwritable, write_error)
+from distinf.runtime.curvature_files import FILES as CURVATURE, read_solver
 from distinf.runtime.lease import acquire, write_manifest
 from distinf.runtime.versions import last_complete, now, stamp
-from distinf.store import (IntegrityError, atomic_write_table, display, is_file, read_arrays, read_manifest,
-                           read_verified_bytes, read_verified_table, run_path)
+from distinf.store import (IntegrityError, atomic_write_table, display, is_file, read_manifest, read_verified_table,
+                           run_path)
 from distinf.tables import gradients_of, rejected_table
 
 QUERY_KEYS = ("name", "runtime.", "output.path", "model.path", "data.queries.", "scoring.top_k", "scoring.dense")
 """Job keys `distinf query --set` may change: where it runs, how the query file reads, and how many
 scores it writes. The rest is the stored run's (its model, index set and curvature)."""
 
-CURVATURE_FILES = ("curvature/blocks.json", "curvature/blocks.safetensors")
 QUERY_OUTPUTS = ["index_set.parquet", "rejected.parquet", "scores/top_k.parquet", "scores/train_values.parquet"]
 
 
@@ -74,7 +74,7 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
                        "may change")
     out = run_path(output) if output else run_dir / "queries" / Path(str(queries)).stem
     of = _identity(run_dir, stored)
-    solver = load_solver(run_dir, stored, cfg.hessian)
+    solver = _load_solver(run_dir, stored, cfg.hessian)
     model = model_fingerprint(cfg.model)
     if model != stored.get("model_fingerprint"):
         raise JobError(f"distinf query: the model at model.path ({cfg.model.path}) is not the one "
@@ -174,12 +174,12 @@ def _identity(run_dir: Path, stored: dict) -> dict:
     """What a query result depends on in the run: its training chunks and its curvature."""
     chunks = json.dumps(stored["chunks"]["train"], sort_keys=True).encode()
     files = stored.get("files", {})
-    missing = [name for name in CURVATURE_FILES + ("scores/train_values.parquet",) if name not in files]
+    missing = [name for name in CURVATURE + ("scores/train_values.parquet",) if name not in files]
     if missing:
         raise JobError(f"distinf query: the manifest of '{display(run_dir)}' lists no checksum for {missing[0]}; "
                        "it was written by an older distinf: run it again")
     return {"path": display(run_dir), "train_chunks_sha256": hashlib.sha256(chunks).hexdigest(),
-            **{name: files[name] for name in CURVATURE_FILES}}
+            **{name: files[name] for name in CURVATURE}}
 
 
 def _open_output(out: Path, state: dict) -> dict | None:
@@ -201,32 +201,14 @@ def _open_output(out: Path, state: dict) -> dict | None:
     return previous
 
 
-def load_solver(run_dir: Path, manifest: dict, hessian: HessianConfig):
-    """The inverse-curvature operator a run stored under curvature/ (any hessian.method), read back
-    only if its files match the checksums in the run's manifest."""
-    files = manifest["files"]
+def _load_solver(run_dir: Path, manifest: dict, hessian: HessianConfig):
     try:
-        layout = json.loads(read_verified_bytes(run_dir / "curvature" / "blocks.json", files["curvature/blocks.json"]))
-        arrays = read_arrays(run_dir / "curvature" / "blocks.safetensors", files["curvature/blocks.safetensors"])
+        return read_solver(run_dir, manifest["files"], hessian)
     except IntegrityError as error:
         raise JobError(f"distinf query: {error}".replace("run the job again with --resume to recompute it",
                                                          "repair the run with --resume first")) from None
-    slices = [slice(b["start"], b["stop"]) for b in layout["blocks"]]
-    damping = [b["damping"] for b in layout["blocks"]]
-    method = layout.get("method", "gauss_newton")
-    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
-    if method == "gauss_newton":
-        return Curvature(slices, [tensors[f"cholesky.{i}"] for i in range(len(slices))], damping, layout["count"],
-                         layout.get("zero_blocks", []))
-    if method == "identity":
-        return Identity(slices)
-    if method == "datainf":
-        return DataInf(slices, damping, [tensors[f"inverse.{i}"] for i in range(len(slices))], layout["count"])
-    if method == "lissa":
-        batches = [tensors[f"batch.{j}"] for j in range(sum(name.startswith("batch.") for name in tensors))]
-        return LiSSA.build(slices, damping, batches, hessian.lissa_scale)
-    raise JobError(f"distinf query: '{display(run_dir)}' stores hessian.method {method!r}, which this version "
-                   "cannot read back")
+    except ValueError as error:
+        raise JobError(f"distinf query: '{display(run_dir)}': {error}") from None
 
 
 def query_summary(manifest: dict, out: Path) -> str:

@@ -109,17 +109,17 @@ def _dampings(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) 
     return block_dampings(traces, count, slices, hessian.damping), count
 
 
-def solve_chunks(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) -> tuple[Solver, dict[str, np.ndarray], int]:
-    """(solver, arrays for curvature/blocks.safetensors, training count) of hessian.method."""
+def solve_chunks(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) -> tuple[Solver, int]:
+    """(solver, training count) of hessian.method."""
     if hessian.method == "identity":
         count = sum(len(ids) for ids in ray.get([chunk_ids.remote(p, s) for p, s in chunks]))
-        return Identity(slices), {}, count
+        return Identity(slices), count
     damping, count = _dampings(hessian, slices, chunks)
     if hessian.method == "datainf":
         total = DataInfSums(slices, damping)
         merge_blocks([chunk_datainf.remote(group, slices, damping) for group in chunk_groups(chunks, slices)], total)
         solver: DataInf = total.solve_()  # the sums become the inverses: one set of blocks
-        return solver, {f"inverse.{i}": m.numpy() for i, m in enumerate(solver.inverses)}, count
+        return solver, count
     if hessian.method == "lissa":
         ids_per_chunk = ray.get([chunk_ids.remote(p, s) for p, s in chunks])
         owner = [(c, r) for c, ids in enumerate(ids_per_chunk) for r in range(len(ids))]
@@ -133,5 +133,5 @@ def solve_chunks(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk
         row_of = {(c, r): fetched[c][i] for c, rows in by_chunk.items() for i, r in enumerate(rows)}
         batches = [torch.from_numpy(np.stack([row_of[owner[p]] for p in rows])) for rows in samples]
         solver = LiSSA.build(slices, damping, batches, hessian.lissa_scale)
-        return solver, {f"batch.{j}": b.numpy() for j, b in enumerate(solver.batches)}, count
+        return solver, count
     raise ValueError(f"hessian.method: {hessian.method} is not solved over chunks")
