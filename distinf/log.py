@@ -20,7 +20,7 @@ logger = logging.getLogger("distinf")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-class _Stderr(logging.StreamHandler):
+class StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (pytest and Ray's workers replace it)."""
 
     @property
@@ -62,8 +62,8 @@ def configure() -> logging.Logger:
     """Give the "distinf" logger its stderr handler once per process, at DISTINF_LOG_LEVEL."""
     level = os.environ.get("DISTINF_LOG_LEVEL", "INFO").upper()
     logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        handler = _Stderr()
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
         json_lines = os.environ.get("DISTINF_LOG_FORMAT", "").lower() == "json"
         handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
         logger.addHandler(handler)

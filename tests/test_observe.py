@@ -13,7 +13,7 @@ import pytest
 
 import job_fixtures
 from distinf.cli import main
-from distinf.log import JsonFormatter, KeyValueFormatter, _Stderr, configure
+from distinf.log import JsonFormatter, KeyValueFormatter, StderrHandler, configure
 
 pytestmark = pytest.mark.distributed
 
@@ -29,7 +29,8 @@ def test_log_lines_are_key_value_or_json_at_the_level_asked(monkeypatch):
     assert configure().level == logging.WARNING
     monkeypatch.setenv("DISTINF_LOG_LEVEL", "INFO")
     # One handler of its own however often it is configured (pytest may add its capture handlers).
-    assert configure().level == logging.INFO and sum(isinstance(h, _Stderr) for h in configure().handlers) == 1
+    assert configure().level == logging.INFO
+    assert sum(isinstance(h, StderrHandler) for h in configure().handlers) == 1
 
 
 def test_nothing_is_recorded_before_ray_is_connected(monkeypatch):
