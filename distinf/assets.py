@@ -1,6 +1,6 @@
 """Real offline assets, prepared once outside git: SmolLM2-135M-Instruct and a mixed-source corpus.
 
-Everything comes from packages installed by `make install` (DESIGN.md §6); nothing is fetched
+Everything comes from packages installed by `make install` (README.md, "Two commands"); nothing is fetched
 from a hub. Each asset is written to a temporary name and renamed when complete, so an
 interrupted run never leaves something that looks finished, and a second call returns at once.
 """

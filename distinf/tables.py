@@ -1,4 +1,4 @@
-"""The output tables of DESIGN.md §3, built in one place so the API and the job agree on columns."""
+"""The output tables (README.md, "Read the outputs"), built in one place so the API and the job agree on columns."""
 
 from __future__ import annotations
 
