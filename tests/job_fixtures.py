@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import torch
@@ -103,3 +109,39 @@ def recording_metrics(monkeypatch) -> dict[str, FakeMetric]:
     monkeypatch.setattr(metrics, "factory", factory)
     monkeypatch.setattr(metrics, "_made", {})  # restored, so later tests get real metrics again
     return made
+
+
+@contextlib.contextmanager
+def moto_s3(log_dir: Path, bucket: str) -> Iterator:
+    """A moto S3 server on loopback with one bucket, for the block; AWS_* point every process of a
+    job (its local Ray and workers inherit them) at it. Yields a pyarrow S3FileSystem on it."""
+    import pyarrow.fs as pafs
+    import pytest
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (Path(log_dir) / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                                "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
+                patch.setenv(name, value)
+            filesystem = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing",
+                                           secret_key="testing", allow_bucket_creation=True)
+            filesystem.create_dir(bucket)
+            yield filesystem
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

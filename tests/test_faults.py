@@ -140,17 +140,28 @@ def test_a_killed_reducer_is_restarted_and_gives_up_clearly_after_max_restarts(u
     assert_same_outputs(run_dir, undisturbed)
 
 
+def driver_past_its_first_chunk(job: Path, run_dir: Path, log_path: Path) -> subprocess.Popen:
+    """`distinf run JOB` in a process of its own session, slowed down, returned once both ranks
+    have committed chunk 0."""
+    log = log_path.open("w")
+    driver = subprocess.Popen([sys.executable, "-m", "distinf", "run", str(job)], stdout=log, stderr=log,
+                              env={**os.environ, "DISTINF_TEST_BATCH_DELAY": "0.5"}, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while len(ledger(run_dir)) < 2:
+            assert driver.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+    except BaseException:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise
+    return driver
+
+
 def test_a_sigkilled_driver_is_resumed_without_recomputing_committed_chunks(undisturbed, inputs, tmp_path):
     job = write_job(tmp_path, inputs)
     run_dir = tmp_path / "run"
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "distinf", "run", str(job)], stdout=log, stderr=log,
-                              env={**os.environ, "DISTINF_TEST_BATCH_DELAY": "0.5"}, start_new_session=True)
+    driver = driver_past_its_first_chunk(job, run_dir, tmp_path / "driver.log")
     try:
-        deadline = time.time() + 300
-        while len(ledger(run_dir)) < 2:  # chunk 0 committed on both ranks
-            assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
-            time.sleep(0.05)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
@@ -222,14 +233,8 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_sigterm_marks_the_r
     deletion) leaves a "failed" manifest and no lease, and every ledger record names the run."""
     job = write_job(tmp_path, inputs)
     run_dir = tmp_path / "run"
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "distinf", "run", str(job)], stdout=log, stderr=log,
-                              env={**os.environ, "DISTINF_TEST_BATCH_DELAY": "0.5"}, start_new_session=True)
+    driver = driver_past_its_first_chunk(job, run_dir, tmp_path / "driver.log")
     try:
-        deadline = time.time() + 300
-        while len(ledger(run_dir)) < 2:
-            assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
-            time.sleep(0.05)
         holder = json.loads((run_dir / "lease.json").read_text())
         assert holder["pid"] == driver.pid
         for second in (["--resume"], []):

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,40 +213,10 @@ def test_a_save_to_disk_folder_written_by_datasets_if_installed(tmp_path, corpus
 # --- on S3 (moto) ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on loopback with one bucket; AWS_* point distinf at it."""
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
-                time.sleep(0.1)
-        with pytest.MonkeyPatch.context() as patch:
-            for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                                "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
-                patch.setenv(name, value)
-            filesystem = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing",
-                                           secret_key="testing", allow_bucket_creation=True)
-            filesystem.create_dir("inputs")
-            yield filesystem
-    finally:
-        server.terminate()
-        server.wait()
+    with job_fixtures.moto_s3(tmp_path_factory.mktemp("moto"), "inputs") as filesystem:
+        yield filesystem
 
 
 def test_a_folder_a_glob_and_a_saved_dataset_on_s3_read_as_the_local_file(tmp_path, corpus, s3):

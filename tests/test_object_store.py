@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,40 +29,10 @@ BUCKET = "distinf-test"
 RUN = f"s3://{BUCKET}/runs/nightly"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on loopback with one bucket; AWS_* point every process of the job at it."""
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
-                time.sleep(0.1)
-        with pytest.MonkeyPatch.context() as patch:  # inherited by the job's local Ray and its workers
-            for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                                "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
-                patch.setenv(name, value)
-            filesystem = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing",
-                                           secret_key="testing", allow_bucket_creation=True)
-            filesystem.create_dir(BUCKET)
-            yield filesystem
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with job_fixtures.moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as filesystem:
+        yield filesystem
 
 
 @pytest.fixture(scope="module")
