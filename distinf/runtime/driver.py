@@ -51,7 +51,7 @@ from distinf.runtime.lease import LeaseLost, acquire, write_manifest
 from distinf.runtime.rundir import (Interrupted, JobError, arm_sigterm, check_free_space, check_same_job,
                                     damaged_files, estimated_bytes, interruption, is_unused, open_run_dir,
                                     remove_leftovers, terminated_as_error, unwritable, write_error)
-from distinf.runtime import metrics, versions
+from distinf.runtime import curvature_files, metrics, versions
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.versions import stamp
 from distinf.runtime.worker import GradientWorker
@@ -594,9 +594,9 @@ def _stored_gram_sums(run_dir: Path, base: dict, slices: list[slice]) -> tuple[s
     failed append's reducer may have rewritten them since)."""
     files = base.get("files", {})
     try:
-        layout = json.loads(read_verified_bytes(run_dir / "curvature" / "blocks.json", files["curvature/blocks.json"]))
-        path = run_dir / "curvature" / "blocks.safetensors"
-        if file_sha256(path) != files["curvature/blocks.safetensors"]:
+        layout = json.loads(read_verified_bytes(run_dir / curvature_files.LAYOUT, files[curvature_files.LAYOUT]))
+        path = run_dir / curvature_files.ARRAYS
+        if file_sha256(path) != files[curvature_files.ARRAYS]:
             raise IntegrityError(str(path))
     except (KeyError, OSError, ValueError):
         log.info("the stored Gram sums are not the run's any more; summing every chunk again",
@@ -605,7 +605,7 @@ def _stored_gram_sums(run_dir: Path, base: dict, slices: list[slice]) -> tuple[s
     if layout.get("method") != "gauss_newton" or \
             [(b["start"], b["stop"]) for b in layout["blocks"]] != [(s.start, s.stop) for s in slices]:
         return None
-    return str(path), files["curvature/blocks.safetensors"], int(layout["count"])
+    return str(path), files[curvature_files.ARRAYS], int(layout["count"])
 
 
 def _shapes_from(index_table: pa.Table) -> list[tuple[str, tuple[int, ...]]]:
@@ -709,7 +709,7 @@ def output_checksums(run_dir: Path, names: list[str]) -> dict[str, str]:
     return {name: file_sha256(run_dir / name) for name in names}
 
 
-VERSIONED_OUTPUTS = ["rejected.parquet", "curvature/blocks.safetensors", "curvature/blocks.json",
+VERSIONED_OUTPUTS = ["rejected.parquet", curvature_files.ARRAYS, curvature_files.LAYOUT,
                      "scores/top_k.parquet", "scores/train_values.parquet"]
 """What each run or append stages in its version folder, then publishes (with scores/dense/ parts)."""
 RUN_OUTPUTS = ["index_set.parquet"] + VERSIONED_OUTPUTS

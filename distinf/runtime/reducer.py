@@ -9,8 +9,9 @@ time, never a model. Gram tasks each sum a group of chunks, read one at a time, 
 blocks that the reducer reads from Ray's object store without a copy and adds into its total in
 place. The total is written to curvature/blocks.safetensors as it is (gram_sum.i), then each block
 is turned into its Cholesky factor in its own storage and written too (cholesky.i); the file is
-streamed, never built in memory. (The files' layout per method: distinf.runtime.curvature_files.) The factors and Q go into the object store once, as numpy arrays
-(Curvature pickles so), and every scoring task reads that one copy; the reducer drops its own.
+streamed, never built in memory. The factors and Q go into the object store once, as numpy
+arrays (Curvature pickles so), and every scoring task reads that one copy; the reducer drops its
+own. The files' names and layout per method: distinf.runtime.curvature_files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes, human_bytes
 from distinf.core.curvature import Curvature, GramSums, factorize_or_zero_, precondition, zero_blocks
 from distinf.core.numerics import require_finite_columns
-from distinf.runtime.curvature_files import ARRAYS_OF, write_layout
+from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, write_layout
 from distinf.runtime.faults import injected_fault
 from distinf.runtime.solve import Chunk, chunk_grads, chunk_groups, merge_blocks, solve_chunks
 from distinf.store import (atomic_write_array_stream, atomic_write_arrays, read_arrays,
@@ -75,7 +76,7 @@ class Reducer:
             curvature, count = self._gauss_newton(train_chunks, Path(curvature_dir), stored_sums)
         else:
             curvature, count = solve_chunks(self.hessian, self.slices, train_chunks)
-            atomic_write_arrays(ARRAYS_OF[self.hessian.method](curvature), Path(curvature_dir) / "blocks.safetensors")
+            atomic_write_arrays(ARRAYS_OF[self.hessian.method](curvature), Path(curvature_dir) / Path(ARRAYS).name)
             write_layout(Path(curvature_dir), self.hessian.method, count, self.slices, curvature.damping)
 
         query_tables = [read_verified_table(path, sha256) for path, sha256 in query_chunks]
@@ -132,6 +133,6 @@ class Reducer:
 
         shapes = {f"{kind}.{i}": (np.float64, (s.stop - s.start,) * 2)
                   for kind in ("gram_sum", "cholesky") for i, s in enumerate(self.slices)}
-        atomic_write_array_stream(safetensors_layout(shapes), arrays(), folder / "blocks.safetensors")
+        atomic_write_array_stream(safetensors_layout(shapes), arrays(), folder / Path(ARRAYS).name)
         write_layout(folder, "gauss_newton", count, self.slices, lambdas, zero)
         return Curvature(self.slices, total.blocks, lambdas, count, zero), count
