@@ -28,6 +28,7 @@ folder holds only the inputs):
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -247,13 +248,24 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
 
 
 _BAR = re.compile(r"gradients/(\w+):\s+\d+%\|[^|\n]*\| (\d+)/(\d+) \[(\d+(?::\d+)+)<")
+_EVENT = re.compile(r"^time=(\S+) .*\blogger=distinf\.driver .*\bevent=(stage_start|stage_done) stage=gradients\b"
+                    r".*\bsplit=(\w+).*\btotal=(\d+)", re.M)
 
 
 def progress_seconds(log: str) -> dict[str, dict]:
-    """Per split, examples and whole seconds from the last state of the job's progress bar: the pass
-    alone, from the first compress call to the bar's close (no Ray start, no setup; polled each
-    second; its count may lag the last batch, its time does not)."""
-    out = {}
+    """Per split, examples and seconds of the pass alone (no Ray start, no setup). The driver's
+    progress bar is drawn only on a terminal, so a job writing to a file is read through its log's
+    `stage_start` / `stage_done` events of the gradients stage (first start to last done, restarts
+    included); a terminal capture through the bar's last state (whole seconds)."""
+    out, began = {}, {}
+    for stamp, event, split, total in _EVENT.findall(log):
+        at = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        if event == "stage_start":
+            began.setdefault(split, at)
+        elif split in began:
+            out[split] = {"examples": int(total), "seconds": round(at - began[split], 1)}
+    if out:
+        return out
     for split, _, total, elapsed in _BAR.findall(log.replace("\r", "\n")):
         seconds = sum(int(v) * 60 ** i for i, v in enumerate(reversed(elapsed.split(":"))))
         out[split] = {"examples": int(total), "seconds": seconds}
@@ -296,7 +308,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 f"| {row['gradient_seconds'] / row['examples']:.3f} | {_gib(row['reducer_peak'])} "
                 f"| {_gib(row['task_peak'])} |")
     lines.append("")
-    lines.append("Gradient pass alone (progress bars, whole seconds): " + "; ".join(
+    lines.append("Gradient pass alone (the driver's gradients events): " + "; ".join(
         f"{r['model']} W = {r['workers']}: " + ", ".join(
             f"{split} {p['examples']} examples in {p['seconds']} s" for split, p in r.get("progress", {}).items())
         for r in rows) + ". \"s/example\" above: the manifest's gradients time (Ray start, worker start, setup "
