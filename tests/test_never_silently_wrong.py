@@ -21,8 +21,8 @@ from distinf.cli import main
 from distinf.config import load_job
 from distinf.core.curvature import GramSums, factorize, precondition, self_influence
 from distinf.core.numerics import NumericalError
-from distinf.report import load_curvature
 from distinf.runtime import driver
+from distinf.runtime.curvature_files import read_solver
 from distinf.runtime.reducer import Reducer
 from distinf.store import file_sha256
 from distinf.tables import gradient_schema, gradients_of, top_k_table
@@ -201,7 +201,8 @@ def test_the_job_names_gpt2s_key_bias_as_a_zero_block_and_leaves_it_out(tiny_run
     assert "(transformer.h.1.attn.c_attn.bias)" in text
 
     # Exactly nothing: the stored scores are those of the gradients with the zero blocks' columns cleared.
-    curvature = load_curvature(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    curvature = read_solver(run_dir, manifest["files"], load_job(job_path).hessian)
     assert [(curvature.slices[i].start, curvature.slices[i].stop) for i in curvature.zero_blocks] == \
         [tuple(map(int, c.split(":"))) for c in zero]
     train = torch.from_numpy(stored_gradients(run_dir))
