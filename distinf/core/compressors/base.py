@@ -77,7 +77,7 @@ class Compressor(Protocol):
     {local parameter name: [N, k_l]} for the module's parameters in the layout.
     """
 
-    layout: Any
+    layout: Columns
 
     def plan(self, use: ModuleUse) -> Any: ...
 
@@ -89,7 +89,7 @@ class Compressor(Protocol):
 class GradientProjection:
     """Base of compressions that act on each tensor's whole per-example gradient [N, p_l] -> [N, k_l]."""
 
-    layout: Any
+    layout: Columns
 
     def plan(self, use: ModuleUse) -> dict[str, str] | None:
         columns = self.layout.slices()
