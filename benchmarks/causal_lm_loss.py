@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import publish, run_line  # noqa: E402
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.record import publish, run_line  # noqa: E402
 
 VOCAB = 49_152  # SmolLM2's vocabulary
 

@@ -25,21 +25,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not __package__:  # run as `python benchmarks/compress_overhead.py`: the checkout's root, for benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.parquet as pq  # noqa: E402
+from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
+    Clock, Runner, alternate, load_causal_lm, machine, packed_batch, reset_peak_rss, status_kib,
+)
+
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -48,22 +46,9 @@ from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.index_set import IndexSet, draw_index_set  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import Tracked, track_modules  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 SEED = 0
-Runner = Callable[[], tuple[float, float]]  # runs one batch: (wall s, process CPU s)
-
-
-class Clock:
-    """Wall and process CPU time (all threads) of a block; CPU time is the less disturbed by
-    other processes taking turns on the cores, wall time is what a user waits."""
-
-    def __enter__(self) -> "Clock":
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.times = (time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,28 +56,12 @@ class Clock:
 
 
 def load_model() -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
-    return model.eval()
+    return load_causal_lm(smollm2_dir())
 
 
 def make_batch(batch_size: int, tokens: int) -> dict[str, Tensor]:
-    """N rows of exactly T tokens of real text: the training texts tokenised, joined by EOS and
-    cut into T-token pieces (packing), attention mask all ones."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    texts = pq.read_table(demo_corpus()[0], columns=["text"]).column("text").to_pylist()
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= batch_size * tokens:
-            break
-    if len(stream) < batch_size * tokens:
-        raise SystemExit(f"the demo corpus holds only {len(stream)} tokens; need {batch_size * tokens}")
-    ids = torch.tensor(stream[: batch_size * tokens], dtype=torch.long).view(batch_size, tokens)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    """N rows of exactly T tokens of the demo training texts, packed (see _harness.packed_batch)."""
+    return packed_batch(smollm2_dir(), demo_corpus()[0], batch_size, tokens)
 
 
 def set_requires_grad(model: nn.Module, flag: bool) -> None:
@@ -182,50 +151,6 @@ def runner_for(config: str, model: nn.Module, tracked: Tracked, batch: dict[str,
 # Measurement
 
 
-def alternate(floor: Runner, candidate: Runner, pairs: int, warmup: int) -> dict:
-    """Floor and candidate alternately; the median of per-pair ratios is robust to drift.
-    The floor is warmed once for the whole process (see main); only the candidate here."""
-    for _ in range(warmup):
-        candidate()
-    floor_t, cand_t = [], []
-    for _ in range(pairs):
-        floor_t.append(floor())
-        cand_t.append(candidate())
-        gc.collect()
-    ratios = [c[0] / f[0] for c, f in zip(cand_t, floor_t)]
-    cpu_ratios = [c[1] / f[1] for c, f in zip(cand_t, floor_t)]
-    return {
-        "pairs": pairs,
-        "floor_s": statistics.median(f[0] for f in floor_t),
-        "cand_s": statistics.median(c[0] for c in cand_t),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "cpu_ratio": statistics.median(cpu_ratios),
-        "cand_cpu_s": statistics.median(c[1] for c in cand_t),
-        "raw": [[round(x, 3) for x in (*f, *c)] for f, c in zip(floor_t, cand_t)],
-    }
-
-
-def status_kib(field: str) -> int:
-    """A KiB field of /proc/self/status: VmRSS (now) or VmHWM (peak since start or reset)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's high-water RSS so the model-load peak does not mask the run's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child_memory(args: argparse.Namespace) -> None:
     """Subprocess body: one configuration alone, 3 iterations; prints a JSON line."""
     torch.set_num_threads(args.threads)
@@ -258,23 +183,6 @@ def memory_of(config: str, args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
 
 
 def mib(kib: int) -> str:

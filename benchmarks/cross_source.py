@@ -45,8 +45,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # record.py, also when a test loads this file by path
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
 from distinf.assets import SOURCES, mixed_source_corpus, smollm2_dir  # noqa: E402
@@ -58,7 +58,7 @@ from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.data import collate  # noqa: E402
 from distinf.runtime.driver import plan_job  # noqa: E402
 from distinf.tables import gradients_of, top_k_table  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 JOB = ROOT / "jobs" / "cross_source.yaml"
 DEPTH = 3  # the strict measure: the top 3 proponents all from the query's own source

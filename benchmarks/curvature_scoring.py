@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from compress_overhead import machine  # noqa: E402  (benchmarks/ is sys.path[0])
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import machine  # noqa: E402
 from distinf.assets import smollm2_dir  # noqa: E402
 from distinf.core.curvature import GramSums, block_slices, factorize, precondition  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402
@@ -45,7 +49,7 @@ from distinf.core.tracking import track_modules  # noqa: E402
 from distinf.runtime.scoring import score_train_chunk  # noqa: E402
 from distinf.store import commit_table  # noqa: E402
 from distinf.tables import gradient_table  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 GIB = 1024**3
 

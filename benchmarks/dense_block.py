@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 from distinf.core.adapters import base  # noqa: E402
 from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.compressors import build_compressor  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
-from record import publish, run_line  # noqa: E402
-from retraining_image import SmallCNN, per_example_losses  # noqa: E402
+from benchmarks.record import publish, run_line  # noqa: E402
+from benchmarks.retraining_image import SmallCNN, per_example_losses  # noqa: E402
 
 # (label, N, T, out, in, kept fraction of the layer's entries)
 SHAPES = [

@@ -40,19 +40,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as `python benchmarks/extraction.py`: the checkout's root, for benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress_overhead import (  # noqa: E402  (sets the offline environment before torch loads)
-    Clock,
-    load_model as load_smollm2,
-    machine,
-    make_batch,
-    reset_peak_rss,
-    set_requires_grad,
-    status_kib,
+from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
+    Clock, Runner, machine, reset_peak_rss, status_kib,
 )
+from benchmarks.compress_overhead import load_model as load_smollm2, make_batch, set_requires_grad  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -62,9 +57,8 @@ from distinf.core.compressors import build_compressor  # noqa: E402
 from distinf.core.compressors.gaussian import GaussianCompressor  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import Tracked, track_modules  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
-Runner = Callable[[], tuple[float, float]]  # one batch: (wall s, process CPU s)
 TARGET = 1.05
 
 

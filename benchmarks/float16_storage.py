@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import distinf  # noqa: E402
 from distinf.assets import mixed_source_corpus, smollm2_dir  # noqa: E402
 from distinf.core.curvature import GramSums, block_slices, factorize, precondition, self_influence  # noqa: E402
@@ -31,7 +36,7 @@ from distinf.core.index_set import IndexSet  # noqa: E402
 from distinf.core.numerics import FLOAT16_MAX  # noqa: E402
 from distinf.core.scoring import score_chunk  # noqa: E402
 from distinf.tables import gradient_table, gradients_of  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 FLOAT16_MIN_NORMAL = float(torch.finfo(torch.float16).tiny)  # 6.1e-5: below it, float16 keeps fewer bits
 

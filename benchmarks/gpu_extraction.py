@@ -114,8 +114,7 @@ def worker_shard(config, args: argparse.Namespace, device: torch.device, k: int)
     """One rank set up by the worker's own code on a checkpoint written to a temporary folder."""
     import tempfile
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from scale import write_random_checkpoint
+    from benchmarks.scale import write_random_checkpoint
 
     from distinf.config import JobConfig
     from distinf.runtime.shard import GradientShard

@@ -49,11 +49,15 @@ import ray  # noqa: E402
 from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
-from compress_overhead import machine, make_batch  # noqa: E402  (benchmarks/ is sys.path[0])
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import machine  # noqa: E402
+from benchmarks.compress_overhead import make_batch  # noqa: E402
 from distinf.assets import demo_corpus, smollm2_dir  # noqa: E402
 from distinf.runtime.driver import WORKER_ENV  # noqa: E402
 from distinf.runtime.worker import GradientWorker  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 MIB = 1024 * 1024
 

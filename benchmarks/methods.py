@@ -38,19 +38,19 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not __package__:  # run as `python benchmarks/methods.py`: the checkout's root, for benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.parquet as pq  # noqa: E402
+from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
+    Clock, load_causal_lm, machine, reset_peak_rss, status_kib, token_stream,
+)
+
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -64,7 +64,7 @@ from distinf.core.curvature import block_slices  # noqa: E402
 from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 CAPTURED = ("dropout", "logra", "none", "fjlt")
 SOLVERS = ("gauss_newton", "identity", "datainf", "lissa")
@@ -72,41 +72,13 @@ SUBSET = r"model\.layers\.0\..*"  # the tensors gaussian and pca are timed on
 
 
 def load_model() -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
-
-
-def token_stream(count: int) -> list[int]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    stream: list[int] = []
-    for text in pq.read_table(demo_corpus()[0], columns=["text"]).column("text").to_pylist():
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= count:
-            return stream[:count]
-    raise SystemExit(f"the demo corpus holds only {len(stream)} tokens; need {count}")
+    return load_causal_lm(smollm2_dir()).requires_grad_(True)
 
 
 def batches(count: int, size: int, tokens: int) -> list[dict[str, Tensor]]:
     """`count` batches of size x tokens of packed real text."""
-    ids = torch.tensor(token_stream(count * size * tokens)).view(count, size, tokens)
+    ids = torch.tensor(token_stream(smollm2_dir(), demo_corpus()[0], count * size * tokens)).view(count, size, tokens)
     return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids]
-
-
-class Clock:
-    """Wall and CPU seconds (this process, all threads) of a block."""
-
-    def __enter__(self) -> "Clock":
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def floor_seconds(model: nn.Module, batch: dict[str, Tensor]) -> Clock:
@@ -203,14 +175,6 @@ def solve_rounds(model: nn.Module, k: int, n: int, m: int, rounds: int) -> dict:
 # Peak memory, one method per subprocess
 
 
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = load_model()
@@ -224,8 +188,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         run = lambda: subset_projection(model, args.child, args.k, args.batch, 1)  # noqa: E731
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM: the model load's peak would mask the run's
+    reset_peak_rss()  # the model load's peak would mask the run's
     base = status_kib("VmRSS")
     run()  # one batch: its peak is the method's peak
     print(json.dumps({"method": args.child, "base_kib": base, "peak_kib": status_kib("VmHWM")}))
@@ -244,15 +207,10 @@ def memory_of(method: str, args: argparse.Namespace) -> dict:
 # Report
 
 
-def machine(threads: int) -> str:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"nproc={os.cpu_count()}, CPU {cpu}, torch {torch.__version__} with {threads} threads, "
-            f"Python {platform.python_version()}")
+def machine_line(threads: int) -> str:
+    info = machine()
+    return (f"nproc={info['nproc']}, CPU {info['cpu']}, torch {info['torch']} with {threads} threads, "
+            f"Python {info['python']}")
 
 
 def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve: dict, facts: dict,
@@ -265,7 +223,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
     to_drop = {m: statistics.median([s / d for s, d in zip(times[m], times["dropout"])]) for m in ("floor", *CAPTURED)}
     lines = [
         f"Command: `.venv/bin/python benchmarks/methods.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
-        f"Machine: {machine(args.threads)}. SmolLM2-135M-Instruct (float32), {comp['p']:,} tracked parameters; "
+        f"Machine: {machine_line(args.threads)}. SmolLM2-135M-Instruct (float32), {comp['p']:,} tracked parameters; "
         f"one batch of {args.batch} x {args.tokens} tokens of real text (demo corpus); k = {args.k}; "
         f"{args.rounds} timed rounds after {args.warmup} warm-up round(s). Total wall time {minutes:.1f} min.",
         "",

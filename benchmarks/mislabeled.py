@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
 from distinf.cli import main as distinf_main  # noqa: E402
 from distinf.core.scoring import score_chunk  # noqa: E402
 from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.report import roc_curve  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 LABELS = {"rotten": 0, "fresh": 1}
 FLIP_FRACTION = 0.2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +29,14 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import distinf  # noqa: E402
 from distinf.assets import mixed_source_corpus, smollm2_dir  # noqa: E402
 from distinf.store import write_parquet  # noqa: E402
 from distinf.tables import gradient_table, gradients_of  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 
 def _strings(table: pa.Table) -> list[str]:

@@ -52,7 +52,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distinf.config import HessianConfig, ScoringConfig  # noqa: E402
 from distinf.core.curvature import block_slices  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402
@@ -61,7 +62,7 @@ from distinf.runtime.driver import WORKER_ENV, chunk_files, score_outputs  # noq
 from distinf.runtime.reducer import Reducer  # noqa: E402
 from distinf.store import read_arrays  # noqa: E402
 from distinf.tables import gradient_table  # noqa: E402
-from record import publish  # noqa: E402  (benchmarks/ is sys.path[0])
+from benchmarks.record import publish  # noqa: E402
 
 MIB = 1024 * 1024
 FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssShmem")

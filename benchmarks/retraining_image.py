@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TEST_SEED = 12345  # the test images are the same for every seed

@@ -49,14 +49,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
 from distinf.assets import smollm2_dir, source_texts  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from retraining_image import kept, removal_sets  # noqa: E402  (the same top / random choice as the image half)
-from record import publish  # noqa: E402
+from benchmarks.retraining_image import kept, removal_sets  # noqa: E402  (the same top / random choice as the image half)
+from benchmarks.record import publish  # noqa: E402
 
 POOL_SEED = 0  # fixes which news articles form the pool; each seed splits the pool differently
 STEPS, LR = 30, 3e-4  # the session-3 schedule (--steps); the session-4 runs use --epochs 1 at this lr (docstring)

@@ -50,8 +50,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from distinf.assets import assets_root, mixed_source_corpus, smollm2_dir  # noqa: E402
-from record import publish  # noqa: E402  (benchmarks/ is sys.path[0])
+from benchmarks.record import publish  # noqa: E402
 
 GIB = 1024 ** 3
 # TinyLlama's block shape with SmolLM2's 49,152-token vocabulary (1.07B), and a wider, deeper one (2.98B).

@@ -8,7 +8,7 @@ scoring), so both give the same numbers for the same config. Every `compression.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ from distinf.core.compressors.pca import PCAFit
 from distinf.core.curvature import block_slices
 from distinf.core.scoring import TopK, score_chunk
 from distinf.core.solvers import Solver, fit_solver
-from distinf.core.tasks import loss_function, move_batch
+from distinf.core.tasks import loss_function
 from distinf.core.tracking import Tracked, track_modules
 from distinf.data import collate
 from distinf.tables import top_k_table, train_values_table
@@ -45,15 +45,16 @@ class AttributionResult:
     tracked_fraction: float     # tracked parameter elements / all parameter elements
 
 
+def batches(examples: Sequence[dict[str, Tensor]], batch_size: int, pad_token_id: int = 0) -> Iterator[dict[str, Tensor]]:
+    """The examples in order, collated `batch_size` at a time."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(list(examples[start : start + batch_size]), pad_token_id)
+
+
 def compress_examples(capture: GradientCapture, examples: Sequence[dict[str, Tensor]], loss_fn: LossFn,
                       batch_size: int, device: torch.device, pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Compressed gradients [n, k] and losses [n] of examples, batch by batch."""
-    grads, losses = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = move_batch(collate(list(examples[start : start + batch_size]), pad_token_id), device)
-        g, loss = capture.batch(batch, loss_fn)
-        grads.append(g.cpu())
-        losses.append(loss.cpu())
+    """Compressed gradients [n, k] and losses [n] of examples."""
+    grads, losses = zip(*capture.run(batches(examples, batch_size, pad_token_id), loss_fn, device))
     return torch.cat(grads), torch.cat(losses)
 
 
@@ -65,9 +66,7 @@ def fit_pca(model: nn.Module, tracked: Tracked, comp: CompressionConfig, train: 
     whole = NoneCompressor(list(zip(names, shapes)))
     columns = whole.layout.slices()
     with GradientCapture(model, tracked, whole) as capture:
-        for start in range(0, len(train), batch_size):
-            batch = move_batch(collate(list(train[start : start + batch_size]), pad_token_id), device)
-            grads, _ = capture.batch(batch, loss_fn)
+        for grads, _ in capture.run(batches(train, batch_size, pad_token_id), loss_fn, device):
             fit.add({name: grads[:, part] for name, part in columns.items()})
     return fit.finish()
 

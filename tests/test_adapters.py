@@ -193,3 +193,25 @@ def test_capture_restores_requires_grad_and_train_mode():
     assert model.training
     assert not model.transformer.wpe.weight.requires_grad
     assert model.transformer.wte.weight.requires_grad
+
+
+def test_capture_run_rows_match_torch_func_whatever_shares_their_batch():
+    """The gradient worker's use of the batch loop: uneven batches, a padding slot re-running
+    example 0, the longest example padded against others. Each kept row is its example's own."""
+    from distinf.core.tasks import causal_lm_losses
+    from distinf.data import collate
+
+    model = tiny_models.llama().eval()
+    examples = tiny_models.token_examples(LENGTHS)
+    tracked = track_modules(model)
+    index_set = draw_index_set(tracked.param_shapes, 256, seed=5)
+    steps = [[3, 0], [4, 1, -1], [2]]  # -1: a padding slot, whose row is dropped
+    with GradientCapture(model, tracked, index_set) as capture:
+        batches = (collate([examples[max(p, 0)] for p in step]) for step in steps)
+        rows = {p: g for step, (grads, _) in zip(steps, capture.run(batches, causal_lm_losses, torch.device("cpu")))
+                for p, g in zip(step, grads) if p >= 0}
+    reference = torch.stack([reference_entries(model, ex, causal_lm_loss, index_set.to_table()) for ex in examples])
+    ours = torch.stack([rows[i] for i in range(len(examples))])
+    relative = (ours - reference).norm(dim=1) / reference.norm(dim=1)
+    assert relative.max() < 1e-5, relative
+    assert reference.abs().sum(1).min() > 0

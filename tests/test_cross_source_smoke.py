@@ -5,9 +5,7 @@ job's own reducer (for the rescoring from stored gradients) and an enumeration o
 the random baseline).
 """
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,15 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 import job_fixtures
+from benchmarks import cross_source
 from distinf.config import load_job
 from distinf.runtime.driver import plan_job
 
 pytestmark = pytest.mark.distributed
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_source.py"
-_spec = importlib.util.spec_from_file_location("cross_source", _PATH)
-cross_source = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cross_source)
 
 
 @pytest.fixture(scope="module")

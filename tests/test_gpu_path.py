@@ -64,12 +64,9 @@ def test_the_zero3_build_runs_on_a_transformers_without_the_arange_guard(monkeyp
 def test_a_trimmed_wheel_lists_exactly_what_it_keeps(tmp_path):
     import base64
     import hashlib
-    import sys
     import zipfile
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from trim_wheel import trim_wheel
+    from benchmarks.trim_wheel import trim_wheel
 
     files = {"ray/__init__.py": b"x = 1\n", "ray/jars/a.jar": b"j" * 100, "ray/serve/api.py": b"s\n",
              "ray/dashboard/client/build/index.html": b"<html>", "ray/dashboard/agent.py": b"a\n",

@@ -6,15 +6,10 @@ the same per-example values as the one-process `distinf.attribute` on the in-mem
 the benchmark's AUC must equal the Mann-Whitney statistic computed pair by pair.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
 import distinf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import mislabeled  # noqa: E402
+from benchmarks import mislabeled
 
 
 def mann_whitney_auc(positive: np.ndarray, score: np.ndarray) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import retraining_image as image  # noqa: E402
-import retraining_language as language  # noqa: E402
-import tiny_models  # noqa: E402
-from distinf.core.tasks import causal_lm_losses  # noqa: E402
+import tiny_models
+from benchmarks import retraining_image as image
+from benchmarks import retraining_language as language
+from distinf.core.tasks import causal_lm_losses
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

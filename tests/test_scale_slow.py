@@ -10,8 +10,6 @@ at most that share plus 1.5 GiB (2 × 32 tokens per step).
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
@@ -22,11 +20,10 @@ from distinf.runtime.driver import run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 GIB = 1024 ** 3
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def test_no_rank_holds_more_than_its_share_plus_a_working_set(tmp_path):
-    from scale import write_random_checkpoint
+    from benchmarks.scale import write_random_checkpoint
 
     config = LlamaConfig(vocab_size=30522, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
                          num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,

@@ -2,9 +2,10 @@
 
 Runs in the separate environment made by benchmarks/peers/setup.sh (.venv-peers). No peer path
 imports distinf; the `distinf` configuration imports it from this checkout (pure Python over torch,
-no install needed), so distinf and the peers are timed against the same floor in one process. One batch of N x T real tokens (default 8 x 128) prepared like
-benchmarks/compress_overhead.py: the demo training texts tokenised without special tokens, joined
-by EOS, cut into T-token rows, attention mask all ones.
+no install needed), so distinf and the peers are timed against the same floor in one process. One
+batch of N x T real tokens (default 8 x 128) packed as benchmarks/compress_overhead.py packs it
+(both through benchmarks/_harness.py): the demo training texts tokenised without special tokens,
+joined by EOS, cut into T-token rows, attention mask all ones.
 
   floor        forward + backward with every weight frozen (the input embedding's output made to
                require grad so backward crosses every layer); loss = sum of per-example mean
@@ -39,32 +40,23 @@ import importlib.metadata
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The checkout's root: benchmarks._harness (which imports nothing from distinf), and distinf for
+# the `distinf` configuration alone.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
+    Clock, Runner, alternate, load_causal_lm, packed_batch, reset_peak_rss, status_kib,
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-Runner = Callable[[], tuple[float, float]]  # runs one batch: (wall s, process CPU s)
 Batch = dict[str, Tensor]
-
-
-class Clock:
-    def __enter__(self) -> "Clock":
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.times = (time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,27 +64,12 @@ class Clock:
 
 
 def load_model(model_dir: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.requires_grad_(False)
-    return model.eval()
+    return load_causal_lm(model_dir).requires_grad_(False)
 
 
 def make_batch(model_dir: str, corpus: str, batch_size: int, tokens: int) -> Batch:
     """N rows of exactly T tokens of packed real text (as in benchmarks/compress_overhead.py)."""
-    import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= batch_size * tokens:
-            break
-    ids = torch.tensor(stream[: batch_size * tokens], dtype=torch.long).view(batch_size, tokens)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return packed_batch(model_dir, corpus, batch_size, tokens)
 
 
 def per_example_losses(logits: Tensor, input_ids: Tensor) -> Tensor:
@@ -210,7 +187,6 @@ def logix_runner(model: nn.Module, batch: Batch, k: int, sink: dict) -> tuple[Ru
 
 
 def distinf_runner(model: nn.Module, batch: Batch, k: int, sink: dict) -> tuple[Runner, str]:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from distinf.core.capture import GradientCapture
     from distinf.core.compressors import build_compressor
     from distinf.core.tasks import causal_lm_losses
@@ -388,41 +364,7 @@ def kronfluence_runner(model: nn.Module, batch: Batch, sink: dict) -> tuple[Runn
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurement (as benchmarks/compress_overhead.py)
-
-
-def alternate(floor: Runner, candidate: Runner, pairs: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        candidate()
-    floor_t, cand_t = [], []
-    for _ in range(pairs):
-        floor_t.append(floor())
-        cand_t.append(candidate())
-        gc.collect()
-    ratios = [c[0] / f[0] for c, f in zip(cand_t, floor_t)]
-    return {
-        "pairs": pairs,
-        "floor_s": statistics.median(f[0] for f in floor_t),
-        "cand_s": statistics.median(c[0] for c in cand_t),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "cpu_ratio": statistics.median(c[1] / f[1] for c, f in zip(cand_t, floor_t)),
-        "raw": [[round(x, 3) for x in (*f, *c)] for f, c in zip(floor_t, cand_t)],
-    }
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+# Measurement (Clock, alternate and the peak RSS probes: benchmarks/_harness.py)
 
 
 def build(config: str, model: nn.Module, batch: Batch, args: argparse.Namespace, sink: dict) -> tuple[Runner, str]:

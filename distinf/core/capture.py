@@ -2,9 +2,11 @@
 
 Life cycle: `GradientCapture(model, tracked, index_set)` plans the gather indices once; inside
 `with capture:` each `capture.batch(batch, loss_fn)` runs forward, backward of the summed
-per-example losses, and returns the kept entries of every example's gradient. Forward hooks keep
-only the input columns the kept entries need; a hook on each module output receives gy and adds
-the module's entries into the batch's [N, k] buffer (so tied weights sum their uses).
+per-example losses, and returns the kept entries of every example's gradient; `capture.run`
+is the one batch loop over it (`distinf.attribute`, the pca fit and the gradient worker use it).
+Forward hooks keep only the input columns the kept entries need; a hook on each module output
+receives gy and adds the module's entries into the batch's [N, k] buffer (so tied weights sum
+their uses).
 
 `GradientCapture(model, tracked, compressor)` runs any compression of distinf.core.compressors
 through the same hooks: the compressor says what a module keeps on forward and which [N, k_l]
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distinf.core.compressors import Compressor, DropoutCompressor
 from distinf.core.index_set import IndexSet
+from distinf.core.tasks import move_batch
 from distinf.core.tracking import ModuleUse, Tracked
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -50,7 +53,6 @@ class GradientCapture:
         self.model = model
         self.compressor = DropoutCompressor(compression) if isinstance(compression, IndexSet) else compression
         self.layout = self.compressor.layout
-        self.index_set = self.layout  # the dropout name, kept for callers that use it
         columns = self.layout.slices()
         # Per hooked module: (use, plan, {local name: columns in the [N, k] buffer}).
         self._hooked: list[tuple[ModuleUse, Any, dict[str, slice]]] = []
@@ -131,6 +133,18 @@ class GradientCapture:
         grads, self._buffer = self._buffer, None
         self._warn_unused_modules()
         return grads, losses.detach().float()
+
+    def run(self, batches: Iterable[dict[str, Tensor]], loss_fn: LossFn,
+            device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """Per collated batch: ([N, k] kept gradient entries, [N] losses), on the CPU.
+
+        Lazy, so a caller may stream the rows away (the pca fit, the worker's chunks) or free
+        memory between steps instead of holding every batch's result.
+        """
+        for batch in batches:
+            grads, losses = self.batch(move_batch(batch, device), loss_fn)
+            grads, losses = grads.cpu(), losses.cpu()  # holds no device buffer into the next step
+            yield grads, losses
 
     def _warn_unused_modules(self) -> None:
         if self._checked_first_batch:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from distinf.core.index_set import IndexSet
+from distinf.core.index_set import Columns
 from distinf.core.numerics import NumericalError
 
 # λ_l = AUTO_DAMPING_SCALE · mean eigenvalue of the block's Gram: the paper's and DataInf's rule.
@@ -28,12 +28,12 @@ AUTO_DAMPING_SCALE = 0.1
 ZERO_BLOCK_TOLERANCE = 2.0 ** -23
 
 
-def block_slices(index_set: IndexSet, blocks: str) -> list[slice]:
+def block_slices(columns: Columns, blocks: str) -> list[slice]:
     """`layer`: one block per parameter tensor; `full`: one k x k block."""
     if blocks == "full":
-        return [slice(0, index_set.k)]
+        return [slice(0, columns.k)]
     if blocks == "layer":
-        return list(index_set.slices().values())
+        return list(columns.slices().values())
     raise ValueError(f"hessian.blocks: unknown {blocks!r}; expected 'layer' or 'full'")
 
 

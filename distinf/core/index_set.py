@@ -12,7 +12,7 @@ import hashlib
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +20,30 @@ import pyarrow as pa
 ParamShapes = Sequence[tuple[str, tuple[int, ...]]]
 
 
+class Columns:
+    """Where each tracked parameter's entries sit in an [N, k] compressed gradient: `sizes[i]`
+    consecutive columns for `names[i]`, in order. IndexSet (dropout) and Layout (the projections)
+    both describe their columns this way, so curvature blocks and scoring take either.
+    """
+
+    names: tuple[str, ...]
+    sizes: Sequence[int]
+
+    @property
+    def k(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Start column of each parameter's entries."""
+        return [0, *np.cumsum(self.sizes).tolist()][:-1]
+
+    def slices(self) -> dict[str, slice]:
+        return {name: slice(start, start + size) for name, start, size in zip(self.names, self.offsets, self.sizes)}
+
+
 @dataclass(frozen=True)
-class IndexSet:
+class IndexSet(Columns):
     """S as one sorted int64 array of flat indices per tracked parameter."""
 
     names: tuple[str, ...]
@@ -29,24 +51,9 @@ class IndexSet:
     flat_indices: tuple[np.ndarray, ...]
 
     @property
-    def k(self) -> int:
-        return sum(len(idx) for idx in self.flat_indices)
-
-    @property
     def sizes(self) -> list[int]:
         """k_l: the number of kept entries of each parameter."""
         return [len(idx) for idx in self.flat_indices]
-
-    @property
-    def offsets(self) -> list[int]:
-        """Start column of each parameter's entries in an [N, k] compressed gradient."""
-        return [0, *np.cumsum(self.sizes).tolist()][:-1]
-
-    def slices(self) -> dict[str, slice]:
-        return {
-            name: slice(start, start + size)
-            for name, start, size in zip(self.names, self.offsets, self.sizes)
-        }
 
     def to_table(self) -> pa.Table:
         """The run-directory form: param (string), flat_index (int64), in order."""
@@ -167,12 +174,3 @@ def draw_index_set(
         raise ValueError(f"compression.allocation: unknown {allocation!r}")
     return IndexSet(names, shapes, tuple(groups))
 
-
-def select_all(param_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> IndexSet:
-    """Every entry of every parameter: the uncompressed gradient, for exact references."""
-    names, shapes, groups = [], [], []
-    for name, shape in param_shapes:
-        names.append(name)
-        shapes.append(tuple(shape))
-        groups.append(np.arange(math.prod(shape), dtype=np.int64))
-    return IndexSet(tuple(names), tuple(shapes), tuple(groups))

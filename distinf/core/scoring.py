@@ -36,6 +36,3 @@ class TopK:
         order = np.lexsort((all_positions, -all_scores), axis=1)[:, :keep]
         self.scores = np.take_along_axis(all_scores, order, axis=1)
         self.positions = np.take_along_axis(all_positions, order, axis=1)
-
-    def merge(self, other: "TopK") -> None:
-        self.update(other.scores, other.positions)

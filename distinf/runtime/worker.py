@@ -20,10 +20,11 @@ from torch import Tensor
 
 from distinf.config import JobConfig
 from distinf.core.numerics import float16_overflow_rows
-from distinf.data import PAD, DataError
+from distinf.data import PAD, DataError, collate
 from distinf.ledger import commit_chunk
 from distinf.log import configure as configure_logging
 from distinf.runtime.faults import injected_delay, injected_fault
+from distinf.runtime.process_memory import release_free_memory
 from distinf.runtime.shard import GradientShard
 from distinf.tables import gradient_table
 
@@ -101,10 +102,11 @@ class GradientWorker:
         for chunk, positions in chunks:
             began = time.perf_counter()
             kept, losses, grads, rejected = [], [], [], []
-            for start in range(0, len(positions), batch_size):
-                step = list(positions[start : start + batch_size])
-                batch = [examples[p if p != PAD else 0] for p in step]
-                g, loss = self.shard.compute(batch, pad_token_id)
+            steps = [list(positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)]
+            batches = (collate([examples[p if p != PAD else 0] for p in step], pad_token_id) for step in steps)
+            computed = self.shard.capture.run(batches, self.shard.loss_fn, self.shard.device)
+            for step, (g, loss) in zip(steps, computed):
+                release_free_memory()  # what the step freed inside the heap, before the next step's peak
                 real = [i for i, p in enumerate(step) if p != PAD]
                 step_ids, g, loss = [ids[step[i]] for i in real], g[real], loss[real]
                 bad = nonfinite_rows(loss, g, dtype)

@@ -20,16 +20,15 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from distinf.core.index_set import ParamShapes, draw_index_set
+from distinf.core.index_set import Columns, ParamShapes, draw_index_set
 from distinf.core.tracking import ModuleUse
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(Columns):
     """The columns of a projected gradient: k_l consecutive columns per parameter, in order.
 
-    Quacks like an IndexSet (k, sizes, offsets, slices, to_table, fingerprint); its table's
-    flat_index is the column's component number inside its parameter's block.
+    Its table's flat_index is the column's component number inside its parameter's block.
     """
 
     method: str
@@ -37,17 +36,6 @@ class Layout:
     shapes: tuple[tuple[int, ...], ...]
     sizes: tuple[int, ...]
     seed: int = 0
-
-    @property
-    def k(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def offsets(self) -> list[int]:
-        return [0, *np.cumsum(self.sizes).tolist()][:-1]
-
-    def slices(self) -> dict[str, slice]:
-        return {name: slice(start, start + size) for name, start, size in zip(self.names, self.offsets, self.sizes)}
 
     def to_table(self) -> pa.Table:
         """param (string), flat_index (int64: the component number within the parameter)."""
@@ -89,7 +77,7 @@ class Compressor(Protocol):
     {local parameter name: [N, k_l]} for the module's parameters in the layout.
     """
 
-    layout: Any
+    layout: Columns
 
     def plan(self, use: ModuleUse) -> Any: ...
 
@@ -101,7 +89,7 @@ class Compressor(Protocol):
 class GradientProjection:
     """Base of compressions that act on each tensor's whole per-example gradient [N, p_l] -> [N, k_l]."""
 
-    layout: Any
+    layout: Columns
 
     def plan(self, use: ModuleUse) -> dict[str, str] | None:
         columns = self.layout.slices()
