@@ -45,13 +45,13 @@ import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
 from distinf.assets import demo_corpus, mixed_source_corpus, smollm2_dir  # noqa: E402
 from distinf.core.tasks import IGNORE_INDEX, causal_lm_losses  # noqa: E402
-from record import publish  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
 
 NORMALISATIONS = ("none", "relatif", "cosine", "unit", "raw-cos")
 DAMPING_SCALES = (0.001, 0.01, 0.1, 1.0)  # × each block's mean eigenvalue; 0.1 is distinf's auto rule
@@ -124,7 +124,7 @@ def cross_source_setting(k: int, n_train: int, n_queries: int, seed: int) -> Set
 
 
 def mislabeled_setting(k: int, seed: int, folder: Path) -> Setting:
-    import mislabeled
+    from benchmarks import mislabeled
 
     prepared = mislabeled.prepare(seed, 8, 1000, 200, 3, 1e-3, folder / f"mislabeled-{seed}")
     return Setting(
@@ -213,7 +213,7 @@ def quarter_columns(c: Captured, seed: int = 0) -> np.ndarray:
 
 def measures(setting: Setting, scores: np.ndarray) -> dict[str, float]:
     if setting.flipped is not None:
-        from mislabeled import auc
+        from benchmarks.mislabeled import auc
 
         return {"AUC": auc(setting.flipped, -scores.mean(0))}
     order = np.argsort(-scores, axis=1, kind="stable")
