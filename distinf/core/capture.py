@@ -12,6 +12,10 @@ their uses).
 through the same hooks: the compressor says what a module keeps on forward and which [N, k_l]
 columns it adds on backward. An IndexSet stands for the dropout compressor, the fast path.
 
+With `factors=FactorSums(...)` (distinf.core.kfac) the same output-gradient hooks also sum the
+Kronecker factors A_C and G_R of the kept entries; set `capture.factors = None` for batches that
+must not shape the curvature (queries).
+
 Weights are frozen for the duration: autograd then computes only activation gradients, the
 floor of any gradient method, and never a p-sized weight gradient.
 """
@@ -28,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distinf.core.compressors import Compressor, DropoutCompressor
 from distinf.core.index_set import IndexSet
+from distinf.core.kfac import FactorSums
 from distinf.core.tasks import move_batch
 from distinf.core.tracking import ModuleUse, Tracked
 
@@ -49,8 +54,10 @@ def refuse_coupling_layers(model: nn.Module) -> None:
 
 
 class GradientCapture:
-    def __init__(self, model: nn.Module, tracked: Tracked, compression: IndexSet | Compressor):
+    def __init__(self, model: nn.Module, tracked: Tracked, compression: IndexSet | Compressor,
+                 factors: FactorSums | None = None):
         self.model = model
+        self.factors = factors
         self.compressor = DropoutCompressor(compression) if isinstance(compression, IndexSet) else compression
         self.layout = self.compressor.layout
         columns = self.layout.slices()
@@ -115,6 +122,8 @@ class GradientCapture:
         entries = self.compressor.entries(use, plan, kept, grad)
         for local, values in entries.items():
             self._buffer[:, columns[local]] += values
+        if self.factors is not None:
+            self.factors.add(use, kept, grad)
 
     def batch(self, batch: dict[str, Tensor], loss_fn: LossFn) -> tuple[Tensor, Tensor]:
         """One forward + backward: ([N, k] float32 kept gradient entries, [N] losses)."""
@@ -130,6 +139,8 @@ class GradientCapture:
             raise CaptureError("the loss does not depend on any tracked module")
         self._buffer = torch.zeros(len(losses), self.layout.k, dtype=torch.float32, device=losses.device)
         losses.sum().backward()
+        if self.factors is not None:
+            self.factors.add_examples(len(losses))
         grads, self._buffer = self._buffer, None
         self._warn_unused_modules()
         return grads, losses.detach().float()

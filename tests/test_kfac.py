@@ -1,0 +1,164 @@
+"""hessian.method kfac / kfac_mix: the Kronecker factors of the kept entries against dense torch.kron
+of factors computed from the full layer inputs and output gradients, seen by plain hooks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distinf
+import tiny_models
+from distinf.config import ConfigError, JobConfig, parse_config
+from distinf.core.capture import GradientCapture
+from distinf.core.curvature import AUTO_DAMPING_SCALE
+from distinf.core.index_set import draw_index_set
+from distinf.core.kfac import FactorSums
+from distinf.core.tasks import causal_lm_losses
+from distinf.core.tracking import track_modules
+from distinf.data import collate
+
+
+def record_layers(model, names, batches, loss_fn):
+    """{module name: [(input, output gradient)] per batch}, by plain forward hooks and tensor hooks."""
+    seen = {name: [] for name in names}
+    batch_size = [0]
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def per_example(mod, args):  # a shared [1, T] input (position ids) stands for every example
+            x = args[0]
+            return (x.expand(batch_size[0], *x.shape[1:]), *args[1:]) if x.shape[0] == 1 else None
+
+        def keep(mod, args, out, name=name):
+            pair = [args[0].detach(), None]
+            seen[name].append(pair)
+            out.register_hook(lambda g: pair.__setitem__(1, g.detach()))
+
+        handles += [module.register_forward_pre_hook(per_example), module.register_forward_hook(keep)]
+    for batch in batches:
+        batch_size[0] = len(next(iter(batch.values())))
+        model.zero_grad()
+        loss_fn(model, batch).sum().backward()
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def linear_factors(pairs):
+    """(Σ x xᵀ over active positions, their number, Σ gy gyᵀ) from [N, ..., in] / [N, ..., out] pairs."""
+    a = g = m = 0
+    for x, gy in pairs:
+        x, gy = x.double().reshape(x.shape[0], -1, x.shape[-1]), gy.double().reshape(gy.shape[0], -1, gy.shape[-1])
+        active = gy.ne(0).any(-1)
+        a = a + torch.einsum("nti,ntj,nt->ij", x, x, active.double())
+        g = g + torch.einsum("nti,ntj->ij", gy, gy)
+        m += int(active.sum())
+    return a, m, g
+
+
+def restricted(dense, flat):
+    index = torch.from_numpy(flat)
+    return dense[index][:, index]
+
+
+def kfac_blocks(model, index_set, batches, loss_fn):
+    """{tensor name: K_S} from FactorSums filled by the capture, and the FactorSums."""
+    tracked = track_modules(model)
+    factors = FactorSums(tracked, index_set)
+    with GradientCapture(model, tracked, index_set, factors=factors) as capture:
+        for batch in batches:
+            capture.batch(batch, loss_fn)
+    return {name: f.block_sum(factors.count) / factors.count for name, f in factors.tensors.items()}, factors
+
+
+def gpt2_batches():
+    examples = tiny_models.token_examples((5, 9, 3, 7, 6, 4, 8))
+    return [collate(examples[i : i + 3], 0) for i in range(0, len(examples), 3)]
+
+
+def test_conv1d_and_position_embedding_equal_rows_of_dense_kron():
+    """GPT-2 (HF Conv1D, padded causal-LM batches): K_S is kron(A, G) at S for every Conv1D weight and
+    bias and the position embedding; the tied token embedding falls back to the Gram."""
+    torch.manual_seed(0)
+    model = tiny_models.gpt2()
+    index_set = draw_index_set(track_modules(model).param_shapes, 3000, seed=3)
+    batches = gpt2_batches()
+    blocks, factors = kfac_blocks(model, index_set, batches, causal_lm_losses)
+    n = factors.count
+    assert factors.gram_fallback == ["transformer.wte.weight"]
+    flat = dict(zip(index_set.names, index_set.flat_indices))
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    seen = record_layers(model, conv1d + ["transformer.wpe"], batches, causal_lm_losses)
+    checked = 0
+    for name in conv1d:
+        a, m, g = linear_factors(seen[name])
+        torch.testing.assert_close(blocks[f"{name}.weight"], restricted(torch.kron(a / m, g / n), flat[f"{name}.weight"]))
+        torch.testing.assert_close(blocks[f"{name}.bias"], restricted(g / n, flat[f"{name}.bias"]))
+        checked += 2
+    # position embedding: the one-hot of each position id, over positions whose output gradient is not zero
+    pairs = seen["transformer.wpe"]
+    onehots = [(F.one_hot(ids, model.config.n_positions), gy) for ids, gy in pairs]
+    a, m, g = linear_factors(onehots)
+    assert torch.count_nonzero(a - torch.diag(torch.diagonal(a))) == 0
+    torch.testing.assert_close(blocks["transformer.wpe.weight"], restricted(torch.kron(a / m, g / n), flat["transformer.wpe.weight"]))
+    assert checked == 16 and m < sum(ids.numel() for ids, _ in pairs)  # padding and last positions are not tokens
+
+
+def test_linear_bias_and_embedding_with_padding_row_equal_rows_of_dense_kron():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 4, padding_idx=2), nn.Linear(4, 3)).eval()
+    ids = torch.tensor([[1, 2, 2, 5], [2, 7, 7, 7], [10, 3, 1, 2], [4, 4, 9, 0]])
+    labels = torch.tensor([0, 1, 2, 1])
+    batches = [{"ids": ids[:3], "labels": labels[:3]}, {"ids": ids[3:], "labels": labels[3:]}]
+
+    def task(m, batch):
+        return F.cross_entropy(m(batch["ids"]).mean(1), batch["labels"], reduction="none")
+
+    index_set = draw_index_set(track_modules(model).param_shapes, 40, seed=0)
+    blocks, factors = kfac_blocks(model, index_set, batches, task)
+    flat = dict(zip(index_set.names, index_set.flat_indices))
+    seen = record_layers(model, ["0", "1"], batches, task)
+    a, m, g = linear_factors(seen["1"])
+    torch.testing.assert_close(blocks["1.weight"], restricted(torch.kron(g / 4, a / m), flat["1.weight"]))
+    torch.testing.assert_close(blocks["1.bias"], restricted(g / 4, flat["1.bias"]))
+    # the padding row has no gradient: its positions are no tokens of A and add nothing to G
+    unpadded = [(F.one_hot(x, 11) * (x != 2)[..., None], gy * (x != 2)[..., None]) for x, gy in seen["0"]]
+    a, m, g = linear_factors(unpadded)
+    assert m == int((ids != 2).sum())
+    torch.testing.assert_close(blocks["0.weight"], restricted(torch.kron(a / m, g / 4), flat["0.weight"]))
+
+
+def test_conv2d_groups_reflect_padding_and_linear_head_equal_rows_of_dense_kron():
+    model = tiny_models.small_cnn()
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(7, 1, 8, 8, generator=generator), torch.randint(0, 4, (7,), generator=generator)
+    batches = [{"pixel_values": images[:4], "labels": labels[:4]}, {"pixel_values": images[4:], "labels": labels[4:]}]
+
+    def task(m, batch):
+        return F.cross_entropy(m(batch["pixel_values"]), batch["labels"], reduction="none")
+
+    index_set = draw_index_set(track_modules(model).param_shapes, 500, seed=1)
+    blocks, factors = kfac_blocks(model, index_set, batches, task)
+    flat = dict(zip(index_set.names, index_set.flat_indices))
+    seen = record_layers(model, ["conv1", "conv2", "head"], batches, task)
+    for name in ("conv1", "conv2"):
+        conv = model.get_submodule(name)
+        pad = conv.padding if conv.padding_mode == "zeros" else 0
+
+        def unfold(x):
+            if conv.padding_mode != "zeros":
+                x = F.pad(x, (1, 1, 1, 1), mode=conv.padding_mode)
+            return F.unfold(x, conv.kernel_size, padding=pad, stride=conv.stride).transpose(1, 2)
+
+        a, m, g = linear_factors([(unfold(x), gy.flatten(2).transpose(1, 2)) for x, gy in seen[name]])
+        # the dense map [out, in·kh·kw]; a grouped weight entry (r, c) is column group(r)·per_out + c of it
+        per_out = conv.in_channels // conv.groups * 9
+        rows, cols = np.divmod(flat[f"{name}.weight"], per_out)
+        full_cols = rows // (conv.out_channels // conv.groups) * per_out + cols
+        dense = torch.kron(g / 7, a / m)
+        torch.testing.assert_close(blocks[f"{name}.weight"], restricted(dense, rows * a.shape[0] + full_cols))
+        torch.testing.assert_close(blocks[f"{name}.bias"], restricted(g / 7, flat[f"{name}.bias"]))
+    a, m, g = linear_factors(seen["head"])
+    torch.testing.assert_close(blocks["head.weight"], restricted(torch.kron(g / 7, a / m), flat["head.weight"]))
