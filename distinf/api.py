@@ -22,6 +22,7 @@ from distinf.core.compressors.base import allocated_sizes
 from distinf.core.compressors.none import check_fits
 from distinf.core.compressors.pca import PCAFit
 from distinf.core.curvature import block_slices
+from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.scoring import TopK, score_chunk
 from distinf.core.solvers import Solver, fit_solver
 from distinf.core.tasks import loss_function
@@ -71,10 +72,12 @@ def fit_pca(model: nn.Module, tracked: Tracked, comp: CompressionConfig, train: 
     return fit.finish()
 
 
-def solver_for(hessian: HessianConfig, slices: list[slice], train_grads: Tensor, train_ids: Sequence[str]) -> Solver:
+def solver_for(hessian: HessianConfig, slices: list[slice], train_grads: Tensor, train_ids: Sequence[str],
+               factors: FactorSums | None = None) -> Solver:
     return fit_solver(hessian.method, slices, train_grads, hessian.damping, train_ids,
                       lissa_iterations=hessian.lissa_iterations, lissa_scale=hessian.lissa_scale,
-                      lissa_batch_size=hessian.lissa_batch_size, lissa_seed=hessian.lissa_seed)
+                      lissa_batch_size=hessian.lissa_batch_size, lissa_seed=hessian.lissa_seed,
+                      factors=factors, gram_share=hessian.gram_share)
 
 
 def _ids(ids: Sequence[Any] | None, n: int, what: str) -> list[str]:
@@ -119,14 +122,17 @@ def attribute(
         if comp.method == "none":
             sizes = [s.stop - s.start for s in block_slices(compressor.layout, cfg.hessian.blocks)]
             check_fits(sizes, len(train) + len(queries), cfg.hessian.method)
-        with GradientCapture(model, tracked, compressor) as capture:
+        # kfac: the training batches also sum the Kronecker factors; the queries must not.
+        factors = FactorSums(tracked, compressor.layout) if cfg.hessian.method in KFAC_METHODS else None
+        with GradientCapture(model, tracked, compressor, factors=factors) as capture:
             train_grads, train_losses = compress_examples(capture, train, loss_fn, batch_size, device, pad_token_id)
+            capture.factors = None
             query_grads, query_losses = compress_examples(capture, queries, loss_fn, batch_size, device, pad_token_id)
     finally:
         model.train(was_training)
 
     layout = compressor.layout
-    solver = solver_for(cfg.hessian, block_slices(layout, cfg.hessian.blocks), train_grads, train_ids)
+    solver = solver_for(cfg.hessian, block_slices(layout, cfg.hessian.blocks), train_grads, train_ids, factors)
     preconditioned = solver.precondition(query_grads).T  # [k, m]
     scores = score_chunk(preconditioned, train_grads).numpy()
     top = TopK(len(queries), cfg.scoring.top_k)

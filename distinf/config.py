@@ -178,9 +178,10 @@ class CompressionConfig(_Section):
 
 
 class HessianConfig(_Section):
-    method: Literal["gauss_newton", "identity", "datainf", "lissa"] = "gauss_newton"
+    method: Literal["gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix"] = "gauss_newton"
     """gauss_newton: exact damped solve; identity: plain dot products (TracIn-style); datainf:
-    DataInf's closed form; lissa: the stochastic LiSSA recursion."""
+    DataInf's closed form; lissa: the stochastic LiSSA recursion; kfac: the Kronecker factors
+    restricted to the kept entries, damped, Cholesky; kfac_mix: (1 - mix)·kfac + mix·Gram."""
     blocks: Literal["layer", "full"] = "layer"
     """layer: one block per parameter tensor; full: one k x k block."""
     damping: Union[Literal["auto"], float] = "auto"
@@ -193,6 +194,9 @@ class HessianConfig(_Section):
     """lissa: training examples per step (all of them when larger than the training set)."""
     lissa_seed: int = 0
     """lissa: seed of the batch sampling (by example id, independent of order)."""
+    mix: Union[float, None] = Field(default=None, ge=0.0, le=1.0)
+    """kfac_mix: β, the Gram's share of the curvature (1 - β)·K_S + β·Gram_S; unset: 0.5. (None
+    rather than 0.5 as the default, so the configs of runs stored before the key compare equal.)"""
 
     @field_validator("damping")
     @classmethod
@@ -216,6 +220,19 @@ class HessianConfig(_Section):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"{key} is only used with method: lissa (method is {self.method!r})")
         return self
+
+    @model_validator(mode="after")
+    def _mix_needs_kfac_mix(self) -> "HessianConfig":
+        if self.method != "kfac_mix" and self.mix is not None:
+            raise ValueError(f"mix is only used with method: kfac_mix (method is {self.method!r})")
+        return self
+
+    @property
+    def gram_share(self) -> float:
+        """The Gram's share of the kfac curvatures: mix (0.5 unset) for kfac_mix, 0 for kfac."""
+        if self.method != "kfac_mix":
+            return 0.0
+        return 0.5 if self.mix is None else self.mix
 
 
 class ScoringConfig(_Section):

@@ -162,3 +162,112 @@ def test_conv2d_groups_reflect_padding_and_linear_head_equal_rows_of_dense_kron(
         torch.testing.assert_close(blocks[f"{name}.bias"], restricted(g / 7, flat[f"{name}.bias"]))
     a, m, g = linear_factors(seen["head"])
     torch.testing.assert_close(blocks["head.weight"], restricted(torch.kron(g / 7, a / m), flat["head.weight"]))
+
+
+# --- the curvature: scores against a dense solve of the same matrix, built from the kron factors
+
+
+def dense_gpt2_curvature(model, index_set, examples, train_grads, gram_share):
+    """{tensor: (1 − β)·K_S + β·Gram_S} from one padded batch of all examples (the factors are
+    sums over positions, so batching must not matter) and the Gram of train_grads."""
+    batch = collate(examples, 0)
+    n = len(examples)
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    seen = record_layers(model, conv1d + ["transformer.wpe"], [batch], causal_lm_losses)
+    kron = {}
+    for name in conv1d:
+        a, m, g = linear_factors(seen[name])
+        kron[f"{name}.weight"], kron[f"{name}.bias"] = torch.kron(a / m, g / n), g / n
+    a, m, g = linear_factors([(F.one_hot(ids, model.config.n_positions), gy) for ids, gy in seen["transformer.wpe"]])
+    kron["transformer.wpe.weight"] = torch.kron(a / m, g / n)
+    grads = torch.from_numpy(train_grads).double()
+    blocks = {}
+    for name, flat, part in zip(index_set.names, index_set.flat_indices, index_set.slices().values()):
+        gram = grads[:, part].T @ grads[:, part] / n
+        kfac = restricted(kron[name], flat) if name in kron else gram  # the tied wte: its Gram
+        blocks[name] = (1 - gram_share) * kfac + gram_share * gram
+    return blocks
+
+
+@pytest.mark.parametrize("method,mix,damping,blocks", [
+    ("kfac", None, "auto", "layer"), ("kfac_mix", None, "auto", "layer"),
+    ("kfac_mix", 0.2, 1e-3, "layer"), ("kfac", None, "auto", "full")])
+def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damping, blocks):
+    model = tiny_models.gpt2()
+    train, queries = tiny_models.token_examples((5, 9, 3, 7, 6, 4, 8)), tiny_models.token_examples((6, 4, 7), seed=2)
+    hessian = {"method": method, "damping": damping, "blocks": blocks, **({"mix": mix} if mix is not None else {})}
+    result = distinf.attribute(model, train, queries, batch_size=3,
+                               config={"compression": {"k": 600, "seed": 2}, "hessian": hessian})
+    index_set = draw_index_set(track_modules(model).param_shapes, 600, seed=2)
+    beta = {"kfac": 0.0, "kfac_mix": 0.5 if mix is None else mix}[method]
+    per_tensor = dense_gpt2_curvature(model, index_set, train, result.train_grads, beta)
+    k = index_set.k
+    h = torch.zeros(k, k, dtype=torch.float64)
+    for name, part in index_set.slices().items():
+        h[part, part] = per_tensor[name]
+    grads = torch.from_numpy(result.train_grads).double()
+    if blocks == "full":  # across tensors the Kronecker part is zero, the Gram's share is not
+        h += beta * (grads.T @ grads / len(train)) * (1 - torch.block_diag(*[torch.ones(p.stop - p.start, p.stop - p.start)
+                                                                              for p in index_set.slices().values()]))
+    parts = list(index_set.slices().values()) if blocks == "layer" else [slice(0, k)]
+    lambdas = []
+    for part in parts:
+        size = part.stop - part.start
+        lam = AUTO_DAMPING_SCALE * float(torch.trace(h[part, part])) / size if damping == "auto" else damping
+        h[part, part] += lam * torch.eye(size, dtype=torch.float64)
+        lambdas.append(lam)
+    np.testing.assert_allclose(result.damping, lambdas, rtol=1e-5)
+    queries_g = torch.from_numpy(result.query_grads).double()
+    scores = (queries_g @ torch.linalg.solve(h, grads.T)).numpy()
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    self_inf = torch.einsum("ik,ki->i", grads, torch.linalg.solve(h, grads.T)).numpy()
+    np.testing.assert_allclose(result.self_influence, self_inf, rtol=1e-4)
+    gauss_newton = distinf.attribute(model, train, queries, batch_size=3, config={"compression": {"k": 600, "seed": 2}})
+    assert not np.allclose(result.scores, gauss_newton.scores, rtol=1e-2)  # a different curvature indeed
+
+
+# --- the normalisation: on independent inputs and output gradients K_S converges to the Gram
+
+
+@pytest.mark.parametrize("positions", [1, 4])
+def test_on_independent_inputs_and_output_gradients_kfac_converges_to_the_gram(positions):
+    """y = W x on `positions` tokens, loss_n = Σ_t v_ntᵀ y_nt: g_n = Σ_t v_nt ⊗ x_nt with x, v independent,
+    zero-mean. E[Gram] = T·E[vvᵀ] ⊗ E[xxᵀ] = E[K] under the per-token A and per-example G, so
+    ‖K_S − Gram_S‖ shrinks like 1/√n; a per-example A (the "reduce" scale) would be off by T."""
+    model = nn.Linear(6, 5, bias=False)
+    index_set = draw_index_set(track_modules(model).param_shapes, 14, seed=0)
+    scales_in, scales_out = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, 3.0]), torch.tensor([2.0, 1.0, 1.0, 0.5, 1.5])
+
+    def task(m, batch):
+        return (m(batch["x"]) * batch["v"]).sum((1, 2))
+
+    errors = []
+    for n in (100, 10_000):
+        generator = torch.Generator().manual_seed(n)
+        x = torch.randn(n, positions, 6, generator=generator) * scales_in
+        v = torch.randn(n, positions, 5, generator=generator) * scales_out
+        tracked = track_modules(model)
+        factors = FactorSums(tracked, index_set)
+        with GradientCapture(model, tracked, index_set, factors=factors) as capture:
+            grads = torch.cat([capture.batch({"x": x[i : i + 1000], "v": v[i : i + 1000]}, task)[0]
+                               for i in range(0, n, 1000)]).double()
+        gram = grads.T @ grads / n
+        kfac = factors.tensors["weight"].block_sum(n) / n
+        errors.append(float(torch.linalg.norm(kfac - gram) / torch.linalg.norm(gram)))
+    assert errors[1] < 0.05 and errors[1] < errors[0] / 3, errors
+
+
+def test_the_job_refuses_kfac_by_name_and_mix_needs_kfac_mix():
+    job = {"model": {"path": "m"}, "data": {"train": {"path": "t.parquet"}, "queries": {"path": "q.parquet"}}}
+    for method in ("kfac", "kfac_mix"):
+        with pytest.raises(ConfigError, match=f"hessian.method: {method} runs in distinf.attribute"):
+            parse_config({**job, "hessian": {"method": method}}, JobConfig)
+    with pytest.raises(ConfigError, match="hessian: mix is only used with method: kfac_mix"):
+        parse_config({"hessian": {"method": "kfac", "mix": 0.3}}, distinf.config.AttributionConfig)
+
+
+def test_kfac_needs_the_dropout_compression():
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="need compression.method: dropout"):
+        distinf.attribute(model, [{"x": torch.randn(4)}], [{"x": torch.randn(4)}], task=lambda m, b: m(b["x"]).sum(1),
+                          config={"compression": {"method": "gaussian", "k": 6}, "hessian": {"method": "kfac"}})

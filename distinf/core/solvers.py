@@ -16,6 +16,9 @@ carries `slices` and `damping` (per block), so scoring and the run directory tre
   gauss_newton solve. B_j is chosen by hashing (seed, j, example id), so it does not depend on
   the order or the chunking of the training set. `scale: auto` is λ + the largest eigenvalue of
   any H̃_j, the smallest s for which every step contracts.
+- kfac (distinf.core.kfac): Ĥ = K_S + λI, K_S the Kronecker factors A ⊗ G of each tensor
+  restricted to its kept entries; kfac_mix: Ĥ = (1 − β)·K_S + β·(1/n) Σ ĝĝᵀ + λI. Both are
+  gauss_newton's Cholesky path on another matrix (a Curvature), with its damping and zero-block rules.
 The damping λ_l is the same rule for every solver (`damping: auto`, a tenth of the mean eigenvalue).
 """
 
@@ -29,9 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distinf.core.curvature import ArrayPickled, GramSums, damping_from_trace, factorize
+from distinf.core.curvature import ArrayPickled, GramSums, damping_from_trace, factorize, factorize_
+from distinf.core.kfac import KFAC_METHODS, FactorSums
 
-METHODS = ("gauss_newton", "identity", "datainf", "lissa")
+METHODS = ("gauss_newton", "identity", "datainf", "lissa", *KFAC_METHODS)
 
 
 class Solver(Protocol):
@@ -232,13 +236,20 @@ class LiSSA(ArrayPickled):
 
 def fit_solver(method: str, slices: list[slice], train_grads: Tensor, damping: str | float = "auto",
                train_ids: Sequence[str] | None = None, lissa_iterations: int = 10,
-               lissa_scale: str | float = "auto", lissa_batch_size: int = 16, lissa_seed: int = 0) -> Solver:
-    """The solver of `hessian.method` from all training gradients [n, k] held in memory."""
+               lissa_scale: str | float = "auto", lissa_batch_size: int = 16, lissa_seed: int = 0,
+               factors: FactorSums | None = None, gram_share: float = 0.0) -> Solver:
+    """The solver of `hessian.method` from all training gradients [n, k] held in memory (and, for
+    kfac and kfac_mix, the Kronecker factors the capture summed over the same examples)."""
     n = train_grads.shape[0]
     if n == 0:
         raise ValueError("no training examples: the curvature is undefined")
     if method == "gauss_newton":
         return factorize(GramSums(slices).add(train_grads), damping)
+    if method in KFAC_METHODS:
+        if factors is None:
+            raise ValueError(f"hessian.method: {method} needs the Kronecker factors summed by the capture "
+                             "(GradientCapture(..., factors=FactorSums(...)))")
+        return factorize_(factors.curvature_sums(GramSums(slices).add(train_grads), gram_share), damping)
     if method == "identity":
         return Identity(slices)
     lambdas = block_dampings(block_traces(train_grads, slices), n, slices, damping)
