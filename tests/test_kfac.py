@@ -164,6 +164,25 @@ def test_conv2d_groups_reflect_padding_and_linear_head_equal_rows_of_dense_kron(
     torch.testing.assert_close(blocks["head.weight"], restricted(torch.kron(g / 7, a / m), flat["head.weight"]))
 
 
+def test_peft_lora_factors_equal_rows_of_dense_kron():
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
+                        init_lora_weights=False)  # random B, so A's output gradients are not all zero
+    model = get_peft_model(tiny_models.llama(), config).eval()
+    tracked = track_modules(model)
+    index_set = draw_index_set(tracked.param_shapes, 400, seed=4)
+    batches = gpt2_batches()
+    blocks, factors = kfac_blocks(model, index_set, batches, causal_lm_losses)
+    assert factors.gram_fallback == [] and len(blocks) == 8  # lora_A and lora_B of q and v, two layers
+    modules = [name.removesuffix(".weight") for name in blocks]
+    seen = record_layers(model, modules, batches, causal_lm_losses)
+    flat = dict(zip(index_set.names, index_set.flat_indices))
+    for module in modules:
+        a, m, g = linear_factors(seen[module])
+        torch.testing.assert_close(blocks[f"{module}.weight"], restricted(torch.kron(g / 7, a / m), flat[f"{module}.weight"]))
+
+
 # --- the curvature: scores against a dense solve of the same matrix, built from the kron factors
 
 
