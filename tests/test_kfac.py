@@ -94,7 +94,8 @@ def test_conv1d_and_position_embedding_equal_rows_of_dense_kron():
     checked = 0
     for name in conv1d:
         a, m, g = linear_factors(seen[name])
-        torch.testing.assert_close(blocks[f"{name}.weight"], restricted(torch.kron(a / m, g / n), flat[f"{name}.weight"]))
+        torch.testing.assert_close(blocks[f"{name}.weight"],
+                                   restricted(torch.kron(a / m, g / n), flat[f"{name}.weight"]))
         torch.testing.assert_close(blocks[f"{name}.bias"], restricted(g / n, flat[f"{name}.bias"]))
         checked += 2
     # position embedding: the one-hot of each position id, over positions whose output gradient is not zero
@@ -102,7 +103,8 @@ def test_conv1d_and_position_embedding_equal_rows_of_dense_kron():
     onehots = [(F.one_hot(ids, model.config.n_positions), gy) for ids, gy in pairs]
     a, m, g = linear_factors(onehots)
     assert torch.count_nonzero(a - torch.diag(torch.diagonal(a))) == 0
-    torch.testing.assert_close(blocks["transformer.wpe.weight"], restricted(torch.kron(a / m, g / n), flat["transformer.wpe.weight"]))
+    torch.testing.assert_close(blocks["transformer.wpe.weight"],
+                               restricted(torch.kron(a / m, g / n), flat["transformer.wpe.weight"]))
     assert checked == 16 and m < sum(ids.numel() for ids, _ in pairs)  # padding and last positions are not tokens
 
 
@@ -180,7 +182,8 @@ def test_peft_lora_factors_equal_rows_of_dense_kron():
     flat = dict(zip(index_set.names, index_set.flat_indices))
     for module in modules:
         a, m, g = linear_factors(seen[module])
-        torch.testing.assert_close(blocks[f"{module}.weight"], restricted(torch.kron(g / 7, a / m), flat[f"{module}.weight"]))
+        torch.testing.assert_close(blocks[f"{module}.weight"],
+                                   restricted(torch.kron(g / 7, a / m), flat[f"{module}.weight"]))
 
 
 # --- the curvature: scores against a dense solve of the same matrix, built from the kron factors
@@ -210,7 +213,7 @@ def dense_gpt2_curvature(model, index_set, examples, train_grads, gram_share):
 
 @pytest.mark.parametrize("method,mix,damping,blocks", [
     ("kfac", None, "auto", "layer"), ("kfac_mix", None, "auto", "layer"),
-    ("kfac_mix", 0.2, 1e-3, "layer"), ("kfac", None, "auto", "full")])
+    ("kfac_mix", 0.2, 1e-3, "layer"), ("kfac", None, "auto", "full"), ("kfac_mix", 0.7, "auto", "full")])
 def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damping, blocks):
     model = tiny_models.gpt2()
     train, queries = tiny_models.token_examples((5, 9, 3, 7, 6, 4, 8)), tiny_models.token_examples((6, 4, 7), seed=2)
@@ -226,8 +229,8 @@ def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damp
         h[part, part] = per_tensor[name]
     grads = torch.from_numpy(result.train_grads).double()
     if blocks == "full":  # across tensors the Kronecker part is zero, the Gram's share is not
-        h += beta * (grads.T @ grads / len(train)) * (1 - torch.block_diag(*[torch.ones(p.stop - p.start, p.stop - p.start)
-                                                                              for p in index_set.slices().values()]))
+        within = torch.block_diag(*[torch.ones(p.stop - p.start, p.stop - p.start) for p in index_set.slices().values()])
+        h += beta * (grads.T @ grads / len(train)) * (1 - within)
     parts = list(index_set.slices().values()) if blocks == "layer" else [slice(0, k)]
     lambdas = []
     for part in parts:

@@ -30,7 +30,8 @@ Which tensor gets which:
   the active non-padding positions; G over the kept embedding dimensions.
 - a tied tensor (used by more than one module, e.g. input embedding = output layer), whose
   gradient is a sum over unlike uses, and any layer kind without a factored form: the empirical
-  Gram block of its kept entries (`FactorSums.gram_fallback` names them).
+  Gram block of its kept entries (`FactorSums.gram_fallback` names them). A module called more
+  than once per forward (one tensor, like uses) adds each call's positions as further tokens.
 K_S is block-diagonal across tensors.
 """
 
