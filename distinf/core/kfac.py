@@ -159,7 +159,7 @@ class FactorSums:
             self._add_embedding(use, wanted["weight"], kept, grad_output)
             return
         gy = use.adapter.output_grads(use.module, grad_output).float()  # [N, T, out]
-        active = gy.ne(0).any(-1)  # [N, T]
+        active = gy.any(-1)  # [N, T]: a position whose output gradient is not all zero
         tokens = float(active.sum())
         for local, name in wanted.items():
             factors = self.tensors[name]
@@ -175,7 +175,7 @@ class FactorSums:
     def _add_embedding(self, use: ModuleUse, name: str, ids: Tensor, grad_output: Tensor) -> None:
         module, factors = use.module, self.tensors[name]
         gy = grad_output.reshape(ids.shape[0], ids.shape[1], -1).float()
-        active = gy.ne(0).any(-1)
+        active = gy.any(-1)
         if module.padding_idx is not None:  # the padding row gets no gradient: not a token of A
             active &= ids != module.padding_idx
         live_ids = ids[active].long()
