@@ -16,25 +16,34 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
+if not __package__:  # run as `python benchmarks/kfac_cost.py`: the checkout's root, for benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import compress_overhead as co
-from distinf.core.capture import GradientCapture
-from distinf.core.curvature import GramSums, block_slices, factorize_
-from distinf.core.index_set import draw_index_set
-from distinf.core.kfac import FactorSums
-from distinf.core.tasks import causal_lm_losses
-from distinf.core.tracking import track_modules
+from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
+    Clock, alternate, machine, reset_peak_rss, status_kib,
+)
+
+import torch  # noqa: E402
+
+from benchmarks import compress_overhead as co  # noqa: E402
+from distinf.core.capture import GradientCapture  # noqa: E402
+from distinf.core.curvature import GramSums, block_slices, factorize_  # noqa: E402
+from distinf.core.index_set import draw_index_set  # noqa: E402
+from distinf.core.kfac import FactorSums  # noqa: E402
+from distinf.core.tasks import causal_lm_losses  # noqa: E402
+from distinf.core.tracking import track_modules  # noqa: E402
 
 
 def runner(model, tracked, index_set, batch, with_factors: bool, sink: dict | None = None):
     def run():
         factors = FactorSums(tracked, index_set) if with_factors else None
         with GradientCapture(model, tracked, index_set, factors=factors) as capture:
-            with co.Clock() as clock:
+            with Clock() as clock:
                 grads, _ = capture.batch(batch, causal_lm_losses)
         if sink is not None:
             sink.update(grads=grads, factors=factors)
@@ -56,11 +65,11 @@ def child(args) -> None:
     run = co.floor_runner(model, batch) if args.child == "floor" else runner(
         model, tracked, index_set, batch, args.child == "kfac")
     gc.collect()
-    was_reset = co.reset_peak_rss()
-    base = co.status_kib("VmRSS")
+    was_reset = reset_peak_rss()
+    base = status_kib("VmRSS")
     for _ in range(3):
         run()
-    print(json.dumps({"config": args.child, "base_kib": base, "peak_kib": co.status_kib("VmHWM"), "reset": was_reset}))
+    print(json.dumps({"config": args.child, "base_kib": base, "peak_kib": status_kib("VmHWM"), "reset": was_reset}))
 
 
 def main() -> None:
@@ -77,7 +86,7 @@ def main() -> None:
         return child(args)
     started = time.perf_counter()
     model, tracked, index_set, batch = setup(args)
-    print(json.dumps(co.machine()), flush=True)
+    print(json.dumps(machine()), flush=True)
     floor = co.floor_runner(model, batch)
     for _ in range(args.warmup):
         floor()
@@ -85,14 +94,14 @@ def main() -> None:
     rows = {}
     for name, run in (("capture", runner(model, tracked, index_set, batch, False)),
                       ("kfac", runner(model, tracked, index_set, batch, True, sink))):
-        rows[name] = co.alternate(floor, run, args.pairs, args.warmup)
+        rows[name] = alternate(floor, run, args.pairs, args.warmup)
         print(name, json.dumps({key: value for key, value in rows[name].items() if key != "raw"}), flush=True)
 
     memory = {}
     for config in ("floor", "capture", "kfac"):
         cmd = [sys.executable, __file__, "--child", config, "--k", str(args.k), "--batch", str(args.batch),
                "--tokens", str(args.tokens), "--threads", str(args.threads)]
-        out = co.subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         memory[config] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(memory[config]), flush=True)
 
