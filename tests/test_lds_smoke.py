@@ -121,3 +121,13 @@ def test_image_setting_runs_end_to_end_with_an_export_and_a_peer(tmp_path, capsy
         value = float(line.split("|")[3].split("±")[0])
         assert -1 <= value <= 1
     assert float(rows[4].split("|")[3].split("±")[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_text_setting_runs_end_to_end_on_frozen_smollm2_features(tmp_path):
+    out = tmp_path / "out.md"
+    lds.main(["--setting", "text", "--n-train", "40", "--n-test", "8", "--subsets", "4", "--max-length", "24",
+              "--ks", "128", "--methods", "dropout:gauss_newton", "--work", str(tmp_path), "--out", str(out)])
+    features = list(tmp_path.glob("text-features-*.pt"))
+    assert len(features) == 1 and torch.load(features[0]).shape == (48, 576)
+    assert "| dropout, gauss_newton | 128 |" in out.read_text()
