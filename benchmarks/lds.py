@@ -329,8 +329,9 @@ def run(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=list(SETTINGS), default="image")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        help="compression:hessian pairs, e.g. dropout:gauss_newton dropout:identity")
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
+                        help="compression:hessian pairs, e.g. dropout:gauss_newton dropout:identity; none given: "
+                        "only retrain (and --export)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1024])
     parser.add_argument("--index-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--subsets", type=int, default=50, help="M, the number of random subsets")
