@@ -38,6 +38,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -205,10 +206,12 @@ def trained(setting: Setting, init: dict[str, Tensor], index: Tensor, seed: int)
 
 
 def retrained_losses(setting: Setting, init: dict[str, Tensor], masks: np.ndarray, seed: int,
-                     cache: Path | None) -> np.ndarray:
-    """[M, Q] test losses of the models trained on each subset (cached in `cache` when given)."""
+                     cache: Path | None) -> tuple[np.ndarray, float]:
+    """([M, Q] test losses of the models trained on each subset, seconds the retraining took),
+    cached in `cache` (and its .json) when given."""
     if cache is not None and cache.is_file():
-        return np.load(cache)
+        timing = cache.with_suffix(".json")
+        return np.load(cache), json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
     losses = np.empty((len(masks), len(setting.tx)))
     started = time.perf_counter()
     for m, mask in enumerate(masks):
@@ -216,9 +219,11 @@ def retrained_losses(setting: Setting, init: dict[str, Tensor], masks: np.ndarra
         losses[m] = test_losses(model, setting.tx, setting.ty).numpy()
         if m % 10 == 9 or m == len(masks) - 1:
             print(f"retrained {m + 1}/{len(masks)} ({time.perf_counter() - started:.0f} s)", flush=True)
+    seconds = time.perf_counter() - started
     if cache is not None:
         np.save(cache, losses)
-    return losses
+        cache.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
+    return losses, seconds
 
 
 def cross_entropy_task(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -284,9 +289,9 @@ def run(args) -> str:
     masks = subset_masks(len(setting.x), args.subsets, args.fraction, args.seed)
     key = hashlib.sha256(json.dumps([setting.description, asdict(setting.recipe), args.subsets, args.fraction,
                                      args.seed]).encode()).hexdigest()[:12]
-    retrain_started = time.perf_counter()
-    losses = retrained_losses(setting, init, masks, args.seed, args.work / f"retrained-{setting.name}-{key}.npy")
-    retrain_seconds = time.perf_counter() - retrain_started
+    cache = args.work / f"retrained-{setting.name}-{key}.npy"
+    cached = cache.is_file()
+    losses, retrain_seconds = retrained_losses(setting, init, masks, args.seed, cache)
     if args.export:
         print(f"exported {export(args.export, setting, model, masks, losses)}", flush=True)
 
@@ -310,12 +315,13 @@ def run(args) -> str:
     lines.append(row("random scores (floor)", "", [lds_per_query(random_scores, masks, losses)], []))
 
     argv = args.argv
-    command = "nice -n 5 .venv/bin/python benchmarks/lds.py " + " ".join(argv)
+    command = "nice -n 5 .venv/bin/python benchmarks/lds.py " + shlex.join(argv)
     r = setting.recipe
     header = [
         f"### LDS, {setting.name} setting (M = {args.subsets} subsets of {args.fraction:.0%}, seed {args.seed})", "",
-        f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min, of which retraining "
-        f"{retrain_seconds / 60:.1f} min; torch threads {torch.get_num_threads()}).", "",
+        f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min; retraining the {args.subsets} "
+        f"models {retrain_seconds / 60:.1f} min{', cached in --work by an earlier call' if cached else ''}; "
+        f"torch threads {torch.get_num_threads()}).", "",
         f"{setting.description}. Recipe for the attributed model and every retrained one: Adam lr {r.lr}, "
         f"weight decay {r.weight_decay}, batch {r.batch_size}, {r.epochs} epochs, initial weights and data "
         f"order from seed {args.seed}. Full-set model: test loss {full_loss:.3f}, accuracy {full_accuracy:.1%}. "
