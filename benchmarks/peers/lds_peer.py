@@ -7,7 +7,7 @@ pairwise influence scores [test, train] as .npy for `lds.py --peer "kronfluence 
 
 The task is the recipe's: cross-entropy of the label, summed over the batch (kronfluence's
 contract); the curvature is fitted with labels sampled from the model (the true Fisher, its
-default). kronfluence's pairwise score is positive when upweighting the training example lowers
+default) or, with --empirical-fisher, with the true labels. kronfluence's pairwise score is positive when upweighting the training example lowers
 the measurement (here the test example's loss), the same sign as distinf's scores.
 
     .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
@@ -47,7 +47,7 @@ class ClassificationTask(Task):
         return F.cross_entropy(model(inputs), labels, reduction="sum")
 
 
-def ekfac_scores(exported: dict, batch_size: int, work: Path) -> np.ndarray:
+def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: bool) -> np.ndarray:
     """[test, train] EK-FAC influence of every training example on every test example."""
     model = build(exported["model"], exported["model_kwargs"], exported["state_dict"]).eval()
     task = ClassificationTask()
@@ -58,7 +58,7 @@ def ekfac_scores(exported: dict, batch_size: int, work: Path) -> np.ndarray:
                         disable_tqdm=True)
     torch.manual_seed(0)  # the Fisher's sampled labels
     analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=batch_size,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+                             factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher), overwrite_output_dir=True)
     analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=test,
                                      train_dataset=train, per_device_query_batch_size=batch_size,
                                      per_device_train_batch_size=batch_size, score_args=ScoreArguments(),
@@ -72,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="scores .npy [test, train]")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--empirical-fisher", action="store_true",
+                        help="fit the factors on the true labels (what distinf's gauss_newton Gram uses)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     exported = torch.load(args.exported)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        scores = ekfac_scores(exported, args.batch_size, Path(work))
+        scores = ekfac_scores(exported, args.batch_size, Path(work), args.empirical_fisher)
     expected = (len(exported["tx"]), len(exported["x"]))
     if scores.shape != expected:
         raise ValueError(f"{args.exported}: kronfluence returned scores {scores.shape}, expected {expected}")
