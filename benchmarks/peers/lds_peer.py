@@ -7,8 +7,9 @@ pairwise influence scores [test, train] as .npy for `lds.py --peer "kronfluence 
 
 The task is the recipe's: cross-entropy of the label, summed over the batch (kronfluence's
 contract); the curvature is fitted with labels sampled from the model (the true Fisher, its
-default) or, with --empirical-fisher, with the true labels. kronfluence's pairwise score is positive when upweighting the training example lowers
-the measurement (here the test example's loss), the same sign as distinf's scores.
+default) or, with --empirical-fisher, with the true labels. kronfluence's pairwise score is
+positive when upweighting the training example lowers the measurement (here the test example's
+loss), the same sign as distinf's scores.
 
     .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
 """
@@ -57,8 +58,9 @@ def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: 
     analyzer = Analyzer(analysis_name="lds", model=model, task=task, cpu=True, output_dir=str(work),
                         disable_tqdm=True)
     torch.manual_seed(0)  # the Fisher's sampled labels
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
     analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=batch_size,
-                             factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher), overwrite_output_dir=True)
+                             factor_args=factor_args, overwrite_output_dir=True)
     analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=test,
                                      train_dataset=train, per_device_query_batch_size=batch_size,
                                      per_device_train_batch_size=batch_size, score_args=ScoreArguments(),
