@@ -3,7 +3,9 @@
 What is checked against an independent computation: the Spearman correlation against the
 textbook formula (no ties) and against ranks counted by brute force (ties); the whole LDS on ridge
 regression, where leave-subset-out retraining is a dense solve and the exact influence (a dense
-solve too) gives LDS near 1, its negation near −1 and random scores near 0. The image setting's
+solve too) gives LDS near 1, its negation near −1 and random scores near 0; the benchmark's
+distinf.attribute call (whole gradients, no curvature) against torch.func gradient dot products.
+The image setting's
 whole command then runs end to end on synthetic Fashion-MNIST files, with an export for the peer
 script and a peer's score file read back.
 """
@@ -131,3 +133,31 @@ def test_text_setting_runs_end_to_end_on_frozen_smollm2_features(tmp_path):
     features = list(tmp_path.glob("text-features-*.pt"))
     assert len(features) == 1 and torch.load(features[0]).shape == (48, 576)
     assert "| dropout, gauss_newton | 128 |" in out.read_text()
+
+
+def test_attribution_with_whole_gradients_and_no_curvature_is_the_dot_product_of_torch_func_gradients():
+    """none:identity scores are g_q · g_i of the per-example cross-entropy gradients, computed here
+    with torch.func over all parameters: the benchmark's task, examples and sign as distinf gets them."""
+    from torch.func import functional_call, grad, vmap
+
+    from lds_models import Recipe, ReviewHead
+
+    torch.manual_seed(0)
+    x, tx = torch.randn(12, 6), torch.randn(4, 6)
+    y, ty = torch.randint(0, 2, (12,)), torch.randint(0, 2, (4,))
+    setting = lds.Setting("toy", "ReviewHead", {"features": 6, "hidden": 3}, Recipe(1, 4, 1e-2), x, y, tx, ty, "")
+    model = ReviewHead(features=6, hidden=3)
+    scores, _ = lds.attribution(model, setting, "none", "identity", 1, 0)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, inputs, label):
+        logits = functional_call(model, p, (inputs.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(logits, label.unsqueeze(0))
+
+    def flat(inputs, labels):
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
+        return torch.cat([grads[name].flatten(1) for name in params], 1)
+
+    expected = flat(tx, ty) @ flat(x, y).T
+    assert scores.shape == (4, 12)
+    assert np.allclose(scores, expected.numpy(), rtol=1e-4, atol=1e-6)
