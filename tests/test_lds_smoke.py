@@ -5,9 +5,8 @@ textbook formula (no ties) and against ranks counted by brute force (ties); the 
 regression, where leave-subset-out retraining is a dense solve and the exact influence (a dense
 solve too) gives LDS near 1, its negation near −1 and random scores near 0; the benchmark's
 distinf.attribute call (whole gradients, no curvature) against torch.func gradient dot products.
-The image setting's
-whole command then runs end to end on synthetic Fashion-MNIST files, with an export for the peer
-script and a peer's score file read back.
+The image setting's whole command then runs end to end on synthetic Fashion-MNIST files, with an
+export for the peer script and a peer's score file read back.
 """
 
 from __future__ import annotations
