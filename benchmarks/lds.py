@@ -288,7 +288,7 @@ def run(args) -> str:
         full_accuracy = float((model(setting.tx).argmax(1) == setting.ty).float().mean())
     masks = subset_masks(len(setting.x), args.subsets, args.fraction, args.seed)
     key = hashlib.sha256(json.dumps([setting.description, asdict(setting.recipe), args.subsets, args.fraction,
-                                     args.seed]).encode()).hexdigest()[:12]
+                                     args.seed, str(args.data.resolve())]).encode()).hexdigest()[:12]
     cache = args.work / f"retrained-{setting.name}-{key}.npy"
     cached = cache.is_file()
     losses, retrain_seconds = retrained_losses(setting, init, masks, args.seed, cache)
@@ -302,6 +302,7 @@ def run(args) -> str:
         for k in ([0] if compression == "none" else args.ks):
             per_seed, seconds = [], []
             for index_seed in ([0] if compression == "none" else args.index_seeds):
+                # none keeps every entry whatever k says
                 scores, elapsed = attribution(model, setting, compression, hessian, k or 1, index_seed)
                 per_seed.append(lds_per_query(scores, masks, losses))
                 seconds.append(elapsed)
