@@ -51,13 +51,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
+    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
-from lds_models import Recipe, build, test_losses, train  # noqa: E402
-from record import publish  # noqa: E402
-from retraining_image import FASHION_MNIST, fashion_mnist  # noqa: E402
+from benchmarks.lds_models import Recipe, build, test_losses, train  # noqa: E402
+from benchmarks.record import publish  # noqa: E402
+from benchmarks.retraining_image import FASHION_MNIST, fashion_mnist  # noqa: E402
 
 TEST_SEED = 12345  # the test examples are one fixed draw, whatever --seed
 REVIEW_LABELS = {"rotten": 0, "fresh": 1}

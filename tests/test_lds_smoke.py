@@ -11,17 +11,12 @@ export for the peer script and a peer's score file read back.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import lds  # noqa: E402
-from test_retraining_smoke import fake_fashion_mnist  # noqa: E402
+from benchmarks import lds
+from test_retraining_smoke import fake_fashion_mnist
 
 
 def brute_force_ranks(values: np.ndarray) -> np.ndarray:
@@ -139,7 +134,7 @@ def test_attribution_with_whole_gradients_and_no_curvature_is_the_dot_product_of
     with torch.func over all parameters: the benchmark's task, examples and sign as distinf gets them."""
     from torch.func import functional_call, grad, vmap
 
-    from lds_models import Recipe, ReviewHead
+    from benchmarks.lds_models import Recipe, ReviewHead
 
     torch.manual_seed(0)
     x, tx = torch.randn(12, 6), torch.randn(4, 6)

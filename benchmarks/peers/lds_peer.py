@@ -30,8 +30,9 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lds_models import build  # noqa: E402
+# The checkout's root, for benchmarks.lds_models (plain torch; nothing from distinf).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.lds_models import build  # noqa: E402
 
 
 class ClassificationTask(Task):
