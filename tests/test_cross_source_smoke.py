@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import job_fixtures
 from distinf.config import load_job
-from distinf.runtime.driver import plan_job
+from distinf.data import plan_job
 
 pytestmark = pytest.mark.distributed
 
