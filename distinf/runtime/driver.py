@@ -97,10 +97,10 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
     if append and run_dir.is_unused():  # the first night of a schedule: there is nothing to append to yet
         log.info(f"'{run_dir}' holds no run yet; starting one there", extra={"event": "first_run"})
         append = False
-    stages = Stages(cfg.name)
     config = json.loads(json.dumps(cfg.model_dump(), default=str))  # as the manifest stores it
     if append:
         stored, base = open_for_append(run_dir)
+        stages = Stages(cfg.name)  # planning starts once the folder is open
         model = model_fingerprint(cfg.model)
         plan = plan_job(cfg, stored_train_ids=base.train_ids)
         queries = fingerprint(plan.queries)
@@ -122,6 +122,7 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
         if stored is not None and stored.append is not None:
             raise JobError(f"--resume: '{run_dir}' holds an unfinished append; finish it by running "
                            f"`distinf run JOB --append-to {run_dir}` again")
+        stages = Stages(cfg.name)
         plan = plan_job(cfg)
         manifest = Manifest(status="running", name=cfg.name, config=config,
                             model_fingerprint=model_fingerprint(cfg.model),
