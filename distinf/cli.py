@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from distinf.config import ConfigError, JobConfig, load_job, refuse_credentials
-from distinf.store import run_path
+from distinf.store import display, run_path
 
 
 def _check_compression(cfg: JobConfig) -> str | None:
@@ -32,9 +32,10 @@ def _check_compression(cfg: JobConfig) -> str | None:
 
 
 def _check_space(cfg: JobConfig, n_train: int, n_queries: int) -> str:
-    """The output folder's disk against what the run writes (rundir.estimated_bytes); object
+    """The output folder's disk against what the run writes (run_dir.estimated_bytes); object
     storage has no such limit. A folder not made yet is measured on its nearest existing parent."""
-    from distinf.runtime.rundir import JobError, check_free_space, estimated_bytes
+    from distinf.runtime.errors import JobError
+    from distinf.runtime.run_dir import check_free_space, estimated_bytes
     from distinf.store import is_remote
 
     run_dir = run_path(cfg.output.path)
@@ -57,7 +58,7 @@ def _check_capacity(cfg: JobConfig) -> str | None:
     A shortfall is a warning, not an error: an autoscaler may add the nodes once the job asks."""
     if not cfg.runtime.address:
         return None
-    from distinf.runtime.driver import capacity_shortfall, cluster_resources
+    from distinf.runtime.workers import capacity_shortfall, cluster_resources
 
     resources = cluster_resources(cfg.runtime.address)
     short = capacity_shortfall(resources, cfg.runtime.num_workers, cfg.runtime.device)
@@ -72,7 +73,7 @@ def _validate(cfg: JobConfig) -> str:
     """Check everything a run would read before it starts: model folder, tokenizer, both data sets,
     and the compression setting against the model's shapes (no weights read); then the output
     folder's free space and, with runtime.address, the cluster's capacity."""
-    from distinf.runtime.driver import plan_job
+    from distinf.data import plan_job
 
     plan = plan_job(cfg)
     unchecked = _check_compression(cfg)
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from distinf.models import ModelError
 
     if args.command == "query":
-        from distinf.runtime.query import JobError, query_run, query_summary
+        from distinf.runtime.errors import JobError
+        from distinf.runtime.query import query_run
 
         try:
             manifest, out = query_run(args.run_dir, args.queries, args.output, args.overrides)
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(_validate(cfg))
             return 0
-        from distinf.runtime.driver import JobError, run_job, summary
+        from distinf.runtime.driver import run_job
+        from distinf.runtime.errors import JobError
 
         if args.append_to and (args.output or args.resume):
             print("distinf: --append-to works in RUN_DIR itself (and finishes an interrupted append); "
@@ -197,6 +200,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distinf: {error}", file=sys.stderr)
         return 2
 
+
+def summary(manifest: dict, run_dir: Path) -> str:
+    """The one-screen summary printed at the end of a run."""
+    import numpy as np
+
+    counts, damping = manifest["counts"], manifest["damping"]
+    lines = [
+        f"distinf run '{manifest['name']}' complete: {display(run_dir)}",
+        f"  examples   train {counts['train']} ({counts['truncated_train']} truncated), "
+        f"queries {counts['queries']} ({counts['truncated_queries']} truncated)",
+        f"  index set  k = {manifest['k']} of {manifest['params']['tracked']:,} tracked entries "
+        f"({manifest['params']['tracked_fraction']:.1%} of {manifest['params']['total']:,} parameters)",
+        f"  damping    {len(damping)} block(s), min {min(damping):.3g}, median {float(np.median(damping)):.3g}, "
+        f"max {max(damping):.3g}",
+        *([f"  zero       {len(manifest['zero_blocks'])} block(s) with a zero gradient, left out of every score: "
+           + "; ".join(f"columns {z['columns']} ({', '.join(z['params'])})" for z in manifest["zero_blocks"][:5])
+           + (" ..." if len(manifest["zero_blocks"]) > 5 else "")] if manifest.get("zero_blocks") else []),
+        "  workers    " + ", ".join(f"rank {w['rank']} on {w['host']}: {w['local_params']:,} params"
+                                  for w in manifest["workers"]),
+        "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items()),
+        f"  outputs    {display(run_dir)}/scores/top_k.parquet, scores/train_values.parquet, gradients/, curvature/",
+    ]
+    if manifest.get("appends"):
+        last = manifest["appends"][-1]
+        lines.insert(2, f"  appended   {last['new_rows']} new training rows ({last['rows_already_stored']} of the file "
+                        f"stored already, {last['stored_rows_not_in_file']} stored rows not in it, kept)")
+    rejected = counts.get("rejected_train", 0) + counts.get("rejected_queries", 0)
+    if rejected:
+        lines.insert(2, f"  rejected   train {counts['rejected_train']}, queries {counts['rejected_queries']}: "
+                        f"{display(run_dir)}/rejected.parquet (data.on_bad_row: skip)")
+    if manifest.get("restarts"):
+        lines.append("  restarts   " + "; ".join(f"{r['stage']}: {r.get('worker', '')} {r['error']}".replace("  ", " ")
+                                               for r in manifest["restarts"]))
+    return "\n".join(lines)
+
+
+def query_summary(manifest: dict, out: Path) -> str:
+    """The one-screen summary printed at the end of `distinf query`."""
+    counts = manifest["counts"]
+    return "\n".join([
+        f"distinf query complete: {display(out)}",
+        f"  run        {manifest['query_of']['path']} ({counts['train']} training examples, stored gradients "
+        "and curvature)",
+        f"  queries    {counts['queries']} scored ({counts['truncated_queries']} truncated, "
+        f"{counts['rejected_queries']} rejected)",
+        "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items()),
+        f"  outputs    {display(out)}/scores/top_k.parquet, scores/train_values.parquet, gradients/queries/",
+    ])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,8 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import torch
 
-from distinf.config import DatasetConfig
+from distinf.config import DatasetConfig, JobConfig
 from distinf.core.tasks import IGNORE_INDEX  # the label of a token that carries no loss
+from distinf.models import load_tokenizer
 
 PAD = -1
 """Partition entry of a padding slot: the rank runs some real example there and drops its outputs."""
@@ -125,10 +126,10 @@ def dataset_files(path: str | list[str], key: str) -> list[Source]:
 
 
 def _expand(path: str, key: str, single: bool) -> list[Source]:
-    from distinf.store import _resolve, _split_uri
+    from distinf.store import resolve, split_uri
 
-    filesystem, inner = _resolve(path)
-    uri = _split_uri(path)
+    filesystem, inner = resolve(path)
+    uri = split_uri(path)
 
     def name_of(found: str) -> str:
         return f"{uri[0]}://{found}" if uri else found
@@ -947,3 +948,56 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> d
             raise ValueError(f"collate: '{key}' has shapes {sorted(shapes)}; only 1-D tensors "
                              "of different lengths can be padded")
     return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# A job's data
+
+
+@dataclass
+class Plan:
+    """A job's train and query sets, read and tokenised (None where the job does not read one)."""
+
+    train: Tokenized | None
+    queries: Tokenized | None
+    pad_token_id: int
+    stored_train: int = 0
+    """Rows of the training file left out because the run already holds their ids (an append)."""
+
+    def split(self, name: str) -> Tokenized:
+        return self.train if name == "train" else self.queries
+
+
+def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
+             stored_train_ids: set[str] | frozenset = frozenset()) -> Plan:
+    """Read and tokenise the train and query sets (those in `splits`); ids are checked unique per set.
+
+    With data.on_bad_row: skip, bad rows are left out and listed in each set's `rejected`. Training
+    rows whose ids are in `stored_train_ids` (an append: the run holds them already) are left out
+    before tokenising, and so are their rejections.
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    num_labels = None
+    if cfg.model.task == "sequence_classification":
+        from transformers import AutoConfig
+
+        num_labels = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True,
+                                                trust_remote_code=cfg.model.trust_remote_code).num_labels
+    sets: dict[str, Tokenized | None] = {"train": None, "queries": None}
+    stored = 0
+    for role, dataset in (("train", cfg.data.train), ("queries", cfg.data.queries)):
+        if role not in splits:
+            continue
+        table, rejected = read_dataset(dataset, role, cfg.data.on_bad_row)
+        if role == "train" and stored_train_ids:
+            known = pa.array([i in stored_train_ids for i in table.column("example_id").to_pylist()], pa.bool_())
+            stored = sum(known.to_pylist())
+            table = table.filter(pc.invert(known))
+            rejected = [r for r in rejected if r.example_id not in stored_train_ids]
+        if table.num_rows == 0:  # an append whose every row is stored already
+            sets[role] = Tokenized(examples=[], ids=[], truncated=0, rows=[], rejected=list(rejected))
+            continue
+        sets[role] = tokenize(table, tokenizer, cfg.data.max_length, cfg.model.task, num_labels=num_labels,
+                              role=role, on_bad_row=cfg.data.on_bad_row)
+        sets[role].rejected = sorted(rejected + sets[role].rejected, key=lambda r: r.row)
+    return Plan(sets["train"], sets["queries"], tokenizer.pad_token_id, stored)

@@ -17,7 +17,8 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from distinf.store import atomic_write_json, chunk_path, commit_table, file_sha256, file_size, read_bytes
+from distinf.runtime.layout import chunk_path, record_path
+from distinf.store import atomic_write_json, commit_table, file_sha256, file_size, read_bytes
 
 Planned = dict[int, list[list[str]]]
 """planned[c][r]: the example ids (padding slots left out) rank r commits as chunk c. Chunk numbers
@@ -26,10 +27,6 @@ need not start at 0: an appended run numbers its new chunks after the stored one
 
 def ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\0".join(ids).encode()).hexdigest()
-
-
-def record_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
-    return Path(run_dir) / "ledger" / split / f"part-{rank:05d}-{chunk:05d}.json"
 
 
 def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned_ids: Sequence[str],

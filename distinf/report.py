@@ -25,7 +25,9 @@ from distinf.core.scoring import TopK, score_chunk
 from distinf.data import read_table
 from distinf.ledger import input_order
 from distinf.runtime.curvature_files import read_solver
-from distinf.store import atomic_write_text, display, read_manifest, read_verified_table, run_path
+from distinf.runtime.layout import TOP_K, TRAIN_VALUES
+from distinf.runtime.run_dir import RunDir
+from distinf.store import atomic_write_text, display, read_verified_table
 from distinf.tables import gradients_of
 
 SHOWN_QUERIES = 4
@@ -125,16 +127,16 @@ def _rows(pairs: list[tuple[str, float]], texts: dict[str, str]) -> str:
 
 def write_report(run_dir: str | Path, noisy_column: str | None = None) -> Path:
     """Write RUN_DIR/report.html and return its path."""
-    run_dir = run_path(run_dir)
-    manifest = read_manifest(run_dir)
-    if not manifest or manifest.get("status") != "complete":
-        raise ValueError(f"{display(run_dir)}: not a complete distinf run (manifest.json missing or not complete)")
+    folder = RunDir.at(run_dir)
+    stored = folder.read_manifest()
+    if stored is None or stored.status != "complete":
+        raise ValueError(f"{folder}: not a complete distinf run (manifest.json missing or not complete)")
+    run_dir, manifest = folder.root, stored.to_dict()
     data = manifest["config"]["data"]
     train_texts, query_texts = _texts(data["train"], "train"), _texts(data["queries"], "queries")
     files = manifest["files"]
-    values = read_verified_table(run_dir / "scores" / "train_values.parquet",
-                                 files["scores/train_values.parquet"]).to_pydict()
-    top = read_verified_table(run_dir / "scores" / "top_k.parquet", files["scores/top_k.parquet"]).to_pydict()
+    values = read_verified_table(run_dir / TRAIN_VALUES, files[TRAIN_VALUES]).to_pydict()
+    top = read_verified_table(run_dir / TOP_K, files[TOP_K]).to_pydict()
     query_ids = list(dict.fromkeys(top["query_id"]))
     shown = query_ids[:: max(1, len(query_ids) // SHOWN_QUERIES)][:SHOWN_QUERIES]
 

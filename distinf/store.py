@@ -37,7 +37,6 @@ from safetensors.numpy import load
 
 from distinf.config import KEY_SCHEMES, ConfigError, refuse_credentials
 
-MANIFEST = "manifest.json"
 
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 """URI schemes of object stores and remote filesystems that pyarrow opens (`FileSystem.from_uri`)."""
@@ -53,14 +52,14 @@ class IntegrityError(ValueError):
 # Where a path lives
 
 
-def _split_uri(path: str | Path) -> tuple[str, str] | None:
+def split_uri(path: str | Path) -> tuple[str, str] | None:
     """(scheme, rest) of a URI in either spelling (`s3://b/k` or the folded `s3:/b/k`), else None."""
     match = _URI.match(str(path))
     return (match.group(1), match.group(2)) if match and match.group(1) in SCHEMES else None
 
 
 def is_remote(path: str | Path) -> bool:
-    return _split_uri(path) is not None
+    return split_uri(path) is not None
 
 
 def run_path(path: str | Path) -> Path:
@@ -81,7 +80,7 @@ def display(path: str | Path) -> str:
     Credentials in a URI (`s3://KEY:SECRET@bucket`, refused by the job's validation) are shown as
     `***`, so that no message, manifest or task argument built from a path can echo a secret.
     """
-    uri = _split_uri(path)
+    uri = split_uri(path)
     if uri is None:
         return str(path)
     netloc, slash, rest = uri[1].partition("/")
@@ -105,9 +104,9 @@ def _filesystem(scheme: str, netloc: str) -> tuple[pafs.FileSystem, str]:
     return filesystem, root
 
 
-def _resolve(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
+def resolve(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path inside it) of a remote path, or (None, the local path)."""
-    uri = _split_uri(path)
+    uri = split_uri(path)
     if uri is None:
         return None, str(path)
     netloc, _, inner = uri[1].partition("/")
@@ -122,7 +121,7 @@ def _resolve(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
 
 def read_bytes(path: str | Path) -> bytes:
     """The whole file; FileNotFoundError when there is none."""
-    filesystem, key = _resolve(path)
+    filesystem, key = resolve(path)
     if filesystem is None:
         return Path(key).read_bytes()
     if filesystem.get_file_info(key).type != pafs.FileType.File:
@@ -132,7 +131,7 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def is_file(path: str | Path) -> bool:
-    filesystem, key = _resolve(path)
+    filesystem, key = resolve(path)
     if filesystem is None:
         return Path(key).is_file()
     return filesystem.get_file_info(key).type == pafs.FileType.File
@@ -140,7 +139,7 @@ def is_file(path: str | Path) -> bool:
 
 def file_size(path: str | Path) -> int | None:
     """Size in bytes, or None when there is no such file."""
-    filesystem, key = _resolve(path)
+    filesystem, key = resolve(path)
     if filesystem is None:
         try:
             return Path(key).stat().st_size
@@ -156,7 +155,7 @@ def list_files(folder: str | Path, recursive: bool = False) -> dict[Path, int]:
     A folder that does not exist has no files. Paths are `folder / name`, in folder's spelling.
     """
     folder = Path(folder)
-    filesystem, key = _resolve(folder)
+    filesystem, key = resolve(folder)
     if filesystem is None:
         if not folder.is_dir():
             return {}
@@ -170,7 +169,7 @@ def list_files(folder: str | Path, recursive: bool = False) -> dict[Path, int]:
 
 def is_empty(folder: str | Path) -> bool:
     """True when nothing is stored at or under `folder` (or it does not exist)."""
-    filesystem, key = _resolve(folder)
+    filesystem, key = resolve(folder)
     if filesystem is None:
         path = Path(key)
         return not path.exists() or (path.is_dir() and not any(path.iterdir()))
@@ -179,7 +178,7 @@ def is_empty(folder: str | Path) -> bool:
 
 def remove(path: str | Path) -> None:
     """Delete one file, if it is there."""
-    filesystem, key = _resolve(path)
+    filesystem, key = resolve(path)
     if filesystem is None:
         Path(key).unlink(missing_ok=True)
     elif filesystem.get_file_info(key).type == pafs.FileType.File:
@@ -199,7 +198,7 @@ def make_folder(folder: str | Path) -> None:
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    filesystem, key = _resolve(path)
+    filesystem, key = resolve(path)
     with open(key, "rb") if filesystem is None else filesystem.open_input_stream(key) as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
@@ -210,7 +209,7 @@ def file_sha256(path: str | Path) -> str:
 # Writing: whole or not at all
 
 
-def _temporary(path: Path) -> Path:
+def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
@@ -219,11 +218,11 @@ def _commit(path: str | Path, write: Callable[[str], None], digest: bool = False
 
     Returns {"bytes", "sha256"} (sha256 only with `digest`) of what was published.
     """
-    filesystem, key = _resolve(path)
+    filesystem, key = resolve(path)
     if filesystem is None:
         path = Path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(path)
+        tmp = temporary_path(path)
     else:
         handle, name = tempfile.mkstemp(prefix=".distinf-", suffix=".tmp")
         os.close(handle)
@@ -267,7 +266,7 @@ def _publish(filesystem: pafs.FileSystem, source: Path, key: str) -> None:
         # every committed output catches when it is read.
         _upload(filesystem, source, key)
         return
-    staged = str(_temporary(Path(key)))
+    staged = str(temporary_path(Path(key)))
     try:
         _upload(filesystem, source, staged)
         filesystem.move(staged, key)
@@ -444,30 +443,3 @@ def read_verified_table(path: str | Path, sha256: str, columns: list[str] | None
 def read_arrays(path: str | Path, sha256: str | None = None) -> dict[str, np.ndarray]:
     """The arrays of a safetensors file, checked against `sha256` when one is given."""
     return load(read_bytes(path) if sha256 is None else read_verified_bytes(path, sha256))
-
-
-# ---------------------------------------------------------------------------------------------
-# Names inside a run directory
-
-
-def gradient_dir(run_dir: str | Path, split: str) -> Path:
-    return Path(run_dir) / "gradients" / split
-
-
-def chunk_path(run_dir: str | Path, split: str, rank: int, seq: int) -> Path:
-    """Chunk `seq` of `rank`: names come from numbers only, never from example ids."""
-    return gradient_dir(run_dir, split) / f"part-{rank:05d}-{seq:05d}.parquet"
-
-
-def list_chunks(run_dir: str | Path, split: str) -> list[Path]:
-    """Committed gradient chunks of a split, in (rank, sequence) order."""
-    return [p for p in list_files(gradient_dir(run_dir, split))
-            if p.name.startswith("part-") and p.name.endswith(".parquet")]
-
-
-def read_manifest(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / MANIFEST
-    try:
-        return json.loads(read_bytes(path).decode("utf-8"))
-    except (FileNotFoundError, IsADirectoryError):
-        return None

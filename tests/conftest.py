@@ -17,6 +17,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for the in-process jobs of a test module: run_job joins it, as on a cluster,
+    instead of starting and stopping a Ray of its own for each job.
+
+    Per module, not per session: test_observe and test_bad_input check that a job leaves no Ray
+    running, and test_cluster_checks and test_ray_cluster start Rays of their own.
+    """
+    import ray
+
+    from distinf.runtime.workers import WORKER_ENV
+
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One finished 2-worker ZeRO-3 run of a tiny GPT-2 on real text, shared by read-only tests.

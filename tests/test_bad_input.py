@@ -18,8 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import job_fixtures
 from distinf.cli import main
-from distinf.runtime import driver
-from distinf.runtime.rundir import write_error
+from distinf.runtime import workers
+from distinf.runtime.errors import write_error
 
 GOOD = ["the cat sat on the mat", "stocks fell sharply today", "a storm is coming in from the west",
         "the film was a quiet delight", "rain again in the city", "the team won the final at home"]
@@ -185,13 +185,6 @@ def test_a_full_disk_mid_run_names_the_file_and_says_how_to_go_on(tmp_path):
 # --- non-finite losses, found by the workers ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": driver.WORKER_ENV})
-    yield
-    ray.shutdown()
-
-
 def test_nan_loss_stops_the_job_naming_the_example(shared_ray, tmp_path, nan_model_dir, capsys):
     rows = good_rows()
     rows[2]["text"] = f"a {NAN_WORD} in the rain"
@@ -244,9 +237,9 @@ def test_a_local_ray_has_no_dashboard_and_would_bind_it_to_loopback(monkeypatch,
     from distinf.config import load_job
 
     calls = []
-    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(driver.ray, "init", lambda **kw: calls.append(kw))
-    assert driver._connect(load_job(job(tmp_path, model_dir, good_rows()))) is True
+    monkeypatch.setattr(workers.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(workers.ray, "init", lambda **kw: calls.append(kw))
+    assert workers.connect(load_job(job(tmp_path, model_dir, good_rows()))) is True
     [kwargs] = calls
     assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
 
@@ -259,9 +252,9 @@ def test_a_ray_that_does_not_start_is_retried_once_then_failed_in_the_manifest(m
         calls.append(kwargs)
         raise Exception("The current node timed out during startup.")
 
-    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(driver.ray, "init", no_raylet)
-    monkeypatch.setattr(driver.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(workers.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(workers.ray, "init", no_raylet)
+    monkeypatch.setattr(workers.ray, "shutdown", lambda: None)
     path = job(tmp_path, model_dir, good_rows())
     assert main(["run", str(path)]) != 0
     assert len(calls) == 2

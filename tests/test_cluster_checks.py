@@ -12,8 +12,8 @@ import ray
 import job_fixtures
 from distinf.cli import main
 from distinf.runtime import metrics
-from distinf.runtime.driver import WORKER_ENV, capacity_shortfall
-from distinf.runtime.rundir import config_differences
+from distinf.runtime.run_dir import config_differences
+from distinf.runtime.workers import WORKER_ENV, capacity_shortfall
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_capacity_is_the_worker_bundles_against_the_clusters_totals():
 def test_validate_refuses_an_output_disk_without_room_for_the_run(job, monkeypatch, capsys):
     assert main(["validate", str(job)]) == 0
     assert "output.path: about" in capsys.readouterr().out
-    monkeypatch.setattr("distinf.runtime.rundir.free_bytes", lambda folder: 1024)
+    monkeypatch.setattr("distinf.runtime.run_dir.free_bytes", lambda folder: 1024)
     assert main(["validate", str(job)]) == 2
     assert "has 1.0 KiB free and this run writes about" in capsys.readouterr().err
 

@@ -325,7 +325,7 @@ def test_chunk_plan_cuts_each_partition_into_the_same_whole_batch_chunks_on_ever
 @pytest.mark.parametrize("n, world_size, batch_size, chunk_examples", [(25, 2, 2, 4), (7, 3, 2, 3), (2, 4, 8, 8)])
 def test_each_rank_is_sent_only_its_own_examples_and_runs_the_same_batches(n, world_size, batch_size, chunk_examples):
     from distinf.data import Tokenized
-    from distinf.runtime.driver import rank_share
+    from distinf.runtime.gradient_pass import rank_share
 
     data = Tokenized(examples=[{"input_ids": torch.tensor([i])} for i in range(n)], ids=[f"e{i}" for i in range(n)],
                      truncated=0, rows=list(range(n)), rejected=[])

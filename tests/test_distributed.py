@@ -9,13 +9,14 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import load_job
-from distinf.runtime.driver import plan_job, run_job
+from distinf.data import plan_job
+from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
-def finished_run(request, tmp_path_factory):
+def finished_run(request, shared_ray, tmp_path_factory):
     """A 2-worker ZeRO-3 run, and distinf.attribute on the same model, data and config."""
     root = tmp_path_factory.mktemp(request.param)
     model_dir = job_fixtures.tiny_model_dir(root, request.param)

@@ -18,13 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 import job_fixtures
 from distinf.cli import main
 from distinf.config import load_job
-from distinf.runtime.driver import WORKER_ENV, plan_job, run_job
-from distinf.runtime.rundir import JobError, damaged_files
+from distinf.data import plan_job
+from distinf.runtime.driver import run_job
+from distinf.runtime.errors import JobError
+from distinf.runtime.run_dir import RunDir
 from distinf.store import IntegrityError, read_verified_table
 
 pytestmark = pytest.mark.distributed
@@ -32,14 +33,6 @@ pytestmark = pytest.mark.distributed
 # 24 training rows, 12 per rank, 2 per batch: 3 chunks of 2 batches on each rank.
 RUNTIME = {"batch_size": 2, "chunk_examples": 4}
 TRAIN_CHUNKS = [(c, r) for c in range(3) for r in range(2)]
-
-
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One local Ray for the in-process runs of this module (run_job joins it, as on a cluster)."""
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def ledger(run_dir: Path, split: str = "train") -> dict[tuple[int, int], dict]:
 def assert_same_outputs(run_dir: Path, reference: tuple[Path, object]) -> None:
     ref_dir, plan = reference
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and damaged_files(run_dir, manifest) == []
+    assert manifest["status"] == "complete" and RunDir(run_dir).damaged_files(manifest) == []
     for split, ids in (("train", plan.train.ids), ("queries", plan.queries.ids)):
         got = pq.read_table(run_dir / "gradients" / split).column("example_id").to_pylist()
         assert sorted(got) == sorted(ids) and len(set(got)) == len(got)  # none missing, none twice
@@ -191,7 +184,7 @@ def test_a_corrupt_committed_chunk_is_detected_and_recomputed_on_resume(undistur
     (run_dir / victim).write_bytes(data[: len(data) // 2])  # truncated, as by a crash or a full disk
     with pytest.raises(IntegrityError, match="part-00001-00001.parquet"):
         read_verified_table(run_dir / victim, sha256)  # readers refuse it
-    assert damaged_files(run_dir, manifest) == [victim]
+    assert RunDir(run_dir).damaged_files(manifest) == [victim]
     before = ledger(run_dir)
 
     cfg = load_job(write_job(tmp_path, inputs))

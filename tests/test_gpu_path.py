@@ -6,7 +6,7 @@ import torch
 
 from distinf.config import JobConfig
 from distinf.core.tasks import move_batch
-from distinf.runtime.driver import worker_bundle, worker_env
+from distinf.runtime.workers import worker_bundle, worker_env
 from distinf.runtime.shard import GradientShard, distributed_env, process_group_backend, shard_device
 
 

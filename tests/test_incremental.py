@@ -15,26 +15,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 import job_fixtures
 from distinf.cli import main
 from distinf.config import load_job
-from distinf.runtime.driver import WORKER_ENV, run_job
+from distinf.runtime.driver import run_job
 from distinf.runtime.query import query_run
-from distinf.runtime.rundir import JobError, damaged_files
+from distinf.runtime.errors import JobError
+from distinf.runtime.run_dir import RunDir
 
 pytestmark = pytest.mark.distributed
 
 RUNTIME = {"batch_size": 2, "chunk_examples": 4}  # 16 stored rows: chunks 0 and 1 on each of 2 ranks
-
-
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One local Ray for the runs of this module (run_job joins it, as on a cluster)."""
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +102,7 @@ def assert_close(ours: dict, theirs: dict) -> None:
 def test_an_append_equals_a_from_scratch_run_on_the_union(appended, from_scratch, inputs):
     run_dir = appended[0]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and "append" not in manifest and damaged_files(run_dir, manifest) == []
+    assert manifest["status"] == "complete" and "append" not in manifest and RunDir(run_dir).damaged_files(manifest) == []
     assert_close(dense_scores(run_dir), dense_scores(from_scratch))
 
     top, ref = (pq.read_table(d / "scores" / "top_k.parquet").to_pydict() for d in (run_dir, from_scratch))
@@ -202,7 +194,7 @@ def queried(shared_ray, from_scratch, inputs, tmp_path_factory):
 def test_a_query_against_a_stored_run_equals_a_fresh_run_with_those_queries(queried, from_scratch, inputs):
     _, out, _ = queried
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and damaged_files(out, manifest) == []
+    assert manifest["status"] == "complete" and RunDir(out).damaged_files(manifest) == []
     asked = pq.read_table(inputs["later"]).column("id").to_pylist()
     reference = {key: s for key, s in dense_scores(from_scratch).items() if key[0] in asked}
     assert_close(dense_scores(out), reference)

@@ -16,7 +16,8 @@ import job_fixtures
 from distinf.assets import mixed_source_corpus
 from distinf.config import load_job
 from distinf.data import fingerprint
-from distinf.runtime.driver import plan_job, run_job
+from distinf.data import plan_job
+from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed
 

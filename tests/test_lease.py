@@ -15,7 +15,7 @@ import pytest
 
 from distinf.runtime import lease as leases
 from distinf.runtime.lease import LeaseHeld, LeaseLost, acquire, write_manifest
-from distinf.runtime.rundir import is_unused, remove_leftovers
+from distinf.runtime.run_dir import RunDir
 
 
 def stale_lease(run_dir, **fields) -> dict:
@@ -28,7 +28,7 @@ def stale_lease(run_dir, **fields) -> dict:
 
 def test_a_live_lease_is_refused_naming_its_holder_and_released_on_exit(tmp_path):
     with acquire(tmp_path / "run", "distinf run", ttl=60) as first:
-        assert is_unused(tmp_path / "run")  # a folder holding only its lease holds no run
+        assert RunDir(tmp_path / "run").is_unused()  # a folder holding only its lease holds no run
         with pytest.raises(LeaseHeld, match=f"being written by run {first.run_id} .*pid {os.getpid()}"):
             acquire(tmp_path / "run", "distinf run", ttl=60)
     assert not (tmp_path / "run" / "lease.json").exists()
@@ -86,6 +86,6 @@ def test_leftovers_of_a_nested_query_folder_are_left_to_its_own_writer(tmp_path)
     query.mkdir(parents=True)
     (query / "lease.json").write_text("{}")
     (query / ".top_k.parquet.def.tmp").write_text("being written")
-    remove_leftovers(tmp_path)
+    RunDir(tmp_path).remove_leftovers()
     assert not (tmp_path / "gradients" / ".part.abc.tmp").exists()
     assert (query / ".top_k.parquet.def.tmp").exists()

@@ -11,7 +11,8 @@ import distinf
 import job_fixtures
 from distinf.config import JOB_COMPRESSION_METHODS, JOB_HESSIAN_METHODS, load_job
 from distinf.report import extremes, write_report
-from distinf.runtime.driver import plan_job, run_job
+from distinf.data import plan_job
+from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed
 
@@ -19,7 +20,7 @@ CASES = [("gaussian", "datainf"), ("logra", "lissa"), ("fjlt", "identity")]
 
 
 @pytest.mark.parametrize("compression, hessian", CASES)
-def test_job_scores_equal_attribute(tmp_path, compression, hessian):
+def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
     if compression not in JOB_COMPRESSION_METHODS or hessian not in JOB_HESSIAN_METHODS:
         pytest.skip(f"the job does not run {compression}/{hessian} yet (distinf.config.JOB_*_METHODS)")
     model_dir = job_fixtures.tiny_model_dir(tmp_path, "gpt2")

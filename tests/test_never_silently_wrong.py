@@ -17,11 +17,12 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import job_fixtures
-from distinf.cli import main
+from distinf.cli import main, summary
 from distinf.config import load_job
 from distinf.core.curvature import GramSums, factorize, precondition, self_influence
 from distinf.core.numerics import NumericalError
-from distinf.runtime import driver
+from distinf.runtime.errors import JobError
+from distinf.runtime.failures import fatal as fatal_error
 from distinf.runtime.curvature_files import read_solver
 from distinf.runtime.reducer import Reducer
 from distinf.store import file_sha256
@@ -30,13 +31,6 @@ from distinf.tables import gradient_schema, gradients_of, top_k_table
 GOOD = ["the cat sat on the mat", "stocks fell sharply today", "a storm is coming in from the west",
         "the film was a quiet delight", "rain again in the city", "the team won the final at home"]
 HUGE_WORD = "zebra"  # a token whose output embedding gives any example predicting it float16-sized gradients
-
-
-@pytest.fixture(scope="module")
-def shared_ray():
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": driver.WORKER_ENV})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +144,8 @@ def test_a_non_finite_chunk_is_refused_naming_the_file_and_the_block(shared_ray,
     reducer = Reducer.remote(slices, {"damping": "auto"})
     with pytest.raises(ray.exceptions.RayTaskError) as caught:
         ray.get(reducer.reduce.remote(chunks["train"], chunks["queries"], str(tmp_path / "curvature")))
-    fatal = driver._fatal(caught.value, tmp_path)
-    assert fatal is not None and isinstance(fatal, driver.JobError)  # no restart is tried
+    fatal = fatal_error(caught.value, tmp_path)
+    assert fatal is not None and isinstance(fatal, JobError)  # no restart is tried
     assert f"{bad_split}.parquet" in str(fatal) and "columns 4:8" in str(fatal), str(fatal)
     ray.kill(reducer)
 
@@ -196,7 +190,7 @@ def test_the_job_names_gpt2s_key_bias_as_a_zero_block_and_leaves_it_out(tiny_run
     for columns, params in zero.items():
         a, b = map(int, columns.split(":"))
         assert list(dict.fromkeys(index[a:b])) == params
-    text = driver.summary(manifest, run_dir)
+    text = summary(manifest, run_dir)
     assert "block(s) with a zero gradient, left out of every score" in text
     assert "(transformer.h.1.attn.c_attn.bias)" in text
 

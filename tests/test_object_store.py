@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import load_job
-from distinf.runtime.driver import plan_job, run_job
+from distinf.data import plan_job
+from distinf.runtime.driver import run_job
 from distinf.runtime.query import query_run
 
 pytestmark = pytest.mark.distributed
@@ -225,7 +226,7 @@ def test_a_store_without_server_side_move_gets_the_whole_object_and_no_temporary
 
 
 def test_temporary_objects_of_a_killed_upload_are_removed_but_not_a_nested_query_s(s3):
-    from distinf.runtime.rundir import remove_leftovers
+    from distinf.runtime.run_dir import RunDir
     from distinf.store import run_path
 
     run_dir = run_path(f"s3://{BUCKET}/runs/leftovers")
@@ -234,7 +235,7 @@ def test_temporary_objects_of_a_killed_upload_are_removed_but_not_a_nested_query
                  "queries/night/.manifest.json.4e5f6a7b.tmp", "gradients/train/part-00000-00000.parquet"):
         with s3.open_output_stream(f"{key}/{name}") as out:
             out.write(b"x")
-    remove_leftovers(run_dir)
+    RunDir(run_dir).remove_leftovers()
     left = sorted(info.path[len(key) + 1:] for info in s3.get_file_info(pafs.FileSelector(key, recursive=True))
                   if info.type == pafs.FileType.File)
     assert left == ["gradients/train/part-00000-00000.parquet", "queries/night/.manifest.json.4e5f6a7b.tmp",

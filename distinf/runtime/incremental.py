@@ -21,37 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distinf.runtime.rundir import (JobError, check_writable, config_differences, config_value, remove_leftovers,
-                                    stored_manifest)
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distinf.ledger import Planned, ids_digest
-from distinf.store import IntegrityError, display, is_file, list_files, read_bytes, read_verified_table, remove
-
-APPEND_KEYS = ("name", "runtime.", "output.path", "output.keep_versions", "model.path", "data.train.path",
-               "data.queries.path")
-"""Job keys an append may change from the stored run: where and how it runs, and which files it
-reads. Everything else (model settings, columns, max_length, compression, hessian, scoring,
-gradient_dtype) changes the numbers or the outputs' meaning and is refused."""
-
-APPEND_PENDING = "append"
-"""Manifest key of an unfinished append: the stored run it started from, and where its chunks go."""
-
-_PART = re.compile(r"^part-(\d{5})-(\d{5})\.(parquet|json)$")
+from distinf.runtime.errors import JobError
+from distinf.runtime.layout import REJECTED
+from distinf.runtime.manifest import AppendPending, Manifest
+from distinf.runtime.run_dir import RunDir
+from distinf.store import IntegrityError, is_file, read_bytes, read_verified_table, remove
 
 
 @dataclass
 class Base:
     """The complete run an append starts from."""
 
-    manifest: dict
+    manifest: Manifest
     train_ids: set[str]
     """Every training id it holds: scored, or rejected (data.on_bad_row: skip)."""
     rejected: list[list]
@@ -60,53 +48,56 @@ class Base:
     """The number of the append's first training chunk."""
     segment: int
 
+    def pending(self, new_rows: str) -> AppendPending:
+        """What the manifest of an append in progress records of it, with the new rows' fingerprint."""
+        return AppendPending(self.manifest, self.rejected, self.first_chunk, self.segment, new_rows,
+                             len(self.train_ids))
 
-def open_for_append(run_dir: Path) -> tuple[dict, Base]:
+
+def open_for_append(run_dir: RunDir) -> tuple[Manifest, Base]:
     """The stored manifest and the run to append to: a complete run, or the one an unfinished
     append started from. Refuses anything else, and a run with a missing or damaged chunk."""
-    stored = stored_manifest(run_dir, "--append-to")
-    if stored.get("status") == "complete":
+    stored = run_dir.stored_manifest("--append-to")
+    if stored.status == "complete":
         manifest = stored
         rejected = _stored_rejected(run_dir, manifest)
-        numbers = [c["chunk"] for c in manifest["chunks"]["train"]]
-        numbers += [int(m.group(2)) for p in list_files(run_dir / "ledger" / "train")
-                    if (m := _PART.match(p.name))]
+        numbers = [c["chunk"] for c in manifest.chunks["train"]] + run_dir.chunk_numbers("train")
         first_chunk = max(numbers, default=-1) + 1
-        segment = max((c.get("segment", 0) for c in manifest["chunks"]["train"]), default=0) + 1
-    elif APPEND_PENDING in stored:
-        pending = stored[APPEND_PENDING]
-        manifest, rejected = pending["base"], pending["rejected"]
-        first_chunk, segment = pending["first_chunk"], pending["segment"]
+        segment = max((c.get("segment", 0) for c in manifest.chunks["train"]), default=0) + 1
+    elif stored.append is not None:
+        pending = stored.append
+        manifest, rejected = pending.base, pending.rejected
+        first_chunk, segment = pending.first_chunk, pending.segment
     else:
-        raise JobError(f"--append-to: '{display(run_dir)}' holds an unfinished run (status "
-                       f"{stored.get('status')!r}); finish it first with `distinf run JOB --output "
-                       f"{display(run_dir)} --resume`")
-    check_writable(run_dir, "--append-to")
-    remove_leftovers(run_dir)
+        raise JobError(f"--append-to: '{run_dir}' holds an unfinished run (status "
+                       f"{stored.status!r}); finish it first with `distinf run JOB --output "
+                       f"{run_dir} --resume`")
+    run_dir.check_writable("--append-to")
+    run_dir.remove_leftovers()
     ids = _stored_train_ids(run_dir, manifest)
     ids |= {row[0] for row in rejected if row[1] == "train" and row[0] is not None}
     return stored, Base(manifest, ids, rejected, first_chunk, segment)
 
 
-def _stored_rejected(run_dir: Path, manifest: dict) -> list[list]:
-    sha256 = manifest.get("files", {}).get("rejected.parquet")
+def _stored_rejected(run_dir: RunDir, manifest: Manifest) -> list[list]:
+    sha256 = (manifest.files or {}).get(REJECTED)
     if sha256 is None:
         return []
     try:
-        table = read_verified_table(run_dir / "rejected.parquet", sha256)
+        table = read_verified_table(run_dir.path(REJECTED), sha256)
     except IntegrityError as error:
         raise JobError(f"--append-to: {error}".replace("run the job again with --resume to recompute it",
                                                        "the run cannot be appended to")) from None
     return [list(row.values()) for row in table.to_pylist()]
 
 
-def _stored_train_ids(run_dir: Path, manifest: dict) -> set[str]:
+def _stored_train_ids(run_dir: RunDir, manifest: Manifest) -> set[str]:
     """The ids in the stored training chunks, each chunk read once and checked against its sha256."""
-    chunks = manifest["chunks"]["train"]
+    chunks = manifest.chunks["train"]
 
     def ids(chunk: dict) -> list[str] | None:
         try:
-            table = read_verified_table(run_dir / chunk["file"], chunk["sha256"], columns=["example_id"])
+            table = read_verified_table(run_dir.path(chunk["file"]), chunk["sha256"], columns=["example_id"])
         except IntegrityError:
             return None
         return table.column("example_id").to_pylist()
@@ -116,30 +107,24 @@ def _stored_train_ids(run_dir: Path, manifest: dict) -> set[str]:
     damaged = [c["file"] for c, got in zip(chunks, found) if got is None]
     if damaged:
         shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
-        raise JobError(f"--append-to: '{display(run_dir)}' has missing or damaged gradient chunks ({shown}); "
+        raise JobError(f"--append-to: '{run_dir}' has missing or damaged gradient chunks ({shown}); "
                        "an append keeps every stored chunk, so it cannot go on. Repair the run first "
                        "(`distinf run JOB --output RUN_DIR --resume` with the job that made it), or start "
                        "a new run")
     return {i for got in found for i in got}
 
 
-def check_appendable(base: dict, config: dict, model_fingerprint: str, queries_fingerprint: str,
-                     run_dir: Path) -> None:
-    """Refuse an append whose job would not compute the numbers the stored run did."""
-    hint = "run the job into a new output folder instead"
-    differ = config_differences(base["config"], config, allowed=APPEND_KEYS)
-    if differ:
-        shown = ", ".join(f"{key} ({config_value(base['config'], key)!r} there, {config_value(config, key)!r} now)"
-                          for key in differ[:5])
-        raise JobError(f"--append-to: '{display(run_dir)}' was computed with different settings: {shown}; "
-                       f"an append must compute the same numbers; {hint}")
-    if base.get("model_fingerprint") != model_fingerprint:
-        raise JobError(f"--append-to: the model at model.path is not the one '{display(run_dir)}' was computed "
-                       f"with (its config or weights differ); {hint}")
-    if base.get("data_fingerprint", {}).get("queries") != queries_fingerprint:
-        raise JobError(f"--append-to: data.queries differs from the queries of '{display(run_dir)}' (ids, texts "
-                       "or labels); an append keeps the stored queries. Score new queries with `distinf query "
-                       f"{display(run_dir)} --queries FILE`, or {hint}")
+def append_manifest(name: str, config: dict, base: Base, model: str, queries: str, new_rows: str,
+                    restarts: list[dict]) -> Manifest:
+    """The manifest of an append while it runs: "running", with the stored run it extends, and the
+    restarts so far (the stored run's, and those of this append's failed tries)."""
+    stored = base.manifest
+    manifest = Manifest(status="running", name=name, config=config, model_fingerprint=model,
+                        data_fingerprint={"train": chain_fingerprint(stored.data_fingerprint["train"], new_rows),
+                                          "queries": queries},
+                        restarts=list(restarts), append=base.pending(new_rows))
+    manifest.carry_from(stored)
+    return manifest
 
 
 def chain_fingerprint(stored: str, appended: str) -> str:
@@ -147,27 +132,7 @@ def chain_fingerprint(stored: str, appended: str) -> str:
     return hashlib.sha256(f"{stored}+{appended}".encode()).hexdigest()
 
 
-def stale_chunks(run_dir: Path, split: str, first_chunk: int, planned: Planned) -> list[Path]:
-    """Ledger records numbered from `first_chunk`, and their chunk files, that this append does not
-    plan as they are (another chunk, or other ids in it): a failed append of another training file
-    committed them, and no complete manifest lists them."""
-    stale = []
-    for path in list_files(run_dir / "ledger" / split):
-        match = _PART.match(path.name)
-        if match is None or int(match.group(2)) < first_chunk:
-            continue
-        rank, chunk = int(match.group(1)), int(match.group(2))
-        try:
-            record = json.loads(read_bytes(path).decode("utf-8"))
-        except (OSError, ValueError):
-            continue  # unreadable: never a commit, so no row of it was ever counted
-        parts = planned.get(chunk, [])
-        if rank >= len(parts) or record.get("ids") != ids_digest(parts[rank]):
-            stale += [path] + ([run_dir / record["file"]] if record.get("file") else [])
-    return stale
-
-
-def refuse_or_discard(run_dir: Path, stale: list[Path], discard: bool) -> None:
+def refuse_or_discard(run_dir: RunDir, stale: list[Path], discard: bool) -> None:
     """A failed append's rows are never deleted behind the user's back: refuse, naming them, unless
     `discard` (--discard-pending) says to delete them."""
     if not stale:
@@ -186,6 +151,6 @@ def refuse_or_discard(run_dir: Path, stale: list[Path], discard: bool) -> None:
         except (OSError, ValueError):
             ids.append(f"(unreadable {path.name})")
     shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-    raise JobError(f"--append-to: '{display(run_dir)}' holds {len(ids)} row(s) committed by an unfinished append of "
+    raise JobError(f"--append-to: '{run_dir}' holds {len(ids)} row(s) committed by an unfinished append of "
                    f"another training file ({shown}), which this append does not include. Finish that append by "
                    "running it again with its own training file, or pass --discard-pending to delete those rows")

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from distinf.runtime.rundir import LEASE, JobError
-from distinf.store import MANIFEST, _resolve, _split_uri, atomic_write_json, display, read_bytes, remove
+from distinf.runtime.errors import JobError
+from distinf.runtime.layout import LEASE, MANIFEST
+from distinf.store import resolve, split_uri, atomic_write_json, display, read_bytes, remove
 
 _held: dict[str, "Lease"] = {}
 """The leases this process holds, by run directory: every manifest write checks its own first."""
@@ -116,7 +117,7 @@ class Lease:
             current, _ = _read(self.path)
             if current is not None and current.get("run_id") == self.run_id:
                 remove(self.path)
-            if not _split_uri(self.run_dir):
+            if not split_uri(self.run_dir):
                 for marker in Path(self.run_dir).glob(".lease-takeover-*"):
                     marker.unlink(missing_ok=True)
         except OSError:
@@ -197,7 +198,7 @@ def _alive(pid: int) -> bool:
 
 
 def _is_s3(path: Path) -> bool:
-    uri = _split_uri(path)
+    uri = split_uri(path)
     return uri is not None and uri[0] == "s3"
 
 
@@ -212,7 +213,7 @@ def _s3_client():
 
 
 def _bucket_key(path: Path) -> tuple[str, str]:
-    bucket, _, key = _split_uri(path)[1].partition("/")
+    bucket, _, key = split_uri(path)[1].partition("/")
     return bucket, key
 
 
@@ -278,7 +279,7 @@ def _create(path: Path, body: dict) -> bool:
             if _precondition_failed(error):
                 return False
             raise
-    filesystem, local = _resolve(path)
+    filesystem, local = resolve(path)
     if filesystem is not None:  # no conditional write: write if absent, then read back
         if _read(path)[0] is not None:
             return False
@@ -305,7 +306,7 @@ def _take_over(path: Path, stale: dict, etag: str | None, body: dict) -> bool:
             return True
         except LeaseLost:
             return False
-    filesystem, local = _resolve(path)
+    filesystem, local = resolve(path)
     if filesystem is None:
         # One taker per stale heartbeat: the marker's name is that heartbeat, created exclusively.
         marker = Path(local).with_name(f".lease-takeover-{stale.get('run_id')}-{stale.get('heartbeat')}")

@@ -23,13 +23,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from distinf.store import _resolve, _temporary, is_remote, list_files, remove
-
-VERSIONS = "versions"
-
-
-def version_dir(run_dir: Path, run_id: str) -> Path:
-    return Path(run_dir) / VERSIONS / run_id
+from distinf.runtime.layout import DENSE, VERSIONS
+from distinf.store import resolve, temporary_path, is_remote, list_files, remove
 
 
 def stamp(table: pa.Table, run_id: str, as_of: datetime) -> pa.Table:
@@ -48,19 +43,19 @@ def publish(run_dir: Path, version: Path, names: list[str]) -> None:
     delete dense score parts of the run directory that the version does not have."""
     for name in names:
         _replace_with_copy(version / name, run_dir / name)
-    staged = {p.name for p in list_files(version / "scores" / "dense")}
-    for path in list_files(run_dir / "scores" / "dense"):
+    staged = {p.name for p in list_files(version / DENSE)}
+    for path in list_files(run_dir / DENSE):
         if path.name.startswith("part-") and path.name not in staged:
             remove(path)
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:
-    filesystem, source_key = _resolve(source)
+    filesystem, source_key = resolve(source)
     if filesystem is not None:  # a server-side copy: the object appears whole under its name
-        filesystem.copy_file(source_key, _resolve(target)[1])
+        filesystem.copy_file(source_key, resolve(target)[1])
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(target)
+    tmp = temporary_path(target)
     try:
         os.link(source, tmp)  # no second copy of the bytes on one filesystem
     except OSError:
@@ -87,11 +82,3 @@ def prune(run_dir: Path, keep: int, current: str) -> list[str]:
         else:
             shutil.rmtree(Path(run_dir) / VERSIONS / name, ignore_errors=True)
     return kept
-
-
-def last_complete(manifest: dict) -> dict | None:
-    """The complete version a run directory vouches for: its manifest, or, while an append runs or
-    after one failed, the manifest of the version it started from."""
-    if manifest.get("status") == "complete":
-        return manifest
-    return (manifest.get("append") or {}).get("base")

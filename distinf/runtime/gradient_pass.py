@@ -1,0 +1,216 @@
+"""The gradient pass: every chunk the ledger lacks, computed by the worker group, resumable.
+
+The pass is cut into chunks that every attempt plans the same way (`data.chunk_plan`), and a chunk
+committed intact in the ledger is never computed again: a restarted group, a resumed run, an
+append or a query run again each compute only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import ray
+from tqdm.auto import tqdm
+
+from distinf.config import JobConfig
+from distinf.data import PAD, Tokenized, chunk_plan
+from distinf.ledger import Planned, input_order, pending_chunks
+from distinf.runtime import metrics
+from distinf.runtime.errors import JobError
+from distinf.runtime.failures import await_group
+from distinf.runtime.layout import INDEX_SET
+from distinf.runtime.manifest import Manifest
+from distinf.runtime.run_dir import RunDir
+from distinf.runtime.workers import WorkerGroup
+from distinf.store import IntegrityError, atomic_write_table, file_sha256, is_file, read_verified_table
+
+log = logging.getLogger("distinf.driver")
+
+
+@ray.remote(num_cpus=0)
+class Progress:
+    """Every rank's examples done and chunks committed, for the driver's bar, logs and metrics."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.chunks = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+    def chunk(self) -> None:
+        self.chunks += 1
+
+    def value(self) -> tuple[int, int]:
+        return self.done, self.chunks
+
+
+@dataclass
+class Gradients:
+    index_table: pa.Table
+    records: dict[str, list[dict]]
+    """split -> the ledger record of every (chunk, rank) part, in input order: (segment, rank, chunk)."""
+
+
+@dataclass
+class SplitWork:
+    """One split's gradient pass: the examples to compute, cut into chunks, and stored chunks reused."""
+
+    data: Tokenized
+    positions: dict[int, list[list[int]]]
+    """chunk number -> rank -> positions into data (PAD a padding slot), as `chunk_plan` cuts them."""
+    carried: list[dict] = field(default_factory=list)
+    """Manifest records of chunks a stored run holds already (an append), used as they are."""
+    segment: int = 0
+    """Which append computes these chunks (0: the first run)."""
+
+    def planned(self) -> Planned:
+        return {c: [[self.data.ids[p] for p in part if p != PAD] for part in parts]
+                for c, parts in self.positions.items()}
+
+
+def split_work(cfg: JobConfig, data: Tokenized, first_chunk: int = 0, carried: list[dict] = (),
+               segment: int = 0) -> SplitWork:
+    """All of `data` in chunks numbered from `first_chunk`."""
+    runtime = cfg.runtime
+    plan = (chunk_plan(len(data.ids), runtime.num_workers, runtime.batch_size, runtime.chunk_examples)
+            if data.ids else [])
+    return SplitWork(data, {first_chunk + c: parts for c, parts in enumerate(plan)}, list(carried), segment)
+
+
+def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], pad_token_id: int,
+                  manifest: Manifest) -> Gradients:
+    """Compute every chunk the ledger lacks, rebuilding the worker group after a failure. Notes the
+    index set and the worker layout in `manifest` (and writes it)."""
+    splits = list(work)
+    planned = {s: work[s].planned() for s in splits}
+    records = {s: run_dir.verified_records(s, planned[s]) for s in splits}
+    group = WorkerGroup(cfg, run_dir, manifest)
+    state = {"index_table": _stored_index_set(run_dir, manifest), "todo": {}}
+
+    def attempt(number: int) -> None:
+        todo = state["todo"] = {s: pending_chunks(planned[s], records[s]) for s in splits}
+        if state["index_table"] is not None and not any(todo.values()):
+            return  # every chunk is committed and intact: no model needed
+        group.start()
+        state["index_table"] = _adopt_index_set(run_dir, manifest, group.infos)
+        for split in splits:
+            if todo[split]:
+                for record in _compress(cfg, group, split, work[split], pad_token_id, todo[split], number,
+                                        manifest.run_id):
+                    records[split][(record["chunk"], record["rank"])] = record
+        _record_memory(run_dir, manifest, group.call(lambda w: w.memory.remote(), "memory", stall=False))
+        group.call(lambda w: w.shutdown.remote(), "shutdown", stall=False)
+
+    def take_stock() -> None:
+        run_dir.remove_leftovers()
+        for split in splits:  # what the failed attempt committed before it stopped
+            records[split].update(run_dir.verified_records(split, planned[split], state["todo"][split]))
+
+    group.with_restarts("gradients", "gradient pass", attempt, "Committed chunks are kept", take_stock)
+    ordered = {}
+    for s in splits:
+        computed = [{**records[s][key], "segment": work[s].segment} for key in records[s]]
+        ordered[s] = sorted(work[s].carried + computed, key=input_order)
+    return Gradients(state["index_table"], ordered)
+
+
+def _stored_index_set(run_dir: RunDir, manifest: Manifest) -> pa.Table | None:
+    """The index set a previous attempt wrote, if it is intact and the worker layout is known."""
+    if not manifest.index_set_sha256 or not manifest.workers:
+        return None
+    try:
+        return read_verified_table(run_dir.path(INDEX_SET), manifest.index_set_sha256)
+    except IntegrityError:
+        return None
+
+
+def _adopt_index_set(run_dir: RunDir, manifest: Manifest, infos: list[dict]) -> pa.Table:
+    """Check the workers' index set against the run's, write it, and note the worker layout."""
+    digest = infos[0]["index_set_hash"]
+    if manifest.index_set_hash not in (None, digest):
+        raise JobError("the index set drawn now differs from the one the stored run was computed with "
+                       "(another distinf, numpy or model version, or compression settings?); choose a new "
+                       "output folder")
+    table = infos[0]["index_set"]
+    path = run_dir.path(INDEX_SET)
+    if not is_file(path) or file_sha256(path) != manifest.index_set_sha256:
+        atomic_write_table(table, path)
+    manifest.index_set_hash, manifest.index_set_sha256 = digest, file_sha256(path)
+    manifest.params = {"total": infos[0]["total_params"], "tracked": infos[0]["tracked_params"],
+                       "tracked_fraction": infos[0]["tracked_params"] / infos[0]["total_params"]}
+    manifest.workers = [{"rank": i["rank"], "host": i["host"], "node_ip": i["node_ip"], "node_id": i["node_id"],
+                         "local_params": i["local_params"], "setup_seconds": i["setup_seconds"],
+                         "memory": i["memory"]} for i in infos]
+    run_dir.write_manifest(manifest)
+    return table
+
+
+def _record_memory(run_dir: RunDir, manifest: Manifest, peaks: list[dict]) -> None:
+    """Each rank's peak memory of the gradient pass, beside its setup peak (bytes; None where the
+    platform does not report it)."""
+    for worker, peak in zip(manifest.workers, peaks):
+        worker["memory"] = {**worker.get("memory", {}), **peak}
+    run_dir.write_manifest(manifest)
+
+
+def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[list, list[str], list[list[int]]]:
+    """What one rank is sent for its chunks: only its own examples and ids, and its chunks'
+    positions renumbered into them (PAD kept), so no worker receives the whole dataset.
+
+    A rank whose every slot is padding gets the first example to run them on.
+    """
+    used = sorted({p for part in parts for p in part if p != PAD}) or [0]
+    local = {p: i for i, p in enumerate(used)}
+    return ([data.examples[p] for p in used], [data.ids[p] for p in used],
+            [[PAD if p == PAD else local[p] for p in part] for part in parts])
+
+
+def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, pad_token_id: int,
+              todo: list[int], attempt: int, run_id: str) -> list[dict]:
+    """Run the chunks `todo` of one split on every rank; returns their ledger records."""
+    data, positions = work.data, work.positions
+    progress = Progress.remote()
+    futures = []
+    for rank, worker in enumerate(group.workers):
+        examples, ids, parts = rank_share(data, [positions[c][rank] for c in todo])
+        futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids), list(zip(todo, parts)),
+                                              pad_token_id, progress, attempt, run_id))
+    committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
+    fields = {"split": split, "attempt": attempt, "total": len(data.ids)}
+    log.info(f"gradients/{split}: {len(todo)} chunk(s) to compute, {committed} of {len(data.ids)} examples stored",
+             extra={"event": "stage_start", "stage": "gradients", "chunks": len(todo), **fields})
+    seen = [0, 0]  # examples, chunks: what the metrics and the log have been told
+    logged = time.monotonic()
+    # A bar only for a person at a terminal; a log (`ray job logs`, a pod's) gets a line a minute.
+    with tqdm(total=len(data.ids), initial=committed, desc=f"gradients/{split}", unit="ex", mininterval=1.0,
+              disable=not sys.stderr.isatty()) as bar:
+        def poll() -> int:
+            nonlocal logged
+            examples, chunks = ray.get(progress.value.remote())
+            metrics.examples_done(cfg.name, split, examples - seen[0])
+            metrics.chunks_committed(cfg.name, split, chunks - seen[1])
+            seen[:] = examples, chunks
+            done = committed + examples
+            if done > bar.n:
+                bar.update(done - bar.n)
+            if time.monotonic() - logged >= 60:
+                logged = time.monotonic()
+                log.info(f"gradients/{split}: {done} of {len(data.ids)} examples",
+                         extra={"event": "progress", "done": done, **fields})
+            return done
+
+        try:
+            records = [record for records in await_group(futures, group.run_dir.root, poll,
+                                                         cfg.runtime.stall_timeout, f"gradients/{split}")
+                       for record in records]
+            poll()  # the last batches and commits, which may land after the last poll
+        finally:
+            ray.kill(progress)
+    log.info(f"gradients/{split}: {len(records)} chunk part(s) committed",
+             extra={"event": "stage_done", "stage": "gradients", "parts": len(records), **fields})
+    return records

@@ -1,0 +1,170 @@
+"""Curvature and scoring: the reducer sums and factorises the curvature from the training chunks
+and preconditions the queries; scoring tasks then score every training chunk against them.
+
+Both are restarted together (scoring reads objects the reducer owns), and both read the chunks
+of the run directory and write into the version folder the driver publishes at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError
+
+from distinf.config import JobConfig
+from distinf.core.scoring import TopK
+from distinf.runtime import curvature_files
+from distinf.runtime.failures import Stalled, await_tasks
+from distinf.runtime.gradient_pass import Gradients
+from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES
+from distinf.runtime.manifest import Manifest
+from distinf.runtime.reducer import Reducer
+from distinf.runtime.run_dir import RunDir
+from distinf.runtime.scoring import score_train_chunk
+from distinf.runtime.versions import stamp
+from distinf.runtime.workers import WorkerGroup, worker_env
+from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_verified_bytes
+from distinf.tables import top_k_table, train_values_table
+
+SPLITS = ("train", "queries")
+log = logging.getLogger("distinf.driver")
+
+
+def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: list[str], gradients: Gradients,
+                     manifest: Manifest, lap: Callable[[str], None]) -> tuple[dict, dict]:
+    """Reducer then scoring tasks, restarted together, reading the chunks of run_dir and writing
+    curvature/ and scores/ into the version folder `out`.
+
+    Returns the reducer's result and the counts of scored examples.
+    """
+    chunks = {s: chunk_files(run_dir, gradients.records[s]) for s in SPLITS}
+    slices = curvature_slices(gradients.index_table, cfg.hessian.blocks)
+    stored_sums, curvature_chunks = None, chunks["train"]
+    pending = manifest.append
+    if pending is not None and cfg.hessian.method == "gauss_newton":
+        stored_sums = _stored_gram_sums(run_dir, pending.base, slices)
+        if stored_sums is not None:  # the stored run's sums, plus this append's chunks only
+            curvature_chunks = chunk_files(run_dir, [r for r in gradients.records["train"]
+                                                     if r.get("segment") == pending.segment])
+    manifest.curvature_input = {"stored_gram_sums": stored_sums is not None, "chunks_read": len(curvature_chunks)}
+
+    def attempt(number: int) -> tuple[dict, dict]:
+        reducer = None
+        try:
+            reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
+            try:
+                reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(out / "curvature"),
+                                                        number, stored_sums), timeout=cfg.runtime.stall_timeout)
+            except GetTimeoutError:
+                raise Stalled(f"the reducer returned nothing for {cfg.runtime.stall_timeout:g} s "
+                              "(runtime.stall_timeout)") from None
+            lap("curvature")
+            counts = score_outputs(cfg, out, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
+                                   reduced["query_ids"], query_order, version=manifest.version_stamp())
+            lap("scoring")
+            return reduced, counts
+        finally:
+            if reducer is not None:  # only now: the scoring tasks read objects the reducer owns
+                ray.kill(reducer)
+
+    return WorkerGroup(cfg, run_dir, manifest).with_restarts("curvature and scoring", "curvature and scoring",
+                                                             attempt, "The gradients are kept")
+
+
+def curvature_slices(index_table: pa.Table, blocks: str) -> list[slice]:
+    """The curvature's blocks over the columns of a stored index set: one per tracked parameter
+    (its rows are contiguous) with hessian.blocks: layer, one k x k block with full."""
+    params = index_table.column("param").to_pylist()
+    if blocks == "full":
+        return [slice(0, len(params))]
+    slices, start = [], 0
+    for _, run in itertools.groupby(params):
+        size = sum(1 for _ in run)
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice]) -> tuple[str, str, int] | None:
+    """(path, sha256, count) of the Gram sums the run an append extends stored, if they are intact
+    and of the same blocks; else None, and the curvature is summed over every chunk again (a
+    failed append's reducer may have rewritten them since)."""
+    files = base.files or {}
+    try:
+        layout = json.loads(read_verified_bytes(run_dir.path(curvature_files.LAYOUT), files[curvature_files.LAYOUT]))
+        path = run_dir.path(curvature_files.ARRAYS)
+        if file_sha256(path) != files[curvature_files.ARRAYS]:
+            raise IntegrityError(str(path))
+    except (KeyError, OSError, ValueError):
+        log.info("the stored Gram sums are not the run's any more; summing every chunk again",
+                 extra={"event": "gram_sums_recomputed"})
+        return None
+    if layout.get("method") != "gauss_newton" or \
+            [(b["start"], b["stop"]) for b in layout["blocks"]] != [(s.start, s.stop) for s in slices]:
+        return None
+    return str(path), files[curvature_files.ARRAYS], int(layout["count"])
+
+
+def chunk_files(run_dir: RunDir | Path, records: list[dict]) -> list[tuple[str, str]]:
+    """(path, sha256) of the records' chunk files, in their order; parts that kept no row have none."""
+    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+    return [(str(root / r["file"]), r["sha256"]) for r in records if r["file"]]
+
+
+def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]], preconditioned: Any,
+                  curvature: Any, query_ids: list[str], query_order: list[str],
+                  carried: pa.Table | None = None, version: tuple[str, datetime] | None = None) -> dict:
+    """Scoring tasks over the train chunks (given in input order), merged into scores/top_k.parquet,
+    scores/train_values.parquet and, with scoring.dense, scores/dense/ under `out`.
+
+    `preconditioned` [k, m] and `curvature` are object refs; `query_ids` are the columns of
+    `preconditioned`, `query_order` the query file's order. `carried`, a stored run's
+    train_values table, supplies self_influence instead of computing it again (distinf query).
+    `version` (run_id, as_of) stamps every row of top_k and train_values with them.
+    Returns the counts of scored train examples and queries.
+    """
+    out = Path(out)
+    dense_dir = out / DENSE
+    with_self_influence = cfg.scoring.self_influence and carried is None
+    futures = [
+        score_train_chunk.remote(path, sha256, preconditioned, curvature, cfg.scoring.top_k, with_self_influence,
+                                 query_ids, str(dense_dir / Path(path).name) if cfg.scoring.dense else None,
+                                 version)
+        for path, sha256 in train_chunks
+    ]
+    chunks = await_tasks(futures, cfg.runtime.stall_timeout, "scoring")
+    train_ids = [i for chunk in chunks for i in chunk.ids]  # input order, rejected examples left out
+    position = {train_id: i for i, train_id in enumerate(train_ids)}
+    n = len(train_ids)
+    losses, score_mean, self_inf = np.zeros(n), np.zeros(n), np.full(n, np.nan)
+    top = TopK(len(query_ids), cfg.scoring.top_k)
+    for chunk in chunks:
+        rows = np.array([position[i] for i in chunk.ids])
+        losses[rows], score_mean[rows] = chunk.losses, chunk.score_mean
+        if chunk.self_influence is not None:
+            self_inf[rows] = chunk.self_influence
+        top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids))
+
+    if carried is not None:
+        stored = dict(zip(carried.column("train_id").to_pylist(), carried.column("self_influence").to_numpy()))
+        self_inf = np.array([stored[i] for i in train_ids], dtype=np.float64)
+
+    # Rows of the outputs follow the input files' order, whatever the partitioning.
+    query_rank = {q: i for i, q in enumerate(query_order)}
+    rows_in_order = np.argsort([query_rank[q] for q in query_ids], kind="stable")
+    top_table = top_k_table([query_ids[i] for i in rows_in_order], train_ids,
+                            top.scores[rows_in_order], top.positions[rows_in_order])
+    values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None)
+    if version is not None:
+        top_table, values = stamp(top_table, *version), stamp(values, *version)
+    atomic_write_table(top_table, out / TOP_K)
+    atomic_write_table(values, out / TRAIN_VALUES)
+    return {"train": n, "queries": len(query_ids)}

@@ -1,0 +1,331 @@
+"""One run directory, and everything the runtime asks of it: where each file lives (runtime.layout),
+the manifest (read, and written only under the folder's lease), the chunk ledger, whether a new
+job may work there (resume, append, query: one allow-list each), and what a killed writer left.
+
+No Ray here: these are the checks a job makes before it starts anything, on a local folder or an
+object store alike (distinf.store does the bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from distinf import ledger
+from distinf.runtime import layout
+from distinf.runtime.errors import JobError, unwritable
+from distinf.runtime.lease import LeaseLost, write_manifest
+from distinf.runtime.manifest import Manifest
+from distinf.store import (atomic_write_json, display, file_sha256, free_bytes, is_file, is_remote, list_files,
+                           make_folder, read_bytes, remove, run_path)
+
+RESUME_KEYS = ("runtime.address", "runtime.max_restarts", "runtime.stall_timeout", "runtime.lease_seconds",
+               "runtime.placement_timeout", "output.path", "output.keep_versions", "model.path", "data.train.path",
+               "data.queries.path")
+"""Job keys a resumed run may change: where and how patiently it runs, not what it computes (moved
+model and data files are checked by their fingerprints instead)."""
+
+APPEND_KEYS = ("name", "runtime.", "output.path", "output.keep_versions", "model.path", "data.train.path",
+               "data.queries.path")
+"""Job keys an append may change from the stored run: where and how it runs, and which files it
+reads. Everything else (model settings, columns, max_length, compression, hessian, scoring,
+gradient_dtype) changes the numbers or the outputs' meaning and is refused."""
+
+QUERY_KEYS = ("name", "runtime.", "output.path", "model.path", "data.queries.", "scoring.top_k", "scoring.dense")
+"""Job keys `distinf query --set` may change: where it runs, how the query file reads, and how many
+scores it writes. The rest is the stored run's (its model, index set and curvature)."""
+
+_PART = re.compile(r"^part-(\d{5})-(\d{5})\.(parquet|json)$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory: a local path or an object-store URI (distinf.store.run_path)."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | Path) -> RunDir:
+        return cls(run_path(path))
+
+    def __str__(self) -> str:
+        return display(self.root)
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        """A file of the run by its name in the manifest ("scores/top_k.parquet", a chunk's "file")."""
+        return self.root / name
+
+    def gradient_dir(self, split: str) -> Path:
+        return layout.gradient_dir(self.root, split)
+
+    def chunk_path(self, split: str, rank: int, chunk: int) -> Path:
+        return layout.chunk_path(self.root, split, rank, chunk)
+
+    def list_chunks(self, split: str) -> list[Path]:
+        return layout.list_chunks(self.root, split)
+
+    def ledger_dir(self, split: str) -> Path:
+        return layout.ledger_dir(self.root, split)
+
+    def version_dir(self, run_id: str) -> Path:
+        return layout.version_dir(self.root, run_id)
+
+    def query_dir(self, queries: str | Path) -> Path:
+        """Where `distinf query` writes the scores of a query file by default."""
+        return self.root / layout.QUERIES / Path(str(queries)).stem
+
+    # -- the manifest ----------------------------------------------------------------------------
+
+    def read_manifest(self) -> Manifest | None:
+        """The manifest, or None if there is none; ValueError if it is not a manifest."""
+        try:
+            data = json.loads(read_bytes(self.root / layout.MANIFEST).decode("utf-8"))
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        if not isinstance(data, dict):
+            raise ValueError(f"{display(self.root / layout.MANIFEST)}: not a JSON object")
+        return Manifest.from_dict(data)
+
+    def stored_manifest(self, option: str) -> Manifest:
+        """The manifest of a distinf run directory, or a JobError naming `option`."""
+        try:
+            stored = self.read_manifest()
+        except (OSError, ValueError):
+            stored = None
+        if stored is None:
+            raise JobError(f"{option}: '{self}' has no readable {layout.MANIFEST}, so it is not a distinf run "
+                           "directory; choose a new output folder")
+        return stored
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """The one writer of a job's manifest: only under the folder's lease (runtime.lease), so a
+        run whose lease was taken over never writes over its successor's manifest."""
+        write_manifest(self.root, manifest.to_dict())
+
+    def mark_failed(self, manifest: Manifest, error: BaseException) -> None:
+        """Leave a "failed" manifest, never "running", whatever stopped the job."""
+        try:
+            self.write_manifest(replace(manifest, status="failed", error=str(error)))
+        except (OSError, LeaseLost):
+            pass  # the error being reported may be this very disk, or the lease itself
+
+    # -- the ledger ------------------------------------------------------------------------------
+
+    def verified_records(self, split: str, planned: ledger.Planned,
+                         chunks: list[int] | None = None) -> dict[tuple[int, int], dict]:
+        """{(chunk, rank): record} of every planned part committed and intact (distinf.ledger)."""
+        return ledger.verified_records(self.root, split, planned, chunks)
+
+    def chunk_numbers(self, split: str) -> list[int]:
+        """The numbers of every chunk the ledger holds a record of, committed or not."""
+        return [int(m.group(2)) for p in list_files(self.ledger_dir(split)) if (m := _PART.match(p.name))]
+
+    def stale_chunks(self, split: str, first_chunk: int, planned: ledger.Planned) -> list[Path]:
+        """Ledger records numbered from `first_chunk`, and their chunk files, that `planned` does not
+        hold as they are (another chunk, or other ids in it): a failed append of another training
+        file committed them, and no complete manifest lists them."""
+        stale = []
+        for path in list_files(self.ledger_dir(split)):
+            match = _PART.match(path.name)
+            if match is None or int(match.group(2)) < first_chunk:
+                continue
+            rank, chunk = int(match.group(1)), int(match.group(2))
+            try:
+                record = json.loads(read_bytes(path).decode("utf-8"))
+            except (OSError, ValueError):
+                continue  # unreadable: never a commit, so no row of it was ever counted
+            parts = planned.get(chunk, [])
+            if rank >= len(parts) or record.get("ids") != ledger.ids_digest(parts[rank]):
+                stale += [path] + ([self.path(record["file"])] if record.get("file") else [])
+        return stale
+
+    def damaged_files(self, manifest: Manifest | dict) -> list[str]:
+        """Files of a complete run that are missing or no longer match the manifest's sha256."""
+        if isinstance(manifest, Manifest):
+            manifest = manifest.to_dict()
+        listed = dict(manifest.get("files", {}))
+        for records in manifest.get("chunks", {}).values():
+            listed.update({r["file"]: r["sha256"] for r in records if r.get("file")})
+        present = list_files(self.root, recursive=True)
+        damaged = []
+        for name, sha256 in sorted(listed.items()):
+            path = self.path(name)
+            if path not in present or file_sha256(path) != sha256:
+                damaged.append(name)
+        return damaged
+
+    # -- the folder ------------------------------------------------------------------------------
+
+    def is_unused(self) -> bool:
+        """True when the folder holds no run: nothing, or only its lease (taken before this check)."""
+        if is_remote(self.root):
+            return all(p.parent == Path(self.root) and _is_control(p.name)
+                       for p in list_files(self.root, recursive=True))
+        path = Path(self.root)
+        return not path.exists() or (path.is_dir() and all(_is_control(e.name) for e in path.iterdir()))
+
+    def check_writable(self, key: str) -> None:
+        """Create the folder if it is local, and write and delete a probe file in it."""
+        try:
+            make_folder(self.root)
+            remove(atomic_write_json({}, self.root / ".write-probe"))
+        except OSError as error:
+            raise unwritable(self.root, key, error) from None
+
+    def open_for_resume(self, resume: bool) -> Manifest | None:
+        """Make sure the folder can hold the run; returns the stored manifest when resuming one.
+
+        Without `resume` the folder must be empty or new. With it, an empty or new folder starts a
+        fresh run, and anything else must be a distinf run directory.
+        """
+        if is_file(self.root):
+            raise JobError(f"output.path: '{self}' is a file, not a folder")
+        stored = None
+        if not self.is_unused():
+            if not resume:
+                raise JobError(f"output.path: '{self}' is not empty; choose a new output folder, or pass "
+                               "--resume to continue the run in it")
+            stored = self.stored_manifest("--resume")
+        self.check_writable("output.path")
+        if stored is not None:
+            self.remove_leftovers()
+        return stored
+
+    def remove_leftovers(self) -> None:
+        """Temporary files half-written by a process that was killed; no reader ever sees them.
+
+        Called only under the folder's lease. Folders below it that are run directories of their own
+        (`distinf query` outputs under queries/, with their own lease) are left to their own writer,
+        and so is the lease's own renewal. On an object store they are the temporary keys of uploads
+        killed before their server-side copy to the name."""
+        root = self.root
+        if is_remote(root):
+            stored = list_files(root, recursive=True)
+            nested = {p.parent for p in stored if p.name in (layout.MANIFEST, layout.LEASE)} - {root}
+            for path in stored:
+                if path.name.startswith(".") and path.name.endswith(".tmp") and not _is_control(path.name) \
+                        and not any(folder in path.parents for folder in nested):
+                    remove(path)
+            return
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = [d for d in subfolders if not any(
+                os.path.exists(os.path.join(folder, d, name)) for name in (layout.MANIFEST, layout.LEASE))]
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp") and not _is_control(name):
+                    Path(folder, name).unlink(missing_ok=True)
+
+    def check_free_space(self, need: int) -> None:
+        check_free_space(self.root, need)
+
+
+def _is_control(name: str) -> bool:
+    return name == layout.LEASE or name.startswith((".lease-takeover-", f".{layout.LEASE}."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Same job? One allow-list per mode: resume, append, query
+
+
+def config_differences(stored: dict, current: dict, prefix: str = "",
+                       allowed: tuple[str, ...] = RESUME_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two job configs, except the `allowed` ones (a key,
+    or every key under a section written with a trailing dot, "runtime.")."""
+    keys = []
+    for key in sorted(set(stored) | set(current)):
+        path = f"{prefix}{key}"
+        if path in allowed or any(a.endswith(".") and path.startswith(a) for a in allowed):
+            continue
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{path}.", allowed)
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def config_value(config: dict, dotted: str):
+    """The value at a dotted key of a config dict, or None."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _shown(stored: dict, config: dict, differ: list[str]) -> str:
+    return ", ".join(f"{key} ({config_value(stored, key)!r} there, {config_value(config, key)!r} now)"
+                     for key in differ[:5])
+
+
+def check_resumable(stored: Manifest, config: dict, model: str, data: dict[str, str], run_dir: RunDir) -> None:
+    """Refuse to resume a run directory that holds a different job (config, model or data)."""
+    hint = "resume with the job it was started with, or choose a new output folder"
+    differ = config_differences(stored.config, config, allowed=RESUME_KEYS)
+    if differ:
+        raise JobError(f"--resume: '{run_dir}' holds a different job: {_shown(stored.config, config, differ)}; {hint}")
+    if stored.model_fingerprint not in (None, model):
+        raise JobError(f"--resume: the model at model.path has changed since '{run_dir}' was started "
+                       f"(its config or weights differ); {hint}")
+    for role, digest in data.items():
+        if (stored.data_fingerprint or {}).get(role) not in (None, digest):
+            raise JobError(f"--resume: data.{role} has changed since '{run_dir}' was started (its ids, "
+                           f"texts or labels differ); {hint}")
+
+
+def check_appendable(base: Manifest, config: dict, model: str, queries: str, run_dir: RunDir) -> None:
+    """Refuse an append whose job would not compute the numbers the stored run did."""
+    hint = "run the job into a new output folder instead"
+    differ = config_differences(base.config, config, allowed=APPEND_KEYS)
+    if differ:
+        raise JobError(f"--append-to: '{run_dir}' was computed with different settings: "
+                       f"{_shown(base.config, config, differ)}; an append must compute the same numbers; {hint}")
+    if base.model_fingerprint != model:
+        raise JobError(f"--append-to: the model at model.path is not the one '{run_dir}' was computed "
+                       f"with (its config or weights differ); {hint}")
+    if (base.data_fingerprint or {}).get("queries") != queries:
+        raise JobError(f"--append-to: data.queries differs from the queries of '{run_dir}' (ids, texts "
+                       "or labels); an append keeps the stored queries. Score new queries with `distinf query "
+                       f"{run_dir} --queries FILE`, or {hint}")
+
+
+def check_queryable(stored: Manifest, config: dict) -> None:
+    """Refuse `distinf query --set` of a key that would score against a different run."""
+    differ = config_differences(stored.config, config, allowed=QUERY_KEYS)
+    if differ:
+        raise JobError(f"distinf query: --set {differ[0]} would score against a different run "
+                       f"({config_value(stored.config, differ[0])!r} there); only {', '.join(QUERY_KEYS)} "
+                       "may change")
+
+
+# ---------------------------------------------------------------------------------------------
+# Room
+
+
+def estimated_bytes(k: int, n_train: int, n_queries: int, gradient_dtype: str, dense: bool,
+                    full_block: bool) -> int:
+    """A generous estimate of what a run writes: gradients, dense scores, a full curvature block."""
+    per_example = k * (2 if gradient_dtype == "float16" else 4) + 64
+    total = (n_train + n_queries) * per_example + (1 << 20)
+    if dense:
+        total += n_train * n_queries * 16
+    if full_block:
+        total += 2 * 8 * k * k  # Gram sum and Cholesky factor, float64
+    return total
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    free = free_bytes(folder)
+    if free is not None and free < need:
+        raise JobError(f"output.path: '{folder}' has {_size(free)} free and this run writes about "
+                       f"{_size(need)}; free some space or choose another folder")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
