@@ -56,7 +56,7 @@ from distinf.core.scoring import TopK, score_chunk  # noqa: E402
 from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.data import collate  # noqa: E402
-from distinf.runtime.driver import plan_job  # noqa: E402
+from distinf.data import plan_job  # noqa: E402
 from distinf.tables import gradients_of, top_k_table  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
 

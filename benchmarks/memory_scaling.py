@@ -55,7 +55,7 @@ if not __package__:  # run as a script: the checkout's root, for distinf and ben
 from benchmarks._harness import machine  # noqa: E402
 from benchmarks.compress_overhead import make_batch  # noqa: E402
 from distinf.assets import demo_corpus, smollm2_dir  # noqa: E402
-from distinf.runtime.driver import WORKER_ENV  # noqa: E402
+from distinf.runtime.workers import WORKER_ENV  # noqa: E402
 from distinf.runtime.worker import GradientWorker  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
 

@@ -8,7 +8,7 @@ What runs is the job's own curvature-and-scoring stage, nothing mocked:
      allocation over a TinyLlama-shaped parameter list, then `block_slices(..., "layer")`);
   2. a local Ray (`ray.init(num_cpus=2, include_dashboard=False)`), the `Reducer` actor started as
      the driver starts it, `reduce` on those chunks (Gram sums by its tasks, damping, Cholesky,
-     curvature/blocks.safetensors, preconditioned queries), then `distinf.runtime.driver.score_outputs`
+     curvature/blocks.safetensors, preconditioned queries), then `distinf.runtime.reduce_score.score_outputs`
      (one scoring task per train chunk, top-K and train values written).
 
 A thread samples every process whose /proc/PID/cmdline starts with "ray::" twice a second (only
@@ -58,7 +58,8 @@ from distinf.config import HessianConfig, ScoringConfig  # noqa: E402
 from distinf.core.curvature import block_slices  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402
 from distinf.ledger import commit_chunk  # noqa: E402
-from distinf.runtime.driver import WORKER_ENV, chunk_files, score_outputs  # noqa: E402
+from distinf.runtime.reduce_score import chunk_files, score_outputs  # noqa: E402
+from distinf.runtime.workers import WORKER_ENV  # noqa: E402
 from distinf.runtime.reducer import Reducer  # noqa: E402
 from distinf.store import read_arrays  # noqa: E402
 from distinf.tables import gradient_table  # noqa: E402

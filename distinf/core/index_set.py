@@ -88,7 +88,7 @@ class IndexSet(Columns):
         return digest.hexdigest()
 
 
-def _rng(seed: int, label: str) -> np.random.Generator:
+def seeded_rng(seed: int, label: str) -> np.random.Generator:
     # A stream per (seed, label) so one parameter's draw never shifts another's.
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(label.encode())])))
 
@@ -157,12 +157,12 @@ def draw_index_set(
     k = min(k, p)
     if allocation == "stratified":
         groups = [
-            sample_without_replacement(_rng(seed, name), size, k_l)
+            sample_without_replacement(seeded_rng(seed, name), size, k_l)
             for name, size, k_l in zip(names, sizes, stratified_allocation(sizes, k))
         ]
     elif allocation == "uniform":
         # The paper's draw over all p entries at once, then split at the parameter boundaries.
-        global_idx = sample_without_replacement(_rng(seed, "uniform:" + ",".join(names)), p, k)
+        global_idx = sample_without_replacement(seeded_rng(seed, "uniform:" + ",".join(names)), p, k)
         bounds = np.cumsum([0, *sizes])
         cut = np.searchsorted(global_idx, bounds)
         groups = [global_idx[cut[i] : cut[i + 1]] - bounds[i] for i in range(len(sizes))]

@@ -35,15 +35,13 @@ from distinf.runtime.lease import acquire
 from distinf.runtime.manifest import Manifest, software_versions
 from distinf.runtime.outputs import (RUN_OUTPUTS, SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums,
                                      rejected_rows, write_rejected)
-from distinf.runtime.reduce_score import chunk_files, reduce_and_score, score_outputs
+from distinf.runtime.reduce_score import reduce_and_score
 from distinf.runtime.reducer import zero_block_entries
 from distinf.runtime.run_dir import RunDir, check_appendable, check_resumable, estimated_bytes
-from distinf.runtime.workers import WORKER_ENV, capacity_shortfall, cluster_resources, connect
+from distinf.runtime.workers import connect
 from distinf.store import atomic_write_json, is_file, list_files
 
-__all__ = ["JobError", "Plan", "capacity_shortfall", "cluster_resources", "plan_job", "run_job",
-           # kept importable here for the benchmarks that time these stages
-           "WORKER_ENV", "chunk_files", "score_outputs"]
+__all__ = ["run_job"]
 
 log = logging.getLogger("distinf.driver")
 

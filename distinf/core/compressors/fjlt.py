@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from distinf.core.compressors.base import GradientProjection, Layout, allocated_sizes, seeded_generator
-from distinf.core.index_set import ParamShapes, _rng, sample_without_replacement
+from distinf.core.index_set import ParamShapes, sample_without_replacement, seeded_rng
 
 FACTOR_LOG2 = 5  # the transform runs as matmuls with 32 x 32 Hadamard factors: fast on BLAS
 
@@ -68,7 +68,7 @@ class FJLTCompressor(GradientProjection):
 
     def rows(self, name: str) -> Tensor:
         """S_l: the k_l kept rows of the transform, sorted, int64."""
-        rng = _rng(self.layout.seed, "fjlt-rows:" + name)
+        rng = seeded_rng(self.layout.seed, "fjlt-rows:" + name)
         return torch.from_numpy(np.ascontiguousarray(sample_without_replacement(rng, self.padded(name), self._k[name])))
 
     def _cached(self, cache: dict, name: str, device: torch.device, make) -> Tensor:
