@@ -1,0 +1,95 @@
+"""A peer tool's scores for benchmarks/lds.py: kronfluence EK-FAC on the same model and data.
+
+Runs in .venv-peers (benchmarks/peers/setup.sh) and imports no distinf. It reads the file that
+`benchmarks/lds.py --export DIR` writes (<setting>.pt: model class and state dict, training and
+test tensors), rebuilds the model from benchmarks/lds_models.py (plain torch), and writes the
+pairwise influence scores [test, train] as .npy for `lds.py --peer "kronfluence EK-FAC=FILE"`.
+
+The task is the recipe's: cross-entropy of the label, summed over the batch (kronfluence's
+contract); the curvature is fitted with labels sampled from the model (the true Fisher, its
+default) or, with --empirical-fisher, with the true labels. kronfluence's pairwise score is
+positive when upweighting the training example lowers the measurement (here the test example's
+loss), the same sign as distinf's scores.
+
+    .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from torch.utils.data import TensorDataset
+
+# The checkout's root, for benchmarks.lds_models (plain torch; nothing from distinf).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.lds_models import build  # noqa: E402
+
+
+class ClassificationTask(Task):
+    def compute_train_loss(self, batch, model, sample: bool = False):
+        inputs, labels = batch
+        logits = model(inputs)
+        if sample:
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        inputs, labels = batch
+        return F.cross_entropy(model(inputs), labels, reduction="sum")
+
+
+def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: bool) -> np.ndarray:
+    """[test, train] EK-FAC influence of every training example on every test example."""
+    model = build(exported["model"], exported["model_kwargs"], exported["state_dict"]).eval()
+    task = ClassificationTask()
+    model = prepare_model(model, task)
+    train = TensorDataset(exported["x"], exported["y"])
+    test = TensorDataset(exported["tx"], exported["ty"])
+    analyzer = Analyzer(analysis_name="lds", model=model, task=task, cpu=True, output_dir=str(work),
+                        disable_tqdm=True)
+    torch.manual_seed(0)  # the Fisher's sampled labels
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
+    analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=batch_size,
+                             factor_args=factor_args, overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=test,
+                                     train_dataset=train, per_device_query_batch_size=batch_size,
+                                     per_device_train_batch_size=batch_size, score_args=ScoreArguments(),
+                                     overwrite_output_dir=True)
+    return analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("exported", type=Path, help="<setting>.pt from benchmarks/lds.py --export")
+    parser.add_argument("--out", type=Path, required=True, help="scores .npy [test, train]")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--empirical-fisher", action="store_true",
+                        help="fit the factors on the true labels (what distinf's gauss_newton Gram uses)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    exported = torch.load(args.exported)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        scores = ekfac_scores(exported, args.batch_size, Path(work), args.empirical_fisher)
+    expected = (len(exported["tx"]), len(exported["x"]))
+    if scores.shape != expected:
+        raise ValueError(f"{args.exported}: kronfluence returned scores {scores.shape}, expected {expected}")
+    np.save(args.out, scores.astype(np.float32))
+    print(f"kronfluence EK-FAC scores {scores.shape} -> {args.out} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
