@@ -19,7 +19,8 @@ Settings (`--setting`):
   over its tokens and standardised, is computed once and cached; only ReviewHead, a small MLP on
   top, is trained, so a retraining takes a second.
 
-Attribution methods are `compression:hessian` pairs (`--methods dropout:gauss_newton none:gauss_newton`),
+Attribution methods are `compression:hessian[:normalize]` (`--methods dropout:gauss_newton none:gauss_newton
+dropout:gauss_newton:relatif`, the last part being `scoring.normalize`),
 each run with `distinf.attribute` at `--ks` and `--index-seeds` (compression.seed). A peer tool's
 scores come in as a [test, train] .npy file (`--peer NAME=FILE`), written by
 benchmarks/peers/lds_peer.py from the files `--export DIR` leaves.
@@ -232,21 +233,22 @@ def cross_entropy_task(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def attribution(model: nn.Module, setting: Setting, compression: str, hessian: str, k: int,
-                index_seed: int) -> tuple[np.ndarray, float]:
-    """(scores [Q, N], seconds) of distinf.attribute with one compression and curvature."""
+                index_seed: int, normalize: str = "none") -> tuple[np.ndarray, float]:
+    """(scores [Q, N], seconds) of distinf.attribute with one compression, curvature and scoring.normalize."""
     train_examples = [{"inputs": setting.x[i], "labels": setting.y[i]} for i in range(len(setting.x))]
     test_examples = [{"inputs": setting.tx[i], "labels": setting.ty[i]} for i in range(len(setting.tx))]
     config = {"compression": {"method": compression, "k": k, "seed": index_seed},
-              "hessian": {"method": hessian}, "scoring": {"self_influence": False}}
+              "hessian": {"method": hessian}, "scoring": {"self_influence": False, "normalize": normalize}}
     started = time.perf_counter()
     res = distinf.attribute(model, train_examples, test_examples, task=cross_entropy_task, config=config,
                             batch_size=256)
     return res.scores, time.perf_counter() - started
 
 
-def parse_method(text: str) -> tuple[str, str]:
-    compression, _, hessian = text.partition(":")
-    return compression, hessian or "gauss_newton"
+def parse_method(text: str) -> tuple[str, str, str]:
+    """compression[:hessian[:normalize]] -> (compression, hessian, scoring.normalize)."""
+    compression, hessian, normalize = (text.split(":") + ["", ""])[:3]
+    return compression, hessian or "gauss_newton", normalize or "none"
 
 
 def export(directory: Path, setting: Setting, model: nn.Module, masks: np.ndarray, losses: np.ndarray) -> Path:
@@ -298,17 +300,18 @@ def run(args) -> str:
     lines = ["| method | k | LDS, mean ± std over test examples | mean over index seeds ± std | attribution s |",
              "|---|---|---|---|---|"]
     for spec in args.methods:
-        compression, hessian = parse_method(spec)
+        compression, hessian, normalize = parse_method(spec)
         for k in ([0] if compression == "none" else args.ks):
             per_seed, seconds = [], []
             for index_seed in ([0] if compression == "none" else args.index_seeds):
                 # none keeps every entry whatever k says
-                scores, elapsed = attribution(model, setting, compression, hessian, k or 1, index_seed)
+                scores, elapsed = attribution(model, setting, compression, hessian, k or 1, index_seed, normalize)
                 per_seed.append(lds_per_query(scores, masks, losses))
                 seconds.append(elapsed)
                 print(f"{spec} k={k or 'all'} index seed {index_seed}: LDS {np.nanmean(per_seed[-1]):.3f} "
                       f"({elapsed:.0f} s)", flush=True)
-            lines.append(row(f"{compression}, {hessian}", str(k) if k else "all", per_seed, seconds))
+            name = f"{compression}, {hessian}" + (f", normalize {normalize}" if normalize != "none" else "")
+            lines.append(row(name, str(k) if k else "all", per_seed, seconds))
     for peer in args.peer:
         name, _, path = peer.partition("=")
         lines.append(row(name, "", [lds_per_query(np.load(path), masks, losses)], []))

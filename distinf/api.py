@@ -23,7 +23,8 @@ from distinf.core.compressors.none import check_fits
 from distinf.core.compressors.pca import PCAFit
 from distinf.core.curvature import block_slices
 from distinf.core.kfac import KFAC_METHODS, FactorSums
-from distinf.core.scoring import TopK, score_chunk
+from distinf.core.scoring import (TopK, needs_self_influence, normalized, query_divisors, score_chunk,
+                                   train_divisors)
 from distinf.core.solvers import Solver, fit_solver
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import Tracked, track_modules
@@ -33,7 +34,7 @@ from distinf.tables import top_k_table, train_values_table
 
 @dataclass
 class AttributionResult:
-    scores: np.ndarray          # float32 [n_queries, n_train]
+    scores: np.ndarray          # float32 [n_queries, n_train], divided as scoring.normalize says
     self_influence: np.ndarray  # float32 [n_train] (NaN when scoring.self_influence is off)
     train_grads: np.ndarray     # float32 [n_train, k], columns in index-set order
     query_grads: np.ndarray     # float32 [n_queries, k]
@@ -134,10 +135,16 @@ def attribute(
     layout = compressor.layout
     solver = solver_for(cfg.hessian, block_slices(layout, cfg.hessian.blocks), train_grads, train_ids, factors)
     preconditioned = solver.precondition(query_grads).T  # [k, m]
-    scores = score_chunk(preconditioned, train_grads).numpy()
+    normalize = cfg.scoring.normalize
+    self_inf = (solver.self_influence(train_grads).numpy()
+                if cfg.scoring.self_influence or needs_self_influence(normalize) else None)
+    scores = normalized(score_chunk(preconditioned, train_grads).numpy(),
+                        query_divisors(normalize, query_grads, preconditioned),
+                        train_divisors(normalize, train_grads, self_inf))
     top = TopK(len(queries), cfg.scoring.top_k)
     top.update(scores, np.arange(len(train)))
-    self_inf = solver.self_influence(train_grads).numpy() if cfg.scoring.self_influence else None
+    if not cfg.scoring.self_influence:
+        self_inf = None
 
     return AttributionResult(
         scores=scores.astype(np.float32),

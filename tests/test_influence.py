@@ -81,6 +81,30 @@ def test_layer_blocks_equal_block_diagonal_dense_solve():
     np.testing.assert_allclose(result.self_influence, self_inf, rtol=1e-4)
 
 
+@pytest.mark.parametrize("normalize", ["relatif", "cosine", "unit"])
+def test_normalised_scores_equal_the_dense_solve_divided_as_documented(normalize):
+    model = micro_gpt2()
+    result = distinf.attribute(model, TRAIN, QUERIES, batch_size=3, config={
+        "compression": {"k": 10**9}, "hessian": {"blocks": "full", "damping": 1e-3},
+        "scoring": {"normalize": normalize, "self_influence": False}})
+    names = list(dict.fromkeys(result.index_set.column("param").to_pylist()))
+    G, Q = full_gradients(model, TRAIN, names), full_gradients(model, QUERIES, names)
+    H = G.T @ G / G.shape[0] + 1e-3 * torch.eye(G.shape[1], dtype=torch.float64)
+    raw = (Q @ torch.linalg.solve(H, G.T)).numpy()
+    self_train = torch.einsum("ip,pi->i", G, torch.linalg.solve(H, G.T)).numpy()
+    self_query = torch.einsum("qp,pq->q", Q, torch.linalg.solve(H, Q.T)).numpy()
+    divisor = {"relatif": np.outer(np.ones(len(QUERIES)), np.sqrt(self_train)),
+               "cosine": np.sqrt(np.outer(self_query, self_train)),
+               "unit": np.outer(Q.norm(dim=1).numpy(), G.norm(dim=1).numpy())}[normalize]
+    expected = raw / divisor
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    if normalize == "cosine":
+        assert np.abs(result.scores).max() <= 1 + 1e-6
+    assert np.isnan(result.self_influence).all()  # off, even though the normalisation needed it
+    np.testing.assert_allclose(result.train_values.column("score_mean").to_numpy(), expected.mean(0), rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
+
 def test_top_k_and_train_values_follow_the_score_matrix():
     result = distinf.attribute(tiny_models.gpt2(), tiny_models.token_examples((5, 8, 3, 7, 6, 4, 9)),
                                tiny_models.token_examples((6, 4), seed=9), train_ids=list("abcdefg"),
