@@ -21,7 +21,10 @@ def finished_run(request, shared_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model_dir = job_fixtures.tiny_model_dir(root, request.param)
     # damping: auto for both; GPT-2's attention key bias is a zero block and contributes nothing.
-    cfg = load_job(job_fixtures.job_file(root, model_dir, *job_fixtures.corpus_files(root / "data")))
+    # Llama's scores are cosines (scoring.normalize): query divisors from the reducer, each chunk's own.
+    normalize = {"gpt2": "none", "llama": "cosine"}[request.param]
+    cfg = load_job(job_fixtures.job_file(root, model_dir, *job_fixtures.corpus_files(root / "data"),
+                                         scoring={"normalize": normalize}))
     manifest = run_job(cfg)
     plan = plan_job(cfg)
     reference = distinf.attribute(

@@ -220,6 +220,20 @@ def test_a_query_against_a_stored_run_equals_a_fresh_run_with_those_queries(quer
         np.testing.assert_allclose(grad, by_id[qid], rtol=1e-5, atol=1e-7)
 
 
+def test_a_query_may_normalise_its_scores_by_the_runs_stored_self_influence(shared_ray, from_scratch, inputs,
+                                                                             tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(from_scratch, run_dir)
+    out = tmp_path / "relatif"
+    assert main(["query", str(run_dir), "--queries", str(inputs["later"]), "--output", str(out),
+                 "--set", "scoring.normalize=relatif"]) == 0
+    values = pq.read_table(from_scratch / "scores" / "train_values.parquet").to_pydict()
+    root_self = dict(zip(values["train_id"], np.sqrt(values["self_influence"])))
+    asked = set(pq.read_table(inputs["later"]).column("id").to_pylist())
+    raw = dense_scores(from_scratch)
+    assert_close(dense_scores(out), {(q, t): s / root_self[t] for (q, t), s in raw.items() if q in asked})
+
+
 def test_a_query_computes_no_training_gradient_and_leaves_the_run_as_it_was(queried):
     run_dir, out, mtimes = queried
     assert not (out / "gradients" / "train").exists() and not (out / "curvature").exists()

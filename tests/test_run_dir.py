@@ -54,7 +54,7 @@ MAY_CHANGE = {
                          "data.queries.path"},
     # Also how the query file reads and how many scores are written; never the run's numbers.
     "query": RUNTIME | {"name", "output.path", "model.path", "data.queries.path", "data.queries.text_column",
-                        "scoring.top_k", "scoring.dense"},
+                        "scoring.top_k", "scoring.dense", "scoring.normalize"},
 }
 """What each mode may change among the job's keys, written out here rather than read from the lists."""
 

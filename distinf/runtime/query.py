@@ -29,6 +29,7 @@ from ray.exceptions import RayError
 
 from distinf.config import HessianConfig, JobConfig, apply_override, parse_config
 from distinf.core.curvature import precondition
+from distinf.core.scoring import query_divisors
 from distinf.data import Plan, fingerprint, plan_job
 from distinf.ledger import input_order
 from distinf.models import model_fingerprint
@@ -126,10 +127,11 @@ def _query(cfg: JobConfig, run: RunDir, stored: Manifest, out: RunDir, plan: Pla
         query_ids = [i for t in tables for i in t.column("example_id").to_pylist()]
         grads = torch.from_numpy(np.concatenate([gradients_of(t) for t in tables]))
         preconditioned = precondition(solver, grads).T.contiguous().numpy()  # [k, m], as the reducer forms it
+        divisors = query_divisors(cfg.scoring.normalize, grads, torch.from_numpy(preconditioned))
         train_chunks = chunk_files(run, sorted(stored.chunks["train"], key=input_order))
         carried = read_verified_table(run.path(TRAIN_VALUES), stored.files[TRAIN_VALUES])
         counts = score_outputs(cfg, out.root, train_chunks, ray.put(preconditioned), ray.put(solver), query_ids,
-                               plan.queries.ids, carried, version=version)
+                               plan.queries.ids, carried, version=version, query_divisors=divisors)
         timings["scoring"] = round(time.perf_counter() - clock, 3)
     except IntegrityError as error:
         raise JobError(f"distinf query: {error}") from None

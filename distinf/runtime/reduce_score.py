@@ -62,13 +62,15 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
             reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
             try:
                 reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(out / "curvature"),
-                                                        number, stored_sums), timeout=cfg.runtime.stall_timeout)
+                                                        number, stored_sums, cfg.scoring.normalize),
+                                  timeout=cfg.runtime.stall_timeout)
             except GetTimeoutError:
                 raise Stalled(f"the reducer returned nothing for {cfg.runtime.stall_timeout:g} s "
                               "(runtime.stall_timeout)") from None
             lap("curvature")
             counts = score_outputs(cfg, out, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
-                                   reduced["query_ids"], query_order, version=manifest.version_stamp())
+                                   reduced["query_ids"], query_order, version=manifest.version_stamp(),
+                                   query_divisors=reduced["query_divisors"])
             lap("scoring")
             return reduced, counts
         finally:
@@ -121,7 +123,8 @@ def chunk_files(run_dir: RunDir | Path, records: list[dict]) -> list[tuple[str, 
 
 def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]], preconditioned: Any,
                   curvature: Any, query_ids: list[str], query_order: list[str],
-                  carried: pa.Table | None = None, version: tuple[str, datetime] | None = None) -> dict:
+                  carried: pa.Table | None = None, version: tuple[str, datetime] | None = None,
+                  query_divisors: np.ndarray | None = None) -> dict:
     """Scoring tasks over the train chunks (given in input order), merged into scores/top_k.parquet,
     scores/train_values.parquet and, with scoring.dense, scores/dense/ under `out`.
 
@@ -129,6 +132,7 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     `preconditioned`, `query_order` the query file's order. `carried`, a stored run's
     train_values table, supplies self_influence instead of computing it again (distinf query).
     `version` (run_id, as_of) stamps every row of top_k and train_values with them.
+    `query_divisors` [m] (in `query_ids` order) divide each query's scores as scoring.normalize says.
     Returns the counts of scored train examples and queries.
     """
     out = Path(out)
@@ -137,7 +141,7 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     futures = [
         score_train_chunk.remote(path, sha256, preconditioned, curvature, cfg.scoring.top_k, with_self_influence,
                                  query_ids, str(dense_dir / Path(path).name) if cfg.scoring.dense else None,
-                                 version)
+                                 version, cfg.scoring.normalize, query_divisors)
         for path, sha256 in train_chunks
     ]
     chunks = await_tasks(futures, cfg.runtime.stall_timeout, "scoring")

@@ -26,6 +26,7 @@ from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes, human_bytes
 from distinf.core.curvature import Curvature, GramSums, factorize_or_zero_, precondition, zero_blocks
 from distinf.core.numerics import require_finite_columns
+from distinf.core.scoring import query_divisors
 from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, write_layout
 from distinf.runtime.faults import injected_fault
 from distinf.runtime.solve import Chunk, chunk_grads, chunk_groups, merge_blocks, solve_chunks
@@ -65,7 +66,8 @@ class Reducer:
                     "use blocks: layer, a smaller compression.k, or hessian.method: identity or lissa")
 
     def reduce(self, train_chunks: list[Chunk], query_chunks: list[Chunk],
-               curvature_dir: str, attempt: int = 0, stored_sums: tuple[str, str, int] | None = None) -> dict:
+               curvature_dir: str, attempt: int = 0, stored_sums: tuple[str, str, int] | None = None,
+               normalize: str = "none") -> dict:
         """Sum the chunks' Gram sums, factorise, precondition the queries; returns object refs.
 
         `stored_sums` (gauss_newton, an append): (path, sha256, count) of a stored run's
@@ -87,6 +89,7 @@ class Reducer:
         query_losses = np.concatenate([t.column("loss").to_numpy() for t in query_tables])
         del query_tables
         preconditioned = precondition(curvature, query_grads).T.contiguous().numpy()  # [k, m]
+        divisors = query_divisors(normalize, query_grads, torch.from_numpy(preconditioned))
         del query_grads
         require_finite_columns(preconditioned.T, self.slices, "the preconditioned queries Ĥ⁻¹ĝ")
         zero = getattr(curvature, "zero_blocks", [])
@@ -96,6 +99,7 @@ class Reducer:
             "curvature": [ray.put(curvature)],
             "query_ids": query_ids,
             "query_losses": query_losses,
+            "query_divisors": divisors,  # scoring.normalize's per-query factor [m]
             "damping": curvature.damping,
             "count": count,
             "zero_blocks": [(self.slices[i].start, self.slices[i].stop) for i in zero],

@@ -34,9 +34,10 @@ APPEND_KEYS = ("name", "runtime.", "output.path", "output.keep_versions", "model
 reads. Everything else (model settings, columns, max_length, compression, hessian, scoring,
 gradient_dtype) changes the numbers or the outputs' meaning and is refused."""
 
-QUERY_KEYS = ("name", "runtime.", "output.path", "model.path", "data.queries.", "scoring.top_k", "scoring.dense")
-"""Job keys `distinf query --set` may change: where it runs, how the query file reads, and how many
-scores it writes. The rest is the stored run's (its model, index set and curvature)."""
+QUERY_KEYS = ("name", "runtime.", "output.path", "model.path", "data.queries.", "scoring.top_k", "scoring.dense",
+              "scoring.normalize")
+"""Job keys `distinf query --set` may change: where it runs, how the query file reads, how many
+scores it writes and how they are normalised. The rest is the stored run's (its model, index set and curvature)."""
 
 _PART = re.compile(r"^part-(\d{5})-(\d{5})\.(parquet|json)$")
 

@@ -11,7 +11,7 @@ import torch
 
 from distinf.core.curvature import Curvature, self_influence
 from distinf.core.numerics import require_finite
-from distinf.core.scoring import TopK, score_chunk
+from distinf.core.scoring import TopK, needs_self_influence, normalized, score_chunk, train_divisors
 from distinf.runtime.versions import stamp
 from distinf.store import atomic_write_table, read_verified_table
 from distinf.tables import dense_table, gradients_of
@@ -30,26 +30,32 @@ class ChunkScores:
 @ray.remote(num_cpus=1)
 def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvature: Curvature, top_k: int,
                       with_self_influence: bool, query_ids: list[str], dense_path: str | None,
-                      version: tuple[str, datetime] | None = None) -> ChunkScores:
+                      version: tuple[str, datetime] | None = None, normalize: str = "none",
+                      query_divisors: np.ndarray | None = None) -> ChunkScores:
+    """One chunk's top-K, score_mean, self-influence and dense part; scores divided as
+    scoring.normalize says (`query_divisors` [m] from the queries, the chunk's own from its rows)."""
     table = read_verified_table(path, sha256)
     ids = table.column("example_id").to_pylist()
     grads = torch.from_numpy(gradients_of(table))
     require_finite(grads, f"gradient chunk {path}")
+    self_inf = (self_influence(curvature, grads).numpy()
+                if with_self_influence or needs_self_influence(normalize) else None)
+    if self_inf is not None:
+        require_finite(self_inf, f"the self-influence of gradient chunk {path}")
     scores = score_chunk(torch.from_numpy(preconditioned), grads).numpy()  # [m, n]
+    if normalize != "none":
+        scores = normalized(scores, query_divisors, train_divisors(normalize, grads, self_inf))
     require_finite(scores, f"the scores of gradient chunk {path}")
     top = TopK(scores.shape[0], top_k)
     top.update(scores, np.arange(len(ids)))  # local order is global order within a chunk
     if dense_path is not None:
         dense = dense_table(query_ids, ids, scores)
         atomic_write_table(dense if version is None else stamp(dense, *version), dense_path)
-    self_inf = self_influence(curvature, grads).numpy() if with_self_influence else None
-    if self_inf is not None:
-        require_finite(self_inf, f"the self-influence of gradient chunk {path}")
     return ChunkScores(
         ids=ids,
         losses=table.column("loss").to_numpy(),
         score_mean=scores.mean(0),
-        self_influence=self_inf,
+        self_influence=self_inf if with_self_influence else None,
         top_scores=top.scores,
         top_ids=np.asarray(ids, dtype=object)[top.positions],
     )
