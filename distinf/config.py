@@ -298,7 +298,7 @@ class AttributionConfig(_Section):
 
 # What the distributed job runs; the other methods run in distinf.attribute only (README).
 JOB_COMPRESSION_METHODS = ("dropout", "none", "gaussian", "fjlt", "logra")
-JOB_HESSIAN_METHODS = ("gauss_newton", "identity", "datainf", "lissa")
+JOB_HESSIAN_METHODS = ("gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix")
 
 
 class JobConfig(AttributionConfig):
@@ -325,6 +325,9 @@ class JobConfig(AttributionConfig):
             if value not in allowed:
                 raise ValueError(f"{key}: {value} runs in distinf.attribute (one process) only; the "
                                  f"distributed job runs {', '.join(allowed)}")
+        if self.hessian.method in ("kfac", "kfac_mix") and self.compression.method != "dropout":
+            raise ValueError(f"hessian.method: {self.hessian.method} needs compression.method: dropout (the "
+                             f"Kronecker factors are of kept gradient entries); got {self.compression.method!r}")
         return self
 
 

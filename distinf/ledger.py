@@ -3,8 +3,10 @@
 Chunk c of a split always holds the same examples (`data.chunk_plan`). A rank commits its part of
 a chunk in two steps: the Parquet file, then a record `ledger/{split}/part-RRRRR-CCCCC.json` with
 the file's row count and sha256, a digest of the example ids the plan gave it, and the examples
-it left out (non-finite loss or gradient, under `data.on_bad_row: skip`). The record is the
-commit point. A part counts as done only when its record matches the plan and its file matches
+it left out (non-finite loss or gradient, under `data.on_bad_row: skip`). With hessian.method
+kfac or kfac_mix a train part also has the Kronecker factor sums of its rows, a safetensors file
+written before the record, which names it under "factors" with its size and sha256. The record is
+the commit point. A part counts as done only when its record matches the plan and its file matches
 the record, so a part that is missing, truncated, corrupt or from another plan is computed again.
 """
 
@@ -15,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 
-from distinf.runtime.layout import chunk_path, record_path
-from distinf.store import atomic_write_json, commit_table, file_sha256, file_size, read_bytes
+from distinf.runtime.layout import chunk_path, factors_path, record_path
+from distinf.store import atomic_write_arrays, atomic_write_json, commit_table, file_sha256, file_size, read_bytes
 
 Planned = dict[int, list[list[str]]]
 """planned[c][r]: the example ids (padding slots left out) rank r commits as chunk c. Chunk numbers
@@ -30,8 +33,10 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 
 def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned_ids: Sequence[str],
-                 table: pa.Table | None, rejected: list[dict], attempt: int = 0, run_id: str | None = None) -> dict:
-    """Write one rank's part of a chunk (`table` None when no row is left) and then its record.
+                 table: pa.Table | None, rejected: list[dict], attempt: int = 0, run_id: str | None = None,
+                 factors: dict[str, np.ndarray] | None = None) -> dict:
+    """Write one rank's part of a chunk (`table` None when no row is left), its factor sums
+    (`factors`, arrays of chunk_factors.factor_arrays; only with rows) and then its record.
 
     `attempt` (which worker group of the driver computed it) and `run_id` (which run, under the
     run directory's lease) are kept for the record only.
@@ -40,6 +45,11 @@ def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned
               "file": None, "rows": 0, "bytes": 0, "sha256": None, "rejected": rejected, "attempt": attempt,
               "run_id": run_id}
     if table is not None and table.num_rows:
+        if factors is not None:
+            path = factors_path(run_dir, split, rank, chunk)
+            atomic_write_arrays(factors, path)
+            record["factors"] = {"file": str(path.relative_to(run_dir)), "bytes": file_size(path),
+                                 "sha256": file_sha256(path)}
         path = chunk_path(run_dir, split, rank, chunk)
         record.update(commit_table(table, path), file=str(path.relative_to(run_dir)))
     atomic_write_json(record, record_path(run_dir, split, rank, chunk))
@@ -47,8 +57,9 @@ def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned
 
 
 def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
-                 planned_ids: Sequence[str]) -> dict | None:
-    """The part's record if the part is committed and intact, else None."""
+                 planned_ids: Sequence[str], with_factors: bool = False) -> dict | None:
+    """The part's record if the part is committed and intact, else None. `with_factors`: a part
+    with rows must have its factor sums too, intact."""
     try:
         record = json.loads(read_bytes(record_path(run_dir, split, rank, chunk)).decode("utf-8"))
     except (OSError, ValueError):
@@ -57,25 +68,30 @@ def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
         return None
     if record.get("file") is None:
         return record if record.get("rows") == 0 else None
-    path = Path(run_dir) / record["file"]
-    try:
-        if file_size(path) != record.get("bytes") or file_sha256(path) != record.get("sha256"):
-            return None
-    except OSError:
+    files = [record] + ([record["factors"]] if isinstance(record.get("factors"), dict) else [])
+    if with_factors and len(files) == 1:
         return None
+    for entry in files:
+        path = Path(run_dir) / entry["file"]
+        try:
+            if file_size(path) != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
+                return None
+        except OSError:
+            return None
     return record
 
 
 def verified_records(run_dir: str | Path, split: str, planned: Planned,
-                     chunks: Sequence[int] | None = None) -> dict[tuple[int, int], dict]:
-    """{(chunk, rank): record} of every part (of `chunks`, default all) committed and intact.
+                     chunks: Sequence[int] | None = None, with_factors: bool = False) -> dict[tuple[int, int], dict]:
+    """{(chunk, rank): record} of every part (of `chunks`, default all) committed and intact
+    (`with_factors`: its factor sums too).
 
     Reads each file once, to check its sha256.
     """
     found = {}
     for chunk in planned if chunks is None else chunks:
         for rank, ids in enumerate(planned[chunk]):
-            record = check_record(run_dir, split, rank, chunk, ids)
+            record = check_record(run_dir, split, rank, chunk, ids, with_factors)
             if record is not None:
                 found[(chunk, rank)] = record
     return found

@@ -279,13 +279,90 @@ def test_on_independent_inputs_and_output_gradients_kfac_converges_to_the_gram(p
     assert errors[1] < 0.05 and errors[1] < errors[0] / 3, errors
 
 
-def test_the_job_refuses_kfac_by_name_and_mix_needs_kfac_mix():
+def test_the_job_runs_kfac_with_dropout_only_and_mix_needs_kfac_mix():
     job = {"model": {"path": "m"}, "data": {"train": {"path": "t.parquet"}, "queries": {"path": "q.parquet"}}}
     for method in ("kfac", "kfac_mix"):
-        with pytest.raises(ConfigError, match=f"hessian.method: {method} runs in distinf.attribute"):
-            parse_config({**job, "hessian": {"method": method}}, JobConfig)
+        assert parse_config({**job, "hessian": {"method": method}}, JobConfig).hessian.method == method
+        with pytest.raises(ConfigError, match=f"hessian.method: {method} needs compression.method: dropout"):
+            parse_config({**job, "hessian": {"method": method}, "compression": {"method": "gaussian"}}, JobConfig)
     with pytest.raises(ConfigError, match="hessian: mix is only used with method: kfac_mix"):
         parse_config({"hessian": {"method": "kfac", "mix": 0.3}}, distinf.config.AttributionConfig)
+
+
+class _Masked:
+    """Hands FactorSums.add a fixed row mask, as a worker's step does for its padding slots."""
+
+    def __init__(self, sums, rows):
+        self.sums, self.rows = sums, rows
+
+    def add(self, use, kept, grad_output):
+        self.sums.add(use, kept, grad_output, rows=self.rows)
+
+    def add_examples(self, n):
+        self.sums.add_examples(int(self.rows.sum()))
+
+
+def _filled(model, index_set, batches, factors_of):
+    tracked = track_modules(model)
+    sums = FactorSums(tracked, index_set)
+    with GradientCapture(model, tracked, index_set) as capture:
+        for i, batch in enumerate(batches):
+            capture.factors = factors_of(sums, i)
+            capture.batch(batch, causal_lm_losses)
+    return sums
+
+
+def _assert_same_sums(got, want):
+    assert got.count == want.count and list(got.tensors) == list(want.tensors)
+    for name, f in want.tensors.items():  # float32 forwards of other padded lengths: agree to rounding
+        for field in ("input_sum", "output_sum"):
+            expected = getattr(f, field)
+            torch.testing.assert_close(getattr(got.tensors[name], field), expected, rtol=1e-5,
+                                       atol=1e-6 * float(expected.abs().max()))
+        assert got.tensors[name].tokens == f.tokens
+
+
+def test_a_row_mask_sums_only_the_unmasked_rows():
+    """GPT-2 (Conv1D, biases, position embedding): the factor sums of batches with some rows masked
+    out equal those of batches of only the unmasked rows (padded to other lengths), and a worker's
+    ChunkFactors, slot by slot with rows left out after the batch, equals both."""
+    from distinf.runtime.chunk_factors import ChunkFactors, add_factor_sums, factor_arrays, read_factor_sums
+
+    torch.manual_seed(0)
+    model = tiny_models.gpt2()
+    index_set = draw_index_set(track_modules(model).param_shapes, 3000, seed=3)
+    examples = tiny_models.token_examples((5, 9, 3, 7, 6, 4, 8))
+    keep = [[True, False, True, True], [False, True, True]]  # batches of 4 and 3
+    batches = [collate(examples[:4], 0), collate(examples[4:], 0)]
+    masked = _filled(model, index_set, batches, lambda sums, i: _Masked(sums, torch.tensor(keep[i])))
+    kept = [e for e, k in zip(examples, keep[0] + keep[1]) if k]
+    only = _filled(model, index_set, [collate(kept[:2], 0), collate(kept[2:], 0)], lambda sums, i: sums)
+    assert only.count == 5 and masked.tensors["transformer.h.0.attn.c_attn.weight"].tokens > 0
+    _assert_same_sums(masked, only)
+
+    # The worker's path: slot 1 of batch 0 a padding slot, slot 0 of batch 1 rejected after it ran.
+    for per_row in (True, False):
+        chunk = ChunkFactors(FactorSums(track_modules(model), index_set), per_row=per_row)
+        tracked = track_modules(model)
+        with GradientCapture(model, tracked, index_set, factors=chunk) as capture:
+            chunk.start_step([True, False, True, True])
+            capture.batch(batches[0], causal_lm_losses)
+            chunk.commit_step([0, 2, 3])
+            chunk.start_step([per_row is False, True, True])  # without per_row no row is left out afterwards
+            capture.batch(batches[1], causal_lm_losses)
+            chunk.commit_step([1, 2] if per_row else [0, 1, 2])
+        if per_row:
+            _assert_same_sums(chunk.chunk, only)
+            # committed as a file's arrays and read back over the stored index set, two halves add up
+            table = index_set.to_table()
+            twice = add_factor_sums(read_factor_sums(factor_arrays(chunk.chunk), table, "a"),
+                                    read_factor_sums(factor_arrays(chunk.chunk), table, "b"), "b")
+            assert twice.count == 10 and twice.gram_fallback == only.gram_fallback
+            torch.testing.assert_close(twice.tensors["transformer.wpe.weight"].output_sum,
+                                       2 * only.tensors["transformer.wpe.weight"].output_sum)
+        else:  # the padding slot alone left out
+            padded = [torch.tensor([True, False, True, True]), torch.ones(3, dtype=torch.bool)]
+            _assert_same_sums(chunk.chunk, _filled(model, index_set, batches, lambda sums, i: _Masked(sums, padded[i])))
 
 
 def test_kfac_needs_the_dropout_compression():

@@ -16,7 +16,7 @@ from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed
 
-CASES = [("gaussian", "datainf"), ("logra", "lissa"), ("fjlt", "identity")]
+CASES = [("gaussian", "datainf"), ("logra", "lissa"), ("fjlt", "identity"), ("dropout", "kfac_mix")]
 
 
 @pytest.mark.parametrize("compression, hessian", CASES)
@@ -25,12 +25,21 @@ def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
         pytest.skip(f"the job does not run {compression}/{hessian} yet (distinf.config.JOB_*_METHODS)")
     model_dir = job_fixtures.tiny_model_dir(tmp_path, "gpt2")
     extra = {"lissa_iterations": 4, "lissa_batch_size": 5} if hessian == "lissa" else {}
-    cfg = load_job(job_fixtures.job_file(tmp_path, model_dir, *job_fixtures.corpus_files(tmp_path / "data"),
+    train, queries = job_fixtures.corpus_files(tmp_path / "data")
+    if hessian == "kfac_mix":
+        # 11 rows over 2 workers in batches of 4: rank 1's last batch has a padding slot, whose
+        # example runs through the model but must add nothing to the Kronecker factors.
+        pq.write_table(pq.read_table(train).slice(0, 11), train)
+    cfg = load_job(job_fixtures.job_file(tmp_path, model_dir, train, queries,
                                          compression={"method": compression, "k": 256},
                                          hessian={"method": hessian, **extra}))
     manifest = run_job(cfg)
     assert manifest["status"] == "complete"
     plan = plan_job(cfg)
+    if hessian == "kfac_mix":
+        assert len(plan.train.ids) == 11
+        factor_files = sorted((tmp_path / "run" / "gradients" / "train").glob("part-*.factors.safetensors"))
+        assert len(factor_files) == 2
     reference = distinf.attribute(
         AutoModelForCausalLM.from_pretrained(cfg.model.path), plan.train.examples, plan.queries.examples,
         config=cfg.model_dump(include={"compression", "hessian", "scoring"}), train_ids=plan.train.ids,
@@ -47,6 +56,9 @@ def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
     np.testing.assert_allclose(values.column("self_influence").to_numpy(), reference.self_influence,
                                rtol=1e-4, atol=1e-6 * np.abs(reference.self_influence).max())
     assert pq.read_table(run_dir / "index_set.parquet").equals(reference.index_set)
+    top = pq.read_table(run_dir / "scores" / "top_k.parquet").to_pydict()
+    np.testing.assert_allclose(top["score"], reference.top_k.column("score").to_numpy(), rtol=1e-4,
+                               atol=1e-4 * np.abs(reference.scores).max())
 
     # The report reads this method's stored curvature back: its recomputed proponents and
     # opponents of each query shown are the extremes of the reference scores.

@@ -149,21 +149,27 @@ class FactorSums:
     def add_examples(self, n: int) -> None:
         self.count += n
 
-    def add(self, use: ModuleUse, kept: Any, grad_output: Tensor) -> None:
+    def add(self, use: ModuleUse, kept: Any, grad_output: Tensor, rows: Tensor | None = None) -> None:
         """One module's batch: `kept` is what the dropout adapter kept on forward (x[N, T, |C|], or
-        token ids [N, T] for an embedding), grad_output the module's output gradient."""
+        token ids [N, T] for an embedding), grad_output the module's output gradient. `rows`, a
+        bool mask [N], keeps only those examples' positions (a batch's padding slots or rows left
+        out run through the model too); None: every example."""
         wanted = self._modules.get(use.name)
         if not wanted:
             return
         if isinstance(use.adapter, EmbeddingAdapter):
-            self._add_embedding(use, wanted["weight"], kept, grad_output)
+            self._add_embedding(use, wanted["weight"], kept, grad_output, rows)
             return
         gy = use.adapter.output_grads(use.module, grad_output).float()  # [N, T, out]
         active = gy.any(-1)  # [N, T]: a position whose output gradient is not all zero
+        if rows is not None:
+            active &= rows.to(active.device)[:, None]
         tokens = float(active.sum())
         for local, name in wanted.items():
             factors = self.tensors[name]
             g = gather_last(gy, factors.output_index.to(gy.device)).flatten(0, 1)
+            if rows is not None:
+                g = g[active.flatten()]
             factors.output_sum += (g.T @ g).double().cpu()
             factors.tokens += tokens
             if local == "weight":
@@ -172,10 +178,13 @@ class FactorSums:
             else:
                 factors.input_sum += tokens
 
-    def _add_embedding(self, use: ModuleUse, name: str, ids: Tensor, grad_output: Tensor) -> None:
+    def _add_embedding(self, use: ModuleUse, name: str, ids: Tensor, grad_output: Tensor,
+                       rows: Tensor | None) -> None:
         module, factors = use.module, self.tensors[name]
         gy = grad_output.reshape(ids.shape[0], ids.shape[1], -1).float()
         active = gy.any(-1)
+        if rows is not None:
+            active &= rows.to(active.device)[:, None]
         if module.padding_idx is not None:  # the padding row gets no gradient: not a token of A
             active &= ids != module.padding_idx
         live_ids = ids[active].long()

@@ -2,7 +2,8 @@
 place, written by the reducer and read back by `distinf query` and `distinf report`.
 
 blocks.safetensors holds, per method: gauss_newton `gram_sum.i` (the additive Gram sums an append
-starts from) and `cholesky.i`; datainf `inverse.i`; lissa `batch.j` (the sampled rows); identity
+starts from) and `cholesky.i`; kfac and kfac_mix `curvature_sum.i` ((1 − mix)·n·K_S + mix·Σ ĝĝᵀ, an
+append sums every chunk's Gram and factor sums again) and `cholesky.i`; datainf `inverse.i`; lissa `batch.j` (the sampled rows); identity
 nothing. blocks.json holds the method, the example count, each block's columns and damping, and
 the indices of the blocks whose gradient is zero.
 """
@@ -45,6 +46,15 @@ def _in_order(arrays: dict[str, Tensor], prefix: str) -> list[Tensor]:
     return [arrays[f"{prefix}.{i}"] for i in range(sum(name.startswith(f"{prefix}.") for name in arrays))]
 
 
+SUM_ARRAYS = {"gauss_newton": "gram_sum", "kfac": "curvature_sum", "kfac_mix": "curvature_sum"}
+"""The name of the summed blocks of the methods the reducer factorises, beside their cholesky.i."""
+
+
+def _cholesky(a: dict[str, Tensor], layout: dict, hessian: HessianConfig) -> Curvature:
+    return Curvature(_slices(layout), _in_order(a, "cholesky"), _damping(layout), layout["count"],
+                     layout.get("zero_blocks", []))
+
+
 ARRAYS_OF: dict[str, Callable[[Solver], dict[str, np.ndarray]]] = {
     # gauss_newton streams its own (gram_sum.i, then cholesky.i) in the reducer, never held twice.
     "identity": lambda solver: {},
@@ -54,8 +64,9 @@ ARRAYS_OF: dict[str, Callable[[Solver], dict[str, np.ndarray]]] = {
 """The arrays of blocks.safetensors of each method solved over chunks, from its solver."""
 
 SOLVER_OF: dict[str, Callable[[dict[str, Tensor], dict, HessianConfig], Solver]] = {
-    "gauss_newton": lambda a, layout, hessian: Curvature(
-        _slices(layout), _in_order(a, "cholesky"), _damping(layout), layout["count"], layout.get("zero_blocks", [])),
+    "gauss_newton": _cholesky,
+    "kfac": _cholesky,
+    "kfac_mix": _cholesky,
     "identity": lambda a, layout, hessian: Identity(_slices(layout)),
     "datainf": lambda a, layout, hessian: DataInf(_slices(layout), _damping(layout), _in_order(a, "inverse"),
                                                   layout["count"]),

@@ -17,6 +17,7 @@ import ray
 from tqdm.auto import tqdm
 
 from distinf.config import JobConfig
+from distinf.core.kfac import KFAC_METHODS
 from distinf.data import PAD, Tokenized, chunk_plan
 from distinf.ledger import Planned, input_order, pending_chunks
 from distinf.runtime import metrics
@@ -88,7 +89,9 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
     index set and the worker layout in `manifest` (and writes it)."""
     splits = list(work)
     planned = {s: work[s].planned() for s in splits}
-    records = {s: run_dir.verified_records(s, planned[s]) for s in splits}
+    # kfac, kfac_mix: a train part counts as done only with its Kronecker factor sums.
+    with_factors = {s: s == "train" and cfg.hessian.method in KFAC_METHODS for s in splits}
+    records = {s: run_dir.verified_records(s, planned[s], with_factors=with_factors[s]) for s in splits}
     group = WorkerGroup(cfg, run_dir, manifest)
     state = {"index_table": _stored_index_set(run_dir, manifest), "todo": {}}
 
@@ -109,7 +112,8 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
     def take_stock() -> None:
         run_dir.remove_leftovers()
         for split in splits:  # what the failed attempt committed before it stopped
-            records[split].update(run_dir.verified_records(split, planned[split], state["todo"][split]))
+            records[split].update(run_dir.verified_records(split, planned[split], state["todo"][split],
+                                                           with_factors[split]))
 
     group.with_restarts("gradients", "gradient pass", attempt, "Committed chunks are kept", take_stock)
     ordered = {}

@@ -5,6 +5,7 @@
     index_set.parquet                 the tracked entries every gradient column stands for
     rejected.parquet                  rows left out, and why
     gradients/{split}/part-RRRRR-CCCCC.parquet   chunk C of rank R
+    gradients/train/part-RRRRR-CCCCC.factors.safetensors   its Kronecker factor sums (kfac, kfac_mix)
     ledger/{split}/part-RRRRR-CCCCC.json         its commit record (distinf.ledger)
     curvature/                        the solver's files (runtime.curvature_files)
     scores/top_k.parquet, scores/train_values.parquet, scores/dense/part-*.parquet
@@ -39,6 +40,11 @@ def gradient_dir(run_dir: str | Path, split: str) -> Path:
 def chunk_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
     """Chunk `chunk` of `rank`: names come from numbers only, never from example ids."""
     return gradient_dir(run_dir, split) / f"part-{rank:05d}-{chunk:05d}.parquet"
+
+
+def factors_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
+    """The Kronecker factor sums (hessian.method kfac, kfac_mix) of chunk `chunk` of `rank`, beside it."""
+    return gradient_dir(run_dir, split) / f"part-{rank:05d}-{chunk:05d}.factors.safetensors"
 
 
 def list_chunks(run_dir: str | Path, split: str) -> list[Path]:

@@ -20,18 +20,19 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from distinf.config import JobConfig
+from distinf.core.kfac import KFAC_METHODS
 from distinf.core.scoring import TopK
 from distinf.runtime import curvature_files
 from distinf.runtime.failures import Stalled, await_tasks
 from distinf.runtime.gradient_pass import Gradients
-from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES
+from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.reducer import Reducer
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.versions import stamp
 from distinf.runtime.workers import WorkerGroup, worker_env
-from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_verified_bytes
+from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_bytes, read_verified_bytes
 from distinf.tables import top_k_table, train_values_table
 
 SPLITS = ("train", "queries")
@@ -54,6 +55,8 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
         if stored_sums is not None:  # the stored run's sums, plus this append's chunks only
             curvature_chunks = chunk_files(run_dir, [r for r in gradients.records["train"]
                                                      if r.get("segment") == pending.segment])
+    # kfac, kfac_mix: every train chunk's factor sums, appended or not (they are additive).
+    factor_chunks = factor_files(run_dir, gradients.records["train"]) if cfg.hessian.method in KFAC_METHODS else []
     manifest.curvature_input = {"stored_gram_sums": stored_sums is not None, "chunks_read": len(curvature_chunks)}
 
     def attempt(number: int) -> tuple[dict, dict]:
@@ -62,7 +65,8 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
             reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
             try:
                 reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(out / "curvature"),
-                                                        number, stored_sums, cfg.scoring.normalize),
+                                                        number, stored_sums, cfg.scoring.normalize,
+                                                        factor_chunks, gradients.index_table),
                                   timeout=cfg.runtime.stall_timeout)
             except GetTimeoutError:
                 raise Stalled(f"the reducer returned nothing for {cfg.runtime.stall_timeout:g} s "
@@ -119,6 +123,31 @@ def chunk_files(run_dir: RunDir | Path, records: list[dict]) -> list[tuple[str, 
     """(path, sha256) of the records' chunk files, in their order; parts that kept no row have none."""
     root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
     return [(str(root / r["file"]), r["sha256"]) for r in records if r["file"]]
+
+
+def factor_files(run_dir: RunDir, records: list[dict]) -> list[tuple[str, str]]:
+    """(path, sha256) of the Kronecker factor sums of the records' train chunks that kept rows.
+
+    A record the gradient pass verified names them; a stored run's chunk (an append), listed in
+    its manifest without them, is looked up in its ledger record, which must be of the same file."""
+    files = []
+    for r in records:
+        if not r["file"]:
+            continue
+        entry = r.get("factors")
+        if entry is None:
+            path = record_path(run_dir.root, "train", r["rank"], r["chunk"])
+            try:
+                stored = json.loads(read_bytes(path).decode("utf-8"))
+            except (OSError, ValueError):
+                stored = {}
+            entry = stored.get("factors") if stored.get("sha256") == r["sha256"] else None
+            if entry is None:
+                raise IntegrityError(f"'{r['file']}': no Kronecker factor sums recorded for it (ledger record "
+                                     f"'{path}'); hessian.method kfac and kfac_mix need the chunks computed with "
+                                     "one of them: choose a new output folder")
+        files.append((str(run_dir.path(entry["file"])), entry["sha256"]))
+    return files
 
 
 def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]], preconditioned: Any,

@@ -1,6 +1,7 @@
 """The reducer: Gram sums of every train chunk -> damping -> Cholesky -> preconditioned queries.
 
-That is hessian.method gauss_newton; the other methods are solved over the chunks by
+That is hessian.method gauss_newton, and kfac / kfac_mix, whose blocks are built from the Gram sums
+and the chunks' Kronecker factor sums (runtime.chunk_factors) before the same Cholesky; the other methods are solved over the chunks by
 distinf.runtime.solve and written to the same curvature/ files. Chunks are (path, sha256) pairs and
 are read only if they still match the checksum they were committed with.
 
@@ -25,9 +26,11 @@ import torch
 from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes, human_bytes
 from distinf.core.curvature import Curvature, GramSums, factorize_or_zero_, precondition, zero_blocks
+from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.numerics import require_finite_columns
 from distinf.core.scoring import query_divisors
-from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, write_layout
+from distinf.runtime.chunk_factors import add_factor_sums, read_factor_sums
+from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, SUM_ARRAYS, write_layout
 from distinf.runtime.faults import injected_fault
 from distinf.runtime.solve import Chunk, chunk_grads, chunk_groups, merge_blocks, solve_chunks
 from distinf.store import (atomic_write_array_stream, atomic_write_arrays, read_arrays,
@@ -56,7 +59,7 @@ class Reducer:
     def __init__(self, slices: list[slice], hessian: dict):
         self.slices = slices
         self.hessian = HessianConfig.model_validate(hessian)
-        if self.hessian.method in ("gauss_newton", "datainf"):
+        if self.hessian.method in ("gauss_newton", "datainf", *KFAC_METHODS):
             # The blocks (factorised in place) and their copy in the object store, on this node.
             need = 16 * sum((s.stop - s.start) ** 2 for s in slices)
             if need > 0.8 * available_bytes():
@@ -67,15 +70,18 @@ class Reducer:
 
     def reduce(self, train_chunks: list[Chunk], query_chunks: list[Chunk],
                curvature_dir: str, attempt: int = 0, stored_sums: tuple[str, str, int] | None = None,
-               normalize: str = "none") -> dict:
+               normalize: str = "none", factor_chunks: list[Chunk] = (), index_table=None) -> dict:
         """Sum the chunks' Gram sums, factorise, precondition the queries; returns object refs.
 
         `stored_sums` (gauss_newton, an append): (path, sha256, count) of a stored run's
         blocks.safetensors, whose gram_sum.i are the sums over every chunk not in `train_chunks`;
-        they are the starting point, so only the new chunks are read."""
+        they are the starting point, so only the new chunks are read. `factor_chunks` (kfac,
+        kfac_mix): (path, sha256) of every train chunk's factor sums; `index_table` the run's index set."""
         injected_fault("reducer", attempt)  # tests only
-        if self.hessian.method == "gauss_newton":
-            curvature, count = self._gauss_newton(train_chunks, Path(curvature_dir), stored_sums)
+        if self.hessian.method in ("gauss_newton", *KFAC_METHODS):
+            factors = (self._factor_sums(factor_chunks, index_table) if self.hessian.method in KFAC_METHODS
+                       else None)
+            curvature, count = self._gauss_newton(train_chunks, Path(curvature_dir), stored_sums, factors)
         else:
             curvature, count = solve_chunks(self.hessian, self.slices, train_chunks)
             atomic_write_arrays(ARRAYS_OF[self.hessian.method](curvature), Path(curvature_dir) / Path(ARRAYS).name)
@@ -108,8 +114,20 @@ class Reducer:
         del preconditioned, curvature
         return result
 
+    def _factor_sums(self, factor_chunks: list[Chunk], index_table) -> FactorSums:
+        """The sum of every chunk's Kronecker factor sums, read one file at a time."""
+        total = None
+        for path, sha256 in factor_chunks:
+            total = add_factor_sums(total, read_factor_sums(read_arrays(path, sha256), index_table, path), path)
+        if total is None:
+            raise ValueError("no training examples: the curvature is undefined")
+        return total
+
     def _gauss_newton(self, train_chunks: list[Chunk], folder: Path,
-                      stored_sums: tuple[str, str, int] | None = None) -> tuple[Curvature, int]:
+                      stored_sums: tuple[str, str, int] | None = None,
+                      factors: FactorSums | None = None) -> tuple[Curvature, int]:
+        """gauss_newton; with `factors` (kfac, kfac_mix) the summed blocks are turned into
+        (1 − mix)·n·K_S + mix·Σ ĝĝᵀ first, as distinf.attribute does, then factorised alike."""
         total = GramSums(self.slices)
         if stored_sums is not None:
             path, sha256, count = stored_sums
@@ -122,13 +140,16 @@ class Reducer:
         merge_blocks(pending, total)
         if total.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
+        if factors is not None:
+            total = factors.curvature_sums(total, self.hessian.gram_share)
         count, lambdas = total.count, []
+        sum_name = SUM_ARRAYS[self.hessian.method]
         zero = zero_blocks([float(torch.trace(b)) for b in total.blocks], count, self.slices)
 
         def arrays():
             # Gram sums first, as they are; then each block becomes its factor in place.
             for i, block in enumerate(total.blocks):
-                yield f"gram_sum.{i}", block.numpy()
+                yield f"{sum_name}.{i}", block.numpy()
             for i, (block, part) in enumerate(zip(total.blocks, self.slices)):
                 lam, factor = factorize_or_zero_(block, count, self.hessian.damping, part, i in zero)
                 total.blocks[i] = factor
@@ -136,7 +157,7 @@ class Reducer:
                 yield f"cholesky.{i}", factor.numpy()
 
         shapes = {f"{kind}.{i}": (np.float64, (s.stop - s.start,) * 2)
-                  for kind in ("gram_sum", "cholesky") for i, s in enumerate(self.slices)}
+                  for kind in (sum_name, "cholesky") for i, s in enumerate(self.slices)}
         atomic_write_array_stream(safetensors_layout(shapes), arrays(), folder / Path(ARRAYS).name)
-        write_layout(folder, "gauss_newton", count, self.slices, lambdas, zero)
+        write_layout(folder, self.hessian.method, count, self.slices, lambdas, zero)
         return Curvature(self.slices, total.blocks, lambdas, count, zero), count

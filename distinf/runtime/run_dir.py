@@ -117,10 +117,11 @@ class RunDir:
 
     # -- the ledger ------------------------------------------------------------------------------
 
-    def verified_records(self, split: str, planned: ledger.Planned,
-                         chunks: list[int] | None = None) -> dict[tuple[int, int], dict]:
-        """{(chunk, rank): record} of every planned part committed and intact (distinf.ledger)."""
-        return ledger.verified_records(self.root, split, planned, chunks)
+    def verified_records(self, split: str, planned: ledger.Planned, chunks: list[int] | None = None,
+                         with_factors: bool = False) -> dict[tuple[int, int], dict]:
+        """{(chunk, rank): record} of every planned part committed and intact (distinf.ledger);
+        `with_factors`: with its Kronecker factor sums."""
+        return ledger.verified_records(self.root, split, planned, chunks, with_factors)
 
     def chunk_numbers(self, split: str) -> list[int]:
         """The numbers of every chunk the ledger holds a record of, committed or not."""
@@ -143,6 +144,8 @@ class RunDir:
             parts = planned.get(chunk, [])
             if rank >= len(parts) or record.get("ids") != ledger.ids_digest(parts[rank]):
                 stale += [path] + ([self.path(record["file"])] if record.get("file") else [])
+                if isinstance(record.get("factors"), dict):
+                    stale.append(self.path(record["factors"]["file"]))
         return stale
 
     def damaged_files(self, manifest: Manifest | dict) -> list[str]:

@@ -18,6 +18,7 @@ from torch import Tensor
 from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
 from distinf.core.compressors import build_compressor
+from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.tasks import loss_function, move_batch
 from distinf.core.tracking import track_modules
 from distinf.data import collate
@@ -51,6 +52,7 @@ class GradientShard:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = shard_device(cfg.runtime.device)
         self.capture: GradientCapture | None = None
+        self.factor_template: FactorSums | None = None
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group, build the (sharded) model, derive the index set, hook it.
@@ -72,6 +74,8 @@ class GradientShard:
         except ValueError as error:  # the same on every rank and every restart: not worth a retry
             raise ConfigError(f"compression: {error}") from None
         self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
+        # kfac, kfac_mix: the factor plans of the index set; the worker sums a chunk's rows into a copy.
+        self.factor_template = FactorSums(tracked, compressor.layout) if cfg.hessian.method in KFAC_METHODS else None
         self.capture = GradientCapture(model, tracked, compressor).__enter__()
         self.loss_fn = loss_function(cfg.model.task)
         release_free_memory()

@@ -2,7 +2,8 @@
 
 All workers run the same number of steps with the same batch sizes, because every ZeRO-3
 forward and backward gathers each layer collectively. A padding slot (-1) runs a real example
-whose outputs are dropped. Work comes as chunks of the driver's `chunk_plan`, the same chunk
+whose outputs are dropped (and whose Kronecker factors, with hessian.method kfac or kfac_mix, are
+not summed: runtime.chunk_factors). Work comes as chunks of the driver's `chunk_plan`, the same chunk
 indices for every rank, and each chunk is committed to the ledger as it completes.
 """
 
@@ -23,6 +24,7 @@ from distinf.core.numerics import float16_overflow_rows
 from distinf.data import PAD, DataError, collate
 from distinf.ledger import commit_chunk
 from distinf.log import configure as configure_logging
+from distinf.runtime.chunk_factors import ChunkFactors, factor_arrays
 from distinf.runtime.faults import injected_delay, injected_fault
 from distinf.runtime.process_memory import release_free_memory
 from distinf.runtime.shard import GradientShard
@@ -99,12 +101,21 @@ class GradientWorker:
         batch_size, dtype = self.cfg.runtime.batch_size, self.cfg.output.gradient_dtype
         skip = self.cfg.data.on_bad_row == "skip"
         records = []
+        template = self.shard.factor_template if split == "train" else None
         for chunk, positions in chunks:
             began = time.perf_counter()
             kept, losses, grads, rejected = [], [], [], []
             steps = [list(positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)]
-            batches = (collate([examples[p if p != PAD else 0] for p in step], pad_token_id) for step in steps)
-            computed = self.shard.capture.run(batches, self.shard.loss_fn, self.shard.device)
+            # kfac: the capture sums the factors of this chunk's rows only (the queries' never).
+            factors = self.shard.capture.factors = ChunkFactors(template, skip) if template is not None else None
+
+            def batches():
+                for step in steps:
+                    if factors is not None:
+                        factors.start_step([p != PAD for p in step])
+                    yield collate([examples[p if p != PAD else 0] for p in step], pad_token_id)
+
+            computed = self.shard.capture.run(batches(), self.shard.loss_fn, self.shard.device)
             for step, (g, loss) in zip(steps, computed):
                 release_free_memory()  # what the step freed inside the heap, before the next step's peak
                 real = [i for i, p in enumerate(step) if p != PAD]
@@ -112,10 +123,12 @@ class GradientWorker:
                 bad = nonfinite_rows(loss, g, dtype)
                 if bad and not skip:
                     raise nonfinite_error(split, step_ids, bad, self.cfg.model.dtype)
+                good = [i for i in range(len(step_ids)) if i not in bad]
                 if bad:
                     rejected += [{"example_id": step_ids[i], "reason": reason} for i, reason in bad.items()]
-                    good = [i for i in range(len(step_ids)) if i not in bad]
                     step_ids, g, loss = [step_ids[i] for i in good], g[good], loss[good]
+                if factors is not None:
+                    factors.commit_step([real[i] for i in good])
                 kept += step_ids
                 losses.append(loss)
                 grads.append(g)
@@ -127,8 +140,9 @@ class GradientWorker:
             table = (gradient_table(kept, torch.cat(losses).numpy(), torch.cat(grads).numpy(), dtype)
                      if kept else None)
             planned = [ids[p] for p in positions if p != PAD]
+            self.shard.capture.factors = None
             records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
-                                        run_id))
+                                        run_id, factor_arrays(factors.chunk) if factors is not None else None))
             if progress is not None:
                 progress.chunk.remote()
             log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",
