@@ -370,3 +370,39 @@ def test_kfac_needs_the_dropout_compression():
     with pytest.raises(ValueError, match="need compression.method: dropout"):
         distinf.attribute(model, [{"x": torch.randn(4)}], [{"x": torch.randn(4)}], task=lambda m, b: m(b["x"]).sum(1),
                           config={"compression": {"method": "gaussian", "k": 6}, "hessian": {"method": "kfac"}})
+
+
+def test_a_chunk_commits_its_factor_sums_and_counts_as_done_only_with_them_intact(tmp_path):
+    """The ledger's side of kfac in the job: the factor file is recorded with its sha256, a part
+    whose factors are missing or changed is computed again, and an appended run's stored chunk
+    (listed in the manifest without them) finds its factors through its ledger record."""
+    from distinf.ledger import check_record, commit_chunk
+    from distinf.runtime.chunk_factors import factor_arrays, read_factor_sums
+    from distinf.runtime.reduce_score import factor_files
+    from distinf.runtime.run_dir import RunDir
+    from distinf.store import IntegrityError, read_arrays
+    from distinf.tables import gradient_table
+
+    torch.manual_seed(0)
+    model = tiny_models.gpt2()
+    index_set = draw_index_set(track_modules(model).param_shapes, 300, seed=3)
+    _, sums = kfac_blocks(model, index_set, gpt2_batches()[:1], causal_lm_losses)
+    table = gradient_table(["a", "b", "c"], np.zeros(3), np.zeros((3, index_set.k)))
+    ids = ["a", "b", "c"]
+    record = commit_chunk(tmp_path, "train", 1, 4, ids, table, [], factors=factor_arrays(sums))
+    assert record["factors"]["file"] == "gradients/train/part-00001-00004.factors.safetensors"
+    assert check_record(tmp_path, "train", 1, 4, ids, with_factors=True) == record
+    stored = read_factor_sums(read_arrays(tmp_path / record["factors"]["file"], record["factors"]["sha256"]),
+                              index_set.to_table(), "here")
+    _assert_same_sums(stored, sums)
+
+    manifest_entry = {key: record[key] for key in ("file", "chunk", "rank", "rows", "sha256")}
+    assert factor_files(RunDir.at(tmp_path), [manifest_entry]) == \
+        [(str(tmp_path / record["factors"]["file"]), record["factors"]["sha256"])]
+
+    plain = commit_chunk(tmp_path, "train", 0, 4, ids, table, [])  # committed by a gauss_newton run
+    assert "factors" not in plain and check_record(tmp_path, "train", 0, 4, ids, with_factors=True) is None
+    with pytest.raises(IntegrityError, match="part-00000-00004.parquet'.*no Kronecker factor sums"):
+        factor_files(RunDir.at(tmp_path), [plain])
+    (tmp_path / record["factors"]["file"]).write_bytes(b"changed")
+    assert check_record(tmp_path, "train", 1, 4, ids, with_factors=True) is None

@@ -120,8 +120,8 @@ def read_factor_sums(arrays: dict[str, np.ndarray], index_table: pa.Table, where
         raise ValueError(f"{where}: factors of tensors the index set does not hold: {sorted(unknown)[:5]}")
     sums = FactorSums.__new__(FactorSums)
     sums.index_set = columns
-    sums.tensors = {name: TensorFactors(**{**f, "tokens": float(f["tokens"][0])})
-                    for name, f in fields.items()}
+    sums.tensors = {name: TensorFactors(**{**fields[name], "tokens": float(fields[name]["tokens"][0])})
+                    for name in columns.names if name in fields}  # index-set order, as the worker's
     sums.gram_fallback = [name for name in columns.names if name not in sums.tensors]
     sums._modules = {}
     sums.count = int(arrays["count"][0])
