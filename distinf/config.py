@@ -239,7 +239,7 @@ class ScoringConfig(_Section):
     top_k: int = Field(default=10, gt=0)
     dense: bool = False
     self_influence: bool = True
-    normalize: Literal["none", "relatif", "cosine", "unit"] = "none"
+    normalize: Literal["none", "relatif", "cosine", "unit"] = "cosine"
     """What each score is divided by, so that examples with large gradients do not top every
     query: none (the paper's influence ĝ_qᵀĤ⁻¹ĝ_i); relatif (by √ of the example's
     self-influence); cosine (by √ of both self-influences: the cosine in the Ĥ⁻¹ metric); unit (by

@@ -67,7 +67,7 @@ def job_file(root: Path, model_dir: Path, train: Path, queries: Path, **sections
                  "queries": {"path": str(queries), "id_column": "id"}, "max_length": 48},
         "compression": {"k": 512, "seed": 0},
         "hessian": {"blocks": "layer", "damping": "auto"},
-        "scoring": {"top_k": 5, "dense": True},
+        "scoring": {"top_k": 5, "dense": True, "normalize": "none"},  # raw scores: tests divide them themselves
         "runtime": {"num_workers": 2, "batch_size": 4, "chunk_examples": 8},
         "output": {"path": str(root / "run")},
     }

@@ -42,6 +42,7 @@ def examples(lengths, seed):
 
 
 TRAIN, QUERIES = examples((5, 8, 3, 7, 6, 4, 9, 5), seed=1), examples((6, 4, 7), seed=2)
+RAW = {"normalize": "none"}  # the paper's influence ĝ_qᵀĤ⁻¹ĝ_i, which the dense solves here compute
 
 
 def dense_reference(model, names, damping, blocks):
@@ -60,7 +61,7 @@ def dense_reference(model, names, damping, blocks):
 def test_full_block_with_every_entry_kept_equals_dense_solve(damping):
     model = micro_gpt2()
     result = distinf.attribute(model, TRAIN, QUERIES, batch_size=3, config={
-        "compression": {"k": 10**9}, "hessian": {"blocks": "full", "damping": damping}})
+        "compression": {"k": 10**9}, "hessian": {"blocks": "full", "damping": damping}, "scoring": RAW})
     names = list(dict.fromkeys(result.index_set.column("param").to_pylist()))
     p = sum(model.get_parameter(n).numel() for n in names)
     assert result.train_grads.shape[1] == p  # every tracked entry kept
@@ -72,7 +73,7 @@ def test_full_block_with_every_entry_kept_equals_dense_solve(damping):
 def test_layer_blocks_equal_block_diagonal_dense_solve():
     model = micro_gpt2()
     result = distinf.attribute(model, TRAIN, QUERIES, batch_size=4, config={
-        "compression": {"k": 10**9}, "hessian": {"blocks": "layer", "damping": "auto"}})
+        "compression": {"k": 10**9}, "hessian": {"blocks": "layer", "damping": "auto"}, "scoring": RAW})
     names = list(dict.fromkeys(result.index_set.column("param").to_pylist()))
     sizes = [model.get_parameter(n).numel() for n in names]
     bounds = np.cumsum([0, *sizes])
@@ -108,7 +109,7 @@ def test_normalised_scores_equal_the_dense_solve_divided_as_documented(normalize
 def test_top_k_and_train_values_follow_the_score_matrix():
     result = distinf.attribute(tiny_models.gpt2(), tiny_models.token_examples((5, 8, 3, 7, 6, 4, 9)),
                                tiny_models.token_examples((6, 4), seed=9), train_ids=list("abcdefg"),
-                               query_ids=["q0", "q1"], config={"compression": {"k": 256}, "scoring": {"top_k": 3}})
+                               query_ids=["q0", "q1"], config={"compression": {"k": 256}, "scoring": {"top_k": 3, **RAW}})
     top = result.top_k.to_pylist()
     assert result.top_k.column_names == ["query_id", "rank", "train_id", "score"]
     for q, query_id in enumerate(["q0", "q1"]):

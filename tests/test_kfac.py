@@ -219,7 +219,8 @@ def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damp
     train, queries = tiny_models.token_examples((5, 9, 3, 7, 6, 4, 8)), tiny_models.token_examples((6, 4, 7), seed=2)
     hessian = {"method": method, "damping": damping, "blocks": blocks, **({"mix": mix} if mix is not None else {})}
     result = distinf.attribute(model, train, queries, batch_size=3,
-                               config={"compression": {"k": 600, "seed": 2}, "hessian": hessian})
+                               config={"compression": {"k": 600, "seed": 2}, "hessian": hessian,
+                                       "scoring": {"normalize": "none"}})
     index_set = draw_index_set(track_modules(model).param_shapes, 600, seed=2)
     beta = {"kfac": 0.0, "kfac_mix": 0.5 if mix is None else mix}[method]
     per_tensor = dense_gpt2_curvature(model, index_set, train, result.train_grads, beta)

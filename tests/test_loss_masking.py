@@ -175,7 +175,7 @@ def test_masked_losses_and_gradients_equal_torch_func_on_the_completion_tokens_a
     names = [n for n, _ in model.named_parameters() if n.startswith("model.layers.1.mlp.")]
     result = distinf.attribute(model, data.examples, data.examples[:2], batch_size=3, config={
         "compression": {"k": 10**9, "modules": {"include": [r"model\.layers\.1\.mlp\..*"]}},
-        "hessian": {"method": "identity"}}, pad_token_id=tokenizer.pad_token_id)
+        "hessian": {"method": "identity"}, "scoring": {"normalize": "none"}}, pad_token_id=tokenizer.pad_token_id)
     index = result.index_set.to_pydict()
     assert set(index["param"]) == set(names)
     columns_of = np.array(index["flat_index"])

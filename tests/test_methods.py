@@ -27,7 +27,9 @@ from test_influence import QUERIES, TRAIN, dense_reference, full_gradients, micr
 
 
 def attribute(model, config, train=TRAIN, queries=QUERIES, **kwargs):
-    return distinf.attribute(model, train, queries, batch_size=3, config=config, **kwargs)
+    """distinf.attribute with raw scores (scoring.normalize: none), the quantity the references compute."""
+    return distinf.attribute(model, train, queries, batch_size=3, config={"scoring": {"normalize": "none"}, **config},
+                             **kwargs)
 
 
 def tracked_names(model):
