@@ -153,7 +153,8 @@ def capture_variants(setting: Setting) -> dict[str, tuple[dict, object]]:
 def capture(setting: Setting, compression: dict, task) -> Captured:
     started = time.perf_counter()
     res = distinf.attribute(setting.model, setting.train, setting.queries, task=task,
-                            config={"compression": {"k": setting.k, **compression}}, batch_size=setting.batch_size)
+                            config={"compression": {"k": setting.k, **compression}, "scoring": {"normalize": "none"}},
+                            batch_size=setting.batch_size)
     params = res.index_set.column("param").to_pylist()
     starts = [i for i in range(len(params)) if i == 0 or params[i] != params[i - 1]]
     blocks = [slice(a, b) for a, b in zip(starts, starts[1:] + [len(params)])]

@@ -85,7 +85,8 @@ def job_overrides(model_dir: Path, train: Path, queries: Path, k: int, seed: int
     """The job's --set assignments for one model and one split."""
     return [f"model.path={model_dir}", f"data.train.path={train}", f"data.queries.path={queries}",
             f"compression.k={k}", f"compression.seed={seed}", f"scoring.top_k={top_k}",
-            f"data.max_length={max_length}", f"scoring.dense={str(dense).lower()}"]
+            f"data.max_length={max_length}", f"scoring.dense={str(dense).lower()}",
+            "scoring.normalize=none"]  # raw influence, as recorded; the stored-gradient rescorings divide it themselves
 
 
 def fine_tune(base_dir: Path, examples: list[dict[str, torch.Tensor]], pad_token_id: int, out_dir: Path,
@@ -300,7 +301,7 @@ def run_seed(seed: int, args, work: Path) -> dict:
             clock = time.perf_counter()
             res = distinf.attribute(
                 model, plan.train.examples, plan.queries.examples, task="causal_lm",
-                config={"compression": {"method": method, "k": args.k, "seed": seed}, "scoring": {"top_k": DEPTH}},
+                config={"compression": {"method": method, "k": args.k, "seed": seed}, "scoring": {"top_k": DEPTH, "normalize": "none"}},
                 train_ids=plan.train.ids, query_ids=plan.queries.ids, batch_size=args.batch_size,
                 pad_token_id=plan.pad_token_id)
             measures[f"{method} + gauss_newton (distinf.attribute)"] = same_source_fractions(

@@ -179,6 +179,7 @@ def run_job(folder: Path, k: int, *overrides: str) -> pa.Table:
                          "--set", f"model.path={minilm_dir()}", "--set", f"model.lora.adapter_path={folder / 'adapter'}",
                          "--set", f"data.train.path={folder / 'train.parquet'}",
                          "--set", f"data.queries.path={folder / 'val.parquet'}", "--set", f"compression.k={k}",
+                         "--set", "scoring.normalize=none",  # raw influence, as the recorded tables
                          *(arg for override in overrides for arg in ("--set", override))])
     if code != 0:
         raise SystemExit(f"distinf run failed for {folder}")
@@ -228,7 +229,8 @@ def run_seed(seed: int, rank: int, args, work: Path, done: dict[str, float] | No
     for name in (name for name in args.compressions if name not in result):
         started = time.perf_counter()
         res = distinf.attribute(prepared.model, prepared.train, prepared.val, task="sequence_classification",
-                                config={"compression": {"k": args.k, **COMPRESSIONS[name]}}, batch_size=32)
+                                config={"compression": {"k": args.k, **COMPRESSIONS[name]}, "scoring": {"normalize": "none"}},
+                                batch_size=32)
         result[name] = auc(flipped, -res.scores.mean(0))
         result[f"{name} seconds"] = time.perf_counter() - started
         print(f"  {name}: {result[f'{name} seconds']:.0f} s", flush=True)

@@ -155,7 +155,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
         _, random_removed = removal_sets(np.zeros(len(x)), fraction, rng)
         out[f"{fraction:.0%} random"] = delta(random_removed)
     for method in args.methods:
-        config = {"compression": {"method": METHODS[method], "k": args.k}, "scoring": {"self_influence": False}}
+        config = {"compression": {"method": METHODS[method], "k": args.k}, "scoring": {"self_influence": False, "normalize": "none"}}
         started = time.perf_counter()
         res = distinf.attribute(base, train_examples, test_examples, task=per_example_losses, config=config,
                                 batch_size=256)

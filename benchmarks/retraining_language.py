@@ -221,7 +221,7 @@ def run_seed(seed: int, cache: dict[str, Tensor], args,
                                                                 cache, test)
         started = time.perf_counter()
         res = distinf.attribute(full, examples(cache, train), examples(cache, test), task=per_sequence_losses,
-                                config={"compression": {"k": args.k}, "scoring": {"self_influence": False}},
+                                config={"compression": {"k": args.k}, "scoring": {"self_influence": False, "normalize": "none"}},
                                 batch_size=8)
         out["attribution seconds"] = time.perf_counter() - started
         score_mean = res.scores.mean(0)
