@@ -202,14 +202,53 @@ def scores_for(c: Captured, normalisation: str, damping_scale: float = 0.1, colu
     return scores
 
 
-def quarter_columns(c: Captured, seed: int = 0) -> np.ndarray:
-    """A seeded quarter of every tensor's kept entries (at least one each), in index-set order."""
+def subset_columns(c: Captured, fraction: float, seed: int = 0) -> np.ndarray:
+    """A seeded `fraction` of every tensor's kept entries (at least one each), in index-set order."""
     rng = np.random.default_rng(seed)
     keep = []
     for block in c.blocks:
         width = block.stop - block.start
-        keep.extend(sorted(block.start + rng.choice(width, max(1, round(width / 4)), replace=False)))
+        keep.extend(sorted(block.start + rng.choice(width, max(1, round(width * fraction)), replace=False)))
     return np.array(keep)
+
+
+def quarter_columns(c: Captured, seed: int = 0) -> np.ndarray:
+    return subset_columns(c, 0.25, seed)
+
+
+K_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
+def k_curve(setting: Setting, index_seeds: list[int]) -> list[str]:
+    """Top-1 / top-3 same-source against k: one capture at setting.k per index seed
+    (compression.seed), cut to each fraction of K_FRACTIONS (a random subset of a random subset is
+    a smaller draw); mean ± std over the index seeds, for none and cosine."""
+    values: dict[tuple[str, float], list[dict]] = {}
+    sizes: dict[float, int] = {}
+    for seed in index_seeds:
+        captured = capture(setting, {"seed": seed}, setting.task)
+        for fraction in K_FRACTIONS:
+            columns = None if fraction == 1.0 else subset_columns(captured, fraction, seed)
+            sizes[fraction] = captured.train.shape[1] if columns is None else len(columns)
+            for normalisation in ("none", "cosine"):
+                values.setdefault((normalisation, fraction), []).append(
+                    measures(setting, scores_for(captured, normalisation, columns=columns)))
+        print(f"{setting.name} / index seed {seed}: {captured.seconds:.0f} s", flush=True)
+        del captured
+        gc.collect()
+
+    def cell(rows: list[dict], key: str) -> str:
+        xs = [r[key] for r in rows]
+        return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+    lines = [f"### {setting.name}: same-source rates against k (index seeds {', '.join(map(str, index_seeds))})", "",
+             "| k | scoring | top-1 | top-3 | short in top-3 |", "|---|---|---|---|---|"]
+    for fraction in K_FRACTIONS:
+        for normalisation in ("none", "cosine"):
+            rows = values[(normalisation, fraction)]
+            lines.append(f"| {sizes[fraction]} | {normalisation} | {cell(rows, 'top-1')} | {cell(rows, 'top-3')} | "
+                         f"{cell(rows, 'short in top-3')} |")
+    return lines + [""]
 
 
 def measures(setting: Setting, scores: np.ndarray) -> dict[str, float]:
@@ -276,11 +315,24 @@ def main() -> int:
     parser.add_argument("--cross-train", type=int, default=50, help="training texts per source")
     parser.add_argument("--cross-queries", type=int, default=10, help="query texts per source")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="cross-source and mislabeled seeds")
+    parser.add_argument("--k-curve", type=int, nargs="+", metavar="INDEX_SEED",
+                        help="instead of the study: top-1/top-3 against k on the cross-source sample(s), over these "
+                             "compression seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    if args.k_curve:
+        lines = ["## Same-source rates against k (issue 19 §3)", "",
+                 f"Command: `nice -n 10 .venv/bin/python benchmarks/attribution_study.py --k-curve "
+                 f"{' '.join(map(str, args.k_curve))} --k {args.k} --cross-train {args.cross_train} "
+                 f"--cross-queries {args.cross_queries} --seeds {' '.join(map(str, args.seeds))}`.", ""]
+        for seed in args.seeds:
+            lines += k_curve(cross_source_setting(args.k, args.cross_train, args.cross_queries, seed), args.k_curve)
+        lines.insert(3, f"({(time.perf_counter() - started) / 60:.1f} min on this 2-core CPU, {args.threads} thread(s).)")
+        publish("\n".join(lines), args.out)
+        return 0
     lines = ["## What makes a ranking right: scoring, loss, modules, k and damping (issue 19, part 1)", "",
              f"Command: `nice -n 5 .venv/bin/python benchmarks/attribution_study.py --settings {' '.join(args.settings)} "
              f"--k {args.k} --cross-train {args.cross_train} --cross-queries {args.cross_queries} "
