@@ -17,9 +17,9 @@ TRAIN_VALUES_SCHEMA = pa.schema(
      ("self_influence", pa.float32())]
 )
 DENSE_SCHEMA = pa.schema([("query_id", pa.string()), ("train_id", pa.string()), ("score", pa.float32())])
-REJECTED_SCHEMA = pa.schema(
-    [("example_id", pa.string()), ("split", pa.string()), ("row", pa.int64()), ("reason", pa.string())]
-)
+REJECTED_SCHEMA = pa.schema([("example_id", pa.string()), ("split", pa.string()), ("row", pa.int64()),
+                             ("reason", pa.string()), ("file", pa.string())])
+"""`file` names the row's input file when its dataset has several (null for a single file)."""
 
 
 def gradient_schema(k: int, dtype: str = "float32") -> pa.Schema:
@@ -92,8 +92,11 @@ def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
     )
 
 
-def rejected_table(rows: Sequence[tuple[str | None, str, int, str]]) -> pa.Table:
-    """Rows left out under data.on_bad_row: skip, as (example_id, split, row in its file, reason)."""
-    columns = list(zip(*rows)) if rows else [[], [], [], []]
+def rejected_table(rows: Sequence[tuple[str | None, str, int, str, str | None]]) -> pa.Table:
+    """Rows left out under data.on_bad_row: skip, as (example_id, split, row in its file, reason,
+    file), sorted by split (train first), file and row."""
+    order = {"train": 0, "queries": 1}
+    rows = sorted(rows, key=lambda r: (order.get(r[1], 2), r[1], r[4] or "", r[2]))
+    columns = list(zip(*rows)) if rows else [[]] * len(REJECTED_SCHEMA)
     return pa.table([pa.array(list(values), field.type) for values, field in zip(columns, REJECTED_SCHEMA)],
                     schema=REJECTED_SCHEMA)

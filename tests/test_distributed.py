@@ -97,7 +97,7 @@ def test_outputs_read_back_with_duckdb_with_the_documented_columns(finished_run)
         "scores/dense/*.parquet": [("query_id", "VARCHAR"), ("train_id", "VARCHAR"), ("score", "FLOAT"),
                                    *VERSION_COLUMNS],
         "rejected.parquet": [("example_id", "VARCHAR"), ("split", "VARCHAR"), ("row", "BIGINT"),
-                             ("reason", "VARCHAR"), *VERSION_COLUMNS],
+                             ("reason", "VARCHAR"), ("file", "VARCHAR"), *VERSION_COLUMNS],
     }
     con = duckdb.connect()
     for pattern, columns in expected.items():

@@ -272,3 +272,36 @@ def test_a_list_of_files_in_a_job_file_validates(tmp_path):
     cfg = load_job(job)
     assert cfg.data.train.path == ["a.parquet", "b/*.jsonl", "s3://bucket/c/"]
     assert cfg.data.queries.masked and not cfg.data.train.masked
+
+
+def test_rejected_parquet_names_each_rows_file_sorted_by_file_and_row(tmp_path, corpus, model_dir):
+    """Rows left out by the data checks (one per file) and by a worker (a non-finite loss) are
+    written with their file and their row in it, in (split, file, row) order, as DuckDB reads them."""
+    from datetime import datetime, timezone
+
+    import duckdb
+
+    from distinf.config import load_job
+    from distinf.data import plan_job
+    from distinf.runtime.gradient_pass import Gradients
+    from distinf.runtime.outputs import rejected_rows, write_rejected
+
+    rows = corpus.to_pylist()
+    rows[9]["text"], rows[2]["text"] = "", " "  # row 1 of b.jsonl, row 2 of a.jsonl
+    table = pa.Table.from_pylist(rows)
+    first = write(table.slice(0, 8), tmp_path / "data" / "a.jsonl")
+    second = write(table.slice(8, 8), tmp_path / "data" / "b.jsonl")
+    queries = write(corpus.slice(0, 2), tmp_path / "queries.jsonl")
+    job = job_fixtures.job_file(tmp_path, model_dir, tmp_path / "data", queries,
+                                data={"train": {"path": str(tmp_path / "data"), "id_column": "id"},
+                                      "queries": {"path": str(queries), "id_column": "id"}, "on_bad_row": "skip"})
+    plan = plan_job(load_job(job))
+    late = plan.train.ids[plan.train.rows.index(5)]  # row 5 of a.jsonl: say a worker met a NaN loss there
+    gradients = Gradients(pa.table({}), {"train": [{"rejected": [{"example_id": late, "reason": "loss is nan"}]}],
+                                         "queries": []})
+    write_rejected(tmp_path, rejected_rows(plan, gradients), ("run-1", datetime.now(timezone.utc)))
+    got = duckdb.sql(f"SELECT split, file, row, example_id, reason FROM read_parquet('{tmp_path / 'rejected.parquet'}')"
+                     ).fetchall()
+    assert got == [("train", str(first), 2, rows[2]["id"], f"in '{first}': text is empty"),
+                   ("train", str(first), 5, late, "loss is nan"),
+                   ("train", str(second), 1, rows[9]["id"], f"in '{second}': text is empty")]

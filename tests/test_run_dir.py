@@ -124,7 +124,7 @@ def full_manifest() -> dict:
             "history": ["r1"], "files": {"index_set.parquet": "abc"}, "as_of": "2026-01-01T00:00:00+00:00"}
     return {"status": "running", "run_id": "r2", "name": "night", "config": CONFIG, "model_fingerprint": "m",
             "data_fingerprint": {"train": "t2", "queries": "q"}, "restarts": [{"stage": "gradients"}],
-            "append": {"base": base, "rejected": [["x", "train", 3, "empty"]], "first_chunk": 4, "segment": 1,
+            "append": {"base": base, "rejected": [["x", "train", 3, "empty", None]], "first_chunk": 4, "segment": 1,
                        "data_fingerprint": "new", "stored_ids": 3},
             "a_key_from_a_newer_distinf": {"kept": True}}
 
@@ -140,6 +140,14 @@ def test_a_manifest_reads_back_as_it_was_written_with_unknown_keys_kept(tmp_path
     assert again.to_dict() == on_disk
     assert again.append.base.status == "complete" and again.last_complete() is again.append.base
     assert again.extra == {"a_key_from_a_newer_distinf": {"kept": True}}
+
+
+def test_an_append_begun_before_rejected_rows_had_a_file_reads_with_the_file_unknown():
+    for old_row in (["x", "train", 3, "empty"], ["x", "train", 3, "empty", "r0", "2026-01-01T00:00:00+00:00"]):
+        written = full_manifest()
+        written["append"]["rejected"] = [old_row, ["y", "train", 1, "empty", "part-1.jsonl"]]
+        assert Manifest.from_dict(written).append.rejected == [["x", "train", 3, "empty", None],
+                                                                ["y", "train", 1, "empty", "part-1.jsonl"]]
 
 
 def test_a_manifest_leaves_out_what_is_not_known_yet():

@@ -174,7 +174,7 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
         rejected = write_rejected(out, rejected_rows(plan, gradients), manifest.version_stamp())
         truncated = plan.train.truncated
     else:  # the stored run's rows, then the new training rows'
-        rejected = write_rejected(out, [tuple(row[:4]) for row in pending.rejected]
+        rejected = write_rejected(out, [tuple(row) for row in pending.rejected]
                                   + rejected_rows(plan, gradients, ("train",)), manifest.version_stamp())
         truncated = pending.base.counts["truncated_train"] + plan.train.truncated
     chunks = {s: [chunk_entry(r) for r in gradients.records[s] if r["file"]] for s in SPLITS}

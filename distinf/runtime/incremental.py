@@ -43,7 +43,7 @@ class Base:
     train_ids: set[str]
     """Every training id it holds: scored, or rejected (data.on_bad_row: skip)."""
     rejected: list[list]
-    """Its rejected.parquet rows: example_id, split, row, reason."""
+    """Its rejected.parquet rows: example_id, split, row, reason, file."""
     first_chunk: int
     """The number of the append's first training chunk."""
     segment: int
@@ -88,7 +88,8 @@ def _stored_rejected(run_dir: RunDir, manifest: Manifest) -> list[list]:
     except IntegrityError as error:
         raise JobError(f"--append-to: {error}".replace("run the job again with --resume to recompute it",
                                                        "the run cannot be appended to")) from None
-    return [list(row.values()) for row in table.to_pylist()]
+    # By name: a run written before rejected.parquet had a file column has none.
+    return [[row["example_id"], row["split"], row["row"], row["reason"], row.get("file")] for row in table.to_pylist()]
 
 
 def _stored_train_ids(run_dir: RunDir, manifest: Manifest) -> set[str]:

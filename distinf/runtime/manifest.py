@@ -26,7 +26,7 @@ class AppendPending:
 
     base: Manifest
     rejected: list[list]
-    """The stored run's rejected.parquet rows: example_id, split, row, reason."""
+    """The stored run's rejected.parquet rows: example_id, split, row, reason, file."""
     first_chunk: int
     segment: int
     data_fingerprint: str
@@ -39,8 +39,14 @@ class AppendPending:
 
     @classmethod
     def from_dict(cls, data: dict) -> AppendPending:
-        return cls(Manifest.from_dict(data["base"]), data["rejected"], data["first_chunk"], data["segment"],
-                   data["data_fingerprint"], data["stored_ids"])
+        return cls(Manifest.from_dict(data["base"]), [_rejected_row(r) for r in data["rejected"]],
+                   data["first_chunk"], data["segment"], data["data_fingerprint"], data["stored_ids"])
+
+
+def _rejected_row(row: list) -> list:
+    """[example_id, split, row, reason, file]. An append begun by an earlier version wrote the first
+    four alone, or those with the run's run_id and as_of after them: its file is unknown."""
+    return list(row[:4]) + [row[4] if len(row) == 5 else None]
 
 
 @dataclass

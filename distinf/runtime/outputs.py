@@ -29,14 +29,16 @@ def chunk_entry(record: dict) -> dict:
 
 def rejected_rows(plan: Plan, gradients: Gradients, splits: tuple[str, ...] = SPLITS) -> list[tuple]:
     """Rows left out by the data checks and by the workers (non-finite values), of `splits`:
-    (example_id, split, row in its file, reason)."""
+    (example_id, split, row in its file, reason, file or None)."""
     rows = []
     for split in splits:
         data = plan.split(split)
-        rows += [(r.example_id, split, r.row, r.reason) for r in data.rejected]
-        row_of = dict(zip(data.ids, data.rows))
-        rows += [(x["example_id"], split, row_of[x["example_id"]], x["reason"])
-                 for record in gradients.records[split] for x in record.get("rejected", [])]
+        rows += [(r.example_id, split, r.row, r.reason, r.file) for r in data.rejected]
+        place = dict(zip(data.ids, zip(data.rows, data.files or [None] * len(data.ids))))
+        for record in gradients.records[split]:
+            for x in record.get("rejected", []):
+                row, file = place[x["example_id"]]
+                rows.append((x["example_id"], split, row, x["reason"], file))
     return rows
 
 
