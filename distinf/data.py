@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ import pyarrow.fs as pafs
 import torch
 
 from distinf.config import DatasetConfig, JobConfig
-from distinf.core.tasks import IGNORE_INDEX  # the label of a token that carries no loss
 from distinf.models import load_tokenizer
+from distinf.token_rows import TokenRows, TokenRowsBuilder
 
 PAD = -1
 """Partition entry of a padding slot: the rank runs some real example there and drops its outputs."""
@@ -227,27 +228,38 @@ def read_dataset(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> tu
     unreadable) raises in both modes, as do a dataset without rows and one whose every row is
     bad. Ids must be unique across the files: a repeat names both files.
     """
+    tables, rejected = [], []
+    for table, bad in read_files(cfg, role, on_bad_row):
+        tables.append(table)
+        rejected += bad
+    return pa.concat_tables(tables), rejected
+
+
+def read_files(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> Iterator[tuple[pa.Table, list[Rejection]]]:
+    """`read_dataset` one file at a time: each file's checked table and rejected rows as soon as
+    it is read, so that a caller that tokenises as it goes never holds a split's text whole
+    (one file's at most). The checks across files (unique ids, not every row rejected) are the
+    same; the last ones raise once every file has been read."""
     key = f"data.{role}"
     sources = dataset_files(cfg.path, key)
     skip = on_bad_row == "skip"
     many = len(sources) > 1
-    tables, rejected = [], []
     first_seen: dict[str, tuple[str, int]] = {}
-    offset = 0
+    offset = total = 0
+    rejected: list[Rejection] = []
     for source in sources:
         table, bad = _read_source(cfg, key, source, skip, many, offset)
         offset += table.num_rows + len(bad)
         if many and table.num_rows:
             table = _check_ids_across(table, source, first_seen, bad, key, skip)
-        tables.append(table)
+        total += table.num_rows
         rejected += bad
+        yield table, bad
     where = f"{key}: '{cfg.path}'" if not many else f"{key} ({len(sources)} files)"
-    total = sum(t.num_rows for t in tables)
     if total == 0 and not rejected:
         raise DataError(f"{where} has no rows")
     if total == 0:
         raise _all_rejected(where, rejected)
-    return pa.concat_tables(tables), rejected
 
 
 def _check_ids_across(table: pa.Table, source: Source, first_seen: dict, bad: list[Rejection], key: str,
@@ -630,10 +642,11 @@ def _integer(value: Any) -> int | None:
 class Tokenized:
     """One tokenised dataset: `examples[i]` belongs to `ids[i]`."""
 
-    examples: list[dict[str, torch.Tensor]]
-    """input_ids [T] and attention_mask [T] (int64, T <= max_length, no padding); for
-    sequence_classification also labels [] (int64); for a masked causal_lm (prompt/completion or
-    messages columns) also labels [T]: input_ids with -100 at every token that carries no loss."""
+    examples: TokenRows
+    """Example i is a dict of input_ids [T] and attention_mask [T] (int64, T <= max_length, no
+    padding); for sequence_classification also labels [] (int64); for a masked causal_lm
+    (prompt/completion or messages columns) also labels [T]: input_ids with -100 at every token
+    that carries no loss. Held flat (`TokenRows`), about 4 bytes a token."""
     ids: list[str]
     truncated: int
     """How many examples were cut to max_length."""
@@ -648,11 +661,11 @@ class Tokenized:
 _TOKENIZE_CHUNK = 1024
 
 
-def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
+def tokenize(table: pa.Table | Iterable[pa.Table], tokenizer: Any, max_length: int, task: str, *,
              num_labels: int | None = None, add_special_tokens: bool = True,
              role: str = "train", on_bad_row: str = "error") -> Tokenized:
-    """Tokenise `table` (from `read_table` or `read_dataset`) into one dict of 1-D int64 tensors
-    per example.
+    """Tokenise `table` (from `read_table` or `read_dataset`), or the tables of `read_files` one
+    after another as they are read, into one dict of 1-D int64 tensors per example.
 
     Sequences longer than `max_length` are truncated the way the tokenizer truncates (its
     `truncation_side`, special tokens kept) and counted in `Tokenized.truncated`. For
@@ -671,7 +684,8 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
     that no such token is left is a bad row.
 
     Errors name the table's `row` column (and `file`) when it has one; with on_bad_row="skip"
-    a failing example is left out and listed in `Tokenized.rejected` instead.
+    a failing example is left out and listed in `Tokenized.rejected` instead. No table, or only
+    empty ones, give an empty Tokenized; rows that are all rejected raise.
     """
     key = f"data.{role}"
     if task not in ("causal_lm", "sequence_classification"):
@@ -679,6 +693,21 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
     if task == "causal_lm" and max_length < 2:
         raise DataError(f"data.max_length: {max_length} leaves causal_lm nothing to predict; "
                         "use at least 2")
+    out, rows_out = Tokenized(examples=TokenRows.empty(), ids=[], truncated=0), TokenRowsBuilder()
+    for piece in [table] if isinstance(table, pa.Table) else table:
+        _tokenize_table(piece, tokenizer, max_length, task, num_labels, add_special_tokens, key, on_bad_row,
+                        out, rows_out)
+    out.examples = rows_out.build()
+    if not out.ids and out.rejected:
+        raise _all_rejected(key, out.rejected)
+    return out
+
+
+def _tokenize_table(table: pa.Table, tokenizer: Any, max_length: int, task: str, num_labels: int | None,
+                    add_special_tokens: bool, key: str, on_bad_row: str, out: Tokenized,
+                    rows_out: TokenRowsBuilder) -> None:
+    """`tokenize` of one table, its examples added to `rows_out` and its ids, rows, files,
+    rejections and truncations to `out`."""
     mode = "messages" if "messages" in table.column_names else \
         "completion" if "completion" in table.column_names else "text"
     if mode != "text":
@@ -706,7 +735,6 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
     def where(i: int) -> str:
         return f"{key}: '{files[i]}' row {rows[i]}" if files else f"{key} row {rows[i]}"
 
-    out = Tokenized(examples=[], ids=[], truncated=0)
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         stop = start + _TOKENIZE_CHUNK
         spans: list[list[tuple[int, int]] | str] | None = None
@@ -720,11 +748,9 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
             spans = [r[1] if isinstance(r, tuple) else r for r in rendered]
         encoded = _encode(tokenizer, texts[start:stop], max_length,
                           add_special_tokens and mode != "messages", offsets=mode != "text")
-        for offset, (input_ids, mask, cut, token_spans) in enumerate(encoded):
+        for offset, (input_ids, _, cut, token_spans) in enumerate(encoded):
             i = start + offset
-            example = {"input_ids": torch.tensor(input_ids, dtype=torch.int64),
-                       "attention_mask": torch.tensor(mask, dtype=torch.int64)}
-            problem = None
+            loss_mask = label = problem = None
             if spans is not None and isinstance(spans[offset], str):
                 problem = spans[offset]  # the chat template could not render the row
             elif task == "causal_lm" and len(input_ids) < 2:
@@ -739,8 +765,7 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
                                f"data.max_length ({max_length} tokens)" if cut else
                                f"the {what} has no token with a token before it to predict it from")
                 else:
-                    example["labels"] = example["input_ids"].masked_fill(
-                        ~torch.tensor(keep, dtype=torch.bool), IGNORE_INDEX)
+                    loss_mask = keep
             elif labels is not None:
                 label = labels[i]
                 if label is None:
@@ -748,8 +773,6 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
                 elif not 0 <= label < num_labels:
                     problem = (f"label {label} is outside 0..{num_labels - 1} (the model has "
                                f"{num_labels} labels)")
-                else:
-                    example["labels"] = torch.tensor(label, dtype=torch.int64)
             if problem is not None:
                 if on_bad_row != "skip":
                     raise DataError(f"{where(i)} (id '{ids[i]}'): {problem}")
@@ -757,15 +780,12 @@ def tokenize(table: pa.Table, tokenizer: Any, max_length: int, task: str, *,
                 out.rejected.append(Rejection(rows[i], ids[i], f"in '{file}': {problem}" if file else problem,
                                               file))
                 continue
-            out.examples.append(example)
+            rows_out.add(input_ids, loss_mask, label)
             out.ids.append(ids[i])
             out.rows.append(rows[i])
             if files:
                 out.files.append(files[i])
             out.truncated += cut
-    if not out.examples:
-        raise _all_rejected(key, out.rejected)
-    return out
 
 
 def _render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | str:
@@ -970,7 +990,8 @@ class Plan:
 
 def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
              stored_train_ids: set[str] | frozenset = frozenset()) -> Plan:
-    """Read and tokenise the train and query sets (those in `splits`); ids are checked unique per set.
+    """Read and tokenise the train and query sets (those in `splits`), one file at a time; ids are
+    checked unique per set.
 
     With data.on_bad_row: skip, bad rows are left out and listed in each set's `rejected`. Training
     rows whose ids are in `stored_train_ids` (an append: the run holds them already) are left out
@@ -984,20 +1005,25 @@ def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
         num_labels = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True,
                                                 trust_remote_code=cfg.model.trust_remote_code).num_labels
     sets: dict[str, Tokenized | None] = {"train": None, "queries": None}
-    stored = 0
+    stored = [0]
     for role, dataset in (("train", cfg.data.train), ("queries", cfg.data.queries)):
         if role not in splits:
             continue
-        table, rejected = read_dataset(dataset, role, cfg.data.on_bad_row)
-        if role == "train" and stored_train_ids:
-            known = pa.array([i in stored_train_ids for i in table.column("example_id").to_pylist()], pa.bool_())
-            stored = sum(known.to_pylist())
-            table = table.filter(pc.invert(known))
-            rejected = [r for r in rejected if r.example_id not in stored_train_ids]
-        if table.num_rows == 0:  # an append whose every row is stored already
-            sets[role] = Tokenized(examples=[], ids=[], truncated=0, rows=[], rejected=list(rejected))
-            continue
-        sets[role] = tokenize(table, tokenizer, cfg.data.max_length, cfg.model.task, num_labels=num_labels,
+        read: list[Rejection] = []
+
+        def tables(role=role, dataset=dataset, read=read) -> Iterator[pa.Table]:
+            """Each file's rows as they are read, less those an append's run holds already."""
+            for table, rejected in read_files(dataset, role, cfg.data.on_bad_row):
+                if role == "train" and stored_train_ids:
+                    known = pa.array([i in stored_train_ids for i in table.column("example_id").to_pylist()],
+                                     pa.bool_())
+                    stored[0] += sum(known.to_pylist())
+                    table = table.filter(pc.invert(known))
+                    rejected = [r for r in rejected if r.example_id not in stored_train_ids]
+                read.extend(rejected)
+                yield table
+
+        sets[role] = tokenize(tables(), tokenizer, cfg.data.max_length, cfg.model.task, num_labels=num_labels,
                               role=role, on_bad_row=cfg.data.on_bad_row)
-        sets[role].rejected = sorted(rejected + sets[role].rejected, key=lambda r: r.row)
-    return Plan(sets["train"], sets["queries"], tokenizer.pad_token_id, stored)
+        sets[role].rejected = sorted(read + sets[role].rejected, key=lambda r: (r.file or "", r.row))
+    return Plan(sets["train"], sets["queries"], tokenizer.pad_token_id, stored[0])

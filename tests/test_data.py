@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -327,7 +328,9 @@ def test_each_rank_is_sent_only_its_own_examples_and_runs_the_same_batches(n, wo
     from distinf.data import Tokenized
     from distinf.runtime.gradient_pass import rank_share
 
-    data = Tokenized(examples=[{"input_ids": torch.tensor([i])} for i in range(n)], ids=[f"e{i}" for i in range(n)],
+    from distinf.token_rows import TokenRows
+
+    data = Tokenized(examples=TokenRows(np.arange(n), np.arange(n + 1)), ids=[f"e{i}" for i in range(n)],
                      truncated=0, rows=list(range(n)), rejected=[])
     plan = chunk_plan(n, world_size, batch_size, chunk_examples)
     todo = list(range(len(plan)))[1:] or [0]  # a resumed pass: some chunks committed already

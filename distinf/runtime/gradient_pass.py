@@ -27,6 +27,7 @@ from distinf.runtime.layout import INDEX_SET
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.workers import WorkerGroup
+from distinf.token_rows import TokenRows
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, is_file, read_verified_table
 
 log = logging.getLogger("distinf.driver")
@@ -162,7 +163,7 @@ def _record_memory(run_dir: RunDir, manifest: Manifest, peaks: list[dict]) -> No
     run_dir.write_manifest(manifest)
 
 
-def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[list, list[str], list[list[int]]]:
+def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[TokenRows, list[str], list[list[int]]]:
     """What one rank is sent for its chunks: only its own examples and ids, and its chunks'
     positions renumbered into them (PAD kept), so no worker receives the whole dataset.
 
@@ -170,7 +171,7 @@ def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[list, list[str]
     """
     used = sorted({p for part in parts for p in part if p != PAD}) or [0]
     local = {p: i for i, p in enumerate(used)}
-    return ([data.examples[p] for p in used], [data.ids[p] for p in used],
+    return (data.examples.take(used), [data.ids[p] for p in used],
             [[PAD if p == PAD else local[p] for p in part] for part in parts])
 
 

@@ -1,0 +1,150 @@
+"""TokenRows, the flat store of a tokenised split, against the per-example dicts it replaces:
+the same tensors, the same fingerprints, the same selections; and plan_job reading a split one
+file at a time gives what reading it whole gave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import job_fixtures
+from distinf.assets import mixed_source_corpus
+from distinf.config import DatasetConfig, load_job
+from distinf.data import DataError, Tokenized, collate, fingerprint, plan_job, read_dataset, tokenize
+from distinf.token_rows import TokenRows, TokenRowsBuilder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return job_fixtures.tiny_model_dir(tmp_path_factory.mktemp("model"), "gpt2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return mixed_source_corpus(4, 1, seed=0)[0].select(["id", "text"])
+
+
+def as_dicts(tokenizer, texts, max_length, prompts=None, labels=None) -> list[dict[str, torch.Tensor]]:
+    """The per-example dicts straight from the tokenizer: what tokenize returned before TokenRows."""
+    out = []
+    for i, text in enumerate(texts):
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        ids = torch.tensor(encoded["input_ids"], dtype=torch.int64)
+        example = {"input_ids": ids, "attention_mask": torch.tensor(encoded["attention_mask"], dtype=torch.int64)}
+        if prompts is not None:  # completion tokens: those past the prompt, and added ones (EOS) after them
+            keep = []
+            for start, end in encoded["offset_mapping"]:
+                keep.append(any(keep) if start == end else end > len(prompts[i]))
+            example["labels"] = ids.masked_fill(~torch.tensor(keep), -100)
+        if labels is not None:
+            example["labels"] = torch.tensor(labels[i], dtype=torch.int64)
+        out.append(example)
+    return out
+
+
+def assert_same(rows, dicts) -> None:
+    assert len(rows) == len(dicts)
+    for got, want in zip(rows, dicts):
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+
+
+def old_fingerprint(ids, dicts) -> str:
+    return fingerprint(Tokenized(examples=dicts, ids=ids, truncated=0))
+
+
+def test_plain_masked_and_labelled_splits_hold_the_tokenizers_tensors_and_fingerprints(corpus, tokenizer):
+    texts, ids = corpus.column("text").to_pylist(), corpus.column("id").to_pylist()
+    rows = list(range(len(ids)))
+    plain = tokenize(pa.table({"example_id": ids, "text": texts, "row": rows}), tokenizer, 24, "causal_lm")
+    reference = as_dicts(tokenizer, texts, 24)
+    assert isinstance(plain.examples, TokenRows)
+    assert_same(plain.examples, reference)
+    assert plain.examples.tokens.dtype == np.int32 and plain.examples.nbytes < sum(len(d["input_ids"]) for d in reference) * 5
+    assert fingerprint(plain) == old_fingerprint(ids, reference)  # stored runs' fingerprints still match
+
+    prompts = [" ".join(t.split(" ")[:3]) for t in texts]
+    completions = [t[len(p):] for t, p in zip(texts, prompts)]
+    masked = tokenize(pa.table({"example_id": ids, "text": texts, "prompt": prompts, "completion": completions,
+                                "row": rows}), tokenizer, 24, "causal_lm")
+    assert_same(masked.examples, as_dicts(tokenizer, texts, 24, prompts=prompts))
+
+    labels = [i % 3 for i in range(len(ids))]
+    labelled = tokenize(pa.table({"example_id": ids, "text": texts, "label": labels, "row": rows}), tokenizer, 24,
+                        "sequence_classification", num_labels=3)
+    assert_same(labelled.examples, as_dicts(tokenizer, texts, 24, labels=labels))
+    assert fingerprint(labelled) == old_fingerprint(ids, as_dicts(tokenizer, texts, 24, labels=labels))
+
+
+def test_take_slice_and_concat_select_what_list_indexing_selects(corpus, tokenizer):
+    texts = corpus.column("text").to_pylist()
+    dicts = as_dicts(tokenizer, texts, 16, prompts=[t[:10] for t in texts])
+    builder = TokenRowsBuilder()
+    for d in dicts:
+        builder.add(d["input_ids"].tolist(), (d["labels"] != -100).tolist())
+    rows = builder.build()
+    assert_same(rows, dicts)
+    picks = [5, 0, 5, len(dicts) - 1, 2]
+    assert_same(rows.take(picks), [dicts[i] for i in picks])
+    assert_same(rows[3:9:2], dicts[3:9:2])
+    assert_same(rows[-1:], dicts[-1:])
+    assert_same(TokenRows.concat([rows[:4], TokenRows.empty(), rows[4:]]), dicts)
+    torch.testing.assert_close(collate(list(rows.take(picks)), 7), collate([dicts[i] for i in picks], 7))
+    with pytest.raises(IndexError):
+        rows[len(dicts)]
+
+
+def test_a_split_read_file_by_file_plans_what_the_one_file_planned(tmp_path, corpus, model_dir):
+    """The same ids, tokens and fingerprints from a folder of parts as from the one file, and the
+    rows an append already holds are left out file by file."""
+    one = tmp_path / "one.parquet"
+    pq.write_table(corpus, one)
+    (tmp_path / "parts").mkdir()
+    for i, start in enumerate(range(0, corpus.num_rows, 5)):
+        pq.write_table(corpus.slice(start, 5), tmp_path / "parts" / f"part-{i:03d}.parquet")
+    job = load_job(job_fixtures.job_file(tmp_path, model_dir, one, one))
+    parts = job.model_copy(deep=True)
+    parts.data.train.path = str(tmp_path / "parts")
+    whole, split = plan_job(job, ("train",)), plan_job(parts, ("train",))
+    assert split.train.ids == whole.train.ids and fingerprint(split.train) == fingerprint(whole.train)
+    assert split.train.files[0].endswith("part-000.parquet") and split.train.rows[5] == 0
+
+    stored = set(whole.train.ids[3:12])
+    appended = plan_job(parts, ("train",), stored_train_ids=stored)
+    assert appended.stored_train == len(stored)
+    assert appended.train.ids == [i for i in whole.train.ids if i not in stored]
+    assert_same(appended.train.examples, [e for i, e in zip(whole.train.ids, whole.train.examples) if i not in stored])
+
+    everything = plan_job(parts, ("train",), stored_train_ids=set(whole.train.ids))
+    assert everything.train.ids == [] and len(everything.train.examples) == 0
+
+
+def test_a_bad_file_after_good_ones_still_fails_the_read(tmp_path, corpus, model_dir):
+    (tmp_path / "parts").mkdir()
+    pq.write_table(corpus.slice(0, 5), tmp_path / "parts" / "a.parquet")
+    pq.write_table(corpus.slice(5, 5).rename_columns(["id", "body"]), tmp_path / "parts" / "b.parquet")
+    job = load_job(job_fixtures.job_file(tmp_path, model_dir, tmp_path / "parts", tmp_path / "parts"))
+    with pytest.raises(DataError, match=r"data.train.text_column: no column 'text' in '.*b.parquet'"):
+        plan_job(job, ("train",))
+
+
+def test_every_row_of_every_file_rejected_is_an_error_once_all_are_read(tmp_path, model_dir, corpus):
+    (tmp_path / "bad").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "bad" / f"{name}.jsonl").write_text('{"id": "%s0", "text": ""}\n{"id": "%s1", "text": " "}\n'
+                                                        % (name, name))
+    pq.write_table(corpus.slice(0, 2), tmp_path / "q.parquet")
+    job = load_job(job_fixtures.job_file(tmp_path, model_dir, tmp_path / "bad", tmp_path / "q.parquet",
+                                         data={"on_bad_row": "skip"}))
+    with pytest.raises(DataError, match=r"data.train \(2 files\): every row was rejected \(4 in all\)"):
+        plan_job(job, ("train",))
