@@ -6,8 +6,8 @@ Pythia-1.4B-sized GPT-NeoX (24 layers, width 2048, vocabulary 50,304; --size tin
 any machine) is written as a safetensors folder in --dtype, and `distinf.runtime.shard.GradientShard`
 sets up one rank exactly as the actor does (torch.distributed, ZeRO-3 partitions streamed from
 the checkpoint, the job's release-after-use limits, the index set, the hooks); a capture step is
-`GradientShard.compute` on a list of examples (collate, pinned asynchronous copy to the GPU,
-forward, backward, [N, k] back to the host). Its setup time and peak GPU memory are recorded.
+the shard's `GradientCapture.run` on a list of examples collated (copy to the GPU, forward,
+backward, [N, k] back to the host), as the worker runs it. Its setup time and peak GPU memory are recorded.
 
 `--path core` (where DeepSpeed cannot be imported, or asked for): the model built in memory,
 under ZeRO-3 when DeepSpeed imports, else plain on the device (the output says which), and the
@@ -139,9 +139,11 @@ def worker_shard(config, args: argparse.Namespace, device: torch.device, k: int)
 
 
 def worker_capture_step(shard, examples: list[dict]) -> "callable":
+    from distinf.data import collate
+
     def run(_batch: dict) -> None:
         with shard.capture:
-            shard.compute(examples, pad_token_id=0)
+            next(shard.capture.run([collate(examples, 0)], shard.loss_fn, shard.device))
 
     return run
 

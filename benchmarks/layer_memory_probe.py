@@ -32,6 +32,7 @@ def _status_mib(key: str) -> int:
 
 
 def rank_main(rank: int, port: int, model: str) -> None:
+    from distinf.data import collate
     from distinf.runtime.shard import GradientShard
 
     cfg = JobConfig.model_validate({
@@ -56,7 +57,7 @@ def rank_main(rank: int, port: int, model: str) -> None:
                  "attention_mask": torch.ones(32, dtype=torch.long)} for _ in range(4)]
     for step in range(3):
         mark(f"step {step} start")
-        shard.compute(examples, 0)
+        next(shard.capture.run([collate(examples, 0)], shard.loss_fn, shard.device))
         mark(f"step {step} end")
     if rank == 0:
         print("peak MiB, phase, RSS MiB at its end")

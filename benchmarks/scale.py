@@ -220,6 +220,7 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
                  "queries": {"path": str(root / "queries.parquet"), "id_column": "id"},
                  "max_length": args.tokens},
         "compression": {"k": args.k, "seed": 0},
+        "hessian": {"method": args.hessian},
         "runtime": {"num_workers": workers, "batch_size": args.batch, "device": args.device,
                     "release_after_use": not args.keep_gathered},
         "output": {"path": str(root / "run")},
@@ -239,7 +240,8 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
     manifest = json.loads((root / "run" / "manifest.json").read_text())
     others = [p for p in peaks.values() if "GradientWorker" not in p["name"] and p["hwm"] > 0]
     examples = manifest["counts"]["train"] + manifest["counts"]["queries"]
-    return {"model": args.model + (" (gathered weights kept)" if args.keep_gathered else ""),
+    return {"model": args.model + (" (gathered weights kept)" if args.keep_gathered else "")
+            + (f", {args.hessian}" if args.hessian != "gauss_newton" else ""),
             "params": parameters(model), "dtype": args.dtype, "device": args.device, "workers": workers,
             "wall_seconds": round(wall, 1),
             "gradient_seconds": manifest["timings"]["gradients"], "examples": examples,
@@ -276,7 +278,7 @@ def progress_seconds(log: str) -> dict[str, dict]:
 
 
 def run_root(model: Path, workers: int, args: argparse.Namespace) -> Path:
-    return assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}"
+    return assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}-{args.hessian}"
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -332,6 +334,8 @@ def main() -> None:
                         help="runtime.release_after_use: false (DeepSpeed's defaults), for the comparison")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--k", type=int, default=65536)
+    parser.add_argument("--hessian", choices=["gauss_newton", "kfac", "kfac_mix"], default="gauss_newton",
+                        help="hessian.method (kfac and kfac_mix add the per-rank Kronecker factor sums)")
     parser.add_argument("--tokens", type=int, default=32, help="data.max_length")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--train-per-source", type=int, default=3, help="training texts per source (6 sources)")

@@ -290,7 +290,8 @@ def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many:
     """
     string_columns = [c for c in (cfg.text_column, cfg.id_column, cfg.prompt_column,
                                   cfg.completion_column) if c]
-    table = _read_raw(source, key, string_columns, skip, allow_empty=many)
+    wanted = string_columns + [c for c in (cfg.label_column, cfg.messages_column) if c]
+    table = _read_raw(source, key, string_columns, skip, allow_empty=many, columns=wanted)
     where = f"{key}: '{source.name}'"
     if cfg.messages_column is not None:
         text_fields = {"messages": cfg.messages_column}
@@ -438,8 +439,11 @@ def _size(source: Source) -> int:
 
 
 def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = False,
-              allow_empty: bool = False) -> pa.Table:
-    """One file as a table, through pyarrow.dataset (a `save_to_disk` shard: an Arrow stream)."""
+              allow_empty: bool = False, columns: list[str] | None = None) -> pa.Table:
+    """One file as a table, through pyarrow.dataset (a `save_to_disk` shard: an Arrow stream).
+
+    With `columns`, only those are read when the file has them all (other columns of a wide file
+    never reach memory); else every column, for the caller to name what is missing."""
     import pyarrow.csv
     import pyarrow.dataset as ds
 
@@ -451,7 +455,8 @@ def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = Fa
     try:
         if fmt == "arrow":
             with _open(source) as stream:
-                return pa.ipc.open_stream(stream).read_all()
+                table = pa.ipc.open_stream(stream).read_all()
+            return table.select(columns) if columns and set(columns) <= set(table.column_names) else table
         if fmt == "csv":
             # Text and ids as strings, so that an id such as "007" keeps its zeros; absent
             # columns are ignored here and reported by the caller. When skipping bad rows, read
@@ -460,7 +465,9 @@ def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = Fa
             file_format = ds.CsvFileFormat(convert_options=pyarrow.csv.ConvertOptions(column_types=types))
         else:
             file_format = fmt
-        table = ds.dataset(source.path, format=file_format, filesystem=source.filesystem).to_table()
+        dataset = ds.dataset(source.path, format=file_format, filesystem=source.filesystem)
+        wanted = columns if columns and set(columns) <= set(dataset.schema.names) else None
+        table = dataset.to_table(columns=wanted)
         if fmt == "json":
             table.validate(full=True)  # the JSON reader does not check UTF-8 by itself
         return table

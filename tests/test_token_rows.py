@@ -148,3 +148,16 @@ def test_every_row_of_every_file_rejected_is_an_error_once_all_are_read(tmp_path
                                          data={"on_bad_row": "skip"}))
     with pytest.raises(DataError, match=r"data.train \(2 files\): every row was rejected \(4 in all\)"):
         plan_job(job, ("train",))
+
+
+def test_only_the_columns_the_job_reads_are_read_from_a_wide_file(tmp_path, corpus):
+    from distinf.data import _read_raw, dataset_files
+
+    wide = corpus.append_column("embedding", pa.array([[0.5] * 256] * corpus.num_rows, pa.list_(pa.float32())))
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    (source,) = dataset_files(str(tmp_path / "wide.parquet"), "data.train")
+    assert _read_raw(source, "data.train", ["text"], columns=["id", "text"]).column_names == ["id", "text"]
+    # A column the file lacks: every column is read, so that the error can list them.
+    assert _read_raw(source, "data.train", ["text"], columns=["id", "body"]).column_names == ["id", "text", "embedding"]
+    table, _ = read_dataset(DatasetConfig(path=str(tmp_path / "wide.parquet"), id_column="id"), "train")
+    assert table.column("example_id").to_pylist() == corpus.column("id").to_pylist()

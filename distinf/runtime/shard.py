@@ -10,18 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Sequence
 
 import torch
-from torch import Tensor
 
 from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
 from distinf.core.compressors import build_compressor
 from distinf.core.kfac import KFAC_METHODS, FactorSums
-from distinf.core.tasks import loss_function, move_batch
+from distinf.core.tasks import loss_function
 from distinf.core.tracking import track_modules
-from distinf.data import collate
 from distinf.models import load_model
 from distinf.runtime.process_memory import peak_rss, release_free_memory, reset_peak_rss
 from distinf.runtime.zero3 import deepspeed_config, largest_gather, partitioned_model
@@ -104,14 +101,6 @@ class GradientShard:
         self._hf_ds_config = HfDeepSpeedConfig(config)  # transformers' own code asks whether ZeRO-3 is on
         engine, *_ = deepspeed.initialize(model=model, config=config)
         return engine.module
-
-    def compute(self, examples: Sequence[dict[str, Tensor]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-        """One batch: compressed gradients [N, k] and losses [N], on the CPU."""
-        batch = move_batch(collate(list(examples), pad_token_id), self.device)
-        grads, losses = self.capture.batch(batch, self.loss_fn)
-        grads, losses = grads.cpu(), losses.cpu()
-        release_free_memory()  # what the step freed inside the heap, before the next step's peak
-        return grads, losses
 
     def memory(self) -> dict:
         """Peak memory since setup ended: resident bytes, and on a GPU the allocator's peak."""
