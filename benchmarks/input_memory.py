@@ -71,7 +71,9 @@ def write_input(folder: Path, rows: int, files: int, model_dir: str, max_length:
 
 def probe(tree: Path, job: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{tree.resolve()}{os.pathsep}{Path(__file__).resolve().parents[1]}"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(job)], env=env, capture_output=True, text=True, check=True)
+    # From inside the tree: `python -c` puts the working folder first on sys.path.
+    out = subprocess.run([sys.executable, "-c", PROBE, str(job)], env=env, cwd=tree, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -94,6 +96,7 @@ def main() -> None:
             for tree in args.trees:
                 runs[str(tree)].append(probe(tree, job))
                 print(json.dumps({"tree": str(tree), **runs[str(tree)][-1]}), flush=True)
+    assert len({r["distinf"] for results in runs.values() for r in results}) == 2, "both trees imported one distinf"
     for tree, results in runs.items():
         grown = statistics.median(r["peak_mib"] - r["base_mib"] for r in results)
         print(f"{tree}: rows {results[0]['rows']}, tokens {results[0]['tokens']}, peak over base "

@@ -69,7 +69,8 @@ class TokenRows(Sequence):
         input_ids = torch.from_numpy(self.tokens[start:stop].astype(np.int64))
         example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if self.loss_mask is not None:
-            example["labels"] = input_ids.masked_fill(~torch.from_numpy(self.loss_mask[start:stop]), IGNORE_INDEX)
+            # torch.tensor copies: a share from the object store is a read-only buffer.
+            example["labels"] = input_ids.masked_fill(~torch.tensor(self.loss_mask[start:stop]), IGNORE_INDEX)
         elif self.labels is not None:
             example["labels"] = torch.tensor(self.labels[index])
         return example
