@@ -53,6 +53,10 @@ def _rank(rank: int, port: int, model_dir: str, task: str, skip: tuple[str, ...]
             if not name.startswith(skip):
                 assert torch.equal(param.data, reference[name].detach()), name
     assert not model.training
+    # Both ranks done before either tears gloo down: a process leaving with the group alive can
+    # abort in its threads' destructors ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _run_two_ranks(model_dir, task="causal_lm", skip=()) -> None:
