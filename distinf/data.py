@@ -61,15 +61,16 @@ class Rejection:
 class _BadRows:
     """Rows that fail a check: raised at the first (on_bad_row: error) or collected (skip)."""
 
-    def __init__(self, where: str, skip: bool):
-        self.where, self.skip = where, skip
+    def __init__(self, where: str, skip: bool, first_row: int = 0):
+        self.where, self.skip, self.first_row = where, skip, first_row
+        """Rows are numbered within the batch; `first_row` is the batch's first row in its file."""
         self.ids: pa.Array | None = None
         self.reasons: dict[int, str] = {}
 
     def add(self, row: int, reason: str, name_id: bool = True) -> None:
         if not self.skip:
             named = f" (id '{self.ids[row].as_py()}')" if name_id and self.ids is not None else ""
-            raise DataError(f"{self.where} row {row}{named}: {reason}")
+            raise DataError(f"{self.where} row {self.first_row + row}{named}: {reason}")
         self.reasons.setdefault(row, reason)  # the first problem found is the one reported
 
     def rejections(self) -> list[Rejection]:
@@ -77,7 +78,7 @@ class _BadRows:
             value = self.ids[row].as_py() if self.ids is not None else None
             return value if value and value.strip() else None
 
-        return [Rejection(row, id_of(row), reason) for row, reason in sorted(self.reasons.items())]
+        return [Rejection(self.first_row + row, id_of(row), reason) for row, reason in sorted(self.reasons.items())]
 
 
 def _all_rejected(where: str, rejected: list[Rejection]) -> DataError:
@@ -236,10 +237,11 @@ def read_dataset(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> tu
 
 
 def read_files(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> Iterator[tuple[pa.Table, list[Rejection]]]:
-    """`read_dataset` one file at a time: each file's checked table and rejected rows as soon as
-    it is read, so that a caller that tokenises as it goes never holds a split's text whole
-    (one file's at most). The checks across files (unique ids, not every row rejected) are the
-    same; the last ones raise once every file has been read."""
+    """`read_dataset` a batch of rows at a time: each batch's checked table and rejected rows as
+    soon as it is read (at most `READ_BATCH_ROWS` rows of one file), so that a caller that
+    tokenises as it goes never holds a split's text whole, not even one file's. The checks across
+    batches and files (unique ids, not every row rejected) are the same; the last ones raise
+    once every file has been read."""
     key = f"data.{role}"
     sources = dataset_files(cfg.path, key)
     skip = on_bad_row == "skip"
@@ -248,14 +250,12 @@ def read_files(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> Iter
     offset = total = 0
     rejected: list[Rejection] = []
     for source in sources:
-        table, bad = _read_source(cfg, key, source, skip, many, offset)
-        offset += table.num_rows + len(bad)
-        if many and table.num_rows:
-            table = _check_ids_across(table, source, first_seen, bad, key, skip)
-        total += table.num_rows
-        rejected += bad
-        yield table, bad
-    where = f"{key}: '{cfg.path}'" if not many else f"{key} ({len(sources)} files)"
+        for table, bad in _read_source(cfg, key, source, skip, many, offset, first_seen):
+            offset += table.num_rows + len(bad)
+            total += table.num_rows
+            rejected += bad
+            yield table, bad
+    where = f"{key}: '{sources[0].name}'" if not many else f"{key} ({len(sources)} files)"
     if total == 0 and not rejected:
         raise DataError(f"{where} has no rows")
     if total == 0:
@@ -263,17 +263,23 @@ def read_files(cfg: DatasetConfig, role: str, on_bad_row: str = "error") -> Iter
 
 
 def _check_ids_across(table: pa.Table, source: Source, first_seen: dict, bad: list[Rejection], key: str,
-                      skip: bool) -> pa.Table:
-    """Ids already read from an earlier file: an error naming both files, or (skip) rejected here."""
+                      where: str, skip: bool, many: bool) -> pa.Table:
+    """Ids already read from an earlier file, or an earlier batch of this one: an error naming
+    both places, or (skip) rejected here."""
     keep = []
     for example_id, row in zip(table.column("example_id").to_pylist(), table.column("row").to_pylist()):
         if example_id in first_seen:
             other, other_row = first_seen[example_id]
+            same = other == source.name
             if not skip:
-                raise DataError(f"{key}: duplicate id '{example_id}' in '{other}' row {other_row} and "
+                raise DataError(f"{where}: duplicate id '{example_id}' in rows {other_row}, {row}; ids must be unique"
+                                if same else
+                                f"{key}: duplicate id '{example_id}' in '{other}' row {other_row} and "
                                 f"'{source.name}' row {row}; ids must be unique across the files")
-            bad.append(Rejection(row, example_id, f"in '{source.name}': duplicate id '{example_id}' (first in "
-                                 f"'{other}' row {other_row})", source.name))
+            reason = (f"duplicate id '{example_id}' (first at row {other_row})" if same else
+                      f"duplicate id '{example_id}' (first in '{other}' row {other_row})")
+            bad.append(Rejection(row, example_id, f"in '{source.name}': {reason}", source.name) if many
+                       else Rejection(row, example_id, reason))
             keep.append(False)
         else:
             first_seen[example_id] = (source.name, row)
@@ -281,9 +287,11 @@ def _check_ids_across(table: pa.Table, source: Source, first_seen: dict, bad: li
     return table if all(keep) else table.filter(pa.array(keep, pa.bool_()))
 
 
-def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many: bool,
-                 offset: int) -> tuple[pa.Table, list[Rejection]]:
-    """One file's rows, checked: the table (with `row`, and `file` when `many`) and its rejections.
+def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many: bool, offset: int,
+                 first_seen: dict[str, tuple[str, int]]) -> Iterator[tuple[pa.Table, list[Rejection]]]:
+    """One file's rows, checked, a batch at a time: each batch's table (with `row`, and `file`
+    when `many`) and its rejections. `first_seen` holds every id read so far (file, row), to
+    refuse a repeat in a later batch or file.
 
     Default ids are `offset` + the row, so that they stay unique across files. An empty file
     among several has no rows and no error.
@@ -291,7 +299,6 @@ def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many:
     string_columns = [c for c in (cfg.text_column, cfg.id_column, cfg.prompt_column,
                                   cfg.completion_column) if c]
     wanted = string_columns + [c for c in (cfg.label_column, cfg.messages_column) if c]
-    table = _read_raw(source, key, string_columns, skip, allow_empty=many, columns=wanted)
     where = f"{key}: '{source.name}'"
     if cfg.messages_column is not None:
         text_fields = {"messages": cfg.messages_column}
@@ -300,20 +307,35 @@ def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many:
     else:
         text_fields = {"text": cfg.text_column}
     columns = {**text_fields, "label": cfg.label_column, "example_id": cfg.id_column}
-    if table.num_rows == 0 and many:
-        return _empty_table(cfg, many), []
-    for name, column in columns.items():
-        if column is not None and column not in table.column_names:
-            option = "id_column" if name == "example_id" else f"{name}_column"
-            available = ", ".join(repr(c) for c in table.column_names)
-            raise DataError(f"{key}.{option}: no column '{column}' in '{source.name}'; "
-                            f"the columns are {available}")
-    if table.num_rows == 0:
+    first_row = 0
+    for table in _read_raw(source, key, string_columns, skip, allow_empty=many, columns=wanted):
+        if table.num_rows == 0 and many:
+            continue
+        for name, column in columns.items():
+            if column is not None and column not in table.column_names:
+                option = "id_column" if name == "example_id" else f"{name}_column"
+                available = ", ".join(repr(c) for c in table.column_names)
+                raise DataError(f"{key}.{option}: no column '{column}' in '{source.name}'; "
+                                f"the columns are {available}")
+        if table.num_rows == 0:
+            continue
+        checked, rejected = _check_batch(cfg, table, source, where, skip, many, offset, first_row)
+        if checked.num_rows:
+            checked = _check_ids_across(checked, source, first_seen, rejected, key, where, skip, many)
+            rejected.sort(key=lambda r: r.row)
+        first_row += table.num_rows
+        yield checked, rejected
+    if first_row == 0 and not many:
         raise DataError(f"{where} has no rows")
 
-    bad = _BadRows(where, skip)
+
+def _check_batch(cfg: DatasetConfig, table: pa.Table, source: Source, where: str, skip: bool, many: bool,
+                 offset: int, first_row: int) -> tuple[pa.Table, list[Rejection]]:
+    """One batch of a file's rows (its first is `first_row` of the file), checked and renamed to
+    distinf's columns."""
+    bad = _BadRows(where, skip, first_row)
     if cfg.id_column is None:
-        ids = pa.array([str(offset + row) for row in range(table.num_rows)], pa.string())
+        ids = pa.array([str(offset + first_row + row) for row in range(table.num_rows)], pa.string())
     else:
         ids = _as_string(table.column(cfg.id_column), bad, f"id column '{cfg.id_column}'")
         _check_ids(ids, bad)
@@ -340,7 +362,7 @@ def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many:
         out["text"] = text
     if cfg.label_column is not None:
         out["label"] = _as_labels(table.column(cfg.label_column), bad)
-    out["row"] = pa.array(range(table.num_rows), pa.int64())
+    out["row"] = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
     if many:
         out["file"] = pa.array([source.name] * table.num_rows, pa.string())
     table = pa.table(out)
@@ -350,26 +372,10 @@ def _read_source(cfg: DatasetConfig, key: str, source: Source, skip: bool, many:
     if many:
         rejected = [Rejection(r.row, r.example_id, f"in '{source.name}': {r.reason}", source.name)
                     for r in rejected]
-    elif len(rejected) == table.num_rows:
-        raise _all_rejected(where, rejected)
     return table.filter(pa.array([row not in bad.reasons for row in range(table.num_rows)])), rejected
 
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-
-def _empty_table(cfg: DatasetConfig, many: bool) -> pa.Table:
-    fields = [("example_id", pa.string()), ("text", pa.string())]
-    if cfg.messages_column is not None:
-        fields.append(("messages", _MESSAGES))
-    elif cfg.prompt_column is not None:
-        fields += [("prompt", pa.string()), ("completion", pa.string())]
-    if cfg.label_column is not None:
-        fields.append(("label", pa.int64()))
-    fields.append(("row", pa.int64()))
-    if many:
-        fields.append(("file", pa.string()))
-    return pa.schema(fields).empty_table()
 
 
 def _as_messages(column: pa.ChunkedArray, bad: _BadRows, what: str) -> tuple[pa.Array, pa.Array]:
@@ -438,9 +444,14 @@ def _size(source: Source) -> int:
     return source.filesystem.get_file_info(source.path).size
 
 
+READ_BATCH_ROWS = 65_536
+"""Rows read and checked at a time: a file larger than this never lies in memory whole."""
+
+
 def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = False,
-              allow_empty: bool = False, columns: list[str] | None = None) -> pa.Table:
-    """One file as a table, through pyarrow.dataset (a `save_to_disk` shard: an Arrow stream).
+              allow_empty: bool = False, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """One file as tables of up to about READ_BATCH_ROWS rows, in file order, through
+    pyarrow.dataset (a `save_to_disk` shard: an Arrow stream).
 
     With `columns`, only those are read when the file has them all (other columns of a wide file
     never reach memory); else every column, for the caller to name what is missing."""
@@ -450,13 +461,16 @@ def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = Fa
     fmt = source.fmt
     if fmt not in ("parquet", "arrow") and _size(source) == 0:
         if allow_empty:
-            return pa.table({})
+            return
         raise DataError(f"{key}: '{source.name}' has no rows (the file is empty)")
     try:
         if fmt == "arrow":
             with _open(source) as stream:
-                table = pa.ipc.open_stream(stream).read_all()
-            return table.select(columns) if columns and set(columns) <= set(table.column_names) else table
+                reader = pa.ipc.open_stream(stream)
+                wanted = columns if columns and set(columns) <= set(reader.schema.names) else None
+                for table in _rebatched(reader, reader.schema):
+                    yield table.select(wanted) if wanted else table
+            return
         if fmt == "csv":
             # Text and ids as strings, so that an id such as "007" keeps its zeros; absent
             # columns are ignored here and reported by the caller. When skipping bad rows, read
@@ -467,14 +481,30 @@ def _read_raw(source: Source, key: str, text_columns: list[str], skip: bool = Fa
             file_format = fmt
         dataset = ds.dataset(source.path, format=file_format, filesystem=source.filesystem)
         wanted = columns if columns and set(columns) <= set(dataset.schema.names) else None
-        table = dataset.to_table(columns=wanted)
-        if fmt == "json":
-            table.validate(full=True)  # the JSON reader does not check UTF-8 by itself
-        return table
+        scanner = dataset.scanner(columns=wanted, batch_size=READ_BATCH_ROWS, batch_readahead=1,
+                                  fragment_readahead=1)
+        for table in _rebatched(scanner.to_batches(), scanner.projected_schema):
+            if fmt == "json":
+                table.validate(full=True)  # the JSON reader does not check UTF-8 by itself
+            yield table
     except (pa.ArrowInvalid, OSError) as error:
         if allow_empty and fmt == "csv" and "Empty CSV file" in str(error):
-            return pa.table({})
+            return
         raise _read_error(source, key, error) from None
+
+
+def _rebatched(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:
+    """Record batches joined into tables of at least READ_BATCH_ROWS rows (the last one fewer):
+    Parquet row groups and Arrow streams may come in much smaller batches."""
+    pending, rows, tables = [], 0, 0
+    for batch in batches:
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= READ_BATCH_ROWS:
+            yield pa.Table.from_batches(pending, schema)
+            pending, rows, tables = [], 0, tables + 1
+    if pending or not tables:  # an empty file is one empty table: its columns are still checked
+        yield pa.Table.from_batches(pending, schema)
 
 
 def _read_error(source: Source, key: str, error: Exception) -> DataError:
@@ -569,7 +599,8 @@ def _rows_where(mask: pa.Array) -> list[int]:
 
 
 def _check_ids(ids: pa.Array, bad: _BadRows) -> None:
-    for row in _rows_where(pc.or_(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), ""))):
+    # Kleene or: a null id is missing (plain `or_` gives null for null rows, which _rows_where drops).
+    for row in _rows_where(pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), ""))):
         bad.add(row, "the id is missing", name_id=False)
     counts = pc.value_counts(ids)
     repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
@@ -578,13 +609,13 @@ def _check_ids(ids: pa.Array, bad: _BadRows) -> None:
     if not bad.skip:
         first = ids[_first_true(pc.is_in(ids, value_set=repeated))].as_py()
         rows = pc.indices_nonzero(pc.equal(ids, first)).to_pylist()
-        shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        shown = ", ".join(str(bad.first_row + r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
         raise DataError(f"{bad.where}: duplicate id '{first}' in rows {shown}; ids must be unique")
     seen: dict[str, int] = {}
     for row in _rows_where(pc.is_in(ids, value_set=repeated)):
         value = ids[row].as_py()
         if value in seen:  # the first occurrence stays, the repeats go
-            bad.add(row, f"duplicate id '{value}' (first at row {seen[value]})", name_id=False)
+            bad.add(row, f"duplicate id '{value}' (first at row {bad.first_row + seen[value]})", name_id=False)
         else:
             seen[value] = row
 

@@ -156,8 +156,67 @@ def test_only_the_columns_the_job_reads_are_read_from_a_wide_file(tmp_path, corp
     wide = corpus.append_column("embedding", pa.array([[0.5] * 256] * corpus.num_rows, pa.list_(pa.float32())))
     pq.write_table(wide, tmp_path / "wide.parquet")
     (source,) = dataset_files(str(tmp_path / "wide.parquet"), "data.train")
-    assert _read_raw(source, "data.train", ["text"], columns=["id", "text"]).column_names == ["id", "text"]
-    # A column the file lacks: every column is read, so that the error can list them.
-    assert _read_raw(source, "data.train", ["text"], columns=["id", "body"]).column_names == ["id", "text", "embedding"]
+    (only,) = _read_raw(source, "data.train", ["text"], columns=["id", "text"])
+    assert only.column_names == ["id", "text"]
+    (every,) = _read_raw(source, "data.train", ["text"], columns=["id", "body"])
+    assert every.column_names == ["id", "text", "embedding"]  # one is missing: all read, for the error to list
     table, _ = read_dataset(DatasetConfig(path=str(tmp_path / "wide.parquet"), id_column="id"), "train")
     assert table.column("example_id").to_pylist() == corpus.column("id").to_pylist()
+
+
+def bad_rows_table() -> pa.Table:
+    """Rows with every kind of problem a batch boundary could split: an empty text, a missing id,
+    an id repeated within a batch and across batches."""
+    ids = [f"r{i}" for i in range(23)]
+    texts = [f"text number {i} of the file" for i in range(23)]
+    texts[4] = " "
+    ids[9] = None
+    ids[12] = "r10"   # repeats row 10 of an earlier batch
+    ids[15] = "r14"   # repeats row 14 of the same batch
+    ids[21] = "r2"    # repeats row 2, several batches earlier
+    return pa.table({"id": ids, "text": texts, "label": [i % 2 for i in range(23)]})
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+def test_a_file_read_in_small_batches_gives_what_it_gave_read_whole(tmp_path, monkeypatch, suffix):
+    """Every row, id, rejection and error of a file split across many batches equals those of
+    the file read in one batch: rows numbered in the file, repeats found across batches."""
+    import json
+
+    import pyarrow.csv as pacsv
+
+    import distinf.data
+
+    def write(table: pa.Table, path) -> None:
+        if suffix == ".parquet":
+            pq.write_table(table, path, row_group_size=3)
+        elif suffix == ".csv":
+            pacsv.write_csv(table, path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+
+    path = tmp_path / f"data{suffix}"
+    write(bad_rows_table(), path)
+    cfg = DatasetConfig(path=str(path), id_column="id", label_column="label")
+    whole = read_dataset(cfg, "train", "skip")
+    with pytest.raises(DataError) as whole_error:
+        read_dataset(cfg, "train")
+    monkeypatch.setattr(distinf.data, "READ_BATCH_ROWS", 4)
+    pieces = list(distinf.data.read_files(cfg, "train", "skip"))
+    assert len(pieces) >= 4  # batches of at least 4 rows (Parquet's row groups of 3 are joined)
+    assert pa.concat_tables([p for p, _ in pieces]).equals(whole[0])
+    assert [r for _, bad in pieces for r in bad] == whole[1]
+    assert [(r.row, r.reason) for r in whole[1]] == [
+        (4, "text is empty"), (9, "the id is missing"), (12, "duplicate id 'r10' (first at row 10)"),
+        (15, "duplicate id 'r14' (first at row 14)"), (21, "duplicate id 'r2' (first at row 2)")]
+    with pytest.raises(DataError) as batched_error:
+        read_dataset(cfg, "train")
+    # Read whole, the ids are checked before the texts; in batches, the first batch with a bad row stops it.
+    assert str(whole_error.value) == f"data.train: '{path}' row 9: the id is missing"
+    assert str(batched_error.value) == f"data.train: '{path}' row 4 (id 'r4'): text is empty"
+    repeat = tmp_path / f"repeat{suffix}"  # an id of the first batch again in a later one
+    ids = [f"r{i}" for i in range(10)]
+    ids[8] = "r1"
+    write(pa.table({"id": ids, "text": [f"text {i}" for i in range(10)]}), repeat)
+    with pytest.raises(DataError, match=rf"data.train: '{repeat}': duplicate id 'r1' in rows 1, 8; ids must be unique"):
+        read_dataset(DatasetConfig(path=str(repeat), id_column="id"), "train")
