@@ -1028,8 +1028,8 @@ class Plan:
 
 def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
              stored_train_ids: set[str] | frozenset = frozenset()) -> Plan:
-    """Read and tokenise the train and query sets (those in `splits`), one file at a time; ids are
-    checked unique per set.
+    """Read and tokenise the train and query sets (those in `splits`), a batch of rows at a time
+    (`read_files`); ids are checked unique per set.
 
     With data.on_bad_row: skip, bad rows are left out and listed in each set's `rejected`. Training
     rows whose ids are in `stored_train_ids` (an append: the run holds them already) are left out
@@ -1050,7 +1050,7 @@ def plan_job(cfg: JobConfig, splits: tuple[str, ...] = ("train", "queries"),
         read: list[Rejection] = []
 
         def tables(role=role, dataset=dataset, read=read) -> Iterator[pa.Table]:
-            """Each file's rows as they are read, less those an append's run holds already."""
+            """Each batch's rows as they are read, less those an append's run holds already."""
             for table, rejected in read_files(dataset, role, cfg.data.on_bad_row):
                 if role == "train" and stored_train_ids:
                     known = pa.array([i in stored_train_ids for i in table.column("example_id").to_pylist()],
