@@ -327,7 +327,8 @@ def test_a_row_mask_sums_only_the_unmasked_rows():
     """GPT-2 (Conv1D, biases, position embedding): the factor sums of batches with some rows masked
     out equal those of batches of only the unmasked rows (padded to other lengths), and a worker's
     ChunkFactors, slot by slot with rows left out after the batch, equals both."""
-    from distinf.runtime.chunk_factors import ChunkFactors, add_factor_sums, factor_arrays, read_factor_sums
+    from distinf.runtime.chunk_factors import (ChunkFactors, add_factor_sums, factor_arrays, plans_only,
+                                               read_factor_sums)
 
     torch.manual_seed(0)
     model = tiny_models.gpt2()
@@ -343,7 +344,9 @@ def test_a_row_mask_sums_only_the_unmasked_rows():
 
     # The worker's path: slot 1 of batch 0 a padding slot, slot 0 of batch 1 rejected after it ran.
     for per_row in (True, False):
-        chunk = ChunkFactors(FactorSums(track_modules(model), index_set), per_row=per_row)
+        template = plans_only(FactorSums(track_modules(model), index_set))  # as the worker keeps it
+        assert all(f.input_sum.is_meta and f.output_sum.is_meta for f in template.tensors.values())
+        chunk = ChunkFactors(template, per_row=per_row)
         tracked = track_modules(model)
         with GradientCapture(model, tracked, index_set, factors=chunk) as capture:
             chunk.start_step([True, False, True, True])

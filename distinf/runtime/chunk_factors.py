@@ -26,12 +26,23 @@ _SUMS = ("input_sum", "output_sum", "tokens")
 _INDICES = ("input_of_entry", "output_of_entry", "output_index", "input_index")
 
 
+def plans_only(sums: FactorSums) -> FactorSums:
+    """`sums` with its sum tensors on the meta device: the template a worker keeps for the whole
+    pass holds the index plans only, not a second set of sums the size of a chunk's."""
+    return _with_sums(sums, lambda f: f.input_sum.to("meta"), lambda f: f.output_sum.to("meta"))
+
+
 def zeroed(template: FactorSums) -> FactorSums:
-    """Empty sums of the same tensors as `template`, sharing its (read-only) index plans."""
+    """Empty sums (float64, on the CPU) of the same tensors as `template`, sharing its (read-only)
+    index plans."""
+    return _with_sums(template, lambda f: torch.zeros(f.input_sum.shape, dtype=f.input_sum.dtype),
+                      lambda f: torch.zeros(f.output_sum.shape, dtype=f.output_sum.dtype))
+
+
+def _with_sums(template: FactorSums, input_sum, output_sum) -> FactorSums:
     sums = FactorSums.__new__(FactorSums)
     sums.__dict__.update(template.__dict__)
-    sums.tensors = {name: replace(f, input_sum=torch.zeros_like(f.input_sum),
-                                  output_sum=torch.zeros_like(f.output_sum), tokens=0.0)
+    sums.tensors = {name: replace(f, input_sum=input_sum(f), output_sum=output_sum(f), tokens=0.0)
                     for name, f in template.tensors.items()}
     sums.count = 0
     return sums

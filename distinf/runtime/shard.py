@@ -20,6 +20,7 @@ from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import track_modules
 from distinf.models import load_model
+from distinf.runtime.chunk_factors import plans_only
 from distinf.runtime.process_memory import peak_rss, release_free_memory, reset_peak_rss
 from distinf.runtime.zero3 import deepspeed_config, largest_gather, partitioned_model
 
@@ -72,7 +73,8 @@ class GradientShard:
             raise ConfigError(f"compression: {error}") from None
         self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
         # kfac, kfac_mix: the factor plans of the index set; the worker sums a chunk's rows into a copy.
-        self.factor_template = FactorSums(tracked, compressor.layout) if cfg.hessian.method in KFAC_METHODS else None
+        self.factor_template = (plans_only(FactorSums(tracked, compressor.layout))
+                                if cfg.hessian.method in KFAC_METHODS else None)
         self.capture = GradientCapture(model, tracked, compressor).__enter__()
         self.loss_fn = loss_function(cfg.model.task)
         release_free_memory()
