@@ -18,6 +18,29 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def sources_corpus():
+    """id and text of 4 training texts from each shipped source (the demo's corpus, seed 0)."""
+    from distinf.assets import mixed_source_corpus
+
+    return mixed_source_corpus(4, 1, seed=0)[0].select(["id", "text"])
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 with a real fast tokenizer, saved as a local model folder."""
+    import job_fixtures
+
+    return job_fixtures.tiny_model_dir(tmp_path_factory.mktemp("model"), "gpt2")
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(gpt2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gpt2_dir)
+
+
+@pytest.fixture(scope="module")
 def shared_ray():
     """One local Ray for the in-process jobs of a test module: run_job joins it, as on a cluster,
     instead of starting and stopping a Ray of its own for each job.

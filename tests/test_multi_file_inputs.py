@@ -12,29 +12,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import distinf
 import job_fixtures
-from distinf.assets import mixed_source_corpus
 from distinf.config import DatasetConfig
 from distinf.data import DataError, dataset_files, fingerprint, read_dataset, tokenize
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    train, _ = mixed_source_corpus(4, 1, seed=0)
-    return train.select(["id", "text"])
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return job_fixtures.tiny_model_dir(tmp_path_factory.mktemp("model"), "gpt2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def write(table: pa.Table, path: Path) -> Path:
@@ -75,36 +58,36 @@ def layouts(root: Path, table: pa.Table) -> dict[str, object]:
             "list": [str(p) for p in mixed]}
 
 
-def test_a_folder_a_glob_and_a_list_give_the_one_files_tokens_and_fingerprint(tmp_path, corpus, tokenizer):
-    paths = layouts(tmp_path, corpus)
+def test_a_folder_a_glob_and_a_list_give_the_one_files_tokens_and_fingerprint(tmp_path, sources_corpus, gpt2_tokenizer):
+    paths = layouts(tmp_path, sources_corpus)
     assert [s.name for s in dataset_files(paths["folder"], "data.train")] == \
         [str(tmp_path / "folder" / f"part-{i:05d}.parquet") for i in (0, 1, 2, 99999)]
     one, _ = read(paths["one"], id_column="id")
-    expected = fingerprint(tokenize(one, tokenizer, 48, "causal_lm"))
+    expected = fingerprint(tokenize(one, gpt2_tokenizer, 48, "causal_lm"))
     for layout in ("folder", "glob", "list"):
         table, rejected = read(paths[layout], id_column="id")
         assert rejected == []
         assert table.select(["example_id", "text"]).equals(one.select(["example_id", "text"])), layout
         assert table.column("row").to_pylist() == [*range(7), *range(8), *range(9)]
         assert set(table.column("file").to_pylist()) <= {s.name for s in dataset_files(paths[layout], "data.train")}
-        data = tokenize(table, tokenizer, 48, "causal_lm")
+        data = tokenize(table, gpt2_tokenizer, 48, "causal_lm")
         assert fingerprint(data) == expected, layout
         assert data.files[7].endswith(("1.parquet", "1.jsonl"))
 
 
-def test_without_an_id_column_the_ids_count_rows_across_the_files(tmp_path, corpus):
-    paths = layouts(tmp_path, corpus)
+def test_without_an_id_column_the_ids_count_rows_across_the_files(tmp_path, sources_corpus):
+    paths = layouts(tmp_path, sources_corpus)
     table, _ = read(paths["glob"])
-    assert table.column("example_id").to_pylist() == [str(i) for i in range(corpus.num_rows)]
+    assert table.column("example_id").to_pylist() == [str(i) for i in range(sources_corpus.num_rows)]
 
 
-def test_the_same_attribution_as_one_file(tmp_path, corpus, model_dir, tokenizer):
-    paths = layouts(tmp_path, corpus)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+def test_the_same_attribution_as_one_file(tmp_path, sources_corpus, gpt2_dir, gpt2_tokenizer):
+    paths = layouts(tmp_path, sources_corpus)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     results = {}
     for layout in ("one", "folder", "list"):
         table, _ = read(paths[layout], id_column="id")
-        data = tokenize(table, tokenizer, 48, "causal_lm")
+        data = tokenize(table, gpt2_tokenizer, 48, "causal_lm")
         results[layout] = distinf.attribute(model, data.examples, data.examples[:3], train_ids=data.ids,
                                             config={"compression": {"k": 256}}, batch_size=4)
     for layout in ("folder", "list"):
@@ -112,9 +95,10 @@ def test_the_same_attribution_as_one_file(tmp_path, corpus, model_dir, tokenizer
         assert results[layout].top_k.equals(results["one"].top_k)
 
 
-def test_a_repeated_id_across_files_names_both_files(tmp_path, corpus):
-    first, second = write(corpus.slice(0, 5), tmp_path / "a.jsonl"), write(corpus.slice(4, 5), tmp_path / "b.jsonl")
-    repeated = corpus.column("id")[4].as_py()
+def test_a_repeated_id_across_files_names_both_files(tmp_path, sources_corpus):
+    first = write(sources_corpus.slice(0, 5), tmp_path / "a.jsonl")
+    second = write(sources_corpus.slice(4, 5), tmp_path / "b.jsonl")
+    repeated = sources_corpus.column("id")[4].as_py()
     with pytest.raises(DataError) as info:
         read([str(first), str(second)], id_column="id")
     assert str(info.value) == (f"data.train: duplicate id '{repeated}' in '{first}' row 4 and '{second}' row 0; "
@@ -125,10 +109,11 @@ def test_a_repeated_id_across_files_names_both_files(tmp_path, corpus):
     assert rejected[0].reason == f"in '{second}': duplicate id '{repeated}' (first in '{first}' row 4)"
 
 
-def test_a_bad_row_names_its_file_and_its_row_in_that_file(tmp_path, corpus):
-    rows = corpus.slice(0, 3).to_pylist()
+def test_a_bad_row_names_its_file_and_its_row_in_that_file(tmp_path, sources_corpus):
+    rows = sources_corpus.slice(0, 3).to_pylist()
     rows[1]["text"] = "  "
-    first, second = write(corpus.slice(3, 4), tmp_path / "a.jsonl"), write(pa.Table.from_pylist(rows), tmp_path / "b.jsonl")
+    first = write(sources_corpus.slice(3, 4), tmp_path / "a.jsonl")
+    second = write(pa.Table.from_pylist(rows), tmp_path / "b.jsonl")
     with pytest.raises(DataError) as info:
         read(str(tmp_path / "*.jsonl"), id_column="id")
     assert str(info.value) == f"data.train: '{second}' row 1 (id '{rows[1]['id']}'): text is empty"
@@ -136,19 +121,19 @@ def test_a_bad_row_names_its_file_and_its_row_in_that_file(tmp_path, corpus):
     assert [(r.row, r.file, r.reason) for r in rejected] == [(1, str(second), f"in '{second}': text is empty")]
 
 
-def test_a_completion_cut_away_in_the_second_file_names_that_file(tmp_path, tokenizer):
+def test_a_completion_cut_away_in_the_second_file_names_that_file(tmp_path, gpt2_tokenizer):
     rows = [{"id": f"r{i}", "prompt": "word " * (3 if i != 4 else 40), "completion": "end"} for i in range(6)]
     table = pa.Table.from_pylist(rows)
     first, second = write(table.slice(0, 3), tmp_path / "a.parquet"), write(table.slice(3), tmp_path / "b.parquet")
     data, _ = read([str(first), str(second)], id_column="id", prompt_column="prompt", completion_column="completion")
     with pytest.raises(DataError, match=rf"data.train: '{second}' row 1 \(id 'r4'\): no token of the completion"):
-        tokenize(data, tokenizer, 16, "causal_lm")
-    skipped = tokenize(data, tokenizer, 16, "causal_lm", on_bad_row="skip")
+        tokenize(data, gpt2_tokenizer, 16, "causal_lm")
+    skipped = tokenize(data, gpt2_tokenizer, 16, "causal_lm", on_bad_row="skip")
     assert [(r.row, r.file) for r in skipped.rejected] == [(1, str(second))]
 
 
-def test_names_that_match_nothing_or_twice_are_refused(tmp_path, corpus):
-    write(corpus, tmp_path / "t.jsonl")
+def test_names_that_match_nothing_or_twice_are_refused(tmp_path, sources_corpus):
+    write(sources_corpus, tmp_path / "t.jsonl")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     cases = {str(tmp_path / "*.parquet"): f"data.train.path: no file matches '{tmp_path / '*.parquet'}'",
@@ -161,9 +146,9 @@ def test_names_that_match_nothing_or_twice_are_refused(tmp_path, corpus):
         read([str(tmp_path / "t.jsonl"), str(tmp_path / "*.jsonl")])
 
 
-def test_every_part_empty_is_a_dataset_without_rows(tmp_path, corpus):
-    write(corpus.slice(0, 0), tmp_path / "d" / "a.parquet")
-    write(corpus.slice(0, 0), tmp_path / "d" / "b.parquet")
+def test_every_part_empty_is_a_dataset_without_rows(tmp_path, sources_corpus):
+    write(sources_corpus.slice(0, 0), tmp_path / "d" / "a.parquet")
+    write(sources_corpus.slice(0, 0), tmp_path / "d" / "b.parquet")
     with pytest.raises(DataError, match=r"data.train \(2 files\) has no rows"):
         read(str(tmp_path / "d"), id_column="id")
 
@@ -191,23 +176,24 @@ def save_to_disk(table: pa.Table, folder: Path, shards: int = 2) -> Path:
     return folder
 
 
-def test_a_save_to_disk_folder_reads_as_the_one_file(tmp_path, corpus, tokenizer):
-    folder = save_to_disk(corpus, tmp_path / "saved" / "train", shards=3)
+def test_a_save_to_disk_folder_reads_as_the_one_file(tmp_path, sources_corpus, gpt2_tokenizer):
+    folder = save_to_disk(sources_corpus, tmp_path / "saved" / "train", shards=3)
     (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
-    one, _ = read(str(write(corpus, tmp_path / "one.parquet")), id_column="id")
+    one, _ = read(str(write(sources_corpus, tmp_path / "one.parquet")), id_column="id")
     table, _ = read(str(folder), id_column="id")
     assert table.select(["example_id", "text"]).equals(one.select(["example_id", "text"]))
-    assert fingerprint(tokenize(table, tokenizer, 48, "causal_lm")) == fingerprint(tokenize(one, tokenizer, 48, "causal_lm"))
+    tokenized = [tokenize(t, gpt2_tokenizer, 48, "causal_lm") for t in (table, one)]
+    assert fingerprint(tokenized[0]) == fingerprint(tokenized[1])
     with pytest.raises(DataError, match=r"holds a DatasetDict saved with save_to_disk; name one split's folder, "
                                         r"e.g. '.*saved/train'"):
         read(str(tmp_path / "saved"), id_column="id")
 
 
-def test_a_save_to_disk_folder_written_by_datasets_if_installed(tmp_path, corpus):
+def test_a_save_to_disk_folder_written_by_datasets_if_installed(tmp_path, sources_corpus):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset(corpus).save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    datasets.Dataset(sources_corpus).save_to_disk(str(tmp_path / "hf"), num_shards=2)
     table, _ = read(str(tmp_path / "hf"), id_column="id")
-    assert table.column("example_id").to_pylist() == corpus.column("id").to_pylist()
+    assert table.column("example_id").to_pylist() == sources_corpus.column("id").to_pylist()
 
 
 # --- on S3 (moto) ---------------------------------------------------------------------------------
@@ -219,9 +205,9 @@ def s3(tmp_path_factory):
         yield filesystem
 
 
-def test_a_folder_a_glob_and_a_saved_dataset_on_s3_read_as_the_local_file(tmp_path, corpus, s3):
-    local = layouts(tmp_path, corpus)
-    save_to_disk(corpus, tmp_path / "saved")
+def test_a_folder_a_glob_and_a_saved_dataset_on_s3_read_as_the_local_file(tmp_path, sources_corpus, s3):
+    local = layouts(tmp_path, sources_corpus)
+    save_to_disk(sources_corpus, tmp_path / "saved")
     for folder in ("folder", "glob", "saved"):
         for path in sorted((tmp_path / folder).iterdir()):
             _upload(s3, path, f"inputs/{folder}/{path.name}")
@@ -231,7 +217,7 @@ def test_a_folder_a_glob_and_a_saved_dataset_on_s3_read_as_the_local_file(tmp_pa
         assert table.select(["example_id", "text"]).equals(one.select(["example_id", "text"])), path
     files = {s.name for s in dataset_files("s3://inputs/folder", "data.train")}
     assert files == {f"s3://inputs/folder/part-{i:05d}.parquet" for i in (0, 1, 2, 99999)}
-    rows = corpus.slice(0, 1).to_pylist()
+    rows = sources_corpus.slice(0, 1).to_pylist()
     _upload_bytes(s3, "".join(json.dumps(r) + "\n" for r in rows).encode(), "inputs/glob/shard-9.jsonl")
     with pytest.raises(DataError, match=r"duplicate id '.*' in 's3://inputs/glob/shard-0.jsonl' row 0 and "
                                         r"'s3://inputs/glob/shard-9.jsonl' row 0"):
@@ -274,7 +260,7 @@ def test_a_list_of_files_in_a_job_file_validates(tmp_path):
     assert cfg.data.queries.masked and not cfg.data.train.masked
 
 
-def test_rejected_parquet_names_each_rows_file_sorted_by_file_and_row(tmp_path, corpus, model_dir):
+def test_rejected_parquet_names_each_rows_file_sorted_by_file_and_row(tmp_path, sources_corpus, gpt2_dir):
     """Rows left out by the data checks (one per file) and by a worker (a non-finite loss) are
     written with their file and their row in it, in (split, file, row) order, as DuckDB reads them."""
     from datetime import datetime, timezone
@@ -286,13 +272,13 @@ def test_rejected_parquet_names_each_rows_file_sorted_by_file_and_row(tmp_path, 
     from distinf.runtime.gradient_pass import Gradients
     from distinf.runtime.outputs import rejected_rows, write_rejected
 
-    rows = corpus.to_pylist()
+    rows = sources_corpus.to_pylist()
     rows[9]["text"], rows[2]["text"] = "", " "  # row 1 of b.jsonl, row 2 of a.jsonl
     table = pa.Table.from_pylist(rows)
     first = write(table.slice(0, 8), tmp_path / "data" / "a.jsonl")
     second = write(table.slice(8, 8), tmp_path / "data" / "b.jsonl")
-    queries = write(corpus.slice(0, 2), tmp_path / "queries.jsonl")
-    job = job_fixtures.job_file(tmp_path, model_dir, tmp_path / "data", queries,
+    queries = write(sources_corpus.slice(0, 2), tmp_path / "queries.jsonl")
+    job = job_fixtures.job_file(tmp_path, gpt2_dir, tmp_path / "data", queries,
                                 data={"train": {"path": str(tmp_path / "data"), "id_column": "id"},
                                       "queries": {"path": str(queries), "id_column": "id"}, "on_bad_row": "skip"})
     plan = plan_job(load_job(job))

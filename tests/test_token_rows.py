@@ -9,28 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import job_fixtures
-from distinf.assets import mixed_source_corpus
 from distinf.config import DatasetConfig, load_job
 from distinf.data import DataError, Tokenized, collate, fingerprint, plan_job, read_dataset, tokenize
 from distinf.token_rows import TokenRows, TokenRowsBuilder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return job_fixtures.tiny_model_dir(tmp_path_factory.mktemp("model"), "gpt2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return mixed_source_corpus(4, 1, seed=0)[0].select(["id", "text"])
 
 
 def as_dicts(tokenizer, texts, max_length, prompts=None, labels=None) -> list[dict[str, torch.Tensor]]:
@@ -63,32 +46,33 @@ def old_fingerprint(ids, dicts) -> str:
     return fingerprint(Tokenized(examples=dicts, ids=ids, truncated=0))
 
 
-def test_plain_masked_and_labelled_splits_hold_the_tokenizers_tensors_and_fingerprints(corpus, tokenizer):
-    texts, ids = corpus.column("text").to_pylist(), corpus.column("id").to_pylist()
+def test_plain_masked_and_labelled_splits_hold_the_tokenizers_tensors_and_fingerprints(sources_corpus, gpt2_tokenizer):
+    texts, ids = sources_corpus.column("text").to_pylist(), sources_corpus.column("id").to_pylist()
     rows = list(range(len(ids)))
-    plain = tokenize(pa.table({"example_id": ids, "text": texts, "row": rows}), tokenizer, 24, "causal_lm")
-    reference = as_dicts(tokenizer, texts, 24)
+    plain = tokenize(pa.table({"example_id": ids, "text": texts, "row": rows}), gpt2_tokenizer, 24, "causal_lm")
+    reference = as_dicts(gpt2_tokenizer, texts, 24)
     assert isinstance(plain.examples, TokenRows)
     assert_same(plain.examples, reference)
-    assert plain.examples.tokens.dtype == np.int32 and plain.examples.nbytes < sum(len(d["input_ids"]) for d in reference) * 5
+    assert plain.examples.tokens.dtype == np.int32
+    assert plain.examples.nbytes < 5 * sum(len(d["input_ids"]) for d in reference)
     assert fingerprint(plain) == old_fingerprint(ids, reference)  # stored runs' fingerprints still match
 
     prompts = [" ".join(t.split(" ")[:3]) for t in texts]
     completions = [t[len(p):] for t, p in zip(texts, prompts)]
     masked = tokenize(pa.table({"example_id": ids, "text": texts, "prompt": prompts, "completion": completions,
-                                "row": rows}), tokenizer, 24, "causal_lm")
-    assert_same(masked.examples, as_dicts(tokenizer, texts, 24, prompts=prompts))
+                                "row": rows}), gpt2_tokenizer, 24, "causal_lm")
+    assert_same(masked.examples, as_dicts(gpt2_tokenizer, texts, 24, prompts=prompts))
 
     labels = [i % 3 for i in range(len(ids))]
-    labelled = tokenize(pa.table({"example_id": ids, "text": texts, "label": labels, "row": rows}), tokenizer, 24,
+    labelled = tokenize(pa.table({"example_id": ids, "text": texts, "label": labels, "row": rows}), gpt2_tokenizer, 24,
                         "sequence_classification", num_labels=3)
-    assert_same(labelled.examples, as_dicts(tokenizer, texts, 24, labels=labels))
-    assert fingerprint(labelled) == old_fingerprint(ids, as_dicts(tokenizer, texts, 24, labels=labels))
+    assert_same(labelled.examples, as_dicts(gpt2_tokenizer, texts, 24, labels=labels))
+    assert fingerprint(labelled) == old_fingerprint(ids, as_dicts(gpt2_tokenizer, texts, 24, labels=labels))
 
 
-def test_take_slice_and_concat_select_what_list_indexing_selects(corpus, tokenizer):
-    texts = corpus.column("text").to_pylist()
-    dicts = as_dicts(tokenizer, texts, 16, prompts=[t[:10] for t in texts])
+def test_take_slice_and_concat_select_what_list_indexing_selects(sources_corpus, gpt2_tokenizer):
+    texts = sources_corpus.column("text").to_pylist()
+    dicts = as_dicts(gpt2_tokenizer, texts, 16, prompts=[t[:10] for t in texts])
     builder = TokenRowsBuilder()
     for d in dicts:
         builder.add(d["input_ids"].tolist(), (d["labels"] != -100).tolist())
@@ -104,15 +88,15 @@ def test_take_slice_and_concat_select_what_list_indexing_selects(corpus, tokeniz
         rows[len(dicts)]
 
 
-def test_a_split_read_file_by_file_plans_what_the_one_file_planned(tmp_path, corpus, model_dir):
+def test_a_split_read_file_by_file_plans_what_the_one_file_planned(tmp_path, sources_corpus, gpt2_dir):
     """The same ids, tokens and fingerprints from a folder of parts as from the one file, and the
     rows an append already holds are left out file by file."""
     one = tmp_path / "one.parquet"
-    pq.write_table(corpus, one)
+    pq.write_table(sources_corpus, one)
     (tmp_path / "parts").mkdir()
-    for i, start in enumerate(range(0, corpus.num_rows, 5)):
-        pq.write_table(corpus.slice(start, 5), tmp_path / "parts" / f"part-{i:03d}.parquet")
-    job = load_job(job_fixtures.job_file(tmp_path, model_dir, one, one))
+    for i, start in enumerate(range(0, sources_corpus.num_rows, 5)):
+        pq.write_table(sources_corpus.slice(start, 5), tmp_path / "parts" / f"part-{i:03d}.parquet")
+    job = load_job(job_fixtures.job_file(tmp_path, gpt2_dir, one, one))
     parts = job.model_copy(deep=True)
     parts.data.train.path = str(tmp_path / "parts")
     whole, split = plan_job(job, ("train",)), plan_job(parts, ("train",))
@@ -129,31 +113,32 @@ def test_a_split_read_file_by_file_plans_what_the_one_file_planned(tmp_path, cor
     assert everything.train.ids == [] and len(everything.train.examples) == 0
 
 
-def test_a_bad_file_after_good_ones_still_fails_the_read(tmp_path, corpus, model_dir):
+def test_a_bad_file_after_good_ones_still_fails_the_read(tmp_path, sources_corpus, gpt2_dir):
     (tmp_path / "parts").mkdir()
-    pq.write_table(corpus.slice(0, 5), tmp_path / "parts" / "a.parquet")
-    pq.write_table(corpus.slice(5, 5).rename_columns(["id", "body"]), tmp_path / "parts" / "b.parquet")
-    job = load_job(job_fixtures.job_file(tmp_path, model_dir, tmp_path / "parts", tmp_path / "parts"))
+    pq.write_table(sources_corpus.slice(0, 5), tmp_path / "parts" / "a.parquet")
+    pq.write_table(sources_corpus.slice(5, 5).rename_columns(["id", "body"]), tmp_path / "parts" / "b.parquet")
+    job = load_job(job_fixtures.job_file(tmp_path, gpt2_dir, tmp_path / "parts", tmp_path / "parts"))
     with pytest.raises(DataError, match=r"data.train.text_column: no column 'text' in '.*b.parquet'"):
         plan_job(job, ("train",))
 
 
-def test_every_row_of_every_file_rejected_is_an_error_once_all_are_read(tmp_path, model_dir, corpus):
+def test_every_row_of_every_file_rejected_is_an_error_once_all_are_read(tmp_path, gpt2_dir, sources_corpus):
     (tmp_path / "bad").mkdir()
     for name in ("a", "b"):
         (tmp_path / "bad" / f"{name}.jsonl").write_text('{"id": "%s0", "text": ""}\n{"id": "%s1", "text": " "}\n'
                                                         % (name, name))
-    pq.write_table(corpus.slice(0, 2), tmp_path / "q.parquet")
-    job = load_job(job_fixtures.job_file(tmp_path, model_dir, tmp_path / "bad", tmp_path / "q.parquet",
+    pq.write_table(sources_corpus.slice(0, 2), tmp_path / "q.parquet")
+    job = load_job(job_fixtures.job_file(tmp_path, gpt2_dir, tmp_path / "bad", tmp_path / "q.parquet",
                                          data={"on_bad_row": "skip"}))
     with pytest.raises(DataError, match=r"data.train \(2 files\): every row was rejected \(4 in all\)"):
         plan_job(job, ("train",))
 
 
-def test_only_the_columns_the_job_reads_are_read_from_a_wide_file(tmp_path, corpus):
+def test_only_the_columns_the_job_reads_are_read_from_a_wide_file(tmp_path, sources_corpus):
     from distinf.data import _read_raw, dataset_files
 
-    wide = corpus.append_column("embedding", pa.array([[0.5] * 256] * corpus.num_rows, pa.list_(pa.float32())))
+    vectors = pa.array([[0.5] * 256] * sources_corpus.num_rows, pa.list_(pa.float32()))
+    wide = sources_corpus.append_column("embedding", vectors)
     pq.write_table(wide, tmp_path / "wide.parquet")
     (source,) = dataset_files(str(tmp_path / "wide.parquet"), "data.train")
     (only,) = _read_raw(source, "data.train", ["text"], columns=["id", "text"])
@@ -161,7 +146,7 @@ def test_only_the_columns_the_job_reads_are_read_from_a_wide_file(tmp_path, corp
     (every,) = _read_raw(source, "data.train", ["text"], columns=["id", "body"])
     assert every.column_names == ["id", "text", "embedding"]  # one is missing: all read, for the error to list
     table, _ = read_dataset(DatasetConfig(path=str(tmp_path / "wide.parquet"), id_column="id"), "train")
-    assert table.column("example_id").to_pylist() == corpus.column("id").to_pylist()
+    assert table.column("example_id").to_pylist() == sources_corpus.column("id").to_pylist()
 
 
 def bad_rows_table() -> pa.Table:
