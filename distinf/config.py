@@ -178,10 +178,11 @@ class CompressionConfig(_Section):
 
 
 class HessianConfig(_Section):
-    method: Literal["gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix"] = "gauss_newton"
+    method: Literal["gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix", "ekfac"] = "gauss_newton"
     """gauss_newton: exact damped solve; identity: plain dot products (TracIn-style); datainf:
     DataInf's closed form; lissa: the stochastic LiSSA recursion; kfac: the Kronecker factors
-    restricted to the kept entries, damped, Cholesky; kfac_mix: (1 - mix)·kfac + mix·Gram."""
+    restricted to the kept entries, damped, Cholesky; kfac_mix: (1 - mix)·kfac + mix·Gram; ekfac:
+    kfac's eigenbasis with the Gram's variances along it as eigenvalues."""
     blocks: Literal["layer", "full"] = "layer"
     """layer: one block per parameter tensor; full: one k x k block."""
     damping: Union[Literal["auto"], float] = "auto"
@@ -233,6 +234,11 @@ class HessianConfig(_Section):
         if self.method != "kfac_mix":
             return 0.0
         return 0.5 if self.mix is None else self.mix
+
+    @property
+    def eigen_corrected(self) -> bool:
+        """ekfac: K_S's eigenvalues replaced by the Gram's variances along its eigenvectors."""
+        return self.method == "ekfac"
 
 
 class ScoringConfig(_Section):
@@ -298,7 +304,7 @@ class AttributionConfig(_Section):
 
 # What the distributed job runs; the other methods run in distinf.attribute only (README).
 JOB_COMPRESSION_METHODS = ("dropout", "none", "gaussian", "fjlt", "logra")
-JOB_HESSIAN_METHODS = ("gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix")
+JOB_HESSIAN_METHODS = ("gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix", "ekfac")
 
 
 class JobConfig(AttributionConfig):
@@ -325,7 +331,7 @@ class JobConfig(AttributionConfig):
             if value not in allowed:
                 raise ValueError(f"{key}: {value} runs in distinf.attribute (one process) only; the "
                                  f"distributed job runs {', '.join(allowed)}")
-        if self.hessian.method in ("kfac", "kfac_mix") and self.compression.method != "dropout":
+        if self.hessian.method in ("kfac", "kfac_mix", "ekfac") and self.compression.method != "dropout":
             raise ValueError(f"hessian.method: {self.hessian.method} needs compression.method: dropout (the "
                              f"Kronecker factors are of kept gradient entries); got {self.compression.method!r}")
         return self

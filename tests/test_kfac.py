@@ -11,7 +11,7 @@ import distinf
 import tiny_models
 from distinf.config import ConfigError, JobConfig, parse_config
 from distinf.core.capture import GradientCapture
-from distinf.core.curvature import AUTO_DAMPING_SCALE
+from distinf.core.curvature import AUTO_DAMPING_SCALE, zero_blocks
 from distinf.core.index_set import draw_index_set
 from distinf.core.kfac import FactorSums
 from distinf.core.tasks import causal_lm_losses
@@ -189,9 +189,10 @@ def test_peft_lora_factors_equal_rows_of_dense_kron():
 # --- the curvature: scores against a dense solve of the same matrix, built from the kron factors
 
 
-def dense_gpt2_curvature(model, index_set, examples, train_grads, gram_share):
+def dense_gpt2_curvature(model, index_set, examples, train_grads, gram_share, eigen_corrected=False):
     """{tensor: (1 − β)·K_S + β·Gram_S} from one padded batch of all examples (the factors are
-    sums over positions, so batching must not matter) and the Gram of train_grads."""
+    sums over positions, so batching must not matter) and the Gram of train_grads; eigen_corrected:
+    K_S's eigenvectors with the Gram's variances along them (numpy's eigh) in place of K_S."""
     batch = collate(examples, 0)
     n = len(examples)
     conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
@@ -207,13 +208,17 @@ def dense_gpt2_curvature(model, index_set, examples, train_grads, gram_share):
     for name, flat, part in zip(index_set.names, index_set.flat_indices, index_set.slices().values()):
         gram = grads[:, part].T @ grads[:, part] / n
         kfac = restricted(kron[name], flat) if name in kron else gram  # the tied wte: its Gram
+        if eigen_corrected and name in kron:
+            _, u = np.linalg.eigh(kfac.numpy())
+            kfac = torch.from_numpy(u @ np.diag(np.diag(u.T @ gram.numpy() @ u)) @ u.T)
         blocks[name] = (1 - gram_share) * kfac + gram_share * gram
     return blocks
 
 
 @pytest.mark.parametrize("method,mix,damping,blocks", [
     ("kfac", None, "auto", "layer"), ("kfac_mix", None, "auto", "layer"),
-    ("kfac_mix", 0.2, 1e-3, "layer"), ("kfac", None, "auto", "full"), ("kfac_mix", 0.7, "auto", "full")])
+    ("kfac_mix", 0.2, 1e-3, "layer"), ("kfac", None, "auto", "full"), ("kfac_mix", 0.7, "auto", "full"),
+    ("ekfac", None, "auto", "layer"), ("ekfac", None, "auto", "full")])
 def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damping, blocks):
     model = tiny_models.gpt2()
     train, queries = tiny_models.token_examples((5, 9, 3, 7, 6, 4, 8)), tiny_models.token_examples((6, 4, 7), seed=2)
@@ -222,8 +227,8 @@ def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damp
                                config={"compression": {"k": 600, "seed": 2}, "hessian": hessian,
                                        "scoring": {"normalize": "none"}})
     index_set = draw_index_set(track_modules(model).param_shapes, 600, seed=2)
-    beta = {"kfac": 0.0, "kfac_mix": 0.5 if mix is None else mix}[method]
-    per_tensor = dense_gpt2_curvature(model, index_set, train, result.train_grads, beta)
+    beta = {"kfac": 0.0, "ekfac": 0.0, "kfac_mix": 0.5 if mix is None else mix}[method]
+    per_tensor = dense_gpt2_curvature(model, index_set, train, result.train_grads, beta, method == "ekfac")
     k = index_set.k
     h = torch.zeros(k, k, dtype=torch.float64)
     for name, part in index_set.slices().items():
@@ -234,9 +239,13 @@ def test_scores_equal_a_dense_solve_of_the_kronecker_curvature(method, mix, damp
         h += beta * (grads.T @ grads / len(train)) * (1 - within)
     parts = list(index_set.slices().values()) if blocks == "layer" else [slice(0, k)]
     lambdas = []
-    for part in parts:
+    # distinf's rule for a block whose curvature is float rounding of zero (ekfac of a tensor no
+    # example moves: its Gram is ~0, so is every variance along K_S's eigenvectors): λ = 1.
+    zero = zero_blocks([float(torch.trace(h[p, p])) * len(train) for p in parts], len(train), parts)
+    for i, part in enumerate(parts):
         size = part.stop - part.start
         lam = AUTO_DAMPING_SCALE * float(torch.trace(h[part, part])) / size if damping == "auto" else damping
+        lam = 1.0 if damping == "auto" and i in zero else lam
         h[part, part] += lam * torch.eye(size, dtype=torch.float64)
         lambdas.append(lam)
     np.testing.assert_allclose(result.damping, lambdas, rtol=1e-5)

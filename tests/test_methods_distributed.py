@@ -16,7 +16,8 @@ from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed
 
-CASES = [("gaussian", "datainf"), ("logra", "lissa"), ("fjlt", "identity"), ("dropout", "kfac_mix")]
+CASES = [("gaussian", "datainf"), ("logra", "lissa"), ("fjlt", "identity"), ("dropout", "kfac_mix"),
+         ("dropout", "ekfac")]
 
 
 @pytest.mark.parametrize("compression, hessian", CASES)
@@ -26,7 +27,7 @@ def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
     model_dir = job_fixtures.tiny_model_dir(tmp_path, "gpt2")
     extra = {"lissa_iterations": 4, "lissa_batch_size": 5} if hessian == "lissa" else {}
     train, queries = job_fixtures.corpus_files(tmp_path / "data")
-    if hessian == "kfac_mix":
+    if hessian in ("kfac_mix", "ekfac"):
         # 11 rows over 2 workers in batches of 4: rank 1's last batch has a padding slot, whose
         # example runs through the model but must add nothing to the Kronecker factors.
         pq.write_table(pq.read_table(train).slice(0, 11), train)
@@ -36,7 +37,7 @@ def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
     manifest = run_job(cfg)
     assert manifest["status"] == "complete"
     plan = plan_job(cfg)
-    if hessian == "kfac_mix":
+    if hessian in ("kfac_mix", "ekfac"):
         assert len(plan.train.ids) == 11
         factor_files = sorted((tmp_path / "run" / "gradients" / "train").glob("part-*.factors.safetensors"))
         assert len(factor_files) == 2

@@ -33,6 +33,16 @@ Which tensor gets which:
   Gram block of its kept entries (`FactorSums.gram_fallback` names them). A module called more
   than once per forward (one tensor, like uses) adds each call's positions as further tokens.
 K_S is block-diagonal across tensors.
+
+Eigenvalue correction (hessian.method ekfac), EK-FAC's idea in the index space: K_S = U Λ Uᵀ
+gives the basis, and each eigenvalue is replaced by the Gram's variance along its eigenvector,
+
+    E_S = U diag(uᵢᵀ Gram_S uᵢ) Uᵀ,
+
+the Gram's best diagonal approximation in K_S's eigenbasis. It is well defined for any S (EK-FAC's
+own correction needs the full gradient in A ⊗ G's eigenbasis, which dropout never forms); it costs
+an eigendecomposition per tensor block, the order of its Cholesky. Gram-fallback tensors keep
+their Gram block.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from distinf.core.curvature import GramSums
 from distinf.core.index_set import IndexSet
 from distinf.core.tracking import ModuleUse, Tracked
 
-KFAC_METHODS = ("kfac", "kfac_mix")
+KFAC_METHODS = ("kfac", "kfac_mix", "ekfac")
 
 
 @dataclass
@@ -204,10 +214,12 @@ class FactorSums:
         self.count += other.count
         return self
 
-    def curvature_sums(self, gram: GramSums, mix: float = 0.0) -> GramSums:
+    def curvature_sums(self, gram: GramSums, mix: float = 0.0, eigen_corrected: bool = False) -> GramSums:
         """Blocks (1 − mix)·n·K_S + mix·Σ ĝĝᵀ on the slices of `gram` (the Gram sums of the same
         training examples): factorize_ of them is the damped Cholesky of (1 − mix)·K_S + mix·Gram_S.
-        A tensor in gram_fallback takes its Gram block whatever the mix; across tensors K_S is zero."""
+        With `eigen_corrected` (ekfac) each tensor's K_S is replaced by E_S, its eigenbasis with the
+        Gram's variances as eigenvalues (module docstring). A tensor in gram_fallback takes its Gram
+        block whatever the mix; across tensors K_S is zero."""
         if gram.count != self.count:
             raise ValueError(f"Kronecker factors of {self.count} examples, Gram sums of {gram.count}: "
                              "both must come from the same training examples")
@@ -220,8 +232,19 @@ class FactorSums:
                     continue
                 local = slice(cols.start - part.start, cols.stop - part.start)
                 if name in self.tensors:
-                    out[local, local] += (1.0 - mix) * self.tensors[name].block_sum(self.count)
+                    kron = self.tensors[name].block_sum(self.count)
+                    if eigen_corrected:
+                        kron = eigen_corrected_block(kron, block[local, local])
+                    out[local, local] += (1.0 - mix) * kron
                 else:
                     out[local, local] += (1.0 - mix) * block[local, local]
             blocks.append(out)
         return GramSums(gram.slices, blocks, gram.count)
+
+
+def eigen_corrected_block(kron: Tensor, gram: Tensor) -> Tensor:
+    """U diag(uᵢᵀ gram uᵢ) Uᵀ for kron = U Λ Uᵀ (symmetric, float64): `gram`'s variances along
+    `kron`'s eigenvectors. Sums in, sums out: both are over the same n examples."""
+    _, basis = torch.linalg.eigh(kron)
+    variances = ((gram @ basis) * basis).sum(0)
+    return (basis * variances) @ basis.T

@@ -17,7 +17,8 @@ carries `slices` and `damping` (per block), so scoring and the run directory tre
   the order or the chunking of the training set. `scale: auto` is λ + the largest eigenvalue of
   any H̃_j, the smallest s for which every step contracts.
 - kfac (distinf.core.kfac): Ĥ = K_S + λI, K_S the Kronecker factors A ⊗ G of each tensor
-  restricted to its kept entries; kfac_mix: Ĥ = (1 − β)·K_S + β·(1/n) Σ ĝĝᵀ + λI. Both are
+  restricted to its kept entries; kfac_mix: Ĥ = (1 − β)·K_S + β·(1/n) Σ ĝĝᵀ + λI; ekfac: K_S's
+  eigenbasis with the Gram's variances along it as eigenvalues, + λI. All three are
   gauss_newton's Cholesky path on another matrix (a Curvature), with its damping and zero-block rules.
 The damping λ_l is the same rule for every solver (`damping: auto`, a tenth of the mean eigenvalue).
 """
@@ -249,7 +250,8 @@ def fit_solver(method: str, slices: list[slice], train_grads: Tensor, damping: s
         if factors is None:
             raise ValueError(f"hessian.method: {method} needs the Kronecker factors summed by the capture "
                              "(GradientCapture(..., factors=FactorSums(...)))")
-        return factorize_(factors.curvature_sums(GramSums(slices).add(train_grads), gram_share), damping)
+        return factorize_(factors.curvature_sums(GramSums(slices).add(train_grads), gram_share,
+                                                 eigen_corrected=method == "ekfac"), damping)
     if method == "identity":
         return Identity(slices)
     lambdas = block_dampings(block_traces(train_grads, slices), n, slices, damping)

@@ -46,7 +46,8 @@ def _in_order(arrays: dict[str, Tensor], prefix: str) -> list[Tensor]:
     return [arrays[f"{prefix}.{i}"] for i in range(sum(name.startswith(f"{prefix}.") for name in arrays))]
 
 
-SUM_ARRAYS = {"gauss_newton": "gram_sum", "kfac": "curvature_sum", "kfac_mix": "curvature_sum"}
+SUM_ARRAYS = {"gauss_newton": "gram_sum", "kfac": "curvature_sum", "kfac_mix": "curvature_sum",
+              "ekfac": "curvature_sum"}
 """The name of the summed blocks of the methods the reducer factorises, beside their cholesky.i."""
 
 
@@ -67,6 +68,7 @@ SOLVER_OF: dict[str, Callable[[dict[str, Tensor], dict, HessianConfig], Solver]]
     "gauss_newton": _cholesky,
     "kfac": _cholesky,
     "kfac_mix": _cholesky,
+    "ekfac": _cholesky,
     "identity": lambda a, layout, hessian: Identity(_slices(layout)),
     "datainf": lambda a, layout, hessian: DataInf(_slices(layout), _damping(layout), _in_order(a, "inverse"),
                                                   layout["count"]),

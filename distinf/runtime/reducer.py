@@ -141,7 +141,7 @@ class Reducer:
         if total.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
         if factors is not None:
-            total = factors.curvature_sums(total, self.hessian.gram_share)
+            total = factors.curvature_sums(total, self.hessian.gram_share, self.hessian.eigen_corrected)
         count, lambdas = total.count, []
         sum_name = SUM_ARRAYS[self.hessian.method]
         zero = zero_blocks([float(torch.trace(b)) for b in total.blocks], count, self.slices)
