@@ -323,6 +323,7 @@ def run(args) -> str:
     if args.export:
         print(f"exported {export(args.export, setting, model, masks, losses)}", flush=True)
 
+    per_query: dict[str, np.ndarray] = {}  # --per-query: every row's LDS of each test example
     lines = ["| method | k | LDS, mean ± std over test examples | mean over index seeds ± std | attribution s |",
              "|---|---|---|---|---|"]
     for spec in args.methods:
@@ -335,15 +336,20 @@ def run(args) -> str:
                                               mix)
                 per_seed.append(lds_per_query(scores, masks, losses))
                 seconds.append(elapsed)
+                per_query[f"{spec}|k={k or 'all'}|seed={index_seed}"] = per_seed[-1]
                 print(f"{spec} k={k or 'all'} index seed {index_seed}: LDS {np.nanmean(per_seed[-1]):.3f} "
                       f"({elapsed:.0f} s)", flush=True)
             name = method_name(compression, hessian, normalize, mix)
             lines.append(row(name, str(k) if k else "all", per_seed, seconds))
     for peer in args.peer:
         name, _, path = peer.partition("=")
-        lines.append(row(name, "", [lds_per_query(np.load(path), masks, losses)], []))
+        per_query[f"peer:{name}"] = lds_per_query(np.load(path), masks, losses)
+        lines.append(row(name, "", [per_query[f"peer:{name}"]], []))
     random_scores = np.random.default_rng(args.seed).standard_normal((len(setting.tx), len(setting.x)))
     lines.append(row("random scores (floor)", "", [lds_per_query(random_scores, masks, losses)], []))
+    if args.per_query:
+        args.per_query.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.per_query, **per_query)
 
     argv = args.argv
     command = "nice -n 5 .venv/bin/python benchmarks/lds.py " + shlex.join(argv)
@@ -385,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="caches: frozen text features, retrained test losses")
     parser.add_argument("--export", type=Path, help="write <setting>.pt here for benchmarks/peers/lds_peer.py")
     parser.add_argument("--peer", nargs="*", default=[], metavar="NAME=FILE", help="a peer's [test, train] scores .npy")
+    parser.add_argument("--per-query", type=Path,
+                        help="save every row's LDS per test example to this .npz ('SPEC|k=K|seed=S', 'peer:NAME'), "
+                        "for paired comparisons")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="append the markdown section to this file")
     args = parser.parse_args(argv)

@@ -173,11 +173,17 @@ def test_mlp_setting_runs_kfac_and_its_mixture_whose_beta_reaches_distinf(tmp_pa
     out = tmp_path / "out.md"
     lds.main(["--setting", "mlp", "--data", str(data), "--n-train", "60", "--n-test", "10", "--subsets", "4",
               "--epochs", "1", "--batch-size", "16", "--ks", "256", "--work", str(tmp_path / "work"),
-              "--methods", "dropout:kfac", "dropout:kfac_mix=0.25", "--out", str(out)])
+              "--methods", "dropout:kfac", "dropout:kfac_mix=0.25", "--out", str(out),
+              "--per-query", str(tmp_path / "rows.npz")])
     names = [line.split("|")[1].strip() for line in out.read_text().splitlines()
              if line.startswith("| ") and "method" not in line]
     assert names == ["dropout, kfac", "dropout, kfac_mix β=0.25", "random scores (floor)"]
     assert "FashionMLP" in out.read_text()
+    rows = np.load(tmp_path / "rows.npz")
+    assert sorted(rows.files) == ["dropout:kfac_mix=0.25|k=256|seed=0",
+                                  "dropout:kfac|k=256|seed=0"]
+    mean = float(out.read_text().split("| dropout, kfac | 256 | ")[1].split(" ±")[0])
+    assert np.nanmean(rows["dropout:kfac|k=256|seed=0"]) == pytest.approx(mean, abs=5e-4)
 
     args = type("Args", (), {"data": data, "seed": 0, "n_train": 60, "n_test": 10, "epochs": 1,
                              "batch_size": 16, "lr": None})()
