@@ -194,3 +194,19 @@ def test_mlp_setting_runs_kfac_and_its_mixture_whose_beta_reaches_distinf(tmp_pa
     assert np.allclose(score("kfac_mix", 0.0), kfac, rtol=1e-5, atol=1e-7)
     assert np.allclose(score("kfac_mix", 1.0), gram, rtol=1e-5, atol=1e-7)
     assert not np.allclose(quarter, kfac, rtol=1e-3) and not np.allclose(quarter, gram, rtol=1e-3)
+
+
+def test_paired_differences_average_over_shared_index_seeds():
+    from benchmarks import lds_paired
+
+    rng = np.random.default_rng(0)
+    base = {s: rng.standard_normal(50) for s in (0, 1)}
+    saved = {f"b|k=8|seed={s}": v for s, v in base.items()}
+    saved.update({f"a|k=8|seed={s}": v + 0.1 * (s + 1) for s, v in base.items()})
+    saved["a|k=8|seed=2"] = np.zeros(50)  # no baseline for seed 2: left out
+    saved["peer:x"] = np.ones(50)
+    [(k, mean, se, unpaired, seeds)] = lds_paired.paired(saved, "a", "b")
+    assert (k, seeds) == ("8", 2)
+    assert mean == pytest.approx(0.15) and se == pytest.approx(0.0, abs=1e-12)
+    together = (base[0] + base[1]) / 2
+    assert unpaired == pytest.approx(together.std(ddof=1) / np.sqrt(50))
