@@ -12,8 +12,9 @@ Other methods are scored on the same model and data:
   - from the job's stored dropout gradients, with no new gradient pass: the other hessian
     methods (identity, datainf, lissa), one full k x k block instead of per-tensor blocks, and
     the cosine of the compressed gradients (not a distinf method; a reference point);
-  - with `distinf.attribute` (one gradient pass each), other compressions at the same k
-    (--attribute-methods, e.g. logra);
+  - with `distinf.attribute` (one gradient pass each), other compressions at the same k, or
+    dropout with a curvature that needs the capture (--attribute-methods, e.g. logra
+    dropout:kfac dropout:kfac_mix=0.25: compression[:hessian[=mix]], hessian.mix after kfac_mix);
   - the same job on the base model, not fine-tuned (--base).
 
     nice -n 5 .venv/bin/python benchmarks/cross_source.py --seeds 0 1 --base --out benchmarks/RESULTS.md
@@ -246,6 +247,14 @@ def run_job(out: Path, overrides: list[str]) -> Path:
     return out
 
 
+def attribute_method(text: str) -> tuple[str, dict]:
+    """compression[:hessian[=mix]] -> (compression.method, hessian config): 'logra' is logra with
+    gauss_newton, 'dropout:kfac_mix=0.25' dropout with kfac_mix at β = 0.25."""
+    compression, _, hessian = text.partition(":")
+    method, _, mix = (hessian or "gauss_newton").partition("=")
+    return compression, {"method": method, **({"mix": float(mix)} if mix else {})}
+
+
 def run_seed(seed: int, args, work: Path) -> dict:
     """Every measure of one seed (the split, the fine-tuning order and the index set)."""
     folder = work / f"seed{seed}"
@@ -299,12 +308,15 @@ def run_seed(seed: int, args, work: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
         for method in args.attribute_methods:
             clock = time.perf_counter()
+            compression, hessian = attribute_method(method)
             res = distinf.attribute(
                 model, plan.train.examples, plan.queries.examples, task="causal_lm",
-                config={"compression": {"method": method, "k": args.k, "seed": seed}, "scoring": {"top_k": DEPTH, "normalize": "none"}},
+                config={"compression": {"method": compression, "k": args.k, "seed": seed}, "hessian": hessian,
+                        "scoring": {"top_k": DEPTH, "normalize": "none"}},
                 train_ids=plan.train.ids, query_ids=plan.queries.ids, batch_size=args.batch_size,
                 pad_token_id=plan.pad_token_id)
-            measures[f"{method} + gauss_newton (distinf.attribute)"] = same_source_fractions(
+            curvature = hessian["method"] + (f" β={hessian['mix']:g}" if "mix" in hessian else "")
+            measures[f"{compression} + {curvature} (distinf.attribute)"] = same_source_fractions(
                 res.top_k, train_source, query_source)
             timed(method, clock, False)
             print(f"seed {seed}: {method} in {seconds[method] / 60:.1f} min", flush=True)
@@ -385,7 +397,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=8192)
     parser.add_argument("--top-k", type=int, default=10, help="scoring.top_k of the job (at least 3)")
     parser.add_argument("--attribute-methods", nargs="*", default=[],
-                        help="compressions to score with distinf.attribute at the same k, e.g. logra")
+                        help="compression[:hessian[=mix]] to score with distinf.attribute at the same k, e.g. logra "
+                        "dropout:kfac dropout:kfac_mix=0.25")
     parser.add_argument("--base", action="store_true", help="also run the job on the base model")
     parser.add_argument("--work", type=Path, default=None, help="keep the data, models and runs here")
     parser.add_argument("--out", type=Path, help="append the section to this markdown file")

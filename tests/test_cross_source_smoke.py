@@ -123,3 +123,10 @@ def test_too_few_ranked_proponents_are_refused():
     top = pa.table({"query_id": ["q", "q"], "rank": [1, 2], "train_id": ["t0", "t1"], "score": [2.0, 1.0]})
     with pytest.raises(ValueError, match="raise scoring.top_k"):
         cross_source.same_source_fractions(top, {"t0": "a", "t1": "a"}, {"q": "a"})
+
+
+def test_attribute_method_specs_name_a_compression_and_a_curvature():
+    assert cross_source.attribute_method("logra") == ("logra", {"method": "gauss_newton"})
+    assert cross_source.attribute_method("dropout:kfac") == ("dropout", {"method": "kfac"})
+    assert cross_source.attribute_method("dropout:kfac_mix") == ("dropout", {"method": "kfac_mix"})
+    assert cross_source.attribute_method("dropout:kfac_mix=0.25") == ("dropout", {"method": "kfac_mix", "mix": 0.25})

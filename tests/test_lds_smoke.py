@@ -155,3 +155,58 @@ def test_attribution_with_whole_gradients_and_no_curvature_is_the_dot_product_of
     expected = flat(tx, ty) @ flat(x, y).T
     assert scores.shape == (4, 12)
     assert np.allclose(scores, expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_method_specs_carry_kfac_mix_beta_and_normalize():
+    assert lds.parse_method("dropout:kfac_mix=0.25") == ("dropout", "kfac_mix", "none", 0.25)
+    assert lds.parse_method("dropout:kfac_mix=0.75:cosine") == ("dropout", "kfac_mix", "cosine", 0.75)
+    assert lds.parse_method("dropout:kfac") == ("dropout", "kfac", "none", None)
+    assert lds.parse_method("none") == ("none", "gauss_newton", "none", None)
+    assert lds.method_name("dropout", "kfac_mix", "none", 0.25) == "dropout, kfac_mix β=0.25"
+    assert lds.method_name("dropout", "kfac", "cosine", None) == "dropout, kfac, normalize cosine"
+
+
+def test_mlp_setting_runs_kfac_and_its_mixture_whose_beta_reaches_distinf(tmp_path):
+    """The mlp setting end to end with kfac and kfac_mix=β rows; β reaches hessian.mix: kfac_mix
+    with β = 0 scores as kfac, with β = 1 as gauss_newton (the same index set and damping rule)."""
+    data = fake_fashion_mnist(tmp_path / "fm", n_train=60, n_test=20)
+    out = tmp_path / "out.md"
+    lds.main(["--setting", "mlp", "--data", str(data), "--n-train", "60", "--n-test", "10", "--subsets", "4",
+              "--epochs", "1", "--batch-size", "16", "--ks", "256", "--work", str(tmp_path / "work"),
+              "--methods", "dropout:kfac", "dropout:kfac_mix=0.25", "--out", str(out),
+              "--per-query", str(tmp_path / "rows.npz")])
+    names = [line.split("|")[1].strip() for line in out.read_text().splitlines()
+             if line.startswith("| ") and "method" not in line]
+    assert names == ["dropout, kfac", "dropout, kfac_mix β=0.25", "random scores (floor)"]
+    assert "FashionMLP" in out.read_text()
+    rows = np.load(tmp_path / "rows.npz")
+    assert sorted(rows.files) == ["dropout:kfac_mix=0.25|k=256|seed=0",
+                                  "dropout:kfac|k=256|seed=0"]
+    mean = float(out.read_text().split("| dropout, kfac | 256 | ")[1].split(" ±")[0])
+    assert np.nanmean(rows["dropout:kfac|k=256|seed=0"]) == pytest.approx(mean, abs=5e-4)
+
+    args = type("Args", (), {"data": data, "seed": 0, "n_train": 60, "n_test": 10, "epochs": 1,
+                             "batch_size": 16, "lr": None})()
+    setting = lds.mlp_setting(args)
+    model = lds.trained(setting, lds.initial_state(setting, 0), torch.arange(60), 0)
+    score = lambda hessian, mix=None: lds.attribution(model, setting, "dropout", hessian, 256, 0, "none", mix)[0]  # noqa: E731
+    kfac, gram, quarter = score("kfac"), score("gauss_newton"), score("kfac_mix", 0.25)
+    assert np.allclose(score("kfac_mix", 0.0), kfac, rtol=1e-5, atol=1e-7)
+    assert np.allclose(score("kfac_mix", 1.0), gram, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(quarter, kfac, rtol=1e-3) and not np.allclose(quarter, gram, rtol=1e-3)
+
+
+def test_paired_differences_average_over_shared_index_seeds():
+    from benchmarks import lds_paired
+
+    rng = np.random.default_rng(0)
+    base = {s: rng.standard_normal(50) for s in (0, 1)}
+    saved = {f"b|k=8|seed={s}": v for s, v in base.items()}
+    saved.update({f"a|k=8|seed={s}": v + 0.1 * (s + 1) for s, v in base.items()})
+    saved["a|k=8|seed=2"] = np.zeros(50)  # no baseline for seed 2: left out
+    saved["peer:x"] = np.ones(50)
+    [(k, mean, se, unpaired, seeds)] = lds_paired.paired(saved, "a", "b")
+    assert (k, seeds) == ("8", 2)
+    assert mean == pytest.approx(0.15) and se == pytest.approx(0.0, abs=1e-12)
+    together = (base[0] + base[1]) / 2
+    assert unpaired == pytest.approx(together.std(ddof=1) / np.sqrt(50))

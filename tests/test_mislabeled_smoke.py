@@ -40,3 +40,25 @@ def test_lora_classifier_job_matches_one_process_and_auc_is_the_rank_statistic(t
 
     harm = -job_mean
     assert abs(mislabeled.auc(prepared.flipped, harm) - mann_whitney_auc(prepared.flipped, harm)) < 1e-9
+
+
+def test_curvature_rows_run_without_the_job(tmp_path):
+    """--curvatures with --no-job: dropout captures by distinf.attribute with kfac / kfac_mix (and
+    gauss_newton), each under the asked scoring.normalize; no job runs, and the gauss_newton row is
+    the AUC of distinf.attribute's own dropout scores."""
+    import argparse
+
+    args = argparse.Namespace(n_train=40, n_val=8, epochs=1, lr=1e-3, k=512, compressions=[], hessians=[],
+                              curvatures=["dropout, gauss_newton", "dropout, kfac", "dropout, kfac_mix β=0.25"],
+                              normalize=["none", "cosine"], no_job=True)
+    result = mislabeled.run_seed(0, 2, args, tmp_path)
+    assert not (tmp_path / "seed0-r2" / "run").exists()
+    assert "dropout (job)" not in result
+    for name in args.curvatures:
+        for normalize in args.normalize:
+            assert 0.0 <= result[mislabeled.curvature_key(name, normalize)] <= 1.0
+    prepared = mislabeled.prepare(seed=0, rank=2, n_train=40, n_val=8, epochs=1, lr=1e-3, folder=tmp_path / "again")
+    reference = distinf.attribute(prepared.model, prepared.train, prepared.val, task="sequence_classification",
+                                  config={"compression": {"method": "dropout", "k": 512},
+                                          "scoring": {"normalize": "none", "self_influence": False}}, batch_size=32)
+    assert result["dropout, gauss_newton"] == mislabeled.auc(prepared.flipped, -reference.scores.mean(0))

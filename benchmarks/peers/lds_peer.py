@@ -1,4 +1,4 @@
-"""A peer tool's scores for benchmarks/lds.py: kronfluence EK-FAC on the same model and data.
+"""A peer tool's scores for benchmarks/lds.py: kronfluence EK-FAC, or TRAK (traker) at a projection dimension k.
 
 Runs in .venv-peers (benchmarks/peers/setup.sh) and imports no distinf. It reads the file that
 `benchmarks/lds.py --export DIR` writes (<setting>.pt: model class and state dict, training and
@@ -11,7 +11,16 @@ default) or, with --empirical-fisher, with the true labels. kronfluence's pairwi
 positive when upweighting the training example lowers the measurement (here the test example's
 loss), the same sign as distinf's scores.
 
+`--method trak --k K`: TRAK (traker 0.3.2, one checkpoint, no ensemble) with its CPU Rademacher
+projection (BasicProjector, seed `--seed`) of every parameter's gradient to K dimensions, the
+compressed peer at distinf's k. Its model output is the correct-class margin and its score
+φ_q (ΦᵀΦ + λI)⁻¹ φ_i · (1 − p_i), positive when training on i raises q's margin: the same sign.
+traker's λ defaults to 0, which is singular whenever K exceeds the training set (K = 2,048 and
+8,192 here); λ is set, after featurising, to `--damping` times the mean eigenvalue of ΦᵀΦ
+(tr(ΦᵀΦ)/K), the rule of distinf's `damping: auto` (0.1); `--damping 0` keeps traker's default.
+
     .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
+    .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --method trak --k 2048 --out X.npy
 """
 
 from __future__ import annotations
@@ -69,6 +78,37 @@ def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: 
     return analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
 
 
+def trak_scores(exported: dict, k: int, batch_size: int, work: Path, seed: int, damping: float) -> np.ndarray:
+    """[test, train] TRAK scores of one checkpoint with a k-dimensional Rademacher projection."""
+    import logging
+
+    from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
+
+    model = build(exported["model"], exported["model_kwargs"], exported["state_dict"]).eval()
+    x, y, tx, ty = exported["x"], exported["y"], exported["tx"], exported["ty"]
+    grad_dim = sum(p.numel() for p in model.parameters())
+    projector = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=seed, proj_type=ProjectionType.rademacher,
+                               device="cpu", block_size=max(1, min(k // 2, 512)))
+    # ≥ 2 blocks: with one, traker 0.3.2's finalize_features frees the projection matrix (free_memory)
+    # and scoring then projects with the freed one (AttributeError: no attribute 'proj_matrix').
+    traker = TRAKer(model=model, task="image_classification", train_set_size=len(x), save_dir=str(work),
+                    device="cpu", projector=projector, use_half_precision=False, logging_level=logging.WARNING)
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    for start in range(0, len(x), batch_size):
+        part = slice(start, start + batch_size)
+        traker.featurize(batch=(x[part], y[part]), num_samples=len(x[part]))
+    if damping > 0:
+        features = torch.as_tensor(np.asarray(traker.saver.current_store["grads"]), dtype=torch.float64)
+        traker.score_computer.lambda_reg = damping * float((features * features).sum()) / k
+    traker.finalize_features()
+    traker.start_scoring_checkpoint(exp_name="lds", checkpoint=model.state_dict(), model_id=0, num_targets=len(tx))
+    for start in range(0, len(tx), batch_size):
+        part = slice(start, start + batch_size)
+        traker.score(batch=(tx[part], ty[part]), num_samples=len(tx[part]))
+    return np.asarray(traker.finalize_scores(exp_name="lds")).T  # traker's are [train, test]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("exported", type=Path, help="<setting>.pt from benchmarks/lds.py --export")
@@ -76,18 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--empirical-fisher", action="store_true",
-                        help="fit the factors on the true labels (what distinf's gauss_newton Gram uses)")
+                        help="ekfac: fit the factors on the true labels (what distinf's gauss_newton Gram uses)")
+    parser.add_argument("--method", choices=["ekfac", "trak"], default="ekfac")
+    parser.add_argument("--k", type=int, default=2048, help="trak: projection dimension")
+    parser.add_argument("--seed", type=int, default=0, help="trak: projection seed")
+    parser.add_argument("--damping", type=float, default=0.1,
+                        help="trak: λ as a multiple of ΦᵀΦ's mean eigenvalue; 0: traker's default (none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     exported = torch.load(args.exported)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        scores = ekfac_scores(exported, args.batch_size, Path(work), args.empirical_fisher)
+        if args.method == "trak":
+            scores = trak_scores(exported, args.k, args.batch_size, Path(work), args.seed, args.damping)
+        else:
+            scores = ekfac_scores(exported, args.batch_size, Path(work), args.empirical_fisher)
     expected = (len(exported["tx"]), len(exported["x"]))
     if scores.shape != expected:
         raise ValueError(f"{args.exported}: kronfluence returned scores {scores.shape}, expected {expected}")
     np.save(args.out, scores.astype(np.float32))
-    print(f"kronfluence EK-FAC scores {scores.shape} -> {args.out} ({time.perf_counter() - started:.0f} s)")
+    name = f"TRAK k={args.k}" if args.method == "trak" else "kronfluence EK-FAC"
+    print(f"{name} scores {scores.shape} -> {args.out} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
