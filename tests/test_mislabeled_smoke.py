@@ -43,13 +43,13 @@ def test_lora_classifier_job_matches_one_process_and_auc_is_the_rank_statistic(t
 
 
 def test_curvature_rows_run_without_the_job(tmp_path):
-    """--curvatures with --no-job: dropout captures by distinf.attribute with kfac / kfac_mix (and
+    """--curvatures with --no-job: dropout captures by distinf.attribute with kfac_mix at a β (and
     gauss_newton), each under the asked scoring.normalize; no job runs, and the gauss_newton row is
     the AUC of distinf.attribute's own dropout scores."""
     import argparse
 
     args = argparse.Namespace(n_train=40, n_val=8, epochs=1, lr=1e-3, k=512, compressions=[], hessians=[],
-                              curvatures=["dropout, gauss_newton", "dropout, kfac", "dropout, kfac_mix β=0.25"],
+                              curvatures=["dropout, gauss_newton", "dropout, kfac_mix β=0.25"],
                               normalize=["none", "cosine"], no_job=True)
     result = mislabeled.run_seed(0, 2, args, tmp_path)
     assert not (tmp_path / "seed0-r2" / "run").exists()
