@@ -126,25 +126,26 @@ class Setting:
     description: str
 
 
-def image_setting(args) -> Setting:
+def fashion_sample(args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`args.n_train` Fashion-MNIST training images drawn by `args.seed` and `args.n_test` fixed t10k ones."""
     x, y = fashion_mnist("train", args.data)
     tx, ty = fashion_mnist("t10k", args.data)
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n_train]
     test = torch.randperm(len(tx), generator=torch.Generator().manual_seed(TEST_SEED))[:args.n_test]
+    return x[pick], y[pick], tx[test], ty[test]
+
+
+def image_setting(args) -> Setting:
     recipe = Recipe(args.epochs or 5, args.batch_size or 64, args.lr or 2e-3)
-    return Setting("image", "FashionCNN", {}, recipe, x[pick], y[pick], tx[test], ty[test],
+    return Setting("image", "FashionCNN", {}, recipe, *fashion_sample(args),
                    f"FashionCNN (conv 1→8→16, 5×5, ReLU, max-pool; linear 784→10) on {args.n_train:,} "
                    f"Fashion-MNIST training images drawn by seed {args.seed}; {args.n_test} fixed t10k test images")
 
 
 def mlp_setting(args) -> Setting:
     """The image setting's data and recipe shape, on FashionMLP (nn.Linear layers only)."""
-    x, y = fashion_mnist("train", args.data)
-    tx, ty = fashion_mnist("t10k", args.data)
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:args.n_train]
-    test = torch.randperm(len(tx), generator=torch.Generator().manual_seed(TEST_SEED))[:args.n_test]
     recipe = Recipe(args.epochs or 10, args.batch_size or 64, args.lr or 1e-3)
-    return Setting("mlp", "FashionMLP", {}, recipe, x[pick], y[pick], tx[test], ty[test],
+    return Setting("mlp", "FashionMLP", {}, recipe, *fashion_sample(args),
                    f"FashionMLP (linear 784→64→32→10, ReLU; 52,650 parameters) on {args.n_train:,} Fashion-MNIST "
                    f"training images drawn by seed {args.seed}; {args.n_test} fixed t10k test images")
 

@@ -30,6 +30,7 @@ if not __package__:  # run as a script: the checkout's root, for distinf and ben
     sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
+from benchmarks.lds_models import FashionCNN as SmallCNN  # noqa: E402  (one CNN for both benchmarks)
 from benchmarks.record import publish  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -60,21 +61,6 @@ def fashion_mnist(split: str, folder: Path = FASHION_MNIST) -> tuple[Tensor, Ten
     x = torch.from_numpy(read_idx(images).astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(read_idx(folder / f"{split}-labels-idx1-ubyte.gz").astype(np.int64))
     return x, y
-
-
-class SmallCNN(nn.Module):
-    """Two conv + ReLU + max-pool stages and a linear head; no BatchNorm (it couples examples)."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 5, padding=2)
-        self.conv2 = nn.Conv2d(8, 16, 5, padding=2)
-        self.head = nn.Linear(16 * 7 * 7, classes)
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        x = F.max_pool2d(torch.relu(self.conv1(pixel_values)), 2)
-        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.head(x.flatten(1))
 
 
 def per_example_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
