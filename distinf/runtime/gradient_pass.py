@@ -149,7 +149,8 @@ def _adopt_index_set(run_dir: RunDir, manifest: Manifest, infos: list[dict]) -> 
     manifest.params = {"total": infos[0]["total_params"], "tracked": infos[0]["tracked_params"],
                        "tracked_fraction": infos[0]["tracked_params"] / infos[0]["total_params"]}
     manifest.workers = [{"rank": i["rank"], "host": i["host"], "node_ip": i["node_ip"], "node_id": i["node_id"],
-                         "local_params": i["local_params"], "setup_seconds": i["setup_seconds"],
+                         "local_params": i["local_params"], "dtype": i["dtype"],
+                         "weight_check": i["weight_check"], "setup_seconds": i["setup_seconds"],
                          "memory": i["memory"]} for i in infos]
     run_dir.write_manifest(manifest)
     return table

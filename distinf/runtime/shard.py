@@ -22,6 +22,7 @@ from distinf.core.tracking import track_modules
 from distinf.models import load_model
 from distinf.runtime.chunk_factors import plans_only
 from distinf.runtime.process_memory import peak_rss, release_free_memory, reset_peak_rss
+from distinf.runtime.weight_check import verify_loaded_weights
 from distinf.runtime.zero3 import deepspeed_config, largest_gather, partitioned_model
 
 
@@ -65,6 +66,7 @@ class GradientShard:
             model = self._sharded_model(master_addr, master_port)
         else:  # stages 0-2 shard only optimiser state and gradients, which inference never has
             model = load_model(cfg.model).to(self.device)
+        weight_check = verify_loaded_weights(model, cfg.model)
         comp = cfg.compression
         try:
             tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
@@ -83,6 +85,7 @@ class GradientShard:
             "local_params": local_parameter_elements(model), "total_params": tracked.total_numel,
             "tracked_params": tracked.tracked_numel, "index_set_hash": self.index_set.fingerprint(),
             "setup_seconds": round(time.perf_counter() - started, 3),
+            "dtype": weight_check.pop("dtype"), "weight_check": weight_check,
             "memory": {"setup_peak_rss": peak_rss(), **self._device_peak()},
         }
         reset_peak_rss()

@@ -77,15 +77,46 @@ def map_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightMap:
     A name matches as it is, without the model's base prefix ("model.", "bert.": a checkpoint of the
     bare backbone) or with it; a tied parameter matches under any of its names.
     """
+    params, missing, mismatched = _match_parameters(model, checkpoint)
+    if missing or mismatched:
+        raise CheckpointError("; ".join(
+            ([f"no checkpoint tensor for {len(missing)} parameter(s): {', '.join(missing[:5])}"] if missing else [])
+            + ([f"shape differs for {', '.join(mismatched[:5])}"] if mismatched else [])))
+    stored_name = _stored_name_finder(model, checkpoint)
+    buffers = {name: found for name, _ in model.named_buffers() if (found := stored_name(name)) is not None}
+    return WeightMap(params, buffers)
+
+
+def matching_weights(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """model parameter name -> checkpoint tensor name, for the parameters that map one-to-one (the
+    rest, a LoRA adapter's or a renamed head's, are left out). A PEFT-wrapped model's base weights
+    map under their names in the base model."""
+    return _match_parameters(model, checkpoint, _base_model_name)[0]
+
+
+def _base_model_name(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _stored_name_finder(model: nn.Module, checkpoint: Checkpoint):
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def stored_name(name: str) -> str | None:
         candidates = [name, name.removeprefix(prefix + ".") if prefix else name, f"{prefix}.{name}" if prefix else name]
         return next((c for c in candidates if c in checkpoint.tensors), None)
 
+    return stored_name
+
+
+def _match_parameters(model: nn.Module, checkpoint: Checkpoint, rename=lambda name: name
+                      ) -> tuple[dict[str, str], list[str], list[str]]:
+    """(mapped, missing, mismatched): a name matches as it is, without the model's base prefix or
+    with it; a tied parameter matches under any of its names."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stored_name = _stored_name_finder(base, checkpoint)
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+        names.setdefault(id(param), []).append(rename(name))
     params, missing, mismatched = {}, [], []
     for name, param in model.named_parameters():
         found = next(filter(None, map(stored_name, names[id(param)])), None)
@@ -96,12 +127,7 @@ def map_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightMap:
             mismatched.append(f"{name} {shape} vs {found} {checkpoint.tensors[found].shape}")
         else:
             params[name] = found
-    if missing or mismatched:
-        raise CheckpointError("; ".join(
-            ([f"no checkpoint tensor for {len(missing)} parameter(s): {', '.join(missing[:5])}"] if missing else [])
-            + ([f"shape differs for {', '.join(mismatched[:5])}"] if mismatched else [])))
-    buffers = {name: found for name, _ in model.named_buffers() if (found := stored_name(name)) is not None}
-    return WeightMap(params, buffers)
+    return params, missing, mismatched
 
 
 @torch.no_grad()
@@ -172,8 +198,13 @@ def _streamed(cfg: ModelConfig, ds_config: dict, checkpoint: Checkpoint) -> nn.M
     except ImportError:  # transformers 4
         from transformers.modeling_utils import no_init_weights
 
+    # No `dtype=` for zero.Init: DeepSpeed 0.19 reads `dtype or float16 if fp16_ok() else bfloat16 …`
+    # as `(dtype or float16) if fp16_ok() else bfloat16`, so on a CPU without float16 support every
+    # partition became bfloat16 whatever it was given. The config's bf16/fp16 flags, which
+    # `deepspeed_config` sets from model.dtype, decide the dtype on every accelerator;
+    # distinf.runtime.weight_check verifies the result on every rank.
     dtype = DTYPES[cfg.dtype]
-    with no_init_weights(), arange_dtype_guard(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with no_init_weights(), arange_dtype_guard(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = auto_class(cfg).from_config(model_config(cfg), dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.tie_weights()  # as from_pretrained does once the weights are in
     load_partitions(model, checkpoint, map_weights(model, checkpoint))
