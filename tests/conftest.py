@@ -1,4 +1,8 @@
 import os
+import signal
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -6,6 +10,53 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# Every process this suite starts inherits this mark, Ray's head, raylets and workers included
+# (and the driver forwards DISTINF_TEST_* to its actors), so the suite can find its own leftovers
+# without touching another suite's Ray on the same machine.
+SESSION_MARK = f"DISTINF_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["DISTINF_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
+
+
+def processes_of_this_session() -> dict[int, str]:
+    """pid -> command line of every live process carrying this session's mark, but this one."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if SESSION_MARK.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """End with no Ray process of the suite's own alive: give them a moment to exit after the last
+    shutdown, then kill what is left and say which, so a leak is seen and fixed."""
+    import ray
+
+    ray.shutdown()
+    deadline = time.monotonic() + 15
+    while (left := processes_of_this_session()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    session.config.stash[LEFTOVERS] = left
+
+
+LEFTOVERS = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left = config.stash.get(LEFTOVERS, {})
+    if left:
+        terminalreporter.write_line(f"killed {len(left)} process(es) the suite left running: "
+                                    + "; ".join(f"{pid} {cmd[:80]}" for pid, cmd in left.items()), red=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -134,7 +134,8 @@ def test_image_tag_ray_version_and_the_dockerfile_agree():
 
     version, text = dockerfile_ray_version()
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py3\d+-gpu$", text, re.M)
-    assert 'ray[default]==${RAY_VERSION}' in text          # pip may not replace the base image's Ray
+    # pip may not replace the base image's Ray: the lock every pip step uses pins the same one
+    assert f"ray=={version}" in (ROOT / "constraints.txt").read_text().splitlines()
     assert "pip install" in text and '".[s3]"' in text     # distinf itself, with boto3 for the S3 lease
     for name, spec in cluster_specs():
         assert spec["rayVersion"] == version, name
@@ -146,7 +147,7 @@ def test_image_tag_ray_version_and_the_dockerfile_agree():
     [ray_req] = [Requirement(r) for r in dependencies if Requirement(r).name == "ray"]
     assert ray_req.specifier.contains(version), (ray_req, version)
     setup = " ".join(load("launcher.yaml")["setup_commands"])
-    assert f"ray[default]=={version}" in setup              # the cluster launcher installs the same Ray
+    assert "-c /app/constraints.txt" in setup              # the cluster launcher installs the same Ray
 
 
 def test_autoscaling_is_consistent_with_the_replica_bounds():

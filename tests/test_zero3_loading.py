@@ -110,3 +110,54 @@ def test_zero3_limits_release_each_module_and_prefetch_only_on_a_gpu(tmp_path):
     assert "stage3_max_reuse_distance" not in deepspeed_config(cpu, 2)["zero_optimization"]
     kept = cpu.model_copy(update={"runtime": cpu.runtime.model_copy(update={"release_after_use": False})})
     assert "stage3_max_reuse_distance" not in deepspeed_config(kept, 2, largest)["zero_optimization"]
+
+
+def _corrupt_rank(rank: int, port: int, model_dir: str, setting: str, sys_path: list[str]) -> None:
+    """Rank body for the setup check: load under an emulated accelerator (or with one weight
+    altered after loading), then run the check every worker runs."""
+    sys.path[:] = sys_path
+    import os
+
+    import deepspeed
+
+    import accelerator_emulation
+    from distinf.models import ModelError
+    from distinf.runtime.shard import distributed_env
+    from distinf.runtime.weight_check import verify_loaded_weights
+    from distinf.runtime.zero3 import partitioned_model
+
+    os.environ.update(distributed_env(rank, 2, "127.0.0.1", port))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    if setting != "altered":
+        accelerator_emulation.emulate(setting)
+    cfg = _job(model_dir)
+    model = partitioned_model(cfg.model, deepspeed_config(cfg, 2))
+    if setting == "altered":  # one element of rank 1's partition of the last layer's MLP, as a misplaced copy would
+        part = dict(model.named_parameters())["transformer.h.1.mlp.c_fc.weight"].ds_tensor
+        if rank == 1:
+            part.view(-1)[:].copy_(part.view(-1).roll(1))
+    if setting == "fp16=none,bf16=true" or (setting == "altered" and rank == 0):  # fp16=none: where
+        # DeepSpeed 0.19.8 built bfloat16; rank 0 of "altered" holds only unaltered elements
+        report = verify_loaded_weights(model, cfg.model)
+        assert report["dtype"] == "float32" and report["params_compared"] == len(list(model.parameters()))
+    else:
+        with pytest.raises(ModelError, match=EXPECTED[setting]):
+            verify_loaded_weights(model, cfg.model)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+EXPECTED = {
+    "zero_init=bfloat16": r"model.dtype is float32 but .* transformer.wte.weight \(bfloat16\)",
+    "altered": r"parameter 'transformer.h.1.mlp.c_fc.weight' differs from checkpoint tensor",
+}
+
+
+@pytest.mark.parametrize("setting", ["fp16=none,bf16=true", "zero_init=bfloat16", "altered"])
+def test_every_rank_checks_its_partitions_against_the_checkpoint(tmp_path, setting):
+    tiny_models.gpt2().save_pretrained(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_corrupt_rank, args=(port, str(tmp_path), setting, list(sys.path)), nprocs=2)
