@@ -17,7 +17,8 @@ VARIABLE = "DISTINF_TEST_ACCELERATOR"
 ANSWERS = {"true": True, "false": False, "none": None}
 
 
-def emulate(setting: str) -> None:
+def emulate(setting: str, setattr=setattr) -> None:
+    """Patch the classes as `setting` says; pass pytest's `monkeypatch.setattr` to undo it after a test."""
     import torch
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
     from deepspeed.runtime.zero import partition_parameters
@@ -25,13 +26,13 @@ def emulate(setting: str) -> None:
     for item in filter(None, setting.split(",")):
         key, value = item.split("=")
         if key == "fp16":
-            CPU_Accelerator.is_fp16_supported = lambda self, answer=ANSWERS[value]: answer
+            setattr(CPU_Accelerator, "is_fp16_supported", lambda self, answer=ANSWERS[value]: answer)
         elif key == "bf16":
-            CPU_Accelerator.is_bf16_supported = lambda self, answer=ANSWERS[value]: answer
+            setattr(CPU_Accelerator, "is_bf16_supported", lambda self, answer=ANSWERS[value]: answer)
         elif key == "zero_init" and value == "bfloat16":
             def _set_dtype(self, ds_config, dtype):
                 self.dtype = torch.bfloat16
-            partition_parameters.InsertPostInitMethodToModuleSubClasses._set_dtype = _set_dtype
+            setattr(partition_parameters.InsertPostInitMethodToModuleSubClasses, "_set_dtype", _set_dtype)
         else:
             raise ValueError(f"{VARIABLE}: unknown setting {item!r}")
 

@@ -72,7 +72,7 @@ def test_two_worker_job_equals_the_one_process_core_whatever_the_accelerator_sup
         answers, emulating_ray, job_and_reference, tmp_path, monkeypatch):
     cfg, plan, reference = job_and_reference
     monkeypatch.setenv(accelerator_emulation.VARIABLE, answers)
-    accelerator_emulation.emulate(answers)  # this process too, as the reproduction does
+    accelerator_emulation.emulate(answers, monkeypatch.setattr)  # this process too, undone after
     manifest = run_job(cfg, run_dir=tmp_path / "run")
     assert manifest["status"] == "complete"
     assert [w["dtype"] for w in manifest["workers"]] == ["float32", "float32"]
