@@ -17,7 +17,7 @@ VARIABLE = "DISTINF_TEST_ACCELERATOR"
 ANSWERS = {"true": True, "false": False, "none": None}
 
 
-def emulate(setting: str, setattr=setattr) -> None:
+def emulate(setting: str, patch=setattr) -> None:
     """Patch the classes as `setting` says; pass pytest's `monkeypatch.setattr` to undo it after a test."""
     import torch
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
@@ -26,13 +26,13 @@ def emulate(setting: str, setattr=setattr) -> None:
     for item in filter(None, setting.split(",")):
         key, value = item.split("=")
         if key == "fp16":
-            setattr(CPU_Accelerator, "is_fp16_supported", lambda self, answer=ANSWERS[value]: answer)
+            patch(CPU_Accelerator, "is_fp16_supported", lambda self, answer=ANSWERS[value]: answer)
         elif key == "bf16":
-            setattr(CPU_Accelerator, "is_bf16_supported", lambda self, answer=ANSWERS[value]: answer)
+            patch(CPU_Accelerator, "is_bf16_supported", lambda self, answer=ANSWERS[value]: answer)
         elif key == "zero_init" and value == "bfloat16":
             def _set_dtype(self, ds_config, dtype):
                 self.dtype = torch.bfloat16
-            setattr(partition_parameters.InsertPostInitMethodToModuleSubClasses, "_set_dtype", _set_dtype)
+            patch(partition_parameters.InsertPostInitMethodToModuleSubClasses, "_set_dtype", _set_dtype)
         else:
             raise ValueError(f"{VARIABLE}: unknown setting {item!r}")
 
