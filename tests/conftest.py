@@ -19,16 +19,21 @@ os.environ["DISTINF_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 def processes_of_this_session() -> dict[int, str]:
-    """pid -> command line of every live process carrying this session's mark, but this one."""
+    """pid -> command line of every live process carrying this session's mark: Ray's, and any other
+    that outlives this one (not its multiprocessing helpers, which exit with it)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if SESSION_MARK.encode() in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:  # gone meanwhile, or not ours to read
+            if SESSION_MARK.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
             continue
+        if parent != os.getpid() or "ray" in command:
+            found[int(entry.name)] = command
     return found
 
 
