@@ -306,9 +306,22 @@ def row(name: str, k: str, per_seed: list[np.ndarray], seconds: list[float]) -> 
     return f"| {name} | {k} | {mean_std(first)} | {over_seeds} | {time_text} |"
 
 
-def run(args) -> str:
+@dataclass
+class Prepared:
+    """A setting's attributed model, subsets and retrained test losses: what every row scores against."""
+    setting: Setting
+    model: nn.Module
+    masks: np.ndarray         # [M, N]
+    losses: np.ndarray        # [M, Q]
+    full_loss: float
+    full_accuracy: float
+    retrain_seconds: float
+    cached: bool
+
+
+def prepare(args) -> Prepared:
+    """Train the attributed model and retrain (or read from --work) the subsets' models; --export."""
     args.work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     setting = SETTINGS[args.setting](args)
     init = initial_state(setting, args.seed)
     model = trained(setting, init, torch.arange(len(setting.x)), args.seed)
@@ -323,6 +336,15 @@ def run(args) -> str:
     losses, retrain_seconds = retrained_losses(setting, init, masks, args.seed, cache)
     if args.export:
         print(f"exported {export(args.export, setting, model, masks, losses)}", flush=True)
+    return Prepared(setting, model, masks, losses, full_loss, full_accuracy, retrain_seconds, cached)
+
+
+def run(args) -> str:
+    started = time.perf_counter()
+    prepared = prepare(args)
+    setting, model, masks, losses = prepared.setting, prepared.model, prepared.masks, prepared.losses
+    full_loss, full_accuracy = prepared.full_loss, prepared.full_accuracy
+    retrain_seconds, cached = prepared.retrain_seconds, prepared.cached
 
     per_query: dict[str, np.ndarray] = {}  # --per-query: every row's LDS of each test example
     lines = ["| method | k | LDS, mean ± std over test examples | mean over index seeds ± std | attribution s |",

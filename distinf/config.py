@@ -249,7 +249,8 @@ class ScoringConfig(_Section):
     """What each score is divided by, so that examples with large gradients do not top every
     query: none (the paper's influence ĝ_qᵀĤ⁻¹ĝ_i); relatif (by √ of the example's
     self-influence); cosine (by √ of both self-influences: the cosine in the Ĥ⁻¹ metric); unit (by
-    both gradient norms). top_k, score_mean and the dense scores carry the normalised score;
+    both gradient norms). top_k.score, score_mean and the dense score carry the normalised score;
+    top_k.influence, influence_mean and the dense influence the raw one, whatever this says;
     self_influence stays the raw ĝ_iᵀĤ⁻¹ĝ_i."""
 
 
