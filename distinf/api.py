@@ -29,6 +29,7 @@ from distinf.core.solvers import Solver, fit_solver
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import Tracked, track_modules
 from distinf.data import collate
+from distinf.optimizer_state import entry_scale
 from distinf.tables import top_k_table, train_values_table
 
 
@@ -127,7 +128,8 @@ def attribute(
             check_fits(sizes, len(train) + len(queries), cfg.hessian.method)
         # kfac: the training batches also sum the Kronecker factors; the queries must not.
         factors = FactorSums(tracked, compressor.layout) if cfg.hessian.method in KFAC_METHODS else None
-        with GradientCapture(model, tracked, compressor, factors=factors) as capture:
+        scale = None if comp.optimizer_state is None else entry_scale(comp.optimizer_state, compressor.layout)
+        with GradientCapture(model, tracked, compressor, factors=factors, column_scale=scale) as capture:
             train_grads, train_losses = compress_examples(capture, train, loss_fn, batch_size, device, pad_token_id)
             capture.factors = None
             query_grads, query_losses = compress_examples(capture, queries, loss_fn, batch_size, device, pad_token_id)
