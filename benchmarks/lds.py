@@ -218,9 +218,10 @@ def initial_state(setting: Setting, seed: int) -> dict[str, Tensor]:
     return build(setting.model, setting.model_kwargs).state_dict()
 
 
-def trained(setting: Setting, init: dict[str, Tensor], index: Tensor, seed: int) -> nn.Module:
+def trained(setting: Setting, init: dict[str, Tensor], index: Tensor, seed: int,
+            optimizer_out: list | None = None) -> nn.Module:
     model = build(setting.model, setting.model_kwargs, init)
-    return train(model, setting.x[index], setting.y[index], seed, setting.recipe)
+    return train(model, setting.x[index], setting.y[index], seed, setting.recipe, optimizer_out)
 
 
 def retrained_losses(setting: Setting, init: dict[str, Tensor], masks: np.ndarray, seed: int,
@@ -250,13 +251,15 @@ def cross_entropy_task(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def attribution(model: nn.Module, setting: Setting, compression: str, hessian: str, k: int,
-                index_seed: int, normalize: str = "none", mix: float | None = None) -> tuple[np.ndarray, float]:
+                index_seed: int, normalize: str = "none", mix: float | None = None,
+                optimizer_state: Path | None = None) -> tuple[np.ndarray, float]:
     """(scores [Q, N], seconds) of distinf.attribute with one compression, curvature (hessian.mix
-    with kfac_mix, when given) and scoring.normalize."""
+    with kfac_mix, when given), scoring.normalize and compression.optimizer_state (when given)."""
     train_examples = [{"inputs": setting.x[i], "labels": setting.y[i]} for i in range(len(setting.x))]
     test_examples = [{"inputs": setting.tx[i], "labels": setting.ty[i]} for i in range(len(setting.tx))]
     curvature = {"method": hessian} if mix is None else {"method": hessian, "mix": mix}
-    config = {"compression": {"method": compression, "k": k, "seed": index_seed},
+    config = {"compression": {"method": compression, "k": k, "seed": index_seed,
+                              "optimizer_state": None if optimizer_state is None else {"path": str(optimizer_state)}},
               "hessian": curvature, "scoring": {"self_influence": False, "normalize": normalize}}
     started = time.perf_counter()
     res = distinf.attribute(model, train_examples, test_examples, task=cross_entropy_task, config=config,
@@ -317,6 +320,7 @@ class Prepared:
     full_accuracy: float
     retrain_seconds: float
     cached: bool
+    optimizer_state: Path     # the attributed model's final Adam state (torch state_dict with param_names)
 
 
 def prepare(args) -> Prepared:
@@ -324,7 +328,8 @@ def prepare(args) -> Prepared:
     args.work.mkdir(parents=True, exist_ok=True)
     setting = SETTINGS[args.setting](args)
     init = initial_state(setting, args.seed)
-    model = trained(setting, init, torch.arange(len(setting.x)), args.seed)
+    adam: list = []
+    model = trained(setting, init, torch.arange(len(setting.x)), args.seed, adam)
     full_loss = float(test_losses(model, setting.tx, setting.ty).mean())
     with torch.no_grad():
         full_accuracy = float((model(setting.tx).argmax(1) == setting.ty).float().mean())
@@ -336,7 +341,9 @@ def prepare(args) -> Prepared:
     losses, retrain_seconds = retrained_losses(setting, init, masks, args.seed, cache)
     if args.export:
         print(f"exported {export(args.export, setting, model, masks, losses)}", flush=True)
-    return Prepared(setting, model, masks, losses, full_loss, full_accuracy, retrain_seconds, cached)
+    optimizer_state = args.work / f"adam-{setting.name}-{key}.pt"
+    torch.save(adam[0], optimizer_state)
+    return Prepared(setting, model, masks, losses, full_loss, full_accuracy, retrain_seconds, cached, optimizer_state)
 
 
 def run(args) -> str:

@@ -8,6 +8,8 @@ that choice is reported, so no reported number picked itself. The grids:
 - distinf gauss_newton: k and the damping multiple (λ_l = multiple × block l's mean eigenvalue;
   `damping: auto` is 0.1);
 - distinf kfac_mix: k, the damping multiple and β (`hessian.mix`);
+- distinf gauss_newton, Adam-scaled: as gauss_newton, with `compression.optimizer_state` the
+  attributed model's final Adam state (TrackStar's 1/(√v + ε) per kept entry);
 - kronfluence EK-FAC: the damping, as `lds_peer.py --ekfac-damping` wrote it (`heuristic=X`: X ×
   each module's mean eigenvalue, kronfluence's own heuristic with X in place of its 0.1);
 - TRAK: k and λ's multiple of ΦᵀΦ's mean eigenvalue.
@@ -79,13 +81,14 @@ class Candidate:
 
 def distinf_candidates(prepared, ks: list[int], dampings: list[float], mixes: list[float]) -> list[Candidate]:
     out = []
-    grid = [("gauss_newton", None)] + [("kfac_mix", m) for m in mixes]
-    for (hessian, mix), k, damping in itertools.product(grid, ks, dampings):
+    grid = [("gauss_newton", None, False)] + [("kfac_mix", m, False) for m in mixes] + [("gauss_newton", None, True)]
+    for (hessian, mix, adam), k, damping in itertools.product(grid, ks, dampings):
         with auto_damping_scale(damping):
-            scores, seconds = attribution(prepared.model, prepared.setting, "dropout", hessian, k, 0, "none", mix)
+            scores, seconds = attribution(prepared.model, prepared.setting, "dropout", hessian, k, 0, "none", mix,
+                                          prepared.optimizer_state if adam else None)
         lds = lds_per_query(scores, prepared.masks, prepared.losses)
         label = f"k {k}, damping {damping:g}×mean eig." + (f", β {mix:g}" if mix is not None else "")
-        out.append(Candidate(f"distinf {hessian}", label, lds))
+        out.append(Candidate(f"distinf {hessian}" + (", Adam-scaled" if adam else ""), label, lds))
         print(f"{hessian} {label}: LDS {np.nanmean(lds):.3f} ({seconds:.0f} s)", flush=True)
     return out
 
