@@ -121,7 +121,7 @@ def choose(candidates: list[Candidate], validation: np.ndarray) -> dict[str, Can
 
 
 UNTUNED = {  # (family, setting) rows shown as they are, the authors' or distinf's defaults
-    ("distinf gauss_newton", "k 2048, damping 0.1×mean eig."): "distinf's default curvature and damping",
+    ("distinf gauss_newton", "k 2048, damping 0.1×mean eig."): "distinf's default curvature and damping (auto), at k 2048",
     ("kronfluence EK-FAC", "default"): "kronfluence's ScoreArguments() default, damping_factor 1e-8",
     ("kronfluence EK-FAC", "heuristic"): "kronfluence damping_factor=None (0.1 × mean eigenvalue, distinf's rule)",
 }
