@@ -142,7 +142,7 @@ def seed_table(candidates: list[Candidate], validation: np.ndarray, report: np.n
         how_text = "best on validation" if how == "tuned" else UNTUNED[(family, setting)]
         lines.append(f"| {family} | {setting} | {how_text} | {mean:.3f} ± {se:.3f} | "
                      f"{np.nanmean(lds[validation]):.3f} | {d_mean:+.3f} ± {d_se:.3f} |")
-        diffs[f"{family} ({how})"] = lds[report] - base
+        diffs[f"{family} (tuned)" if how == "tuned" else f"{family}, {setting} (untuned)"] = lds[report] - base
     return lines, diffs
 
 
