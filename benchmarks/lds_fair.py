@@ -128,7 +128,7 @@ UNTUNED = {  # (family, setting) rows shown as they are, the authors' or distinf
 
 
 def seed_table(candidates: list[Candidate], validation: np.ndarray, report: np.ndarray) -> tuple[list[str], dict]:
-    """Markdown rows and {row name: report-half per-query paired difference against the baseline}."""
+    """Markdown rows and {row name: (report-half per-query LDS, its paired difference against the baseline)}."""
     best = choose(candidates, validation)
     base = best[BASELINE].per_query[report]
     rows = [("tuned", c.family, c.setting, c.per_query) for c in best.values()]
@@ -142,7 +142,8 @@ def seed_table(candidates: list[Candidate], validation: np.ndarray, report: np.n
         how_text = "best on validation" if how == "tuned" else UNTUNED[(family, setting)]
         lines.append(f"| {family} | {setting} | {how_text} | {mean:.3f} ± {se:.3f} | "
                      f"{np.nanmean(lds[validation]):.3f} | {d_mean:+.3f} ± {d_se:.3f} |")
-        diffs[f"{family} (tuned)" if how == "tuned" else f"{family}, {setting} (untuned)"] = lds[report] - base
+        name = f"{family} (tuned)" if how == "tuned" else f"{family}, {setting} (untuned)"
+        diffs[name] = (lds[report], lds[report] - base)
     return lines, diffs
 
 
@@ -186,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         return 0
     if len(all_diffs) > 1:
-        lines = ["| method | paired − tuned gauss_newton, mean over seeds ± s.e. | per seed |", "|---|---|---|"]
+        lines = ["| method | LDS, report half, mean over seeds | paired − tuned gauss_newton, mean over seeds ± s.e. "
+                 "| paired, per seed |", "|---|---|---|---|"]
         for name in all_diffs[0]:
-            stats = [mean_se(d[name]) for d in all_diffs if name in d]
+            lds_means = [float(np.nanmean(d[name][0])) for d in all_diffs if name in d]
+            stats = [mean_se(d[name][1]) for d in all_diffs if name in d]
             mean = np.mean([m for m, _ in stats])
             se = np.sqrt(sum(s * s for _, s in stats)) / len(stats)
-            lines.append(f"| {name} | {mean:+.3f} ± {se:.3f} | {' / '.join(f'{m:+.3f}' for m, _ in stats)} |")
+            lines.append(f"| {name} | {np.mean(lds_means):.3f} | {mean:+.3f} ± {se:.3f} | "
+                         f"{' / '.join(f'{m:+.3f}' for m, _ in stats)} |")
         sections.append(f"#### {args.setting}, over training seeds {', '.join(map(str, args.seeds))}\n\n" + "\n".join(lines))
     header = (f"### Fair LDS, {args.setting} setting (M = {args.subsets} subsets of {args.fraction:.0%})\n\n"
               f"Command: `nice -n 5 .venv/bin/python benchmarks/lds_fair.py {shlex.join(argv)}` "
