@@ -2,6 +2,7 @@
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
@@ -11,6 +12,7 @@ import job_fixtures
 from distinf.config import load_job
 from distinf.data import plan_job
 from distinf.runtime.driver import run_job
+from distinf.tables import gradients_of
 
 pytestmark = pytest.mark.distributed
 
@@ -72,6 +74,36 @@ def test_train_values_and_index_set_equal_the_one_process_core(finished_run):
     np.testing.assert_allclose(values.column("influence_mean").to_numpy(), mean, rtol=1e-4, atol=1e-4 * np.abs(mean).max())
     np.testing.assert_allclose(values.column("loss").to_numpy(), reference.train_losses, rtol=1e-5)
     assert pq.read_table(run_dir / "index_set.parquet").equals(reference.index_set)
+
+
+def test_influence_columns_equal_a_dense_solve_of_the_stored_gradients(finished_run):
+    """Independent of the core: the raw influence in dense, top_k and train_values against
+    G_q (Gram/n + λI)⁻¹ G_iᵀ per parameter block, from the run's own gradient files."""
+    run_dir, manifest, _, _ = finished_run
+
+    def stored(split):
+        table = pa.concat_tables([pq.read_table(run_dir / c["file"]) for c in manifest["chunks"][split]])
+        return table.column("example_id").to_pylist(), gradients_of(table).astype(np.float64)
+
+    train_ids, G = stored("train")
+    query_ids, Q = stored("queries")
+    params = pq.read_table(run_dir / "index_set.parquet").column("param").to_pylist()
+    starts = [0] + [i for i in range(1, len(params)) if params[i] != params[i - 1]] + [len(params)]
+    H = np.zeros((G.shape[1], G.shape[1]))
+    for a, b in zip(starts, starts[1:]):
+        block = G[:, a:b]
+        lam = 0.1 * np.square(block).sum() / (len(G) * (b - a)) or 1.0  # auto; a zero block gets 1
+        H[a:b, a:b] = block.T @ block / len(G) + lam * np.eye(b - a)
+    raw = Q @ np.linalg.solve(H, G.T)
+    q, t = {x: i for i, x in enumerate(query_ids)}, {x: i for i, x in enumerate(train_ids)}
+    scale = np.abs(raw).max()
+    for table in (pq.read_table(run_dir / "scores" / "dense"), pq.read_table(run_dir / "scores" / "top_k.parquet")):
+        rows = table.to_pydict()
+        expected = [raw[q[a], t[b]] for a, b in zip(rows["query_id"], rows["train_id"])]
+        np.testing.assert_allclose(rows["influence"], expected, rtol=1e-4, atol=1e-5 * scale)
+    values = pq.read_table(run_dir / "scores" / "train_values.parquet").to_pydict()
+    expected = [raw[:, t[i]].mean() for i in values["train_id"]]
+    np.testing.assert_allclose(values["influence_mean"], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_each_zero3_worker_held_half_the_parameters(finished_run):
