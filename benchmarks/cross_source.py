@@ -195,13 +195,13 @@ def rescored_top_k(run_dir: Path, method: str, blocks: str = "layer", normalise:
     slices = [slice(0, k)] if blocks == "full" else parameter_slices(pq.read_table(run_dir / "index_set.parquet"))
     train_t = torch.from_numpy(train)
     solver = fit_solver(method, slices, train_t, "auto", train_ids)
-    scores = score_chunk(solver.precondition(torch.from_numpy(queries)).T, train_t).numpy()
+    scores = influence = score_chunk(solver.precondition(torch.from_numpy(queries)).T, train_t).numpy()
     if relative:
         self_influence = solver.self_influence(train_t).numpy()
         scores = scores / np.sqrt(np.maximum(self_influence, np.finfo(np.float32).tiny))[None, :]
     top = TopK(len(query_ids), depth)
-    top.update(scores, np.arange(len(train_ids)))
-    return top_k_table(query_ids, train_ids, top.scores, top.positions)
+    top.update(scores, np.arange(len(train_ids)), influence)
+    return top_k_table(query_ids, train_ids, top.scores, top.positions, top.values)
 
 
 STORED_METHODS = {  # row name: rescored_top_k arguments

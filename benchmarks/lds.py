@@ -218,9 +218,10 @@ def initial_state(setting: Setting, seed: int) -> dict[str, Tensor]:
     return build(setting.model, setting.model_kwargs).state_dict()
 
 
-def trained(setting: Setting, init: dict[str, Tensor], index: Tensor, seed: int) -> nn.Module:
+def trained(setting: Setting, init: dict[str, Tensor], index: Tensor, seed: int,
+            optimizer_out: list | None = None) -> nn.Module:
     model = build(setting.model, setting.model_kwargs, init)
-    return train(model, setting.x[index], setting.y[index], seed, setting.recipe)
+    return train(model, setting.x[index], setting.y[index], seed, setting.recipe, optimizer_out)
 
 
 def retrained_losses(setting: Setting, init: dict[str, Tensor], masks: np.ndarray, seed: int,
@@ -250,13 +251,15 @@ def cross_entropy_task(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def attribution(model: nn.Module, setting: Setting, compression: str, hessian: str, k: int,
-                index_seed: int, normalize: str = "none", mix: float | None = None) -> tuple[np.ndarray, float]:
+                index_seed: int, normalize: str = "none", mix: float | None = None,
+                optimizer_state: Path | None = None) -> tuple[np.ndarray, float]:
     """(scores [Q, N], seconds) of distinf.attribute with one compression, curvature (hessian.mix
-    with kfac_mix, when given) and scoring.normalize."""
+    with kfac_mix, when given), scoring.normalize and compression.optimizer_state (when given)."""
     train_examples = [{"inputs": setting.x[i], "labels": setting.y[i]} for i in range(len(setting.x))]
     test_examples = [{"inputs": setting.tx[i], "labels": setting.ty[i]} for i in range(len(setting.tx))]
     curvature = {"method": hessian} if mix is None else {"method": hessian, "mix": mix}
-    config = {"compression": {"method": compression, "k": k, "seed": index_seed},
+    config = {"compression": {"method": compression, "k": k, "seed": index_seed,
+                              "optimizer_state": None if optimizer_state is None else {"path": str(optimizer_state)}},
               "hessian": curvature, "scoring": {"self_influence": False, "normalize": normalize}}
     started = time.perf_counter()
     res = distinf.attribute(model, train_examples, test_examples, task=cross_entropy_task, config=config,
@@ -306,12 +309,27 @@ def row(name: str, k: str, per_seed: list[np.ndarray], seconds: list[float]) -> 
     return f"| {name} | {k} | {mean_std(first)} | {over_seeds} | {time_text} |"
 
 
-def run(args) -> str:
+@dataclass
+class Prepared:
+    """A setting's attributed model, subsets and retrained test losses: what every row scores against."""
+    setting: Setting
+    model: nn.Module
+    masks: np.ndarray         # [M, N]
+    losses: np.ndarray        # [M, Q]
+    full_loss: float
+    full_accuracy: float
+    retrain_seconds: float
+    cached: bool
+    optimizer_state: Path     # the attributed model's final Adam state (torch state_dict with param_names)
+
+
+def prepare(args) -> Prepared:
+    """Train the attributed model and retrain (or read from --work) the subsets' models; --export."""
     args.work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     setting = SETTINGS[args.setting](args)
     init = initial_state(setting, args.seed)
-    model = trained(setting, init, torch.arange(len(setting.x)), args.seed)
+    adam: list = []
+    model = trained(setting, init, torch.arange(len(setting.x)), args.seed, adam)
     full_loss = float(test_losses(model, setting.tx, setting.ty).mean())
     with torch.no_grad():
         full_accuracy = float((model(setting.tx).argmax(1) == setting.ty).float().mean())
@@ -323,6 +341,17 @@ def run(args) -> str:
     losses, retrain_seconds = retrained_losses(setting, init, masks, args.seed, cache)
     if args.export:
         print(f"exported {export(args.export, setting, model, masks, losses)}", flush=True)
+    optimizer_state = args.work / f"adam-{setting.name}-{key}.pt"
+    torch.save(adam[0], optimizer_state)
+    return Prepared(setting, model, masks, losses, full_loss, full_accuracy, retrain_seconds, cached, optimizer_state)
+
+
+def run(args) -> str:
+    started = time.perf_counter()
+    prepared = prepare(args)
+    setting, model, masks, losses = prepared.setting, prepared.model, prepared.masks, prepared.losses
+    full_loss, full_accuracy = prepared.full_loss, prepared.full_accuracy
+    retrain_seconds, cached = prepared.retrain_seconds, prepared.cached
 
     per_query: dict[str, np.ndarray] = {}  # --per-query: every row's LDS of each test example
     lines = ["| method | k | LDS, mean ± std over test examples | mean over index seeds ± std | attribution s |",

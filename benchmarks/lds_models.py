@@ -81,9 +81,11 @@ def build(name: str, kwargs: dict, state: dict[str, Tensor] | None = None) -> nn
     return model
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, seed: int, recipe: Recipe) -> nn.Module:
-    """Trains `model` in place on (x, y) with `recipe`; returns it in eval mode."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+def train(model: nn.Module, x: Tensor, y: Tensor, seed: int, recipe: Recipe,
+          optimizer_out: list | None = None) -> nn.Module:
+    """Trains `model` in place on (x, y) with `recipe`; returns it in eval mode. `optimizer_out`
+    receives the final Adam state_dict (built from named_parameters, so it carries param_names)."""
+    optimizer = torch.optim.Adam(model.named_parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     order = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(recipe.epochs):
@@ -92,6 +94,8 @@ def train(model: nn.Module, x: Tensor, y: Tensor, seed: int, recipe: Recipe) -> 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    if optimizer_out is not None:
+        optimizer_out.append(optimizer.state_dict())
     return model.eval()
 
 

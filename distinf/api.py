@@ -29,20 +29,23 @@ from distinf.core.solvers import Solver, fit_solver
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import Tracked, track_modules
 from distinf.data import collate
+from distinf.optimizer_state import entry_scale
 from distinf.tables import top_k_table, train_values_table
 
 
 @dataclass
 class AttributionResult:
-    scores: np.ndarray          # float32 [n_queries, n_train], divided as scoring.normalize says
+    scores: np.ndarray          # float32 [n_queries, n_train], the ranking score: divided as scoring.normalize says
+    influence: np.ndarray       # float32 [n_queries, n_train], ĝ_qᵀĤ⁻¹ĝ_i undivided: removing a set of
+                                #   training rows changes a query's loss by about their sum / n_train
     self_influence: np.ndarray  # float32 [n_train] (NaN when scoring.self_influence is off)
     train_grads: np.ndarray     # float32 [n_train, k], columns in index-set order
     query_grads: np.ndarray     # float32 [n_queries, k]
     train_losses: np.ndarray
     query_losses: np.ndarray
     index_set: pa.Table         # param, flat_index (other methods than dropout: the component number)
-    top_k: pa.Table             # query_id, rank, train_id, score
-    train_values: pa.Table      # train_id, loss, score_mean, self_influence
+    top_k: pa.Table             # query_id, rank, train_id, score, influence
+    train_values: pa.Table      # train_id, loss, score_mean, self_influence, influence_mean
     damping: list[float]        # per curvature block
     tracked_fraction: float     # tracked parameter elements / all parameter elements
 
@@ -125,7 +128,8 @@ def attribute(
             check_fits(sizes, len(train) + len(queries), cfg.hessian.method)
         # kfac: the training batches also sum the Kronecker factors; the queries must not.
         factors = FactorSums(tracked, compressor.layout) if cfg.hessian.method in KFAC_METHODS else None
-        with GradientCapture(model, tracked, compressor, factors=factors) as capture:
+        scale = None if comp.optimizer_state is None else entry_scale(comp.optimizer_state, compressor.layout)
+        with GradientCapture(model, tracked, compressor, factors=factors, column_scale=scale) as capture:
             train_grads, train_losses = compress_examples(capture, train, loss_fn, batch_size, device, pad_token_id)
             capture.factors = None
             query_grads, query_losses = compress_examples(capture, queries, loss_fn, batch_size, device, pad_token_id)
@@ -138,24 +142,26 @@ def attribute(
     normalize = cfg.scoring.normalize
     self_inf = (solver.self_influence(train_grads).numpy()
                 if cfg.scoring.self_influence or needs_self_influence(normalize) else None)
-    scores = normalized(score_chunk(preconditioned, train_grads).numpy(),
-                        query_divisors(normalize, query_grads, preconditioned),
+    influence = score_chunk(preconditioned, train_grads).numpy()
+    scores = normalized(influence, query_divisors(normalize, query_grads, preconditioned),
                         train_divisors(normalize, train_grads, self_inf))
     top = TopK(len(queries), cfg.scoring.top_k)
-    top.update(scores, np.arange(len(train)))
+    top.update(scores, np.arange(len(train)), influence)
     if not cfg.scoring.self_influence:
         self_inf = None
 
     return AttributionResult(
         scores=scores.astype(np.float32),
+        influence=influence.astype(np.float32),
         self_influence=(np.full(len(train), np.nan) if self_inf is None else self_inf).astype(np.float32),
         train_grads=train_grads.numpy(),
         query_grads=query_grads.numpy(),
         train_losses=train_losses.numpy(),
         query_losses=query_losses.numpy(),
         index_set=layout.to_table(),
-        top_k=top_k_table(query_ids, train_ids, top.scores, top.positions),
-        train_values=train_values_table(train_ids, train_losses.numpy(), scores.mean(0), self_inf),
+        top_k=top_k_table(query_ids, train_ids, top.scores, top.positions, top.values),
+        train_values=train_values_table(train_ids, train_losses.numpy(), scores.mean(0), self_inf,
+                                        influence.mean(0)),
         damping=solver.damping,
         tracked_fraction=tracked.tracked_fraction,
     )

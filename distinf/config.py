@@ -162,6 +162,15 @@ class ModuleFilter(_Section):
         return patterns
 
 
+class OptimizerStateConfig(_Section):
+    path: str
+    """A saved Adam state: a torch optimizer state_dict (.pt) built from `model.named_parameters()`
+    (its param_groups carry param_names), or safetensors of exp_avg_sq by parameter name, one file
+    or a folder of shards."""
+    eps: float = Field(default=1e-8, gt=0)
+    """Adam's ε: each kept entry is divided by √v + eps."""
+
+
 class CompressionConfig(_Section):
     method: Literal["dropout", "none", "gaussian", "fjlt", "pca", "logra"] = "dropout"
     """dropout: k random entries; none: all p (exact, small models); gaussian: dense random
@@ -175,6 +184,17 @@ class CompressionConfig(_Section):
     """stratified: each parameter gets a share of k proportional to its size; uniform: the
     paper's literal draw of k of all p entries."""
     modules: ModuleFilter = Field(default_factory=ModuleFilter)
+    optimizer_state: Union[OptimizerStateConfig, None] = None
+    """Optimizer-aware scores (TrackStar): every kept entry j of every gradient, training and
+    query, is divided by √v_j + eps, v being Adam's exp_avg_sq at the attributed checkpoint. The
+    curvature and scores are then those of the scaled gradients. dropout only (other methods mix
+    entries before they could be scaled)."""
+
+    @model_validator(mode="after")
+    def _optimizer_state_needs_dropout(self) -> "CompressionConfig":
+        if self.optimizer_state is not None and self.method != "dropout":
+            raise ValueError(f"optimizer_state scales kept entries: it needs method: dropout (method is {self.method!r})")
+        return self
 
 
 class HessianConfig(_Section):
@@ -249,7 +269,8 @@ class ScoringConfig(_Section):
     """What each score is divided by, so that examples with large gradients do not top every
     query: none (the paper's influence ĝ_qᵀĤ⁻¹ĝ_i); relatif (by √ of the example's
     self-influence); cosine (by √ of both self-influences: the cosine in the Ĥ⁻¹ metric); unit (by
-    both gradient norms). top_k, score_mean and the dense scores carry the normalised score;
+    both gradient norms). top_k.score, score_mean and the dense score carry the normalised score;
+    top_k.influence, influence_mean and the dense influence the raw one, whatever this says;
     self_influence stays the raw ĝ_iᵀĤ⁻¹ĝ_i."""
 
 
@@ -300,6 +321,14 @@ class AttributionConfig(_Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     hessian: HessianConfig = Field(default_factory=HessianConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+
+    @model_validator(mode="after")
+    def _optimizer_state_not_with_kronecker_factors(self) -> "AttributionConfig":
+        # K-FAC's factors come from layer inputs and output gradients, not from the scaled entries.
+        if self.compression.optimizer_state is not None and self.hessian.method in ("kfac", "kfac_mix", "ekfac"):
+            raise ValueError(f"compression.optimizer_state does not combine with hessian.method: "
+                             f"{self.hessian.method} (its Kronecker factors are not scaled); use gauss_newton")
+        return self
 
 
 # What the distributed job runs; the other methods run in distinf.attribute only (README).

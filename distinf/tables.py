@@ -9,14 +9,20 @@ import pyarrow as pa
 
 from distinf.core.numerics import require_finite
 
+# Every score table carries two numbers per pair (distinf/core/scoring.py): `score`, the ranking
+# score divided as scoring.normalize says (cosine by default), and `influence`, the undivided
+# ĝ_qᵀĤ⁻¹ĝ_i, which adds up: removing a set of training rows changes a query's loss by about the
+# sum of their influence over n. With normalize: none the two are equal.
 TOP_K_SCHEMA = pa.schema(
-    [("query_id", pa.string()), ("rank", pa.int32()), ("train_id", pa.string()), ("score", pa.float32())]
+    [("query_id", pa.string()), ("rank", pa.int32()), ("train_id", pa.string()), ("score", pa.float32()),
+     ("influence", pa.float32())]
 )
 TRAIN_VALUES_SCHEMA = pa.schema(
     [("train_id", pa.string()), ("loss", pa.float32()), ("score_mean", pa.float32()),
-     ("self_influence", pa.float32())]
+     ("self_influence", pa.float32()), ("influence_mean", pa.float32())]
 )
-DENSE_SCHEMA = pa.schema([("query_id", pa.string()), ("train_id", pa.string()), ("score", pa.float32())])
+DENSE_SCHEMA = pa.schema([("query_id", pa.string()), ("train_id", pa.string()), ("score", pa.float32()),
+                          ("influence", pa.float32())])
 REJECTED_SCHEMA = pa.schema([("example_id", pa.string()), ("split", pa.string()), ("row", pa.int64()),
                              ("reason", pa.string()), ("file", pa.string())])
 """`file` names the row's input file when its dataset has several (null for a single file)."""
@@ -52,42 +58,49 @@ def gradients_of(table: pa.Table) -> np.ndarray:
 
 
 def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
-                positions: np.ndarray) -> pa.Table:
-    """scores/positions [m, K] of a TopK (positions index train_ids); rank 1 = strongest proponent.
+                positions: np.ndarray, influence: np.ndarray) -> pa.Table:
+    """scores/positions/influence [m, K] of a TopK (its scores, positions, values; positions index
+    train_ids); rank 1 = strongest proponent by score.
 
     A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace."""
     m, kk = scores.shape
     for q in range(m):
         require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}'")
+        require_finite(influence[q], f"the top-{kk} influence of query '{query_ids[q]}'")
     rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
     train = np.asarray(train_ids, dtype=object)
     return pa.table(
         [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),
          pa.array(cols + 1, pa.int32()),
          pa.array(train[positions[rows_q, cols]], pa.string()),
-         pa.array(scores[rows_q, cols].astype(np.float32))],
+         pa.array(scores[rows_q, cols].astype(np.float32)),
+         pa.array(np.asarray(influence)[rows_q, cols].astype(np.float32))],
         schema=TOP_K_SCHEMA,
     )
 
 
 def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean: np.ndarray,
-                       self_influence: np.ndarray | None) -> pa.Table:
+                       self_influence: np.ndarray | None, influence_mean: np.ndarray) -> pa.Table:
+    """score_mean and influence_mean [n]: the mean over queries of each training row's score and influence."""
     n = len(train_ids)
     self_inf = np.full(n, np.nan) if self_influence is None else self_influence
     return pa.table(
         [pa.array(list(train_ids), pa.string()), pa.array(np.asarray(losses, np.float32)),
-         pa.array(np.asarray(score_mean, np.float32)), pa.array(np.asarray(self_inf, np.float32))],
+         pa.array(np.asarray(score_mean, np.float32)), pa.array(np.asarray(self_inf, np.float32)),
+         pa.array(np.asarray(influence_mean, np.float32))],
         schema=TRAIN_VALUES_SCHEMA,
     )
 
 
-def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray) -> pa.Table:
-    """Long form of scores [m, n]: one row per (query, train) pair."""
+def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
+                influence: np.ndarray) -> pa.Table:
+    """Long form of scores and influence [m, n]: one row per (query, train) pair."""
     m, n = scores.shape
     return pa.table(
         [pa.array(np.repeat(np.asarray(query_ids, dtype=object), n), pa.string()),
          pa.array(np.tile(np.asarray(train_ids, dtype=object), m), pa.string()),
-         pa.array(np.asarray(scores, np.float32).ravel())],
+         pa.array(np.asarray(scores, np.float32).ravel()),
+         pa.array(np.asarray(influence, np.float32).ravel())],
         schema=DENSE_SCHEMA,
     )
 

@@ -2,6 +2,7 @@
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
@@ -11,6 +12,7 @@ import job_fixtures
 from distinf.config import load_job
 from distinf.data import plan_job
 from distinf.runtime.driver import run_job
+from distinf.tables import gradients_of
 
 pytestmark = pytest.mark.distributed
 
@@ -40,12 +42,14 @@ def test_scores_equal_the_one_process_core(finished_run):
     dense = pq.read_table(run_dir / "scores" / "dense").to_pydict()
     q = {x: i for i, x in enumerate(plan.queries.ids)}
     t = {x: i for i, x in enumerate(plan.train.ids)}
-    scores = np.full((len(q), len(t)), np.nan)
-    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense["score"]):
-        scores[q[qid], t[tid]] = s
+    scores, influence = np.full((len(q), len(t)), np.nan), np.full((len(q), len(t)), np.nan)
+    for qid, tid, s, raw in zip(dense["query_id"], dense["train_id"], dense["score"], dense["influence"]):
+        scores[q[qid], t[tid]], influence[q[qid], t[tid]] = s, raw
     assert not np.isnan(scores).any()  # every (query, train) pair exactly once
     assert len(dense["score"]) == scores.size
     np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
+    np.testing.assert_allclose(influence, reference.influence, rtol=1e-4,
+                               atol=1e-4 * np.abs(reference.influence).max())
 
 
 def test_top_k_is_identical_to_the_one_process_core(finished_run):
@@ -55,6 +59,8 @@ def test_top_k_is_identical_to_the_one_process_core(finished_run):
     assert [(r["query_id"], r["rank"], r["train_id"]) for r in ours] == \
         [(r["query_id"], r["rank"], r["train_id"]) for r in theirs]
     np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in theirs], rtol=1e-4, atol=1e-6)
+    influence = np.array([r["influence"] for r in theirs])
+    np.testing.assert_allclose([r["influence"] for r in ours], influence, rtol=1e-4, atol=1e-4 * np.abs(influence).max())
 
 
 def test_train_values_and_index_set_equal_the_one_process_core(finished_run):
@@ -64,8 +70,40 @@ def test_train_values_and_index_set_equal_the_one_process_core(finished_run):
     np.testing.assert_allclose(values.column("self_influence").to_numpy(), reference.self_influence, rtol=1e-4)
     np.testing.assert_allclose(values.column("score_mean").to_numpy(),
                                reference.train_values.column("score_mean").to_numpy(), rtol=1e-4, atol=1e-6)
+    mean = reference.train_values.column("influence_mean").to_numpy()
+    np.testing.assert_allclose(values.column("influence_mean").to_numpy(), mean, rtol=1e-4, atol=1e-4 * np.abs(mean).max())
     np.testing.assert_allclose(values.column("loss").to_numpy(), reference.train_losses, rtol=1e-5)
     assert pq.read_table(run_dir / "index_set.parquet").equals(reference.index_set)
+
+
+def test_influence_columns_equal_a_dense_solve_of_the_stored_gradients(finished_run):
+    """Independent of the core: the raw influence in dense, top_k and train_values against
+    G_q (Gram/n + λI)⁻¹ G_iᵀ per parameter block, from the run's own gradient files."""
+    run_dir, manifest, _, _ = finished_run
+
+    def stored(split):
+        table = pa.concat_tables([pq.read_table(run_dir / c["file"]) for c in manifest["chunks"][split]])
+        return table.column("example_id").to_pylist(), gradients_of(table).astype(np.float64)
+
+    train_ids, G = stored("train")
+    query_ids, Q = stored("queries")
+    params = pq.read_table(run_dir / "index_set.parquet").column("param").to_pylist()
+    starts = [0] + [i for i in range(1, len(params)) if params[i] != params[i - 1]] + [len(params)]
+    H = np.zeros((G.shape[1], G.shape[1]))
+    for a, b in zip(starts, starts[1:]):
+        block = G[:, a:b]
+        lam = 0.1 * np.square(block).sum() / (len(G) * (b - a)) or 1.0  # auto; a zero block gets 1
+        H[a:b, a:b] = block.T @ block / len(G) + lam * np.eye(b - a)
+    raw = Q @ np.linalg.solve(H, G.T)
+    q, t = {x: i for i, x in enumerate(query_ids)}, {x: i for i, x in enumerate(train_ids)}
+    scale = np.abs(raw).max()
+    for table in (pq.read_table(run_dir / "scores" / "dense"), pq.read_table(run_dir / "scores" / "top_k.parquet")):
+        rows = table.to_pydict()
+        expected = [raw[q[a], t[b]] for a, b in zip(rows["query_id"], rows["train_id"])]
+        np.testing.assert_allclose(rows["influence"], expected, rtol=1e-4, atol=1e-5 * scale)
+    values = pq.read_table(run_dir / "scores" / "train_values.parquet").to_pydict()
+    expected = [raw[:, t[i]].mean() for i in values["train_id"]]
+    np.testing.assert_allclose(values["influence_mean"], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_each_zero3_worker_held_half_the_parameters(finished_run):
@@ -87,15 +125,15 @@ def test_outputs_read_back_with_duckdb_with_the_documented_columns(finished_run)
     k = manifest["k"]
     expected = {
         "scores/top_k.parquet": [("query_id", "VARCHAR"), ("rank", "INTEGER"), ("train_id", "VARCHAR"),
-                                 ("score", "FLOAT"), *VERSION_COLUMNS],
+                                 ("score", "FLOAT"), ("influence", "FLOAT"), *VERSION_COLUMNS],
         "scores/train_values.parquet": [("train_id", "VARCHAR"), ("loss", "FLOAT"), ("score_mean", "FLOAT"),
-                                        ("self_influence", "FLOAT"), *VERSION_COLUMNS],
+                                        ("self_influence", "FLOAT"), ("influence_mean", "FLOAT"), *VERSION_COLUMNS],
         # Parquet has no fixed-size list type: DuckDB sees a list, pyarrow the fixed_size_list it wrote.
         "gradients/train/*.parquet": [("example_id", "VARCHAR"), ("loss", "FLOAT"), ("grad", "FLOAT[]")],
         "gradients/queries/*.parquet": [("example_id", "VARCHAR"), ("loss", "FLOAT"), ("grad", "FLOAT[]")],
         "index_set.parquet": [("param", "VARCHAR"), ("flat_index", "BIGINT")],
         "scores/dense/*.parquet": [("query_id", "VARCHAR"), ("train_id", "VARCHAR"), ("score", "FLOAT"),
-                                   *VERSION_COLUMNS],
+                                   ("influence", "FLOAT"), *VERSION_COLUMNS],
         "rejected.parquet": [("example_id", "VARCHAR"), ("split", "VARCHAR"), ("row", "BIGINT"),
                              ("reason", "VARCHAR"), ("file", "VARCHAR"), *VERSION_COLUMNS],
     }

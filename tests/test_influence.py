@@ -106,12 +106,42 @@ def test_normalised_scores_equal_the_dense_solve_divided_as_documented(normalize
                                atol=1e-4 * np.abs(expected).max())
 
 
+def test_every_score_table_carries_the_raw_influence_of_a_dense_solve_next_to_the_cosine():
+    """The default ranks by the cosine; `influence` beside it is the undivided ĝ_qᵀĤ⁻¹ĝ_i of a dense
+    solve, in the result, in top_k (for the same pairs) and, averaged over queries, in train_values."""
+    model = micro_gpt2()
+    result = distinf.attribute(model, TRAIN, QUERIES, batch_size=3, train_ids=list("abcdefgh"), config={
+        "compression": {"k": 10**9}, "hessian": {"blocks": "full", "damping": 1e-3}, "scoring": {"top_k": 4}})
+    names = list(dict.fromkeys(result.index_set.column("param").to_pylist()))
+    G, Q = full_gradients(model, TRAIN, names), full_gradients(model, QUERIES, names)
+    H = G.T @ G / G.shape[0] + 1e-3 * torch.eye(G.shape[1], dtype=torch.float64)
+    raw = (Q @ torch.linalg.solve(H, G.T)).numpy()
+    self_train = torch.einsum("ip,pi->i", G, torch.linalg.solve(H, G.T)).numpy()
+    self_query = torch.einsum("qp,pq->q", Q, torch.linalg.solve(H, Q.T)).numpy()
+    cosine = raw / np.sqrt(np.outer(self_query, self_train))
+    tolerance = {"rtol": 1e-4, "atol": 1e-4 * np.abs(raw).max()}
+    np.testing.assert_allclose(result.influence, raw, **tolerance)
+    np.testing.assert_allclose(result.scores, cosine, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(result.scores, result.influence)  # two different numbers, not one copied
+    column = {t: i for i, t in enumerate("abcdefgh")}
+    for row in result.top_k.to_pylist():
+        q, i = int(row["query_id"]), column[row["train_id"]]
+        np.testing.assert_allclose(row["score"], cosine[q, i], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(row["influence"], raw[q, i], **tolerance)
+    for q in range(len(QUERIES)):  # ranked by the cosine, not by the influence
+        ranked = [column[r["train_id"]] for r in result.top_k.to_pylist() if r["query_id"] == str(q)]
+        assert ranked == list(np.argsort(-cosine[q], kind="stable")[:4])
+    values = result.train_values
+    np.testing.assert_allclose(values.column("influence_mean").to_numpy(), raw.mean(0), **tolerance)
+    np.testing.assert_allclose(values.column("score_mean").to_numpy(), cosine.mean(0), rtol=1e-4, atol=1e-4)
+
+
 def test_top_k_and_train_values_follow_the_score_matrix():
     result = distinf.attribute(tiny_models.gpt2(), tiny_models.token_examples((5, 8, 3, 7, 6, 4, 9)),
                                tiny_models.token_examples((6, 4), seed=9), train_ids=list("abcdefg"),
                                query_ids=["q0", "q1"], config={"compression": {"k": 256}, "scoring": {"top_k": 3, **RAW}})
     top = result.top_k.to_pylist()
-    assert result.top_k.column_names == ["query_id", "rank", "train_id", "score"]
+    assert result.top_k.column_names[:5] == ["query_id", "rank", "train_id", "score", "influence"]
     for q, query_id in enumerate(["q0", "q1"]):
         expected = [ "abcdefg"[i] for i in np.argsort(-result.scores[q], kind="stable")[:3]]
         rows = [r for r in top if r["query_id"] == query_id]

@@ -161,7 +161,7 @@ def test_a_non_finite_curvature_block_is_refused_naming_its_columns():
 def test_top_k_refuses_a_non_finite_score_instead_of_dropping_it():
     scores = np.array([[3.0, 2.0], [np.nan, 1.0]])
     with pytest.raises(NumericalError, match="query 'q1'"):
-        top_k_table(["q0", "q1"], ["a", "b"], scores, np.array([[0, 1], [0, 1]]))
+        top_k_table(["q0", "q1"], ["a", "b"], scores, np.array([[0, 1], [0, 1]]), scores)
 
 
 # --- curvature blocks whose gradient is zero -------------------------------------------------------------

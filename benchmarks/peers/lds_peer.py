@@ -11,6 +11,12 @@ default) or, with --empirical-fisher, with the true labels. kronfluence's pairwi
 positive when upweighting the training example lowers the measurement (here the test example's
 loss), the same sign as distinf's scores.
 
+`--ekfac-damping` takes one or more of: `default` (ScoreArguments' own damping_factor, 1e-8),
+`heuristic` (damping_factor=None: kronfluence's documented heuristic, 0.1 × each module's mean
+eigenvalue, the rule of distinf's `damping: auto`), or `heuristic=X` (the same heuristic with X in
+place of 0.1, kronfluence's HEURISTIC_DAMPING_SCALE). The factors are fitted once; with several
+values, each one's scores go to `<out stem>-<value>.npy`.
+
 `--method trak --k K`: TRAK (traker 0.3.2, one checkpoint, no ensemble) with its CPU Rademacher
 projection (BasicProjector, seed `--seed`) of every parameter's gradient to K dimensions, the
 compressed peer at distinf's k. Its model output is the correct-class margin and its score
@@ -58,8 +64,21 @@ class ClassificationTask(Task):
         return F.cross_entropy(model(inputs), labels, reduction="sum")
 
 
-def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: bool) -> np.ndarray:
-    """[test, train] EK-FAC influence of every training example on every test example."""
+def score_arguments(damping: str) -> tuple[ScoreArguments, float]:
+    """kronfluence's ScoreArguments and heuristic multiple for one --ekfac-damping value."""
+    if damping == "default":
+        return ScoreArguments(), 0.1
+    name, _, scale = damping.partition("=")
+    if name != "heuristic":
+        raise ValueError(f"--ekfac-damping: {damping!r} is not default, heuristic or heuristic=X")
+    return ScoreArguments(damping_factor=None), float(scale) if scale else 0.1
+
+
+def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: bool,
+                 dampings: list[str]) -> dict[str, np.ndarray]:
+    """{damping: [test, train] EK-FAC influence of every training example on every test example}."""
+    import kronfluence.factor.config as factor_config
+
     model = build(exported["model"], exported["model_kwargs"], exported["state_dict"]).eval()
     task = ClassificationTask()
     model = prepare_model(model, task)
@@ -71,11 +90,18 @@ def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: 
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
     analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=batch_size,
                              factor_args=factor_args, overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=test,
-                                     train_dataset=train, per_device_query_batch_size=batch_size,
-                                     per_device_train_batch_size=batch_size, score_args=ScoreArguments(),
-                                     overwrite_output_dir=True)
-    return analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
+    out = {}
+    for damping in dampings:
+        score_args, scale = score_arguments(damping)
+        # The heuristic's multiple is a module constant of kronfluence, read when the scores are computed.
+        factor_config.HEURISTIC_DAMPING_SCALE = scale
+        analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=test,
+                                         train_dataset=train, per_device_query_batch_size=batch_size,
+                                         per_device_train_batch_size=batch_size, score_args=score_args,
+                                         overwrite_output_dir=True)
+        out[damping] = analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
+    factor_config.HEURISTIC_DAMPING_SCALE = 0.1
+    return out
 
 
 def trak_scores(exported: dict, k: int, batch_size: int, work: Path, seed: int, damping: float) -> np.ndarray:
@@ -122,21 +148,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="trak: projection seed")
     parser.add_argument("--damping", type=float, default=0.1,
                         help="trak: λ as a multiple of ΦᵀΦ's mean eigenvalue; 0: traker's default (none)")
+    parser.add_argument("--ekfac-damping", nargs="+", default=["default"],
+                        help="ekfac: default (1e-8), heuristic (None: 0.1 × mean eigenvalue), heuristic=X")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     exported = torch.load(args.exported)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         if args.method == "trak":
-            scores = trak_scores(exported, args.k, args.batch_size, Path(work), args.seed, args.damping)
+            outputs = {args.out: trak_scores(exported, args.k, args.batch_size, Path(work), args.seed, args.damping)}
         else:
-            scores = ekfac_scores(exported, args.batch_size, Path(work), args.empirical_fisher)
+            scores = ekfac_scores(exported, args.batch_size, Path(work), args.empirical_fisher, args.ekfac_damping)
+            single = len(scores) == 1
+            outputs = {args.out if single else args.out.with_name(f"{args.out.stem}-{d}.npy"): v
+                       for d, v in scores.items()}
     expected = (len(exported["tx"]), len(exported["x"]))
-    if scores.shape != expected:
-        raise ValueError(f"{args.exported}: kronfluence returned scores {scores.shape}, expected {expected}")
-    np.save(args.out, scores.astype(np.float32))
+    for path, scores in outputs.items():
+        if scores.shape != expected:
+            raise ValueError(f"{args.exported}: the peer returned scores {scores.shape}, expected {expected}")
+        np.save(path, scores.astype(np.float32))
     name = f"TRAK k={args.k}" if args.method == "trak" else "kronfluence EK-FAC"
-    print(f"{name} scores {scores.shape} -> {args.out} ({time.perf_counter() - started:.0f} s)")
+    print(f"{name} scores {expected} -> {', '.join(map(str, outputs))} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

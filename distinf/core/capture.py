@@ -55,9 +55,11 @@ def refuse_coupling_layers(model: nn.Module) -> None:
 
 class GradientCapture:
     def __init__(self, model: nn.Module, tracked: Tracked, compression: IndexSet | Compressor,
-                 factors: FactorSums | None = None):
+                 factors: FactorSums | None = None, column_scale: Tensor | None = None):
+        """`column_scale` [k] multiplies every row's kept entries (optimizer-aware scores: 1/(√v + ε))."""
         self.model = model
         self.factors = factors
+        self.column_scale = None if column_scale is None else column_scale.to(torch.float32)
         self.compressor = DropoutCompressor(compression) if isinstance(compression, IndexSet) else compression
         self.layout = self.compressor.layout
         columns = self.layout.slices()
@@ -155,6 +157,8 @@ class GradientCapture:
         for batch in batches:
             grads, losses = self.batch(move_batch(batch, device), loss_fn)
             grads, losses = grads.cpu(), losses.cpu()  # holds no device buffer into the next step
+            if self.column_scale is not None:
+                grads = grads * self.column_scale
             yield grads, losses
 
     def _warn_unused_modules(self) -> None:

@@ -9,6 +9,11 @@ large gradients stop winning every query:
   relatif  1 and √(ĝ_iᵀ Ĥ⁻¹ ĝ_i): RelatIF's θ-relative influence (per query, the order of cosine)
   cosine   √(ĝ_qᵀ Ĥ⁻¹ ĝ_q) and √(ĝ_iᵀ Ĥ⁻¹ ĝ_i): the cosine in the Ĥ⁻¹ metric, in [-1, 1]
   unit     ‖ĝ_q‖ and ‖ĝ_i‖: unit-norm gradients before the solve's product (as bergson and LESS)
+
+The undivided score is the influence, kept next to the normalised one in every output: removing
+training example i from n changes q's loss by about +influence(i, q)/n to first order (removing
+a proponent raises it), and removing a set by the sum over the set. A normalised score ranks; it
+adds up to nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def normalized(scores: np.ndarray, query_div: np.ndarray, train_div: np.ndarray)
 
 
 class TopK:
-    """The K highest scores per query, merged chunk by chunk.
+    """The K highest scores per query, merged chunk by chunk, each with a value carried along
+    (the raw influence of the same pair, when the scores rank by a normalised one).
 
     Ties are broken by the smaller training position, so any chunking gives the same answer.
     """
@@ -66,13 +72,19 @@ class TopK:
         self.k = k
         self.scores = np.full((num_queries, 0), -np.inf)
         self.positions = np.zeros((num_queries, 0), dtype=np.int64)
+        self.values = np.zeros((num_queries, 0))
 
-    def update(self, scores: Tensor | np.ndarray, positions: np.ndarray) -> None:
-        """scores [m, n] for training examples at global positions [n] (or [m, n])."""
+    def update(self, scores: Tensor | np.ndarray, positions: np.ndarray,
+               values: Tensor | np.ndarray | None = None) -> None:
+        """scores [m, n] for training examples at global positions [n] (or [m, n]); values [m, n]
+        ride along with them (the scores themselves when not given)."""
         scores = np.asarray(scores, dtype=np.float64)
+        values = scores if values is None else np.asarray(values, dtype=np.float64)
         all_scores = np.concatenate([self.scores, scores], axis=1)
         all_positions = np.concatenate([self.positions, np.broadcast_to(positions, scores.shape)], axis=1)
+        all_values = np.concatenate([self.values, values], axis=1)
         keep = min(self.k, all_scores.shape[1])
         order = np.lexsort((all_positions, -all_scores), axis=1)[:, :keep]
         self.scores = np.take_along_axis(all_scores, order, axis=1)
         self.positions = np.take_along_axis(all_positions, order, axis=1)
+        self.values = np.take_along_axis(all_values, order, axis=1)

@@ -177,14 +177,15 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     train_ids = [i for chunk in chunks for i in chunk.ids]  # input order, rejected examples left out
     position = {train_id: i for i, train_id in enumerate(train_ids)}
     n = len(train_ids)
-    losses, score_mean, self_inf = np.zeros(n), np.zeros(n), np.full(n, np.nan)
+    losses, score_mean, influence_mean, self_inf = np.zeros(n), np.zeros(n), np.zeros(n), np.full(n, np.nan)
     top = TopK(len(query_ids), cfg.scoring.top_k)
     for chunk in chunks:
         rows = np.array([position[i] for i in chunk.ids])
-        losses[rows], score_mean[rows] = chunk.losses, chunk.score_mean
+        losses[rows], score_mean[rows], influence_mean[rows] = chunk.losses, chunk.score_mean, chunk.influence_mean
         if chunk.self_influence is not None:
             self_inf[rows] = chunk.self_influence
-        top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids))
+        top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids),
+                   chunk.top_influence)
 
     if carried is not None:
         stored = dict(zip(carried.column("train_id").to_pylist(), carried.column("self_influence").to_numpy()))
@@ -194,8 +195,9 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     query_rank = {q: i for i, q in enumerate(query_order)}
     rows_in_order = np.argsort([query_rank[q] for q in query_ids], kind="stable")
     top_table = top_k_table([query_ids[i] for i in rows_in_order], train_ids,
-                            top.scores[rows_in_order], top.positions[rows_in_order])
-    values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None)
+                            top.scores[rows_in_order], top.positions[rows_in_order], top.values[rows_in_order])
+    values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None,
+                                influence_mean)
     if version is not None:
         top_table, values = stamp(top_table, *version), stamp(values, *version)
     atomic_write_table(top_table, out / TOP_K)

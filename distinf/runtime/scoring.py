@@ -21,10 +21,12 @@ from distinf.tables import dense_table, gradients_of
 class ChunkScores:
     ids: list[str]
     losses: np.ndarray
-    score_mean: np.ndarray          # [n] mean over queries
+    score_mean: np.ndarray          # [n] mean over queries of the ranking score
+    influence_mean: np.ndarray      # [n] mean over queries of the influence (undivided)
     self_influence: np.ndarray | None
     top_scores: np.ndarray          # [m, K'] the chunk's own top-K
     top_ids: np.ndarray             # [m, K'] their example ids
+    top_influence: np.ndarray       # [m, K'] their influence
 
 
 @ray.remote(num_cpus=1)
@@ -32,7 +34,7 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
                       with_self_influence: bool, query_ids: list[str], dense_path: str | None,
                       version: tuple[str, datetime] | None = None, normalize: str = "none",
                       query_divisors: np.ndarray | None = None) -> ChunkScores:
-    """One chunk's top-K, score_mean, self-influence and dense part; scores divided as
+    """One chunk's top-K, score_mean, influence_mean, self-influence and dense part; scores divided as
     scoring.normalize says (`query_divisors` [m] from the queries, the chunk's own from its rows)."""
     table = read_verified_table(path, sha256)
     ids = table.column("example_id").to_pylist()
@@ -42,20 +44,23 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
                 if with_self_influence or needs_self_influence(normalize) else None)
     if self_inf is not None:
         require_finite(self_inf, f"the self-influence of gradient chunk {path}")
-    scores = score_chunk(torch.from_numpy(preconditioned), grads).numpy()  # [m, n]
+    influence = score_chunk(torch.from_numpy(preconditioned), grads).numpy()  # [m, n]
+    scores = influence
     if normalize != "none":
-        scores = normalized(scores, query_divisors, train_divisors(normalize, grads, self_inf))
+        scores = normalized(influence, query_divisors, train_divisors(normalize, grads, self_inf))
     require_finite(scores, f"the scores of gradient chunk {path}")
     top = TopK(scores.shape[0], top_k)
-    top.update(scores, np.arange(len(ids)))  # local order is global order within a chunk
+    top.update(scores, np.arange(len(ids)), influence)  # local order is global order within a chunk
     if dense_path is not None:
-        dense = dense_table(query_ids, ids, scores)
+        dense = dense_table(query_ids, ids, scores, influence)
         atomic_write_table(dense if version is None else stamp(dense, *version), dense_path)
     return ChunkScores(
         ids=ids,
         losses=table.column("loss").to_numpy(),
         score_mean=scores.mean(0),
+        influence_mean=influence.mean(0),
         self_influence=self_inf if with_self_influence else None,
         top_scores=top.scores,
         top_ids=np.asarray(ids, dtype=object)[top.positions],
+        top_influence=top.values,
     )

@@ -17,6 +17,7 @@ from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
 from distinf.core.compressors import build_compressor
 from distinf.core.kfac import KFAC_METHODS, FactorSums
+from distinf.optimizer_state import entry_scale
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import track_modules
 from distinf.models import load_model
@@ -71,13 +72,14 @@ class GradientShard:
         try:
             tracked = track_modules(model, comp.modules.include, comp.modules.exclude)
             compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
-        except ValueError as error:  # the same on every rank and every restart: not worth a retry
+            scale = None if comp.optimizer_state is None else entry_scale(comp.optimizer_state, compressor.layout)
+        except (ValueError, FileNotFoundError) as error:  # the same on every rank and every restart: not worth a retry
             raise ConfigError(f"compression: {error}") from None
         self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
         # kfac, kfac_mix: the factor plans of the index set; the worker sums a chunk's rows into a copy.
         self.factor_template = (plans_only(FactorSums(tracked, compressor.layout))
                                 if cfg.hessian.method in KFAC_METHODS else None)
-        self.capture = GradientCapture(model, tracked, compressor).__enter__()
+        self.capture = GradientCapture(model, tracked, compressor, column_scale=scale).__enter__()
         self.loss_fn = loss_function(cfg.model.task)
         release_free_memory()
         info = {
