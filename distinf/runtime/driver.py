@@ -202,7 +202,7 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
     finally:
         if started_ray:
             ray.shutdown()
-    pending, manifest.append = manifest.append, None
+    pending = manifest.append  # kept in the manifest a failure leaves, until the switch
     if pending is None:
         rejected = write_rejected(out, rejected_rows(plan, gradients), manifest.version_stamp())
         truncated = plan.train.truncated
@@ -212,7 +212,7 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
         truncated = pending.base.counts["truncated_train"] + plan.train.truncated
     chunks = {s: [chunk_entry(r) for r in gradients.records[s] if r["file"]] for s in SPLITS}
     complete = replace(
-        manifest, status="complete", versions=software_versions(), k=gradients.index_table.num_rows,
+        manifest, status="complete", append=None, versions=software_versions(), k=gradients.index_table.num_rows,
         counts={"train": counts["train"], "queries": counts["queries"],
                 "truncated_train": truncated, "truncated_queries": plan.queries.truncated,
                 "rejected_train": rejected["train"], "rejected_queries": rejected["queries"],

@@ -122,7 +122,14 @@ class RunDir:
         return held(self.root).fence()
 
     def mark_failed(self, manifest: Manifest, error: BaseException) -> None:
-        """Leave a "failed" manifest, never "running", whatever stopped the job."""
+        """Leave a "failed" manifest, never "running", whatever stopped the job; but never over the
+        version this very job committed already (stopped while finishing it: runtime.versions)."""
+        try:
+            current = self.read_manifest()
+            if current is not None and current.status == "complete" and current.run_id == manifest.run_id:
+                return
+        except (OSError, ValueError):
+            pass
         try:
             self.write_manifest(replace(manifest, status="failed", error=str(error)))
         except (OSError, LeaseLost):
