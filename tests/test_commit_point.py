@@ -135,3 +135,39 @@ def test_a_failed_first_night_of_another_job_stops_the_schedule_with_the_command
     assert main(["run", str(job), "--append-to", str(run_dir)]) == 2  # retrying cannot help: exit 2
     said = capsys.readouterr().err
     assert "holds a different job" in said and f"mv {run_dir} {run_dir}.failed-" in said
+
+
+def test_workers_whose_lease_was_taken_over_mid_pass_commit_nothing_more_and_the_driver_stops(
+        shared_ray, inputs, tmp_path, monkeypatch):
+    """A successor takes the lease while the gradient pass runs (the holder's heartbeat had lapsed):
+    each rank checks the fencing token before its next commit, so no chunk is committed after the
+    ones in flight, and the driver stops with LeaseLost instead of running on to publish."""
+    import threading
+    import time
+
+    from distinf.runtime.lease import LeaseLost
+
+    run_dir = tmp_path / "run"
+    job = load_job(write_job(tmp_path / "job", inputs, "day1", chunk_examples=2))  # 4 chunks per rank
+    monkeypatch.setenv("DISTINF_TEST_BATCH_DELAY", "2")
+    ledger, taken = run_dir / "ledger" / "train", {}
+
+    def take_over_after_the_first_commit():
+        deadline = time.time() + 300
+        while not (ledger.exists() and any(ledger.glob("part-*.json"))) and time.time() < deadline:
+            time.sleep(0.05)
+        lease = json.loads((run_dir / "lease.json").read_text())
+        taken["records"] = len(list(ledger.glob("part-*.json")))
+        (run_dir / "lease.json").write_text(json.dumps({
+            **lease, "run_id": "successor", "generation": lease["generation"] + 1, "pid": 1,
+            "heartbeat": time.time(), "expires": time.time() + 600}))
+
+    thread = threading.Thread(target=take_over_after_the_first_commit, daemon=True)
+    thread.start()
+    with pytest.raises(LeaseLost, match="successor"):
+        run_job(job, run_dir)
+    thread.join(timeout=10)
+    committed = len(list(ledger.glob("part-*.json")))
+    assert committed <= taken["records"] + 2  # at most what each of the 2 ranks had fenced already
+    assert committed < 8 and not (run_dir / "versions").exists()
+    assert json.loads((run_dir / "lease.json").read_text())["run_id"] == "successor"  # never released by the loser
