@@ -32,7 +32,7 @@ from distinf.runtime.errors import (Interrupted, JobError, Refused, arm_sigterm,
 from distinf.runtime.gradient_pass import SplitWork, gradient_pass, split_work
 from distinf.runtime.incremental import append_manifest, open_for_append, refuse_or_discard
 from distinf.runtime.layout import INDEX_SET
-from distinf.runtime.lease import acquire, tick
+from distinf.runtime.lease import acquire, tick, tick_window
 from distinf.runtime.manifest import Manifest, software_versions
 from distinf.runtime.outputs import (RUN_OUTPUTS, SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums,
                                      rejected_rows, write_rejected)
@@ -66,7 +66,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
     purpose = "an append" if append else "a resumed run" if resume else "a run"
     try:
         lease = acquire(folder.root, f"distinf run, {purpose}", cfg.runtime.lease_seconds,
-                        tick_window=cfg.runtime.stall_timeout)
+                        tick_window=tick_window(cfg.runtime.stall_timeout, cfg.runtime.lease_seconds))
     except OSError as error:
         raise unwritable(folder.root, "output.path", error) from None
     try:

@@ -237,6 +237,13 @@ def tick() -> None:
         lease.tick()
 
 
+def tick_window(stall_timeout: float | None, ttl: float) -> float | None:
+    """How long a driver's main loop may go without a `tick()` before its heartbeat stops renewing:
+    runtime.stall_timeout (a hung loop is a stalled one), never less than a ttl (so that starting
+    Ray or planning a large input is never mistaken for a hang); None with no stall timeout."""
+    return None if stall_timeout is None else max(stall_timeout, ttl)
+
+
 def write_manifest(run_dir: Path, manifest: dict) -> None:
     """The one way a job writes a manifest: only while this process holds the folder's lease,
     so that a run whose lease was taken over never writes over its successor's manifest."""

@@ -39,7 +39,7 @@ from distinf.runtime.errors import (Interrupted, JobError, arm_sigterm, interrup
 from distinf.runtime.failures import fatal, headline
 from distinf.runtime.gradient_pass import gradient_pass, split_work
 from distinf.runtime.layout import TRAIN_VALUES
-from distinf.runtime.lease import acquire
+from distinf.runtime.lease import acquire, tick_window
 from distinf.runtime.manifest import Manifest, software_versions
 from distinf.runtime.outputs import QUERY_OUTPUTS, chunk_entry, output_checksums, rejected_rows, write_rejected
 from distinf.runtime.reduce_score import chunk_files, score_outputs
@@ -82,7 +82,8 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
     if is_file(out.root):
         raise JobError(f"--output: '{out}' is a file, not a folder")
     try:
-        lease = acquire(out.root, "distinf query", cfg.runtime.lease_seconds, tick_window=cfg.runtime.stall_timeout)
+        lease = acquire(out.root, "distinf query", cfg.runtime.lease_seconds,
+                        tick_window=tick_window(cfg.runtime.stall_timeout, cfg.runtime.lease_seconds))
     except OSError as error:
         raise unwritable(out.root, "--output", error) from None
     manifest.run_id = lease.run_id
