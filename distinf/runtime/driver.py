@@ -34,7 +34,7 @@ from distinf.runtime.incremental import append_manifest, open_for_append, refuse
 from distinf.runtime.layout import INDEX_SET
 from distinf.runtime.lease import acquire, tick, tick_window
 from distinf.runtime.manifest import Manifest, software_versions
-from distinf.runtime.outputs import (RUN_OUTPUTS, SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums,
+from distinf.runtime.outputs import (SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums,
                                      rejected_rows, write_rejected)
 from distinf.runtime.reduce_score import reduce_and_score
 from distinf.runtime.reducer import zero_block_entries
