@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_validate(cfg))
             return 0
         from distinf.runtime.driver import run_job
-        from distinf.runtime.errors import JobError
+        from distinf.runtime.errors import JobError, Refused
 
         if args.append_to and (args.output or args.resume):
             print("distinf: --append-to works in RUN_DIR itself (and finishes an interrupted append); "
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             manifest = run_job(cfg, run_dir, resume=args.resume, append=bool(args.append_to),
                                discard_pending=args.discard_pending)
+        except Refused as error:  # retrying the same command cannot help
+            print(f"distinf: {error}", file=sys.stderr)
+            return 2
         except JobError as error:
             print(f"distinf: {error}", file=sys.stderr)
             return 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,24 +34,29 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned_ids: Sequence[str],
                  table: pa.Table | None, rejected: list[dict], attempt: int = 0, run_id: str | None = None,
-                 factors: dict[str, np.ndarray] | None = None) -> dict:
+                 factors: dict[str, np.ndarray] | None = None, fence: Callable[[], None] | None = None) -> dict:
     """Write one rank's part of a chunk (`table` None when no row is left), its factor sums
     (`factors`, arrays of chunk_factors.factor_arrays; only with rows) and then its record.
 
     `attempt` (which worker group of the driver computed it) and `run_id` (which run, under the
-    run directory's lease) are kept for the record only.
+    run directory's lease) are kept for the record only. `fence` (the lease's Fence.check) runs
+    before each write, so a writer whose lease was taken over commits nothing more.
     """
+    fence = fence or (lambda: None)
     record = {"split": split, "rank": rank, "chunk": chunk, "ids": ids_digest(planned_ids),
               "file": None, "rows": 0, "bytes": 0, "sha256": None, "rejected": rejected, "attempt": attempt,
               "run_id": run_id}
     if table is not None and table.num_rows:
         if factors is not None:
             path = factors_path(run_dir, split, rank, chunk)
+            fence()
             atomic_write_arrays(factors, path)
             record["factors"] = {"file": str(path.relative_to(run_dir)), "bytes": file_size(path),
                                  "sha256": file_sha256(path)}
         path = chunk_path(run_dir, split, rank, chunk)
+        fence()
         record.update(commit_table(table, path), file=str(path.relative_to(run_dir)))
+    fence()  # the commit point: checked last, just before the record
     atomic_write_json(record, record_path(run_dir, split, rank, chunk))
     return record
 

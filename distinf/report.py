@@ -27,6 +27,7 @@ from distinf.ledger import input_order
 from distinf.runtime.curvature_files import read_solver
 from distinf.runtime.layout import TOP_K, TRAIN_VALUES
 from distinf.runtime.run_dir import RunDir
+from distinf.runtime.versions import committed_root
 from distinf.store import atomic_write_text, display, read_verified_table
 from distinf.tables import gradients_of
 
@@ -53,7 +54,7 @@ def extremes(run_dir: Path, manifest: dict, query_ids: list[str], count: int) ->
     ids = [i for t in tables for i in t.column("example_id").to_pylist()]
     grads = np.concatenate([gradients_of(t) for t in tables])
     rows = [ids.index(q) for q in query_ids]
-    solver = read_solver(run_dir, manifest["files"], HessianConfig.model_validate(manifest["config"]["hessian"]))
+    solver = read_solver(committed_root(run_dir, manifest), manifest["files"], HessianConfig.model_validate(manifest["config"]["hessian"]))
     preconditioned = precondition(solver, torch.from_numpy(grads[rows])).T
     best, worst = TopK(len(rows), count), TopK(len(rows), count)
     train_ids: list[str] = []
@@ -135,8 +136,9 @@ def write_report(run_dir: str | Path, noisy_column: str | None = None) -> Path:
     data = manifest["config"]["data"]
     train_texts, query_texts = _texts(data["train"], "train"), _texts(data["queries"], "queries")
     files = manifest["files"]
-    values = read_verified_table(run_dir / TRAIN_VALUES, files[TRAIN_VALUES]).to_pydict()
-    top = read_verified_table(run_dir / TOP_K, files[TOP_K]).to_pydict()
+    source = committed_root(run_dir, manifest)  # the committed version, whole even while root copies lag
+    values = read_verified_table(source / TRAIN_VALUES, files[TRAIN_VALUES]).to_pydict()
+    top = read_verified_table(source / TOP_K, files[TOP_K]).to_pydict()
     query_ids = list(dict.fromkeys(top["query_id"]))
     shown = query_ids[:: max(1, len(query_ids) // SHOWN_QUERIES)][:SHOWN_QUERIES]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,20 +27,20 @@ from distinf.data import Plan, fingerprint, plan_job
 from distinf.log import configure as configure_logging
 from distinf.models import model_fingerprint
 from distinf.runtime import metrics, versions
-from distinf.runtime.errors import (Interrupted, JobError, arm_sigterm, interruption, terminated_as_error,
-                                    unwritable, write_error)
+from distinf.runtime.errors import (Interrupted, JobError, Refused, arm_sigterm, interruption,
+                                    terminated_as_error, unwritable, write_error)
 from distinf.runtime.gradient_pass import SplitWork, gradient_pass, split_work
 from distinf.runtime.incremental import append_manifest, open_for_append, refuse_or_discard
-from distinf.runtime.layout import INDEX_SET, MANIFEST
-from distinf.runtime.lease import acquire
+from distinf.runtime.layout import INDEX_SET
+from distinf.runtime.lease import acquire, tick, tick_window
 from distinf.runtime.manifest import Manifest, software_versions
-from distinf.runtime.outputs import (RUN_OUTPUTS, SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums,
+from distinf.runtime.outputs import (SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums,
                                      rejected_rows, write_rejected)
 from distinf.runtime.reduce_score import reduce_and_score
 from distinf.runtime.reducer import zero_block_entries
-from distinf.runtime.run_dir import RunDir, check_appendable, check_resumable, estimated_bytes
+from distinf.runtime.run_dir import NotResumable, RunDir, check_appendable, check_resumable, estimated_bytes
 from distinf.runtime.workers import connect
-from distinf.store import atomic_write_json, is_file, list_files
+from distinf.store import file_sha256, is_file, is_remote, list_files
 
 __all__ = ["run_job"]
 
@@ -64,7 +65,8 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
         raise JobError(f"output.path: '{folder}' is a file, not a folder")
     purpose = "an append" if append else "a resumed run" if resume else "a run"
     try:
-        lease = acquire(folder.root, f"distinf run, {purpose}", cfg.runtime.lease_seconds)
+        lease = acquire(folder.root, f"distinf run, {purpose}", cfg.runtime.lease_seconds,
+                        tick_window=tick_window(cfg.runtime.stall_timeout, cfg.runtime.lease_seconds))
     except OSError as error:
         raise unwritable(folder.root, "output.path", error) from None
     try:
@@ -74,6 +76,21 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
         lease.release()
 
 
+def _has_complete_version(run_dir: RunDir) -> bool:
+    try:
+        stored = run_dir.read_manifest()
+    except (OSError, ValueError):
+        return False
+    return stored is not None and stored.last_complete() is not None
+
+
+def _move_aside(run_dir: RunDir) -> str:
+    failed = f"{run_dir}.failed-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if is_remote(run_dir.root):
+        return f"aws s3 mv --recursive {run_dir} {failed}"
+    return f"mv {shlex.quote(str(run_dir))} {shlex.quote(failed)}"
+
+
 class Stages:
     """Each stage's wall time, for the manifest, the log and the metrics."""
 
@@ -81,6 +98,7 @@ class Stages:
         self.job, self.timings, self.clock = job, {}, time.perf_counter()
 
     def lap(self, name: str) -> None:
+        tick()
         now = time.perf_counter()
         self.timings[name] = round(now - self.clock, 3)
         self.clock = now
@@ -96,8 +114,20 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
         log.info(f"'{run_dir}' holds no run yet; starting one there", extra={"event": "first_run"})
         append = False
     config = json.loads(json.dumps(cfg.model_dump(), default=str))  # as the manifest stores it
+    if append and not _has_complete_version(run_dir):  # a failed first night: resume it, as --resume would
+        log.info(f"'{run_dir}' holds no complete version yet; resuming the run there",
+                 extra={"event": "first_run_resumed"})
+        try:
+            return _run_job(cfg, run_dir, True, False, discard_pending, run_id)
+        except NotResumable as error:
+            raise Refused(f"{error}. The folder holds a failed first run that this job cannot resume, so no "
+                          f"night's append can go on until it is moved aside: run `{_move_aside(run_dir)}`, "
+                          "and the next append starts a new run there") from None
     if append:
         stored, base = open_for_append(run_dir)
+        committed = base.manifest.version
+        if stored.status == "complete":  # a driver killed after its switch: finish its version first
+            versions.repair(run_dir.root, stored.to_dict())
         stages = Stages(cfg.name)  # planning starts once the folder is open
         model = model_fingerprint(cfg.model)
         plan = plan_job(cfg, stored_train_ids=base.train_ids)
@@ -120,6 +150,8 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
         if stored is not None and stored.append is not None:
             raise JobError(f"--resume: '{run_dir}' holds an unfinished append; finish it by running "
                            f"`distinf run JOB --append-to {run_dir}` again")
+        last = stored.last_complete() if stored is not None else None
+        committed = last.version if last is not None else None
         stages = Stages(cfg.name)
         plan = plan_job(cfg)
         manifest = Manifest(status="running", name=cfg.name, config=config,
@@ -128,6 +160,7 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
         if stored is not None:
             check_resumable(stored, config, manifest.model_fingerprint, manifest.data_fingerprint, run_dir)
             if stored.status == "complete" and not run_dir.damaged_files(stored):
+                versions.repair(run_dir.root, stored.to_dict())  # its marker and root copies, if they lag
                 return stored.to_dict()  # nothing is missing or damaged: nothing to do
             manifest.carry_from(stored)
             manifest.restarts, manifest.resumed = stored.restarts or [], (stored.resumed or 0) + 1
@@ -139,7 +172,7 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
     run_dir.check_free_space(need)
     stages.lap("plan")
     try:
-        return _run(cfg, run_dir, plan, work, manifest, stages)
+        return _run(cfg, run_dir, plan, work, manifest, stages, committed)
     except OSError as error:
         explained = write_error(error, run_dir.root)
         run_dir.mark_failed(manifest, explained)
@@ -153,7 +186,7 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
 
 
 def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork], manifest: Manifest,
-         stages: Stages) -> dict:
+         stages: Stages, committed: str | None) -> dict:
     """The stages, on Ray; then the complete manifest, published with the version's outputs."""
     manifest.as_of = versions.now().isoformat()
     run_dir.write_manifest(manifest)  # "running" before anything else is touched
@@ -169,7 +202,7 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
     finally:
         if started_ray:
             ray.shutdown()
-    pending, manifest.append = manifest.append, None
+    pending = manifest.append  # kept in the manifest a failure leaves, until the switch
     if pending is None:
         rejected = write_rejected(out, rejected_rows(plan, gradients), manifest.version_stamp())
         truncated = plan.train.truncated
@@ -179,7 +212,7 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
         truncated = pending.base.counts["truncated_train"] + plan.train.truncated
     chunks = {s: [chunk_entry(r) for r in gradients.records[s] if r["file"]] for s in SPLITS}
     complete = replace(
-        manifest, status="complete", versions=software_versions(), k=gradients.index_table.num_rows,
+        manifest, status="complete", append=None, versions=software_versions(), k=gradients.index_table.num_rows,
         counts={"train": counts["train"], "queries": counts["queries"],
                 "truncated_train": truncated, "truncated_queries": plan.queries.truncated,
                 "rejected_train": rejected["train"], "rejected_queries": rejected["queries"],
@@ -201,19 +234,17 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
             "data_fingerprint": pending.data_fingerprint,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }]
-    return _publish(cfg, run_dir, out, complete)
+    return _publish(cfg, run_dir, out, complete, committed)
 
 
-def _publish(cfg: JobConfig, run_dir: RunDir, out: Path, manifest: Manifest) -> dict:
-    """Publish the complete version staged in `out`: its own manifest first, then each output over
-    the run directory's, then the run directory's manifest, last and only now "complete"."""
+def _publish(cfg: JobConfig, run_dir: RunDir, out: Path, manifest: Manifest, committed: str | None) -> dict:
+    """Commit the version staged whole in `out` (runtime.versions): the run directory's manifest
+    says "complete" for it in one write, the switch; then its completion marker, the pruning of
+    old versions and the root copies, which may lag."""
     staged = output_checksums(out, VERSIONED_OUTPUTS)
-    atomic_write_json({**manifest.to_dict(), "files": staged}, out / MANIFEST)
-    kept = versions.prune(run_dir.root, cfg.output.keep_versions, manifest.run_id)
-    versions.publish(run_dir.root, out, list(staged))
-    manifest = replace(manifest, version=manifest.run_id, history=kept,
-                       files=output_checksums(run_dir.root, RUN_OUTPUTS))
-    if manifest.files.items() - ({INDEX_SET: manifest.files[INDEX_SET]} | staged).items():
-        raise JobError(f"output.path: publishing version {manifest.run_id} changed bytes on the way; run again")
-    run_dir.write_manifest(manifest)
+    manifest = replace(manifest, version=manifest.run_id,
+                       history=versions.history(run_dir.root, committed, cfg.output.keep_versions, manifest.run_id),
+                       files={INDEX_SET: file_sha256(run_dir.path(INDEX_SET)), **staged})
+    run_dir.write_manifest(manifest)  # the commit point
+    versions.finish(run_dir.root, manifest.to_dict())
     return manifest.to_dict()

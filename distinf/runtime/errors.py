@@ -21,6 +21,11 @@ class JobError(RuntimeError):
     """The job cannot go on; the message says what failed and what to do."""
 
 
+class Refused(JobError):
+    """No retry of the same command can succeed: a person must act, as the message says (the CLI
+    exits 2, which a scheduler treats as "do not retry")."""
+
+
 class Interrupted(JobError):
     """The driver was told to stop (SIGTERM: `ray job stop`, a pod's deletion, a scheduler's timeout)."""
 

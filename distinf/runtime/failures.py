@@ -20,6 +20,7 @@ from distinf.core.numerics import NumericalError
 from distinf.data import DataError
 from distinf.models import ModelError
 from distinf.runtime.errors import JobError, write_error
+from distinf.runtime.lease import tick
 from distinf.store import IntegrityError
 
 
@@ -74,6 +75,7 @@ def await_group(futures: list, run_dir: Path, poll: Callable[[], int] | None = N
     seen, since = None, time.monotonic()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        tick()  # the driver's loop advances: its lease's heartbeat goes on (LeaseLost once it is lost)
         for ref in ready:
             try:
                 ray.get(ref)
@@ -86,7 +88,7 @@ def await_group(futures: list, run_dir: Path, poll: Callable[[], int] | None = N
             waiting = [futures.index(ref) for ref in pending]
             raise GroupFailed(waiting[0], Stalled(f"no progress in {what} for {stall:g} s (runtime.stall_timeout); "
                                                   f"still waiting on rank(s) {waiting}"))
-    return ray.get(futures)
+    return ray.get(futures, timeout=60)  # every one is ready
 
 
 def _blame(futures: list, failed: Any, error: RayError, run_dir: Path) -> GroupFailed:
@@ -109,9 +111,10 @@ def await_tasks(futures: list, stall: float | None, what: str) -> list:
     pending, since = list(futures), time.monotonic()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        tick()
         if ready:
             since = time.monotonic()
         elif stall is not None and time.monotonic() - since > stall:
             raise Stalled(f"no {what} task finished for {stall:g} s (runtime.stall_timeout); "
                           f"{len(pending)} of {len(futures)} still running")
-    return ray.get(futures)
+    return ray.get(futures, timeout=60)  # every one is ready

@@ -22,3 +22,18 @@ def injected_fault(where: str, attempt: int) -> None:
 def injected_delay() -> None:
     """Sleep DISTINF_TEST_BATCH_DELAY seconds, so that a test can act in the middle of a pass."""
     time.sleep(float(os.environ.get("DISTINF_TEST_BATCH_DELAY", 0)))
+
+
+def injected_hang(where: str, attempt: int) -> None:
+    """Sleep for good if DISTINF_TEST_HANG names `where` ("reducer"), on the first attempt only: a
+    stage that makes no progress at all, for the stall timeout to catch."""
+    if attempt == 0 and os.environ.get("DISTINF_TEST_HANG") == where:
+        while True:
+            time.sleep(60)
+
+
+def injected_step_delay(where: str) -> None:
+    """Sleep DISTINF_TEST_STEP_DELAY seconds at each step of `where` named by DISTINF_TEST_SLOW_STEPS
+    ("reducer"): a long stage that keeps making progress."""
+    if os.environ.get("DISTINF_TEST_SLOW_STEPS") == where:
+        time.sleep(float(os.environ.get("DISTINF_TEST_STEP_DELAY", 0)))

@@ -31,6 +31,11 @@ from distinf.token_rows import TokenRows
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, is_file, read_verified_table
 
 log = logging.getLogger("distinf.driver")
+PROBE_TIMEOUT = 120
+QUICK_CALL = 300
+"""Seconds the memory report and the shutdown of the workers may take (both are quick) before the
+attempt counts as hung."""
+"""Seconds the driver waits for an answer of a progress actor (it answers at once when alive)."""
 
 
 @ray.remote(num_cpus=0)
@@ -107,8 +112,8 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
                 for record in _compress(cfg, group, split, work[split], pad_token_id, todo[split], number,
                                         manifest.run_id):
                     records[split][(record["chunk"], record["rank"])] = record
-        _record_memory(run_dir, manifest, group.call(lambda w: w.memory.remote(), "memory", stall=False))
-        group.call(lambda w: w.shutdown.remote(), "shutdown", stall=False)
+        _record_memory(run_dir, manifest, group.call(lambda w: w.memory.remote(), "memory", stall=QUICK_CALL))
+        group.call(lambda w: w.shutdown.remote(), "shutdown", stall=QUICK_CALL)
 
     def take_stock() -> None:
         run_dir.remove_leftovers()
@@ -143,6 +148,7 @@ def _adopt_index_set(run_dir: RunDir, manifest: Manifest, infos: list[dict]) -> 
                        "output folder")
     table = infos[0]["index_set"]
     path = run_dir.path(INDEX_SET)
+    run_dir.check_lease()
     if not is_file(path) or file_sha256(path) != manifest.index_set_sha256:
         atomic_write_table(table, path)
     manifest.index_set_hash, manifest.index_set_sha256 = digest, file_sha256(path)
@@ -185,7 +191,7 @@ def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, p
     for rank, worker in enumerate(group.workers):
         examples, ids, parts = rank_share(data, [positions[c][rank] for c in todo])
         futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids), list(zip(todo, parts)),
-                                              pad_token_id, progress, attempt, run_id))
+                                              pad_token_id, progress, attempt, run_id, group.run_dir.fence()))
     committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
     fields = {"split": split, "attempt": attempt, "total": len(data.ids)}
     log.info(f"gradients/{split}: {len(todo)} chunk(s) to compute, {committed} of {len(data.ids)} examples stored",
@@ -197,7 +203,7 @@ def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, p
               disable=not sys.stderr.isatty()) as bar:
         def poll() -> int:
             nonlocal logged
-            examples, chunks = ray.get(progress.value.remote())
+            examples, chunks = ray.get(progress.value.remote(), timeout=PROBE_TIMEOUT)
             metrics.examples_done(cfg.name, split, examples - seen[0])
             metrics.chunks_committed(cfg.name, split, chunks - seen[1])
             seen[:] = examples, chunks

@@ -32,6 +32,7 @@ from distinf.runtime.errors import JobError
 from distinf.runtime.layout import REJECTED
 from distinf.runtime.manifest import AppendPending, Manifest
 from distinf.runtime.run_dir import RunDir
+from distinf.runtime.versions import committed_root
 from distinf.store import IntegrityError, is_file, read_bytes, read_verified_table, remove
 
 
@@ -84,7 +85,7 @@ def _stored_rejected(run_dir: RunDir, manifest: Manifest) -> list[list]:
     if sha256 is None:
         return []
     try:
-        table = read_verified_table(run_dir.path(REJECTED), sha256)
+        table = read_verified_table(committed_root(run_dir.root, manifest.to_dict()) / REJECTED, sha256)
     except IntegrityError as error:
         raise JobError(f"--append-to: {error}".replace("run the job again with --resume to recompute it",
                                                        "the run cannot be appended to")) from None
@@ -139,6 +140,7 @@ def refuse_or_discard(run_dir: RunDir, stale: list[Path], discard: bool) -> None
     if not stale:
         return
     if discard:
+        run_dir.check_lease()
         for path in stale:
             remove(path)
         logging.getLogger("distinf.driver").warning(

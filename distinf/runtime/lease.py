@@ -1,23 +1,40 @@
-"""One writer per run directory: an exclusive lease, `lease.json`, held while a job writes there.
+"""One writer per run directory: an exclusive lease, `lease.json`, held while a job writes there,
+and the fencing token every write of the job checks.
 
-The lease names its holder (run id, host, pid, what it is doing) and carries a heartbeat that a
-thread of the holder renews every `ttl / 4` seconds. Taking it is one atomic step where the
-bytes live:
+The lease names its holder (run id, host, pid, what it is doing), carries a heartbeat that a
+thread of the holder renews every `ttl / 4` seconds, and a `generation` that grows with every
+take (the microseconds of the take, and always past the generation it took over). Every change of
+the lease is one compare-and-swap where the bytes live:
 
-- on a local (or NFS) disk, creating the file with O_CREAT | O_EXCL;
-- on S3, a conditional PUT (`If-None-Match: *`), and every renewal or takeover a PUT
-  `If-Match` the ETag last seen, so two writers can never both believe they hold it.
+- on a local (or NFS) disk, read-compare-write under an exclusive `flock` of `.lease.json.lock`
+  (the lease itself is replaced by rename, so it is never seen half-written);
+- on S3, a conditional PUT: `If-None-Match: *` to create, `If-Match` the ETag last seen to renew,
+  take over or delete. A store that ignores these headers (older MinIO, Ceph) is refused: the
+  first take in a run directory probes that a second conditional create fails.
+
+Fencing: the writers of a job (the driver before each manifest, prune, publish, leftover removal
+and --discard-pending; every worker before each chunk commit) check first that the lease in the
+run directory is still theirs, same run id and generation, and not expired (`Fence`). A holder
+whose lease was taken over therefore stops at its next write, with LeaseLost. The check and the
+write are two steps: a writer that stalls between them for longer than the ttl can still land one
+write, which the reader's checksums (manifest, ledger) then refuse.
+
+The heartbeat renews only while the driver's main loop advances (`tick()`, called by its polling
+loops); it retries any error with backoff, and a lease not renewed within `ttl / 2` counts as lost:
+the next `tick()` raises LeaseLost in the driver, which stops its worker group.
 
 A lease whose heartbeat is older than its ttl (the holder was killed: SIGKILL, a lost node) is
-taken over, by one taker only: locally through a marker file created with O_EXCL for that very
-stale heartbeat, on S3 through the If-Match. A holder on this host whose pid is gone is stale at
-once. Clocks of the hosts are assumed to agree within a few seconds (NTP); the ttl is minutes.
-Other object stores (gs://, hdfs://) offer pyarrow no conditional write: there the lease is taken
-by write-then-read-back, which narrows but does not close the race, and the docs say so.
+taken over. An empty or unreadable lease counts as held until its mtime plus the ttl. A holder on
+this host, in this PID namespace and this boot, whose pid is gone is stale at once. Clocks of the
+hosts are assumed to agree within a few seconds (NTP); the ttl is minutes. Other object stores
+(gs://, hdfs://) offer pyarrow no conditional write: there the lease is taken by
+write-then-read-back, which narrows but does not close the race.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -27,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from distinf.runtime.errors import JobError
 from distinf.runtime.layout import LEASE, MANIFEST
@@ -35,6 +52,9 @@ from distinf.store import resolve, split_uri, atomic_write_json, display, read_b
 
 _held: dict[str, "Lease"] = {}
 """The leases this process holds, by run directory: every manifest write checks its own first."""
+_probed: set[str] = set()
+"""S3 run directories whose conditional writes were probed by this process."""
+log = logging.getLogger("distinf.lease")
 
 
 class LeaseHeld(JobError):
@@ -42,11 +62,44 @@ class LeaseHeld(JobError):
 
 
 class LeaseLost(JobError):
-    """This process's lease was taken over (its heartbeat had expired): it must stop writing."""
+    """This process's lease was taken over, expired or could not be renewed: it must stop writing."""
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
+
+
+def _namespace() -> dict:
+    """What makes a pid mean the same process: this PID namespace and this boot of the host."""
+    try:
+        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pid_ns = None
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    return {"pid_ns": pid_ns, "boot_id": boot_id}
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The fencing token of a held lease, picklable, for every process that writes for its holder:
+    `check()` raises LeaseLost unless the run directory's lease is still this one and unexpired."""
+
+    run_dir: str
+    run_id: str
+    generation: int
+
+    def check(self) -> None:
+        current, _, _ = _read(Path(self.run_dir) / LEASE)
+        if current is None or (current.get("run_id"), current.get("generation")) != (self.run_id, self.generation):
+            raise LeaseLost(f"'{display(self.run_dir)}': run {self.run_id} (generation {self.generation}) no longer "
+                            "holds the run directory's lease" + (f"; {describe(current)} does" if current else "")
+                            + "; it writes nothing more there")
+        if time.time() > float(current.get("expires", 0)):
+            raise LeaseLost(f"'{display(self.run_dir)}': the lease of run {self.run_id} expired (its heartbeat "
+                            "stopped); it writes nothing more there")
 
 
 @dataclass
@@ -57,8 +110,12 @@ class Lease:
     run_id: str
     purpose: str
     ttl: float
-    _etag: str | None = None
+    generation: int = 0
+    tick_window: float | None = None
+    """Seconds without a `tick()` of the main loop after which the heartbeat stops renewing."""
     _lost: str | None = None
+    _renewed: float = field(default_factory=time.monotonic)
+    _ticked: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -66,42 +123,77 @@ class Lease:
     def path(self) -> Path:
         return self.run_dir / LEASE
 
+    def fence(self) -> Fence:
+        return Fence(str(self.run_dir), self.run_id, self.generation)
+
     def body(self) -> dict:
         now = time.time()
-        return {"run_id": self.run_id, "purpose": self.purpose, "host": socket.gethostname(), "pid": os.getpid(),
+        return {"run_id": self.run_id, "generation": self.generation, "purpose": self.purpose,
+                "host": socket.gethostname(), "pid": os.getpid(), **_namespace(),
                 "heartbeat": now, "expires": now + self.ttl, "ttl": self.ttl}
 
+    def _lose(self, why: str) -> LeaseLost:
+        self._lost = self._lost or why
+        return LeaseLost(self._lost)
+
     def renew(self) -> None:
-        """Refresh the heartbeat, if the lease is still this process's."""
+        """Refresh the heartbeat, if the lease is still this process's (one compare-and-swap)."""
         if self._lost:
             raise LeaseLost(self._lost)
-        current, etag = _read(self.path)
-        if current is None or current.get("run_id") != self.run_id:
-            holder = "nobody" if current is None else describe(current)
-            self._lost = (f"'{display(self.run_dir)}': this run's lease was taken over by {holder} after its heartbeat "
-                          "expired; this run stops writing there")
-            raise LeaseLost(self._lost)
-        self._etag = _put(self.path, self.body(), if_match=etag if _is_s3(self.path) else None)
+        found = _swap(self.path, self._mine, self.body(), None)
+        if found is not None:
+            raise self._lose(f"'{display(self.run_dir)}': this run's lease was taken over by "
+                             f"{describe(found) if found else 'nobody'} after its heartbeat expired; this run "
+                             "stops writing there")
+        self._renewed = time.monotonic()
+
+    def _mine(self, current: dict | None) -> bool:
+        return current is not None and (current.get("run_id"), current.get("generation")) == \
+            (self.run_id, self.generation)
 
     def check(self) -> None:
-        """Raise LeaseLost if the lease is no longer this process's (before writing a manifest)."""
+        """Raise LeaseLost if the lease is no longer this process's (before any write)."""
         if self._lost:
             raise LeaseLost(self._lost)
-        current, _ = _read(self.path)
-        if current is None or current.get("run_id") != self.run_id:
-            self._lost = (f"'{display(self.run_dir)}': this run no longer holds the run directory's lease"
-                          + (f" ({describe(current)} does)" if current else ""))
+        if time.monotonic() - self._renewed > self.ttl / 2:
+            raise self._lose(f"'{display(self.run_dir)}': this run's lease was not renewed for "
+                             f"{time.monotonic() - self._renewed:.0f} s (half its ttl); this run stops writing there")
+        try:
+            self.fence().check()
+        except LeaseLost as error:
+            raise self._lose(str(error)) from None
+
+    def tick(self) -> None:
+        """The main loop advanced: the heartbeat may go on renewing. LeaseLost if the lease is gone."""
+        self._ticked = time.monotonic()
+        if self._lost:
             raise LeaseLost(self._lost)
+        if time.monotonic() - self._renewed > self.ttl / 2:
+            raise self._lose(f"'{display(self.run_dir)}': this run's lease was not renewed for "
+                             f"{time.monotonic() - self._renewed:.0f} s (half its ttl); this run stops writing there")
 
     def start_heartbeat(self) -> None:
         def beat() -> None:
-            while not self._stop.wait(self.ttl / 4):
+            first_retry = min(1.0, self.ttl / 16)
+            delay, backoff = self.ttl / 4, first_retry
+            while not self._stop.wait(delay):
+                if self.tick_window is not None and time.monotonic() - self._ticked > self.tick_window:
+                    self._lose(f"'{display(self.run_dir)}': the driver's main loop made no progress for "
+                               f"{self.tick_window:g} s (runtime.stall_timeout); its lease is not renewed")
+                    return
                 try:
                     self.renew()
+                    delay, backoff = self.ttl / 4, first_retry
                 except LeaseLost:
                     return
-                except OSError:
-                    pass  # a transient storage error: the next beat tries again, well inside the ttl
+                except Exception as error:  # noqa: BLE001: S3 throttling, an expired token, a network blip
+                    if time.monotonic() - self._renewed > self.ttl / 2:
+                        self._lose(f"'{display(self.run_dir)}': this run's lease could not be renewed for "
+                                   f"{self.ttl / 2:g} s (half its ttl): {type(error).__name__}: {error}")
+                        return
+                    log.warning(f"could not renew the lease of '{display(self.run_dir)}' ({type(error).__name__}: "
+                                f"{error}); retrying", extra={"event": "lease_renew_failed"})
+                    delay, backoff = min(backoff, self.ttl / 8), backoff * 2
 
         self._thread = threading.Thread(target=beat, name="distinf-lease", daemon=True)
         self._thread.start()
@@ -114,14 +206,9 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            current, _ = _read(self.path)
-            if current is not None and current.get("run_id") == self.run_id:
-                remove(self.path)
-            if not split_uri(self.run_dir):
-                for marker in Path(self.run_dir).glob(".lease-takeover-*"):
-                    marker.unlink(missing_ok=True)
-        except OSError:
-            pass  # it expires by itself
+            _swap(self.path, self._mine, None, None)
+        except Exception:  # noqa: BLE001: it expires by itself
+            pass
 
     def __enter__(self) -> "Lease":
         return self
@@ -130,56 +217,94 @@ class Lease:
         self.release()
 
 
+def held(run_dir: Path) -> Lease:
+    """This process's lease on `run_dir`; LeaseLost if it holds none."""
+    lease = _held.get(str(run_dir))
+    if lease is None:
+        raise LeaseLost(f"'{display(run_dir)}': this process holds no lease on it, so it writes nothing there")
+    return lease
+
+
+def check_held(run_dir: Path) -> None:
+    """Raise LeaseLost unless this process still holds `run_dir`'s lease: before every mutation."""
+    held(run_dir).check()
+
+
+def tick() -> None:
+    """The driver's main loop advanced (called by its polling loops): keeps the heartbeats of the
+    leases this process holds going, and raises LeaseLost as soon as one is lost."""
+    for lease in list(_held.values()):
+        lease.tick()
+
+
+def tick_window(stall_timeout: float | None, ttl: float) -> float | None:
+    """How long a driver's main loop may go without a `tick()` before its heartbeat stops renewing:
+    runtime.stall_timeout (a hung loop is a stalled one), never less than a ttl (so that starting
+    Ray or planning a large input is never mistaken for a hang); None with no stall timeout."""
+    return None if stall_timeout is None else max(stall_timeout, ttl)
+
+
 def write_manifest(run_dir: Path, manifest: dict) -> None:
     """The one way a job writes a manifest: only while this process holds the folder's lease,
     so that a run whose lease was taken over never writes over its successor's manifest."""
-    lease = _held.get(str(run_dir))
-    if lease is None:
-        raise LeaseLost(f"'{display(run_dir)}': this process holds no lease on it, so it writes no manifest there")
+    lease = held(run_dir)
     lease.check()
     atomic_write_json({**manifest, "run_id": lease.run_id}, Path(run_dir) / MANIFEST)
 
 
 def acquire(run_dir: Path, purpose: str, ttl: float, run_id: str | None = None,
-            now: Callable[[], float] = time.time) -> Lease:
-    """Take the run directory's lease, or raise LeaseHeld naming its live holder."""
+            now: Callable[[], float] = time.time, tick_window: float | None = None) -> Lease:
+    """Take the run directory's lease, or raise LeaseHeld naming its live holder. `tick_window`:
+    renew only while `tick()` was called within that many seconds (None: always)."""
     lease = _take(run_dir, purpose, ttl, run_id, now)
-    lease._etag = _read(lease.path)[1]
+    lease.tick_window = tick_window
+    lease._renewed = lease._ticked = time.monotonic()
     lease.start_heartbeat()
     _held[str(run_dir)] = lease
     return lease
 
 
 def _take(run_dir: Path, purpose: str, ttl: float, run_id: str | None, now: Callable[[], float]) -> Lease:
-    lease = Lease(run_dir, run_id or new_run_id(), purpose, ttl)
-    if _create(lease.path, lease.body()):
-        return lease
-    current, etag = _read(lease.path)
-    if current is None:  # released between our create and read: try once more
-        return _take(run_dir, purpose, ttl, lease.run_id, now)
-    if not _stale(current, now()):
-        left = max(0.0, float(current.get("expires", 0)) - now())
-        raise LeaseHeld(f"'{display(run_dir)}' is being written by {describe(current)}, heartbeat "
-                        f"{now() - float(current.get('heartbeat', 0)):.0f} s ago. One run directory has one writer: "
-                        f"wait for it to finish, or, if that process is gone, run again after its lease expires "
-                        f"(in {left:.0f} s)")
-    if not _take_over(lease.path, current, etag, lease.body()):
+    if _is_s3(run_dir / LEASE):
+        _probe_conditional_writes(run_dir)
+    for _ in range(3):
+        lease = Lease(run_dir, run_id or new_run_id(), purpose, ttl, generation=int(now() * 1e6))
+        current, etag, mtime = _read(lease.path)
+        if current is None:
+            if _swap(lease.path, lambda found: found is None, lease.body(), None, create=True) is None:
+                return lease
+            continue  # created by another taker between our read and our create: look again
+        if not _stale(current, mtime, ttl, now()):
+            expires = float(current.get("expires") or (mtime + ttl))
+            raise LeaseHeld(f"'{display(run_dir)}' is being written by {describe(current)}, heartbeat "
+                            f"{now() - float(current.get('heartbeat') or mtime):.0f} s ago. One run directory has one "
+                            f"writer: wait for it to finish, or, if that process is gone, run again after its lease "
+                            f"expires (in {max(0.0, expires - now()):.0f} s)")
+        lease.generation = max(lease.generation, int(current.get("generation") or 0) + 1)
+        if _swap(lease.path, lambda found: found == current, lease.body(), etag) is None:
+            log.warning(f"took over the expired lease of {describe(current)} on '{display(run_dir)}'",
+                        extra={"event": "lease_taken_over"})
+            return lease
         raise LeaseHeld(f"'{display(run_dir)}': another process is taking over the expired lease of "
                         f"{describe(current)} right now; one run directory has one writer")
-    logging.getLogger("distinf.lease").warning(f"took over the expired lease of {describe(current)} on "
-                                               f"'{display(run_dir)}'", extra={"event": "lease_taken_over"})
-    return lease
+    raise LeaseHeld(f"'{display(run_dir)}': the lease keeps changing under this run; one run directory has one writer")
 
 
 def describe(holder: dict) -> str:
+    if holder.get("unreadable"):
+        return "an unreadable lease (a writer may be creating it)"
     return (f"run {holder.get('run_id')} ({holder.get('purpose', 'a job')}, pid {holder.get('pid')} on "
             f"{holder.get('host')})")
 
 
-def _stale(holder: dict, now: float) -> bool:
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and holder["pid"] != os.getpid():
+def _stale(holder: dict, mtime: float | None, ttl: float, now: float) -> bool:
+    if holder.get("unreadable"):  # being written, or damaged: held until its mtime plus the ttl
+        return now > (mtime or now) + ttl
+    same_process_space = holder.get("host") == socket.gethostname() and \
+        {k: holder.get(k) for k in ("pid_ns", "boot_id")} == _namespace() and None not in _namespace().values()
+    if same_process_space and isinstance(holder.get("pid"), int) and holder["pid"] != os.getpid():
         if not _alive(holder["pid"]):
-            return True  # its process on this very host is gone: no need to wait out the ttl
+            return True  # its process in this very PID namespace is gone: no need to wait out the ttl
     return now > float(holder.get("expires", 0))
 
 
@@ -194,7 +319,7 @@ def _alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage: atomic create and compare-and-swap, per backend
+# Storage: compare-and-swap, per backend
 
 
 def _is_s3(path: Path) -> bool:
@@ -223,20 +348,26 @@ def _precondition_failed(error: Exception) -> bool:
         response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
 
 
-def _read(path: Path) -> tuple[dict | None, str | None]:
-    """(lease body, S3 ETag) or (None, None) when there is no lease."""
+def _read(path: Path) -> tuple[dict | None, str | None, float | None]:
+    """(lease body, S3 ETag, mtime) or (None, None, None) when there is no lease."""
     if _is_s3(path):
         client = _s3_client()
         bucket, key = _bucket_key(path)
         try:
             got = client.get_object(Bucket=bucket, Key=key)
         except client.exceptions.NoSuchKey:
-            return None, None
-        return _parse(got["Body"].read()), got["ETag"]
+            return None, None, None
+        return _parse(got["Body"].read()), got["ETag"], got["LastModified"].timestamp()
+    filesystem, local = resolve(path)
     try:
-        return _parse(read_bytes(path)), None
+        if filesystem is None:
+            mtime = os.stat(local).st_mtime
+        else:
+            info = filesystem.get_file_info(local)
+            mtime = info.mtime.timestamp() if info.mtime else time.time()
+        return _parse(read_bytes(path)), None, mtime
     except FileNotFoundError:
-        return None, None
+        return None, None, None
 
 
 def _parse(data: bytes) -> dict:
@@ -244,82 +375,95 @@ def _parse(data: bytes) -> dict:
         body = json.loads(data.decode("utf-8"))
     except ValueError:
         body = None
-    return body if isinstance(body, dict) else {"run_id": None, "expires": 0}  # unreadable: stale
+    return body if isinstance(body, dict) else {"unreadable": True}
 
 
 def _encode(body: dict) -> bytes:
     return json.dumps(body, indent=2).encode("utf-8")
 
 
-def _put(path: Path, body: dict, if_match: str | None = None) -> str | None:
-    """Write the lease over the one there; on S3 only if it is still `if_match` (LeaseLost if not)."""
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on the lease's lock file, for one read-compare-write (never deleted: a
+    deleted lock file would let two processes lock two different files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _swap(path: Path, expected: Callable[[dict | None], bool], body: dict | None, etag: str | None,
+          create: bool = False) -> dict | None:
+    """Replace the lease by `body` (None: delete it) if the one there is `expected`; returns None
+    when done, else what was found there ({} for nothing)."""
     if _is_s3(path):
-        client = _s3_client()
-        bucket, key = _bucket_key(path)
-        extra = {"IfMatch": if_match} if if_match else {}
-        try:
-            return client.put_object(Bucket=bucket, Key=key, Body=_encode(body), **extra)["ETag"]
-        except Exception as error:
-            if _precondition_failed(error):
-                raise LeaseLost(f"'{display(path.parent)}': the lease changed under this run") from None
-            raise
-    atomic_write_json(body, path)
+        return _swap_s3(path, expected, body, etag, create)
+    filesystem, local = resolve(path)
+    if filesystem is not None:  # no conditional write: compare, write, then read back
+        current = _read(path)[0]
+        if not expected(current):
+            return current or {}
+        if body is None:
+            remove(path)
+            return None
+        atomic_write_json(body, path)
+        time.sleep(0.5)
+        current = _read(path)[0]
+        return None if (current or {}).get("run_id") == body["run_id"] else (current or {})
+    with _locked(Path(local)):
+        current = _read(Path(local))[0]
+        if not expected(current):
+            return current or {}
+        if body is None:
+            Path(local).unlink(missing_ok=True)
+        else:
+            atomic_write_json(body, Path(local))
     return None
 
 
-def _create(path: Path, body: dict) -> bool:
-    """Create the lease if there is none; False if one exists."""
-    if _is_s3(path):
-        client = _s3_client()
-        bucket, key = _bucket_key(path)
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=_encode(body), IfNoneMatch="*")
-            return True
-        except Exception as error:
-            if _precondition_failed(error):
-                return False
-            raise
-    filesystem, local = resolve(path)
-    if filesystem is not None:  # no conditional write: write if absent, then read back
-        if _read(path)[0] is not None:
-            return False
-        atomic_write_json(body, path)
-        time.sleep(0.5)
-        return (_read(path)[0] or {}).get("run_id") == body["run_id"]
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
+def _swap_s3(path: Path, expected: Callable[[dict | None], bool], body: dict | None, etag: str | None,
+             create: bool) -> dict | None:
+    client = _s3_client()
+    bucket, key = _bucket_key(path)
+    if etag is None and not create:  # what we compare against: the ETag of the lease as it is now
+        current, etag, _ = _read(path)
+        if not expected(current):
+            return current or {}
     try:
-        handle = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(handle, "wb") as out:
-        out.write(_encode(body))
-        out.flush()
-        os.fsync(out.fileno())
-    return True
+        if body is None:
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        elif create:
+            client.put_object(Bucket=bucket, Key=key, Body=_encode(body), IfNoneMatch="*")
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=_encode(body), IfMatch=etag)
+    except Exception as error:
+        if _precondition_failed(error):
+            return _read(path)[0] or {}
+        raise
+    return None
 
 
-def _take_over(path: Path, stale: dict, etag: str | None, body: dict) -> bool:
-    """Replace the stale lease `stale` by `body`, if no other taker does so first."""
-    if _is_s3(path):
+def _probe_conditional_writes(run_dir: Path) -> None:
+    """Once per run directory and process: refuse an S3 store that ignores If-None-Match, on which
+    no lease could exclude a second writer."""
+    if str(run_dir) in _probed:
+        return
+    client = _s3_client()
+    bucket, key = _bucket_key(run_dir / f".{LEASE}.probe-{uuid.uuid4().hex[:8]}")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"1", IfNoneMatch="*")
         try:
-            _put(path, body, if_match=etag)
-            return True
-        except LeaseLost:
-            return False
-    filesystem, local = resolve(path)
-    if filesystem is None:
-        # One taker per stale heartbeat: the marker's name is that heartbeat, created exclusively.
-        marker = Path(local).with_name(f".lease-takeover-{stale.get('run_id')}-{stale.get('heartbeat')}")
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False
-        current, _ = _read(path)  # kept until release, so a late taker of the same heartbeat loses too
-        if current is not None and (current.get("run_id"), current.get("heartbeat")) != \
-                (stale.get("run_id"), stale.get("heartbeat")):
-            return False
-        atomic_write_json(body, path)
-        return True
-    atomic_write_json(body, path)
-    time.sleep(0.5)
-    return (_read(path)[0] or {}).get("run_id") == body["run_id"]
+            client.put_object(Bucket=bucket, Key=key, Body=b"2", IfNoneMatch="*")
+        except Exception as error:
+            if not _precondition_failed(error):
+                raise
+        else:
+            raise JobError(f"'{display(run_dir)}': this S3 store ignores conditional writes (If-None-Match), so "
+                           "no lease can keep a second writer out of the run directory; use a store that "
+                           "supports them (AWS S3, a recent MinIO) or a local or NFS folder")
+    finally:
+        client.delete_object(Bucket=bucket, Key=key)
+    _probed.add(str(run_dir))

@@ -39,12 +39,12 @@ from distinf.runtime.errors import (Interrupted, JobError, arm_sigterm, interrup
 from distinf.runtime.failures import fatal, headline
 from distinf.runtime.gradient_pass import gradient_pass, split_work
 from distinf.runtime.layout import TRAIN_VALUES
-from distinf.runtime.lease import acquire
+from distinf.runtime.lease import acquire, tick_window
 from distinf.runtime.manifest import Manifest, software_versions
 from distinf.runtime.outputs import QUERY_OUTPUTS, chunk_entry, output_checksums, rejected_rows, write_rejected
 from distinf.runtime.reduce_score import chunk_files, score_outputs
 from distinf.runtime.run_dir import RunDir, check_queryable
-from distinf.runtime.versions import now
+from distinf.runtime.versions import committed_root, now
 from distinf.runtime.workers import connect
 from distinf.store import IntegrityError, is_file, read_verified_table
 from distinf.tables import gradients_of
@@ -82,7 +82,8 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
     if is_file(out.root):
         raise JobError(f"--output: '{out}' is a file, not a folder")
     try:
-        lease = acquire(out.root, "distinf query", cfg.runtime.lease_seconds)
+        lease = acquire(out.root, "distinf query", cfg.runtime.lease_seconds,
+                        tick_window=tick_window(cfg.runtime.stall_timeout, cfg.runtime.lease_seconds))
     except OSError as error:
         raise unwritable(out.root, "--output", error) from None
     manifest.run_id = lease.run_id
@@ -129,7 +130,8 @@ def _query(cfg: JobConfig, run: RunDir, stored: Manifest, out: RunDir, plan: Pla
         preconditioned = precondition(solver, grads).T.contiguous().numpy()  # [k, m], as the reducer forms it
         divisors = query_divisors(cfg.scoring.normalize, grads, torch.from_numpy(preconditioned))
         train_chunks = chunk_files(run, sorted(stored.chunks["train"], key=input_order))
-        carried = read_verified_table(run.path(TRAIN_VALUES), stored.files[TRAIN_VALUES])
+        carried = read_verified_table(committed_root(run.root, stored.to_dict()) / TRAIN_VALUES,
+                                      stored.files[TRAIN_VALUES])
         counts = score_outputs(cfg, out.root, train_chunks, ray.put(preconditioned), ray.put(solver), query_ids,
                                plan.queries.ids, carried, version=version, query_divisors=divisors)
         timings["scoring"] = round(time.perf_counter() - clock, 3)
@@ -196,7 +198,7 @@ def _open_output(out: RunDir, manifest: Manifest) -> Manifest | None:
 
 def _load_solver(run: RunDir, manifest: Manifest, hessian: HessianConfig):
     try:
-        return read_solver(run.root, manifest.files, hessian)
+        return read_solver(committed_root(run.root, manifest.to_dict()), manifest.files, hessian)
     except IntegrityError as error:
         raise JobError(f"distinf query: {error}".replace("run the job again with --resume to recompute it",
                                                          "repair the run with --resume first")) from None

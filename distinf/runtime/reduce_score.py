@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -24,13 +25,14 @@ from distinf.core.kfac import KFAC_METHODS
 from distinf.core.scoring import TopK
 from distinf.runtime import curvature_files
 from distinf.runtime.failures import Stalled, await_tasks
-from distinf.runtime.gradient_pass import Gradients
+from distinf.runtime.gradient_pass import PROBE_TIMEOUT, Gradients
 from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path
+from distinf.runtime.lease import tick
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.reducer import Reducer
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.scoring import score_train_chunk
-from distinf.runtime.versions import stamp
+from distinf.runtime.versions import committed_root, stamp
 from distinf.runtime.workers import WorkerGroup, worker_env
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_bytes, read_verified_bytes
 from distinf.tables import top_k_table, train_values_table
@@ -63,14 +65,9 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
         reducer = None
         try:
             reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
-            try:
-                reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(out / "curvature"),
-                                                        number, stored_sums, cfg.scoring.normalize,
-                                                        factor_chunks, gradients.index_table),
-                                  timeout=cfg.runtime.stall_timeout)
-            except GetTimeoutError:
-                raise Stalled(f"the reducer returned nothing for {cfg.runtime.stall_timeout:g} s "
-                              "(runtime.stall_timeout)") from None
+            reduced = await_reducer(reducer, reducer.reduce.remote(
+                curvature_chunks, chunks["queries"], str(out / "curvature"), number, stored_sums,
+                cfg.scoring.normalize, factor_chunks, gradients.index_table), cfg.runtime.stall_timeout)
             lap("curvature")
             counts = score_outputs(cfg, out, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
                                    reduced["query_ids"], query_order, version=manifest.version_stamp(),
@@ -83,6 +80,28 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
 
     return WorkerGroup(cfg, run_dir, manifest).with_restarts("curvature and scoring", "curvature and scoring",
                                                              attempt, "The gradients are kept")
+
+
+def await_reducer(reducer: Any, result: Any, stall: float | None, every: float = 1.0) -> dict:
+    """The reducer's result; Stalled once its progress (chunk groups merged, blocks factorised,
+    queries preconditioned) has not moved for `stall` seconds. A long factorisation that keeps
+    making progress is never cut short."""
+    seen, since = None, time.monotonic()
+    while True:
+        ready, _ = ray.wait([result], timeout=every)
+        tick()
+        if ready:
+            return ray.get(result, timeout=PROBE_TIMEOUT)
+        try:
+            progress = ray.get(reducer.progress.remote(), timeout=PROBE_TIMEOUT)
+        except GetTimeoutError:
+            progress = seen  # no answer is no progress
+        if progress != seen:
+            seen, since = progress, time.monotonic()
+            log.debug(f"reducer: {progress}", extra={"event": "reducer_progress", **(progress or {})})
+        elif stall is not None and time.monotonic() - since > stall:
+            raise Stalled(f"the reducer made no progress for {stall:g} s (runtime.stall_timeout); it had done "
+                          + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in (seen or {}).items()))
 
 
 def curvature_slices(index_table: pa.Table, blocks: str) -> list[slice]:
@@ -104,9 +123,10 @@ def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice]) -> t
     and of the same blocks; else None, and the curvature is summed over every chunk again (a
     failed append's reducer may have rewritten them since)."""
     files = base.files or {}
+    source = committed_root(run_dir.root, base.to_dict())
     try:
-        layout = json.loads(read_verified_bytes(run_dir.path(curvature_files.LAYOUT), files[curvature_files.LAYOUT]))
-        path = run_dir.path(curvature_files.ARRAYS)
+        layout = json.loads(read_verified_bytes(source / curvature_files.LAYOUT, files[curvature_files.LAYOUT]))
+        path = source / curvature_files.ARRAYS
         if file_sha256(path) != files[curvature_files.ARRAYS]:
             raise IntegrityError(str(path))
     except (KeyError, OSError, ValueError):

@@ -31,7 +31,7 @@ from distinf.core.numerics import require_finite_columns
 from distinf.core.scoring import query_divisors
 from distinf.runtime.chunk_factors import add_factor_sums, read_factor_sums
 from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, SUM_ARRAYS, write_layout
-from distinf.runtime.faults import injected_fault
+from distinf.runtime.faults import injected_fault, injected_hang, injected_step_delay
 from distinf.runtime.solve import Chunk, chunk_grads, chunk_groups, merge_blocks, solve_chunks
 from distinf.store import (atomic_write_array_stream, atomic_write_arrays, read_arrays,
                            read_verified_table, safetensors_layout)
@@ -54,9 +54,11 @@ def zero_block_entries(index_table, spans: list[tuple[int, int]]) -> list[dict]:
     return [{"columns": f"{a}:{b}", "params": list(dict.fromkeys(params[a:b]))} for a, b in spans]
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_concurrency=2)  # a second thread answers `progress` while `reduce` works
 class Reducer:
     def __init__(self, slices: list[slice], hessian: dict):
+        self.steps = {"chunk_groups_merged": 0, "blocks_factorised": 0, "queries_preconditioned": 0}
+        """What `reduce` has done so far: the driver counts a stall as a time without any step."""
         self.slices = slices
         self.hessian = HessianConfig.model_validate(hessian)
         if self.hessian.method in ("gauss_newton", "datainf", *KFAC_METHODS):
@@ -78,6 +80,7 @@ class Reducer:
         they are the starting point, so only the new chunks are read. `factor_chunks` (kfac,
         kfac_mix): (path, sha256) of every train chunk's factor sums; `index_table` the run's index set."""
         injected_fault("reducer", attempt)  # tests only
+        injected_hang("reducer", attempt)
         if self.hessian.method in ("gauss_newton", *KFAC_METHODS):
             factors = (self._factor_sums(factor_chunks, index_table) if self.hessian.method in KFAC_METHODS
                        else None)
@@ -98,6 +101,7 @@ class Reducer:
         divisors = query_divisors(normalize, query_grads, torch.from_numpy(preconditioned))
         del query_grads
         require_finite_columns(preconditioned.T, self.slices, "the preconditioned queries Ĥ⁻¹ĝ")
+        self._step("queries_preconditioned")
         zero = getattr(curvature, "zero_blocks", [])
         result = {
             # Wrapped in a list so Ray hands the caller the reference, not the array.
@@ -113,6 +117,13 @@ class Reducer:
         # The object store holds them now; this process keeps no copy of its own.
         del preconditioned, curvature
         return result
+
+    def progress(self) -> dict[str, int]:
+        return dict(self.steps)
+
+    def _step(self, name: str) -> None:
+        self.steps[name] += 1
+        injected_step_delay("reducer")  # tests only
 
     def _factor_sums(self, factor_chunks: list[Chunk], index_table) -> FactorSums:
         """The sum of every chunk's Kronecker factor sums, read one file at a time."""
@@ -137,7 +148,7 @@ class Reducer:
             total.count = count
             del stored
         pending = [chunk_gram.remote(group, self.slices) for group in chunk_groups(train_chunks, self.slices)]
-        merge_blocks(pending, total)
+        merge_blocks(pending, total, lambda: self._step("chunk_groups_merged"))
         if total.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
         if factors is not None:
@@ -154,6 +165,7 @@ class Reducer:
                 lam, factor = factorize_or_zero_(block, count, self.hessian.damping, part, i in zero)
                 total.blocks[i] = factor
                 lambdas.append(lam)
+                self._step("blocks_factorised")
                 yield f"cholesky.{i}", factor.numpy()
 
         shapes = {f"{kind}.{i}": (np.float64, (s.stop - s.start,) * 2)

@@ -17,8 +17,9 @@ from pathlib import Path
 from distinf import ledger
 from distinf.runtime import layout
 from distinf.runtime.errors import JobError, unwritable
-from distinf.runtime.lease import LeaseLost, write_manifest
+from distinf.runtime.lease import Fence, LeaseLost, check_held, held, write_manifest
 from distinf.runtime.manifest import Manifest
+from distinf.runtime.versions import committed_root
 from distinf.store import (atomic_write_json, display, file_sha256, free_bytes, is_file, is_remote, list_files,
                            make_folder, read_bytes, remove, run_path)
 
@@ -40,6 +41,10 @@ QUERY_KEYS = ("name", "runtime.", "output.path", "model.path", "data.queries.", 
 scores it writes and how they are normalised. The rest is the stored run's (its model, index set and curvature)."""
 
 _PART = re.compile(r"^part-(\d{5})-(\d{5})\.(parquet|json)$")
+
+
+class NotResumable(JobError):
+    """The folder holds something a run of this job cannot continue: another job, or no run at all."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class RunDir:
         except (OSError, ValueError):
             stored = None
         if stored is None:
-            raise JobError(f"{option}: '{self}' has no readable {layout.MANIFEST}, so it is not a distinf run "
+            raise NotResumable(f"{option}: '{self}' has no readable {layout.MANIFEST}, so it is not a distinf run "
                            "directory; choose a new output folder")
         return stored
 
@@ -108,8 +113,23 @@ class RunDir:
         run whose lease was taken over never writes over its successor's manifest."""
         write_manifest(self.root, manifest.to_dict())
 
+    def check_lease(self) -> None:
+        """LeaseLost unless this process still holds the folder's lease: before every mutation."""
+        check_held(self.root)
+
+    def fence(self) -> Fence:
+        """The fencing token the workers check before each chunk commit."""
+        return held(self.root).fence()
+
     def mark_failed(self, manifest: Manifest, error: BaseException) -> None:
-        """Leave a "failed" manifest, never "running", whatever stopped the job."""
+        """Leave a "failed" manifest, never "running", whatever stopped the job; but never over the
+        version this very job committed already (stopped while finishing it: runtime.versions)."""
+        try:
+            current = self.read_manifest()
+            if current is not None and current.status == "complete" and current.run_id == manifest.run_id:
+                return
+        except (OSError, ValueError):
+            pass
         try:
             self.write_manifest(replace(manifest, status="failed", error=str(error)))
         except (OSError, LeaseLost):
@@ -152,13 +172,14 @@ class RunDir:
         """Files of a complete run that are missing or no longer match the manifest's sha256."""
         if isinstance(manifest, Manifest):
             manifest = manifest.to_dict()
-        listed = dict(manifest.get("files", {}))
+        source = committed_root(self.root, manifest)  # the committed version's own folder
+        listed = {(source if name != layout.INDEX_SET else self.root) / name: (name, sha256)
+                  for name, sha256 in manifest.get("files", {}).items()}
         for records in manifest.get("chunks", {}).values():
-            listed.update({r["file"]: r["sha256"] for r in records if r.get("file")})
-        present = list_files(self.root, recursive=True)
+            listed.update({self.path(r["file"]): (r["file"], r["sha256"]) for r in records if r.get("file")})
+        present = {**list_files(self.root, recursive=True), **list_files(source, recursive=True)}
         damaged = []
-        for name, sha256 in sorted(listed.items()):
-            path = self.path(name)
+        for path, (name, sha256) in sorted(listed.items()):
             if path not in present or file_sha256(path) != sha256:
                 damaged.append(name)
         return damaged
@@ -207,6 +228,7 @@ class RunDir:
         (`distinf query` outputs under queries/, with their own lease) are left to their own writer,
         and so is the lease's own renewal. On an object store they are the temporary keys of uploads
         killed before their server-side copy to the name."""
+        self.check_lease()
         root = self.root
         if is_remote(root):
             stored = list_files(root, recursive=True)
@@ -269,13 +291,13 @@ def check_resumable(stored: Manifest, config: dict, model: str, data: dict[str, 
     hint = "resume with the job it was started with, or choose a new output folder"
     differ = config_differences(stored.config, config, allowed=RESUME_KEYS)
     if differ:
-        raise JobError(f"--resume: '{run_dir}' holds a different job: {_shown(stored.config, config, differ)}; {hint}")
+        raise NotResumable(f"--resume: '{run_dir}' holds a different job: {_shown(stored.config, config, differ)}; {hint}")
     if stored.model_fingerprint not in (None, model):
-        raise JobError(f"--resume: the model at model.path has changed since '{run_dir}' was started "
+        raise NotResumable(f"--resume: the model at model.path has changed since '{run_dir}' was started "
                        f"(its config or weights differ); {hint}")
     for role, digest in data.items():
         if (stored.data_fingerprint or {}).get(role) not in (None, digest):
-            raise JobError(f"--resume: data.{role} has changed since '{run_dir}' was started (its ids, "
+            raise NotResumable(f"--resume: data.{role} has changed since '{run_dir}' was started (its ids, "
                            f"texts or labels differ); {hint}")
 
 

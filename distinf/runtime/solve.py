@@ -41,9 +41,10 @@ def chunk_groups(chunks: list[Chunk], slices: list[slice]) -> list[list[Chunk]]:
     return [chunks[g::count] for g in range(count)]
 
 
-def merge_blocks(futures: list, total: Any) -> None:
+def merge_blocks(futures: list, total: Any, merged: Callable[[], None] = lambda: None) -> None:
     """Add each task's (numpy blocks, count) into `total` (GramSums, DataInfSums) as it arrives:
-    the blocks are read from the object store without a copy, added in place and dropped at once."""
+    the blocks are read from the object store without a copy, added in place and dropped at once.
+    `merged()` is called after each, for the reducer's progress."""
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -53,6 +54,7 @@ def merge_blocks(futures: list, total: Any) -> None:
             np.add(view, theirs, out=view)
         total.count += count
         del blocks, done
+        merged()
 
 
 def chunk_grads(path: str, sha256: str, slices: list[slice]) -> torch.Tensor:

@@ -31,6 +31,8 @@ from distinf.runtime.shard import GradientShard
 from distinf.tables import gradient_table
 
 log = logging.getLogger("distinf.worker")
+PROGRESS_TIMEOUT = 300
+"""Seconds a rank waits for the progress actor to acknowledge its updates (it answers at once)."""
 
 
 def nonfinite_rows(losses: Tensor, grads: Tensor, gradient_dtype: str = "float32") -> dict[int, str]:
@@ -91,11 +93,12 @@ class GradientWorker:
 
     def compress(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
                  chunks: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, progress: Any = None,
-                 attempt: int = 0, run_id: str | None = None) -> list[dict]:
+                 attempt: int = 0, run_id: str | None = None, fence: Any = None) -> list[dict]:
         """Compute and commit chunks of this rank's partition: (chunk index, positions), PAD a
         padding slot. Every rank is given the same chunk indices, hence the same steps.
 
-        Returns the chunks' ledger records. A non-finite loss or gradient stops the job naming the
+        `fence` (runtime.lease.Fence) is checked before each commit: a run whose lease was taken
+        over commits nothing more. Returns the chunks' ledger records. A non-finite loss or gradient stops the job naming the
         examples or, with data.on_bad_row: skip, leaves them out and lists them in the record.
         """
         batch_size, dtype = self.cfg.runtime.batch_size, self.cfg.output.gradient_dtype
@@ -142,7 +145,8 @@ class GradientWorker:
             planned = [ids[p] for p in positions if p != PAD]
             self.shard.capture.factors = None
             records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
-                                        run_id, factor_arrays(factors.chunk) if factors is not None else None))
+                                        run_id, factor_arrays(factors.chunk) if factors is not None else None,
+                                        fence.check if fence is not None else None))
             if progress is not None:
                 progress.chunk.remote()
             log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",
@@ -150,7 +154,7 @@ class GradientWorker:
                             "rows": len(kept), "rejected": len(rejected), "attempt": attempt,
                             "seconds": round(time.perf_counter() - began, 3)})
         if progress is not None:  # calls from one caller run in order: this returns once ours have landed
-            ray.get(progress.value.remote())
+            ray.get(progress.value.remote(), timeout=PROGRESS_TIMEOUT)
         return records
 
     def shutdown(self) -> None:

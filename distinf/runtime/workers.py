@@ -147,10 +147,11 @@ class WorkerGroup:
         if len({info["index_set_hash"] for info in self.infos}) != 1:
             raise JobError("workers derived different index sets; the job cannot continue")
 
-    def call(self, method: Callable, what: str, stall: bool = True) -> list:
-        """`method(worker)` on every rank; the results in rank order (GroupFailed names the rank)."""
+    def call(self, method: Callable, what: str, stall: float | None = None) -> list:
+        """`method(worker)` on every rank; the results in rank order (GroupFailed names the rank).
+        Stalled after `stall` seconds without a result (default runtime.stall_timeout)."""
         return await_group([method(w) for w in self.workers], self.run_dir.root,
-                           stall=self.cfg.runtime.stall_timeout if stall else None, what=what)
+                           stall=stall or self.cfg.runtime.stall_timeout, what=what)
 
     def stop(self) -> None:
         # Kill rather than ask: after a failure a survivor may be blocked in a collective.
