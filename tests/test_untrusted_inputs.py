@@ -72,3 +72,69 @@ def test_a_row_over_the_byte_cap_is_a_bad_row_naming_file_and_row(tmp_path, monk
     assert "1,200 bytes" in bad.reason
     with pytest.raises(DataError, match=r"b\.parquet' row 1 .*1,200 bytes"):
         read_dataset(DatasetConfig(path=str(tmp_path)), "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed checkpoints and storage errors
+
+
+def _safetensors(path, header: dict | list | str, data: bytes, length: int | None = None):
+    import json
+    import struct
+
+    raw = header if isinstance(header, str) else json.dumps(header)
+    raw = raw.encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def test_a_well_formed_safetensors_file_reads_back(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from distinf.checkpoint import Checkpoint
+
+    weights = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([7], dtype=torch.int64),
+               "empty": torch.zeros(0, 4)}
+    save_file(weights, tmp_path / "model.safetensors")
+    checkpoint = Checkpoint(tmp_path)
+    for name, tensor in weights.items():
+        assert torch.equal(checkpoint.read(name).reshape(tensor.shape), tensor)
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header, data, length, why", [
+    ({"w": F32}, b"\0" * 8, 1 << 62, "header of"),  # MemoryError before
+    ([F32], b"\0" * 8, None, "JSON list"),  # AttributeError before
+    ({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, None, "no dtype, shape and data_offsets"),  # KeyError
+    ({"w": {**F32, "data_offsets": [0, 8]}}, b"\0" * 4, None, "end at byte"),  # past the end of the file
+    ({"w": {**F32, "data_offsets": [-8, 0]}}, b"\0" * 8, None, "byte range"),  # reads the header as weights
+    ({"w": {**F32, "shape": [-2, -1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "shape"),
+    ({"w": F32, "v": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlaps"),
+    ({"w": F32, "v": {**F32, "data_offsets": [12, 20]}}, b"\0" * 20, None, "unused"),
+    ({"w": {**F32, "dtype": 5}}, b"\0" * 8, None, "dtype"),
+    ({"w": {**F32, "shape": "2"}}, b"\0" * 8, None, "shape"),
+])
+def test_a_malformed_safetensors_header_is_a_checkpoint_error(tmp_path, header, data, length, why):
+    from distinf.checkpoint import Checkpoint, CheckpointError
+
+    _safetensors(tmp_path / "model.safetensors", header, data, length)
+    with pytest.raises(CheckpointError, match=why):
+        Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("error, is_fatal", [
+    (OSError(28, "No space left on device", "/runs/x/part.parquet"), True),
+    (OSError(122, "Disk quota exceeded"), True),
+    (PermissionError(13, "Permission denied"), True),
+    (OSError(30, "Read-only file system"), True),
+    (OSError("When reading information for key 'x' in bucket 'b': AWS Error SLOW_DOWN"), False),
+    (ConnectionResetError(104, "Connection reset by peer"), False),
+    (TimeoutError("timed out"), False),
+])
+def test_only_storage_errors_no_restart_can_fix_are_fatal(tmp_path, error, is_fatal):
+    from distinf.runtime.failures import fatal
+
+    assert (fatal(error, tmp_path) is not None) == is_fatal
