@@ -57,26 +57,36 @@ def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
 
     A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace."""
     m, kk = scores.shape
+    scores = np.asarray(scores).astype(np.float32)  # checked as stored: 1e39 is finite in float64 only
     for q in range(m):
-        require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}'")
+        require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}' (as float32)")
     rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
     train = np.asarray(train_ids, dtype=object)
     return pa.table(
         [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),
          pa.array(cols + 1, pa.int32()),
          pa.array(train[positions[rows_q, cols]], pa.string()),
-         pa.array(scores[rows_q, cols].astype(np.float32))],
+         pa.array(scores[rows_q, cols])],
         schema=TOP_K_SCHEMA,
     )
 
 
 def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean: np.ndarray,
                        self_influence: np.ndarray | None) -> pa.Table:
+    """One row per training example; self_influence is NaN when it was not computed. Every other
+    value must be finite once stored as float32."""
     n = len(train_ids)
-    self_inf = np.full(n, np.nan) if self_influence is None else self_influence
+    columns = {"loss": np.asarray(losses).astype(np.float32), "score_mean": np.asarray(score_mean).astype(np.float32)}
+    if self_influence is not None:
+        columns["self_influence"] = np.asarray(self_influence).astype(np.float32)
+    for name, values in columns.items():
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            require_finite(values, f"train_values' {name} of train id '{train_ids[bad]}' (as float32)")
+    self_inf = columns.get("self_influence", np.full(n, np.nan, np.float32))
     return pa.table(
-        [pa.array(list(train_ids), pa.string()), pa.array(np.asarray(losses, np.float32)),
-         pa.array(np.asarray(score_mean, np.float32)), pa.array(np.asarray(self_inf, np.float32))],
+        [pa.array(list(train_ids), pa.string()), pa.array(columns["loss"]),
+         pa.array(columns["score_mean"]), pa.array(self_inf)],
         schema=TRAIN_VALUES_SCHEMA,
     )
 
@@ -84,10 +94,12 @@ def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean:
 def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray) -> pa.Table:
     """Long form of scores [m, n]: one row per (query, train) pair."""
     m, n = scores.shape
+    stored = np.asarray(scores).astype(np.float32)
+    require_finite(stored, "the dense scores (as float32)")
     return pa.table(
         [pa.array(np.repeat(np.asarray(query_ids, dtype=object), n), pa.string()),
          pa.array(np.tile(np.asarray(train_ids, dtype=object), m), pa.string()),
-         pa.array(np.asarray(scores, np.float32).ravel())],
+         pa.array(stored.ravel())],
         schema=DENSE_SCHEMA,
     )
 

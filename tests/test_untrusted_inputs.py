@@ -138,3 +138,28 @@ def test_only_storage_errors_no_restart_can_fix_are_fatal(tmp_path, error, is_fa
     from distinf.runtime.failures import fatal
 
     assert (fatal(error, tmp_path) is not None) == is_fatal
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores checked as they are stored
+
+
+def test_scores_beyond_float32_are_refused_not_stored_as_inf():
+    import numpy as np
+
+    from distinf.core.numerics import NumericalError
+    from distinf.tables import dense_table, top_k_table, train_values_table
+
+    huge = np.array([[1e39, 1.0]])  # finite in float64, inf in float32
+    assert np.isfinite(huge).all() and not np.isfinite(huge.astype(np.float32)).all()
+    with pytest.raises(NumericalError, match="query 'q'"):
+        top_k_table(["q"], ["a", "b"], huge, np.array([[0, 1]]))
+    with pytest.raises(NumericalError, match="dense scores"):
+        dense_table(["q"], ["a", "b"], huge)
+    for losses, means, self_inf, what in [(np.array([1.0, 1e39]), np.zeros(2), None, "loss of train id 'b'"),
+                                          (np.ones(2), np.array([np.nan, 0.0]), None, "score_mean of train id 'a'"),
+                                          (np.ones(2), np.zeros(2), np.array([1.0, -1e40]), "self_influence")]:
+        with pytest.raises(NumericalError, match=what):
+            train_values_table(["a", "b"], losses, means, self_inf)
+    table = train_values_table(["a", "b"], np.ones(2), np.zeros(2), None)  # no self-influence: NaN, as before
+    assert np.isnan(table.column("self_influence").to_numpy()).all()
