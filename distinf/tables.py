@@ -51,13 +51,19 @@ def gradients_of(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
 
 
+def as_stored(values) -> np.ndarray:
+    """Values as the float32 they are stored as; an overflow becomes inf, for the caller to refuse."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values).astype(np.float32)
+
+
 def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
                 positions: np.ndarray) -> pa.Table:
     """scores/positions [m, K] of a TopK (positions index train_ids); rank 1 = strongest proponent.
 
     A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace."""
     m, kk = scores.shape
-    scores = np.asarray(scores).astype(np.float32)  # checked as stored: 1e39 is finite in float64 only
+    scores = as_stored(scores)  # checked as stored: 1e39 is finite in float64 only
     for q in range(m):
         require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}' (as float32)")
     rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
@@ -76,9 +82,9 @@ def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean:
     """One row per training example; self_influence is NaN when it was not computed. Every other
     value must be finite once stored as float32."""
     n = len(train_ids)
-    columns = {"loss": np.asarray(losses).astype(np.float32), "score_mean": np.asarray(score_mean).astype(np.float32)}
+    columns = {"loss": as_stored(losses), "score_mean": as_stored(score_mean)}
     if self_influence is not None:
-        columns["self_influence"] = np.asarray(self_influence).astype(np.float32)
+        columns["self_influence"] = as_stored(self_influence)
     for name, values in columns.items():
         if not np.isfinite(values).all():
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
@@ -94,7 +100,7 @@ def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean:
 def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray) -> pa.Table:
     """Long form of scores [m, n]: one row per (query, train) pair."""
     m, n = scores.shape
-    stored = np.asarray(scores).astype(np.float32)
+    stored = as_stored(scores)
     require_finite(stored, "the dense scores (as float32)")
     return pa.table(
         [pa.array(np.repeat(np.asarray(query_ids, dtype=object), n), pa.string()),
