@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from distinf.runtime.layout import chunk_path, factors_path, record_path
+from distinf.runtime.layout import chunk_path, factors_path, record_path, run_file
 from distinf.store import atomic_write_arrays, atomic_write_json, commit_table, file_sha256, file_size, read_bytes
 
 Planned = dict[int, list[list[str]]]
@@ -72,7 +72,7 @@ def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
     if with_factors and len(files) == 1:
         return None
     for entry in files:
-        path = Path(run_dir) / entry["file"]
+        path = run_file(run_dir, entry.get("file"), f"the ledger record '{record_path(run_dir, split, rank, chunk)}'")
         try:
             if file_size(path) != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
                 return None

@@ -163,3 +163,56 @@ def test_scores_beyond_float32_are_refused_not_stored_as_inf():
             train_values_table(["a", "b"], losses, means, self_inf)
     table = train_values_table(["a", "b"], np.ones(2), np.zeros(2), None)  # no self-influence: NaN, as before
     assert np.isnan(table.column("self_influence").to_numpy()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Records that name files outside the run directory
+
+
+def _record(folder, chunk: int, file: str, **extra):
+    import json
+
+    from distinf.runtime.layout import record_path
+
+    path = record_path(folder, "train", 0, chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"split": "train", "rank": 0, "chunk": chunk, "ids": "another plan", "file": file,
+                                "rows": 1, "bytes": 1, "sha256": "0" * 64, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["../victim.txt", "gradients/train/../../../victim.txt", "/tmp/victim.txt",
+                                  "s3://bucket/victim", "C:\\victim.txt"])
+def test_discard_pending_never_deletes_a_file_a_record_names_outside_the_run(tmp_path, name):
+    from distinf.runtime.incremental import refuse_or_discard
+    from distinf.runtime.run_dir import RunDir
+    from distinf.store import IntegrityError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the run's")
+    run = RunDir.at(tmp_path / "run")
+    _record(run.root, 3, name.replace("/tmp/victim.txt", str(victim)))
+    with pytest.raises(IntegrityError, match="not a relative path inside the run directory"):
+        refuse_or_discard(run, run.stale_chunks("train", 0, {}), discard=True)
+    assert victim.read_text() == "not the run's"
+    _record(run.root, 3, "gradients/train/part-00000-00003.parquet",
+            factors={"file": "../victim.txt", "bytes": 1, "sha256": "0" * 64})
+    with pytest.raises(IntegrityError, match="'../victim.txt'"):
+        run.stale_chunks("train", 0, {})
+
+
+def test_ledger_and_manifest_records_with_names_outside_the_run_are_refused(tmp_path):
+    from distinf import ledger
+    from distinf.runtime.manifest import Manifest
+    from distinf.store import IntegrityError
+
+    record = _record(tmp_path, 0, "../../etc/passwd")
+    record.write_text(record.read_text().replace('"another plan"', f'"{ledger.ids_digest(["a"])}"'))
+    with pytest.raises(IntegrityError, match="ledger record"):
+        ledger.check_record(tmp_path, "train", 0, 0, ["a"])
+    base = {"status": "complete", "name": "x", "config": {}}
+    with pytest.raises(ValueError, match="'../x.parquet'"):
+        Manifest.from_dict({**base, "chunks": {"train": [{"file": "../x.parquet", "sha256": "0"}]}})
+    with pytest.raises(ValueError, match="'/abs/top_k.parquet'"):
+        Manifest.from_dict({**base, "files": {"/abs/top_k.parquet": "0"}})
+    assert Manifest.from_dict({**base, "files": {"scores/top_k.parquet": "0"}}).files  # a name inside is fine

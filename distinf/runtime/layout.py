@@ -18,9 +18,10 @@ the runtime so that the ledger, the lease and the workers can name files too.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from distinf.store import list_files
+from distinf.store import IntegrityError, list_files
 
 MANIFEST = "manifest.json"
 LEASE = "lease.json"
@@ -31,6 +32,22 @@ TRAIN_VALUES = "scores/train_values.parquet"
 DENSE = "scores/dense"
 VERSIONS = "versions"
 QUERIES = "queries"
+
+
+def safe_name(name: object, where: str) -> str:
+    """`name`, a file's name relative to the run directory as a record or manifest gives it, unless
+    it could leave the folder (absolute, a drive or URI, or a `..` part): a record read back is
+    data, and `--discard-pending` deletes what records name. `where` names the record."""
+    if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:|.*://", name)
+            or ".." in re.split(r"[/\\]", name)):
+        raise IntegrityError(f"{where} names the file {name!r}, which is not a relative path inside the run "
+                             "directory; the record was not written by distinf: remove it or choose a new output folder")
+    return name
+
+
+def run_file(run_dir: str | Path, name: object, where: str = "a record of the run directory") -> Path:
+    """The file of the run directory that a record names (`safe_name`)."""
+    return Path(run_dir) / safe_name(name, where)
 
 
 def gradient_dir(run_dir: str | Path, split: str) -> Path:

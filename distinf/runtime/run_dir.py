@@ -58,8 +58,9 @@ class RunDir:
     # -- names -----------------------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
-        """A file of the run by its name in the manifest ("scores/top_k.parquet", a chunk's "file")."""
-        return self.root / name
+        """A file of the run by its name in the manifest ("scores/top_k.parquet", a chunk's "file");
+        IntegrityError for a name that would leave the folder (layout.safe_name)."""
+        return layout.run_file(self.root, name)
 
     def gradient_dir(self, split: str) -> Path:
         return layout.gradient_dir(self.root, split)
@@ -94,13 +95,14 @@ class RunDir:
 
     def stored_manifest(self, option: str) -> Manifest:
         """The manifest of a distinf run directory, or a JobError naming `option`."""
+        reason = ""
         try:
             stored = self.read_manifest()
-        except (OSError, ValueError):
-            stored = None
+        except (OSError, ValueError) as error:
+            stored, reason = None, f" ({error})"
         if stored is None:
-            raise JobError(f"{option}: '{self}' has no readable {layout.MANIFEST}, so it is not a distinf run "
-                           "directory; choose a new output folder")
+            raise JobError(f"{option}: '{self}' has no readable {layout.MANIFEST}{reason}, so it is not a distinf "
+                           "run directory; choose a new output folder")
         return stored
 
     def write_manifest(self, manifest: Manifest) -> None:
