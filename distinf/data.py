@@ -337,6 +337,7 @@ def _check_batch(cfg: DatasetConfig, table: pa.Table, source: Source, where: str
     if cfg.id_column is None:
         ids = pa.array([str(offset + first_row + row) for row in range(table.num_rows)], pa.string())
     else:
+        _refuse_float_ids(table.column(cfg.id_column), where, cfg.id_column)
         ids = _as_string(table.column(cfg.id_column), bad, f"id column '{cfg.id_column}'")
         _check_ids(ids, bad)
     bad.ids = ids
@@ -561,6 +562,17 @@ def _starts_with_bracket(source: Source) -> bool:
             return stream.read(4096).lstrip().startswith(b"[")
     except OSError:
         return False
+
+
+def _refuse_float_ids(column: pa.ChunkedArray, where: str, name: str) -> None:
+    """Float ids are refused: 123456789012 would read back as the id '123456789012.0' or
+    '1.23456789012e+11', so a night whose id column became float (pandas makes an integer column
+    with one missing value float) would take every stored row for a new one."""
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        raise DataError(f"{where}: id column '{name}' has type {kind}; ids must be integers or strings, since a "
+                        "float id's text changes with its type (pandas makes an integer column with a missing value "
+                        "float: write it as Int64 or as strings)")
 
 
 def _as_string(column: pa.ChunkedArray, bad: _BadRows, what: str) -> pa.Array:

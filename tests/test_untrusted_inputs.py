@@ -216,3 +216,20 @@ def test_ledger_and_manifest_records_with_names_outside_the_run_are_refused(tmp_
     with pytest.raises(ValueError, match="'/abs/top_k.parquet'"):
         Manifest.from_dict({**base, "files": {"/abs/top_k.parquet": "0"}})
     assert Manifest.from_dict({**base, "files": {"scores/top_k.parquet": "0"}}).files  # a name inside is fine
+
+
+# ---------------------------------------------------------------------------------------------
+# Id types
+
+
+@pytest.mark.parametrize("ids", [pa.array([123456789012.0, 5.0]), pa.array([1.5, 2.0], pa.float32()),
+                                 pa.array([123456789012, None], pa.int64()).cast(pa.float64())])
+def test_a_float_id_column_is_refused_naming_the_file_and_column(tmp_path, ids):
+    path = tmp_path / "night.parquet"
+    pq.write_table(pa.table({"uid": ids, "text": ["one", "two"]}), path)
+    for on_bad_row in ("error", "skip"):  # a whole column's type: never a bad row to skip
+        with pytest.raises(DataError, match=r"night\.parquet'.*id column 'uid' has type (double|float)"):
+            read_dataset(DatasetConfig(path=str(path), id_column="uid"), "train", on_bad_row)
+    pq.write_table(pa.table({"uid": pa.array([123456789012, 5]), "text": ["one", "two"]}), path)
+    table, _ = read_dataset(DatasetConfig(path=str(path), id_column="uid"), "train")
+    assert table.column("example_id").to_pylist() == ["123456789012", "5"]
