@@ -143,7 +143,7 @@ class WorkerGroup:
         host = "127.0.0.1" if len({a["ip"] for a in addresses}) == 1 else addresses[0]["ip"]
         [port] = await_group([self.workers[0].free_port.remote(host)], self.run_dir.root,
                              stall=cfg.runtime.stall_timeout, what="start-up")
-        self.infos = self.call(lambda w: w.setup.remote(host, port), "model setup")
+        self.infos = self.call(lambda w: w.setup.remote(host, port, self.manifest.model_fingerprint), "model setup")
         if len({info["index_set_hash"] for info in self.infos}) != 1:
             raise JobError("workers derived different index sets; the job cannot continue")
 
