@@ -233,3 +233,36 @@ def test_a_float_id_column_is_refused_naming_the_file_and_column(tmp_path, ids):
     pq.write_table(pa.table({"uid": pa.array([123456789012, 5]), "text": ["one", "two"]}), path)
     table, _ = read_dataset(DatasetConfig(path=str(path), id_column="uid"), "train")
     assert table.column("example_id").to_pylist() == ["123456789012", "5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pending rows matched by their tokenised rows, not their ids alone
+
+
+def test_a_committed_part_of_the_same_ids_but_other_texts_is_computed_again(tmp_path, gpt2_tokenizer):
+    from distinf.config import JobConfig
+    from distinf.ledger import commit_chunk, rows_digest
+    from distinf.runtime.gradient_pass import split_work
+    from distinf.runtime.run_dir import RunDir
+    from distinf.tables import gradient_table
+    import numpy as np
+
+    ids = ["a", "b", "c"]
+    job = JobConfig.model_validate({"name": "t", "model": {"path": str(tmp_path)},
+                                    "data": {"train": {"path": "x"}, "queries": {"path": "y"}},
+                                    "runtime": {"num_workers": 1, "chunk_examples": 8}})
+
+    def work(texts):
+        return split_work(job, data.tokenize(pa.table({"example_id": ids, "text": texts}), gpt2_tokenizer, 16,
+                                             "causal_lm"))
+
+    night1 = work(["the first night", "of texts", "as exported"])
+    night2 = work(["the first night", "of texts", "regenerated: other words"])  # same ids, an edited text
+    run = RunDir.at(tmp_path / "run")
+    [[positions]] = night1.positions.values()
+    table = gradient_table(ids, np.zeros(3), np.ones((3, 4)))
+    # As the worker commits it: the digest of the rows it was sent.
+    commit_chunk(run.root, "train", 0, 0, ids, table, [], rows=rows_digest([night1.data.examples[p] for p in positions]))
+    assert set(run.verified_records("train", night1.planned(), rows=night1.planned_rows())) == {(0, 0)}
+    assert night2.planned() == night1.planned()  # the ids alone cannot tell the nights apart
+    assert run.verified_records("train", night2.planned(), rows=night2.planned_rows()) == {}

@@ -120,10 +120,11 @@ class RunDir:
     # -- the ledger ------------------------------------------------------------------------------
 
     def verified_records(self, split: str, planned: ledger.Planned, chunks: list[int] | None = None,
-                         with_factors: bool = False) -> dict[tuple[int, int], dict]:
+                         with_factors: bool = False, rows: dict[int, list[str]] | None = None
+                         ) -> dict[tuple[int, int], dict]:
         """{(chunk, rank): record} of every planned part committed and intact (distinf.ledger);
-        `with_factors`: with its Kronecker factor sums."""
-        return ledger.verified_records(self.root, split, planned, chunks, with_factors)
+        `with_factors`: with its Kronecker factor sums; `rows`: of these tokenised rows."""
+        return ledger.verified_records(self.root, split, planned, chunks, with_factors, rows)
 
     def chunk_numbers(self, split: str) -> list[int]:
         """The numbers of every chunk the ledger holds a record of, committed or not."""

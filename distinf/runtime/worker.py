@@ -22,7 +22,7 @@ from torch import Tensor
 from distinf.config import JobConfig
 from distinf.core.numerics import float16_overflow_rows
 from distinf.data import PAD, DataError, collate
-from distinf.ledger import commit_chunk
+from distinf.ledger import commit_chunk, rows_digest
 from distinf.log import configure as configure_logging
 from distinf.models import verify_model
 from distinf.runtime.chunk_factors import ChunkFactors, factor_arrays
@@ -143,9 +143,11 @@ class GradientWorker:
             table = (gradient_table(kept, torch.cat(losses).numpy(), torch.cat(grads).numpy(), dtype)
                      if kept else None)
             planned = [ids[p] for p in positions if p != PAD]
+            rows = rows_digest([examples[p] for p in positions if p != PAD])
             self.shard.capture.factors = None
             records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
-                                        run_id, factor_arrays(factors.chunk) if factors is not None else None))
+                                        run_id, factor_arrays(factors.chunk) if factors is not None else None,
+                                        rows))
             if progress is not None:
                 progress.chunk.remote()
             log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",
