@@ -266,3 +266,24 @@ def test_a_committed_part_of_the_same_ids_but_other_texts_is_computed_again(tmp_
     assert set(run.verified_records("train", night1.planned(), rows=night1.planned_rows())) == {(0, 0)}
     assert night2.planned() == night1.planned()  # the ids alone cannot tell the nights apart
     assert run.verified_records("train", night2.planned(), rows=night2.planned_rows()) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradients folder reads as one Parquet dataset
+
+
+def test_factor_files_are_kept_out_of_the_gradients_parquet_folder(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from distinf.ledger import check_record, commit_chunk
+    from distinf.runtime.layout import gradient_dir
+    from distinf.tables import gradient_table
+
+    for rank, ids in enumerate([["a", "b"], ["c"]]):
+        table = gradient_table(ids, np.zeros(len(ids)), np.ones((len(ids), 3)))
+        record = commit_chunk(tmp_path, "train", rank, 0, ids, table, [], factors={"rows": np.array([len(ids)])})
+        assert check_record(tmp_path, "train", rank, 0, ids, with_factors=True) == record
+        assert not record["factors"]["file"].startswith("gradients/")
+    grads = pd.read_parquet(gradient_dir(tmp_path, "train"))  # the README's read: Parquet files only
+    assert sorted(grads.example_id) == ["a", "b", "c"]

@@ -5,7 +5,9 @@
     index_set.parquet                 the tracked entries every gradient column stands for
     rejected.parquet                  rows left out, and why
     gradients/{split}/part-RRRRR-CCCCC.parquet   chunk C of rank R
-    gradients/train/part-RRRRR-CCCCC.factors.safetensors   its Kronecker factor sums (kfac, kfac_mix)
+    factors/train/part-RRRRR-CCCCC.safetensors   its Kronecker factor sums (kfac, kfac_mix, ekfac);
+                                      outside gradients/, which stays a folder of Parquet files only
+                                      (runs before issue 28 kept them there: their ledger records name them)
     ledger/{split}/part-RRRRR-CCCCC.json         its commit record (distinf.ledger)
     curvature/                        the solver's files (runtime.curvature_files)
     scores/top_k.parquet, scores/train_values.parquet, scores/dense/part-*.parquet
@@ -60,8 +62,9 @@ def chunk_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
 
 
 def factors_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
-    """The Kronecker factor sums (hessian.method kfac, kfac_mix) of chunk `chunk` of `rank`, beside it."""
-    return gradient_dir(run_dir, split) / f"part-{rank:05d}-{chunk:05d}.factors.safetensors"
+    """The Kronecker factor sums (hessian.method kfac, kfac_mix, ekfac) of chunk `chunk` of `rank`,
+    in a folder of their own, so that `gradients/{split}/` reads as one Parquet dataset."""
+    return Path(run_dir) / "factors" / split / f"part-{rank:05d}-{chunk:05d}.safetensors"
 
 
 def list_chunks(run_dir: str | Path, split: str) -> list[Path]:
