@@ -287,3 +287,45 @@ def test_factor_files_are_kept_out_of_the_gradients_parquet_folder(tmp_path):
         assert not record["factors"]["file"].startswith("gradients/")
     grads = pd.read_parquet(gradient_dir(tmp_path, "train"))  # the README's read: Parquet files only
     assert sorted(grads.example_id) == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets in addresses and query strings
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("runtime.address", f"ray://admin:{SECRET}@head:10001"),
+    ("runtime.address", f"ray://head:10001?token={SECRET}"),
+    ("output.path", f"s3://bucket/runs/x?access_key=AKIA&secret_key={SECRET}"),
+    ("data.train.path", f"s3://bucket/t.parquet?region=eu-west-1&session_token={SECRET}"),
+    ("model.path", f"gs://bucket/m?X-Amz-Signature={SECRET}"),
+])
+def test_a_secret_in_an_address_or_a_query_string_is_refused_without_echoing_it(key, value):
+    from distinf.config import ConfigError, JobConfig, parse_config
+
+    job = {"model": {"path": "m"}, "data": {"train": {"path": "t.parquet"}, "queries": {"path": "q.parquet"}}}
+    section, *middle, leaf = key.split(".")
+    node = job.setdefault(section, {})
+    for part in middle:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    with pytest.raises(ConfigError) as error:
+        parse_config(job, JobConfig)
+    assert f"{key}: the URI has credentials in it" in str(error.value) and SECRET not in str(error.value)
+
+
+@pytest.mark.parametrize("path, shown", [
+    (f"s3://bucket/x?secret_key={SECRET}&region=us", "s3://bucket/x?secret_key=***&region=us"),
+    (f"https://acct.blob.core.windows.net/c/x?sv=2022&sig={SECRET}", "https://acct.blob.core.windows.net/c/x?sv=2022&sig=***"),
+    ("s3://bucket/x?region=us-east-1&scheme=http", "s3://bucket/x?region=us-east-1&scheme=http"),
+    ("ray://head:10001", "ray://head:10001"),
+])
+def test_display_redacts_secret_query_parameters(path, shown):
+    from distinf.config import has_credentials
+    from distinf.store import display
+
+    assert display(path) == shown
+    assert has_credentials(path) == (SECRET in path)
