@@ -329,3 +329,37 @@ def test_display_redacts_secret_query_parameters(path, shown):
 
     assert display(path) == shown
     assert has_credentials(path) == (SECRET in path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray token authentication
+
+
+def test_the_local_ray_a_job_starts_uses_token_authentication_unless_told_otherwise(monkeypatch):
+    import ray
+
+    from distinf.config import JobConfig
+    from distinf.runtime import workers
+
+    modes = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: modes.append(os.environ.get("RAY_AUTH_MODE")))
+    job = JobConfig.model_validate({"name": "t", "model": {"path": "m"},
+                                    "data": {"train": {"path": "x"}, "queries": {"path": "y"}}})
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert workers.connect(job) is True
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice is kept (the tests' local Rays)
+    assert workers.connect(job) is True
+    assert modes == ["token", "disabled"]
+
+
+def test_the_cluster_launcher_starts_every_node_with_token_authentication():
+    from pathlib import Path
+
+    import yaml
+
+    launcher = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "launcher.yaml").read_text())
+    for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert command.startswith("RAY_AUTH_MODE=token ray start"), command
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
