@@ -154,3 +154,21 @@ def test_a_worker_refuses_model_files_that_differ_from_the_drivers(model_dir):
     (model_dir / "tokenizer.model").write_bytes(b"swapped by the model pipeline mid-run")
     with pytest.raises(models.ModelError, match="differ from those the job started with"):
         models.verify_model(cfg, expected)
+
+
+def test_a_gradient_worker_checks_the_model_files_before_it_loads_them(model_dir):
+    from types import SimpleNamespace
+
+    from distinf.runtime.worker import GradientWorker
+
+    class NeverLoaded:
+        def setup(self, *args):
+            raise AssertionError("the model was loaded before its files were checked")
+
+    cfg = ModelConfig(path=str(model_dir))
+    expected = models.model_fingerprint(cfg)
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")  # changed after the driver's fingerprint
+    worker = SimpleNamespace(cfg=SimpleNamespace(model=cfg), shard=NeverLoaded(), rank=0, world_size=1)
+    setup = GradientWorker.__ray_metadata__.modified_class.setup  # the actor method, run in this process
+    with pytest.raises(models.ModelError, match="differ from those the job started with"):
+        setup(worker, "127.0.0.1", 0, expected)
