@@ -79,8 +79,8 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
             raise CheckpointError(f"'{file}': tensor '{name}' at bytes {start}:{stop} {what}; the file is damaged")
         end = stop
     if 8 + length + end != size:
-        raise CheckpointError(f"'{file}': its tensors end at byte {8 + length + end:,} but the file has {size:,} bytes; "
-                              "the file is truncated or damaged")
+        raise CheckpointError(f"'{file}': its tensors end at byte {8 + length + end:,} but the file has "
+                              f"{size:,} bytes; the file is truncated or damaged")
     return tensors
 
 

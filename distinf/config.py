@@ -53,9 +53,10 @@ def refuse_credentials(path: str | None) -> str | None:
     one; the error does not repeat it.
     """
     if path is not None and has_credentials(str(path)):
-        raise ValueError("the URI has credentials in it (user:secret@ or ?secret_key=), which would be echoed in logs and "
-                         "manifests; leave them out and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                         "an instance role or a profile (AWS_PROFILE)")
+        raise ValueError("the URI has credentials in it (user:secret@ or ?secret_key=), which would be echoed in "
+                         "logs and manifests; leave them out and give them as AWS_ACCESS_KEY_ID/"
+                         "AWS_SECRET_ACCESS_KEY, an instance role or a profile (AWS_PROFILE); a Ray token as "
+                         "RAY_AUTH_TOKEN")
     return path
 
 

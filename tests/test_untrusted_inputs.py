@@ -262,7 +262,8 @@ def test_a_committed_part_of_the_same_ids_but_other_texts_is_computed_again(tmp_
     [[positions]] = night1.positions.values()
     table = gradient_table(ids, np.zeros(3), np.ones((3, 4)))
     # As the worker commits it: the digest of the rows it was sent.
-    commit_chunk(run.root, "train", 0, 0, ids, table, [], rows=rows_digest([night1.data.examples[p] for p in positions]))
+    sent = [night1.data.examples[p] for p in positions]
+    commit_chunk(run.root, "train", 0, 0, ids, table, [], rows=rows_digest(sent))
     assert set(run.verified_records("train", night1.planned(), rows=night1.planned_rows())) == {(0, 0)}
     assert night2.planned() == night1.planned()  # the ids alone cannot tell the nights apart
     assert run.verified_records("train", night2.planned(), rows=night2.planned_rows()) == {}
@@ -319,7 +320,8 @@ def test_a_secret_in_an_address_or_a_query_string_is_refused_without_echoing_it(
 
 @pytest.mark.parametrize("path, shown", [
     (f"s3://bucket/x?secret_key={SECRET}&region=us", "s3://bucket/x?secret_key=***&region=us"),
-    (f"https://acct.blob.core.windows.net/c/x?sv=2022&sig={SECRET}", "https://acct.blob.core.windows.net/c/x?sv=2022&sig=***"),
+    (f"https://acct.blob.core.windows.net/c/x?sv=2022&sig={SECRET}",
+     "https://acct.blob.core.windows.net/c/x?sv=2022&sig=***"),
     ("s3://bucket/x?region=us-east-1&scheme=http", "s3://bucket/x?region=us-east-1&scheme=http"),
     ("ray://head:10001", "ray://head:10001"),
 ])

@@ -43,7 +43,8 @@ def safe_name(name: object, where: str) -> str:
     if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:|.*://", name)
             or ".." in re.split(r"[/\\]", name)):
         raise IntegrityError(f"{where} names the file {name!r}, which is not a relative path inside the run "
-                             "directory; the record was not written by distinf: remove it or choose a new output folder")
+                             "directory; the record was not written by distinf: remove it or choose a new output "
+                             "folder")
     return name
 
 
