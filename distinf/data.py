@@ -361,8 +361,9 @@ def _check_batch(cfg: DatasetConfig, table: pa.Table, source: Source, where: str
         text = _as_string(table.column(cfg.text_column), bad, f"text column '{cfg.text_column}'")
         _check_text(text, bad)
         out["text"] = text
-    for row in _rows_where(pc.greater(pc.binary_length(out["text"]), MAX_TEXT_BYTES)):
-        size = pc.binary_length(out["text"])[row].as_py()
+    sizes = pc.binary_length(out["text"])
+    for row in _rows_where(pc.greater(sizes, MAX_TEXT_BYTES)):
+        size = sizes[row].as_py()
         bad.add(row, f"text is {size:,} bytes, over the {MAX_TEXT_BYTES:,} a row may hold (a broken export?); "
                      "only its first data.max_length tokens would be used")
     if cfg.label_column is not None:
