@@ -42,29 +42,67 @@ class StoredTensor:
         return math.prod(self.shape)
 
 
+MAX_HEADER_BYTES = 100 << 20
+"""safetensors' own readers refuse a longer header: a sane JSON index of tensors is far smaller."""
+
+
 def read_header(file: Path) -> dict[str, StoredTensor]:
-    """The tensors one safetensors file holds, by name."""
+    """The tensors one safetensors file holds, by name; CheckpointError for a file that is not a
+    well-formed safetensors file: a header longer than the file or than MAX_HEADER_BYTES, not a JSON
+    object of entries with a known dtype, a shape of non-negative integers and byte ranges that
+    match the shapes and tile the data, in order, from its start to the end of the file."""
+    size = file.stat().st_size
     with file.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"'{file}': not a safetensors file (shorter than its header)")
         (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"'{file}': not a safetensors file (a header of {length:,} bytes in a file of "
+                                  f"{size:,}; at most {MAX_HEADER_BYTES:,} are allowed)")
         try:
             header = json.loads(handle.read(length))
         except ValueError as error:
             raise CheckpointError(f"'{file}': unreadable safetensors header ({error})") from None
-    tensors = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{file}': the safetensors header is a JSON {type(header).__name__}, not an object")
+    tensors, ranges = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"'{file}': tensor '{name}' has dtype {entry['dtype']}, which distinf cannot read")
-        start, stop = entry["data_offsets"]
-        stored = StoredTensor(file, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + start)
-        if stop - start != stored.numel * stored.dtype.itemsize:
-            raise CheckpointError(f"'{file}': tensor '{name}' spans {stop - start} bytes, not its shape's")
-        tensors[name] = stored
+        tensors[name] = _stored(file, name, entry, 8 + length)
+        ranges.append((entry["data_offsets"][0], entry["data_offsets"][1], name))
+    end = 0
+    for start, stop, name in sorted(ranges):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves bytes {end}:{start} unused"
+            raise CheckpointError(f"'{file}': tensor '{name}' at bytes {start}:{stop} {what}; the file is damaged")
+        end = stop
+    if 8 + length + end != size:
+        raise CheckpointError(f"'{file}': its tensors end at byte {8 + length + end:,} but the file has "
+                              f"{size:,} bytes; the file is truncated or damaged")
     return tensors
+
+
+def _stored(file: Path, name: str, entry: object, data_start: int) -> StoredTensor:
+    """One header entry, checked: its dtype, shape and byte range [start, stop) within the data."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"'{file}': tensor '{name}' {why}; the file is damaged")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise bad("has no dtype, shape and data_offsets in the header")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"'{file}': tensor '{name}' has dtype {dtype}, which distinf cannot read")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has the shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has the byte range {offsets!r}, not [start, stop] with 0 <= start <= stop")
+    stored = StoredTensor(file, DTYPES[dtype], tuple(shape), data_start + offsets[0])
+    if offsets[1] - offsets[0] != stored.numel * stored.dtype.itemsize:
+        raise bad(f"spans {offsets[1] - offsets[0]} bytes, not its shape's")
+    return stored
 
 
 class Checkpoint:

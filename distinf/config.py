@@ -29,9 +29,21 @@ KEY_SCHEMES = ("s3", "gs", "gcs")
 `abfs://container@account...`) and only a `:password` part is a secret."""
 
 
+SECRET_PARAMETERS = re.compile(
+    r"[?&;]((?:aws_)?(?:secret_access_key|secret_key|access_key|session_token|security_token)|secret|token|"
+    r"access_token|password|passwd|pwd|api_?key|client_secret|credentials?|sig|signature|"
+    r"x-amz-(?:signature|credential|security-token))=", re.IGNORECASE)
+"""Query-string parameters that carry a secret: pyarrow's S3 URI options (`?secret_key=`), a
+presigned URL's signature, an Azure SAS `sig`, a token or password."""
+
+
 def has_credentials(path: str) -> bool:
+    """A URI with a key or password in its user part (`s3://KEY:SECRET@bucket`) or its query string
+    (`?secret_key=...`)."""
     match = _USERINFO.match(path)
-    return bool(match) and (":" in match.group(2) or match.group(1).lower() in KEY_SCHEMES)
+    if match and (":" in match.group(2) or match.group(1).lower() in KEY_SCHEMES):
+        return True
+    return bool(SECRET_PARAMETERS.search(path))
 
 
 def refuse_credentials(path: str | None) -> str | None:
@@ -41,9 +53,10 @@ def refuse_credentials(path: str | None) -> str | None:
     one; the error does not repeat it.
     """
     if path is not None and has_credentials(str(path)):
-        raise ValueError("the URI has credentials in it (user:secret@), which would be echoed in logs and "
-                         "manifests; leave them out and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                         "an instance role or a profile (AWS_PROFILE)")
+        raise ValueError("the URI has credentials in it (user:secret@ or ?secret_key=), which would be echoed in "
+                         "logs and manifests; leave them out and give them as AWS_ACCESS_KEY_ID/"
+                         "AWS_SECRET_ACCESS_KEY, an instance role or a profile (AWS_PROFILE); a Ray token as "
+                         "RAY_AUTH_TOKEN")
     return path
 
 
@@ -276,7 +289,8 @@ class ScoringConfig(_Section):
 
 class RuntimeConfig(_Section):
     address: str | None = None
-    """An existing Ray cluster to join; without it a local Ray starts and stops with the job."""
+    """An existing Ray cluster to join; without it a local Ray starts and stops with the job. No
+    credentials in it: Ray's token goes in RAY_AUTH_TOKEN (or its token file), never the address."""
     num_workers: int = Field(default=2, gt=0)
     device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(default=8, gt=0)
@@ -303,6 +317,8 @@ class RuntimeConfig(_Section):
     placement_timeout: float = Field(default=600, gt=0)
     """Seconds to wait for the placement group of runtime.num_workers bundles before the job
     fails: an autoscaling cluster may need longer to bring its GPU nodes up."""
+
+    check_no_credentials = field_validator("address")(refuse_credentials)
 
 
 class OutputConfig(_Section):

@@ -337,6 +337,7 @@ def _check_batch(cfg: DatasetConfig, table: pa.Table, source: Source, where: str
     if cfg.id_column is None:
         ids = pa.array([str(offset + first_row + row) for row in range(table.num_rows)], pa.string())
     else:
+        _refuse_float_ids(table.column(cfg.id_column), where, cfg.id_column)
         ids = _as_string(table.column(cfg.id_column), bad, f"id column '{cfg.id_column}'")
         _check_ids(ids, bad)
     bad.ids = ids
@@ -360,6 +361,11 @@ def _check_batch(cfg: DatasetConfig, table: pa.Table, source: Source, where: str
         text = _as_string(table.column(cfg.text_column), bad, f"text column '{cfg.text_column}'")
         _check_text(text, bad)
         out["text"] = text
+    sizes = pc.binary_length(out["text"])
+    for row in _rows_where(pc.greater(sizes, MAX_TEXT_BYTES)):
+        size = sizes[row].as_py()
+        bad.add(row, f"text is {size:,} bytes, over the {MAX_TEXT_BYTES:,} a row may hold (a broken export?); "
+                     "only its first data.max_length tokens would be used")
     if cfg.label_column is not None:
         out["label"] = _as_labels(table.column(cfg.label_column), bad)
     out["row"] = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
@@ -443,6 +449,11 @@ def _size(source: Source) -> int:
         return Path(source.path).stat().st_size
     return source.filesystem.get_file_info(source.path).size
 
+
+MAX_TEXT_BYTES = 16 << 20
+"""A row whose text (prompt and completion, or rendered messages) is longer is a bad row: a text
+is cut to data.max_length tokens anyway, and one enormous row (a broken export) must not take the
+memory of the process that reads it."""
 
 READ_BATCH_ROWS = 65_536
 """Rows read and checked at a time: a file larger than this never lies in memory whole."""
@@ -552,6 +563,17 @@ def _starts_with_bracket(source: Source) -> bool:
             return stream.read(4096).lstrip().startswith(b"[")
     except OSError:
         return False
+
+
+def _refuse_float_ids(column: pa.ChunkedArray, where: str, name: str) -> None:
+    """Float ids are refused: 123456789012 would read back as the id '123456789012.0' or
+    '1.23456789012e+11', so a night whose id column became float (pandas makes an integer column
+    with one missing value float) would take every stored row for a new one."""
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        raise DataError(f"{where}: id column '{name}' has type {kind}; ids must be integers or strings, since a "
+                        "float id's text changes with its type (pandas makes an integer column with a missing value "
+                        "float: write it as Int64 or as strings)")
 
 
 def _as_string(column: pa.ChunkedArray, bad: _BadRows, what: str) -> pa.Array:
@@ -881,14 +903,43 @@ def fingerprint(data: Tokenized) -> str:
     return digest.hexdigest()
 
 
+CHARS_PER_TOKEN = 32
+"""A text is tokenised from at most this many characters per token of max_length (from its kept
+side), doubled while that part gives too few tokens: a token of ordinary text spans a few
+characters, and a fast tokenizer encodes the whole string before it truncates."""
+
+
+def _kept_part(text: str, budget: int, side: str) -> tuple[str, int]:
+    """(the part of `text` to tokenise, where it starts in `text`): the whole of a short text, else
+    about `budget` characters from the kept side, cut at whitespace when there is some near the
+    cut, so that no word is split (the tokens before the cut are then those of the whole text)."""
+    if len(text) <= budget:
+        return text, 0
+    if side == "left":
+        start = len(text) - budget
+        for i in range(start, start + budget // 2):  # keep the whitespace: it belongs to the next word
+            if text[i].isspace():
+                return text[i:], i
+        return text[start:], start
+    for i in range(budget, budget // 2, -1):
+        if text[i].isspace():
+            return text[:i], 0
+    return text[:budget], 0
+
+
 def _encode(tokenizer: Any, texts: list[str], max_length: int, add_special_tokens: bool,
             offsets: bool = False) -> list[tuple[list[int], list[int], bool, list | None]]:
-    """(input_ids, attention_mask, truncated, character offsets or None) per text, without ever
-    encoding a text in full.
+    """(input_ids, attention_mask, truncated, character offsets in the whole text or None) per
+    text, without ever encoding a text in full.
 
-    Encoding to max_length + 1 returns every short text exactly; a result of max_length + 1
-    tokens means the text did not fit, and only those are encoded again to max_length.
+    A fast tokenizer encodes the whole string before it truncates, so a long text is first cut to
+    `CHARS_PER_TOKEN` characters a token from its kept side (`tokenizer.truncation_side`), and
+    the cut doubled while the part gives at most max_length tokens. Encoding to max_length + 1
+    then returns every short text exactly; a result of max_length + 1 tokens means the text did
+    not fit, and only those are encoded again to max_length.
     """
+    side = getattr(tokenizer, "truncation_side", "right")
+
     def run(batch: list[str], limit: int) -> tuple[list[list[int]], list[list[int]], list | None]:
         out = tokenizer(batch, add_special_tokens=add_special_tokens, truncation=True,
                         max_length=limit, padding=False, return_attention_mask=True,
@@ -896,14 +947,30 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int, add_special_token
         spans = [[tuple(span) for span in seq] for seq in out["offset_mapping"]] if offsets else None
         return out["input_ids"], out["attention_mask"], spans
 
-    input_ids, masks, spans = run(texts, max_length + 1)
+    budget = CHARS_PER_TOKEN * (max_length + 2)
+    parts = [_kept_part(text, budget, side) for text in texts]
+    input_ids, masks, spans = run([part for part, _ in parts], max_length + 1)
+    short_cut = [i for i, seq in enumerate(input_ids) if len(seq) <= max_length and len(parts[i][0]) < len(texts[i])]
+    while short_cut:  # cut too short to fill max_length (long runs of whitespace, long tokens): cut longer
+        budget *= 2
+        for i in short_cut:
+            parts[i] = _kept_part(texts[i], budget, side)
+        again_ids, again_masks, again_spans = run([parts[i][0] for i in short_cut], max_length + 1)
+        for j, i in enumerate(short_cut):
+            input_ids[i], masks[i] = again_ids[j], again_masks[j]
+            if offsets:
+                spans[i] = again_spans[j]
+        short_cut = [i for i in short_cut if len(input_ids[i]) <= max_length and len(parts[i][0]) < len(texts[i])]
     long = [i for i, seq in enumerate(input_ids) if len(seq) > max_length]
     if long:
-        cut_ids, cut_masks, cut_spans = run([texts[i] for i in long], max_length)
+        cut_ids, cut_masks, cut_spans = run([parts[i][0] for i in long], max_length)
         for j, (i, seq, mask) in enumerate(zip(long, cut_ids, cut_masks)):
             input_ids[i], masks[i] = seq, mask
             if offsets:
                 spans[i] = cut_spans[j]
+    if offsets:  # offsets into the whole text, where the part began later in it
+        spans = [[(a + parts[i][1], b + parts[i][1]) if parts[i][1] and b > a else (a, b) for a, b in seq]
+                 for i, seq in enumerate(spans)]
     cut = set(long)
     return [(ids, mask, i in cut, spans[i] if offsets else None)
             for i, (ids, mask) in enumerate(zip(input_ids, masks))]

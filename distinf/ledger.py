@@ -2,7 +2,8 @@
 
 Chunk c of a split always holds the same examples (`data.chunk_plan`). A rank commits its part of
 a chunk in two steps: the Parquet file, then a record `ledger/{split}/part-RRRRR-CCCCC.json` with
-the file's row count and sha256, a digest of the example ids the plan gave it, and the examples
+the file's row count and sha256, a digest of the example ids the plan gave it and one of their
+tokenised rows (so a file regenerated with the same ids but other texts is computed again), and the examples
 it left out (non-finite loss or gradient, under `data.on_bad_row: skip`). With hessian.method
 kfac or kfac_mix a train part also has the Kronecker factor sums of its rows, a safetensors file
 written before the record, which names it under "factors" with its size and sha256. The record is
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from distinf.runtime.layout import chunk_path, factors_path, record_path
+from distinf.runtime.layout import chunk_path, factors_path, record_path, run_file
 from distinf.store import atomic_write_arrays, atomic_write_json, commit_table, file_sha256, file_size, read_bytes
 
 Planned = dict[int, list[list[str]]]
@@ -32,11 +33,24 @@ def ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\0".join(ids).encode()).hexdigest()
 
 
+def rows_digest(examples: Sequence[dict]) -> str:
+    """sha256 over the tokenised rows of a part (each a dict of int tensors), in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for name in sorted(example):
+            digest.update(f"{name}\0{tuple(example[name].shape)}\0".encode())
+            digest.update(example[name].numpy().astype("<i8").tobytes())
+        digest.update(b"\1")
+    return digest.hexdigest()
+
+
 def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned_ids: Sequence[str],
                  table: pa.Table | None, rejected: list[dict], attempt: int = 0, run_id: str | None = None,
-                 factors: dict[str, np.ndarray] | None = None, fence: Callable[[], None] | None = None) -> dict:
+                 factors: dict[str, np.ndarray] | None = None, fence: Callable[[], None] | None = None,
+                 rows: str | None = None) -> dict:
     """Write one rank's part of a chunk (`table` None when no row is left), its factor sums
-    (`factors`, arrays of chunk_factors.factor_arrays; only with rows) and then its record.
+    (`factors`, arrays of chunk_factors.factor_arrays; only with rows) and then its record, with
+    `rows`, the `rows_digest` of the planned examples.
 
     `attempt` (which worker group of the driver computed it) and `run_id` (which run, under the
     run directory's lease) are kept for the record only. `fence` (the lease's Fence.check) runs
@@ -45,7 +59,7 @@ def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned
     fence = fence or (lambda: None)
     record = {"split": split, "rank": rank, "chunk": chunk, "ids": ids_digest(planned_ids),
               "file": None, "rows": 0, "bytes": 0, "sha256": None, "rejected": rejected, "attempt": attempt,
-              "run_id": run_id}
+              "run_id": run_id, "rows_digest": rows}
     if table is not None and table.num_rows:
         if factors is not None:
             path = factors_path(run_dir, split, rank, chunk)
@@ -62,14 +76,17 @@ def commit_chunk(run_dir: str | Path, split: str, rank: int, chunk: int, planned
 
 
 def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
-                 planned_ids: Sequence[str], with_factors: bool = False) -> dict | None:
+                 planned_ids: Sequence[str], with_factors: bool = False, rows: str | None = None) -> dict | None:
     """The part's record if the part is committed and intact, else None. `with_factors`: a part
-    with rows must have its factor sums too, intact."""
+    with rows must have its factor sums too, intact. `rows`: the planned examples' `rows_digest`,
+    which the record must hold (a part of the same ids but other texts is not this plan's)."""
     try:
         record = json.loads(read_bytes(record_path(run_dir, split, rank, chunk)).decode("utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("ids") != ids_digest(planned_ids):
+        return None
+    if rows is not None and record.get("rows_digest") != rows:
         return None
     if record.get("file") is None:
         return record if record.get("rows") == 0 else None
@@ -77,7 +94,7 @@ def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
     if with_factors and len(files) == 1:
         return None
     for entry in files:
-        path = Path(run_dir) / entry["file"]
+        path = run_file(run_dir, entry.get("file"), f"the ledger record '{record_path(run_dir, split, rank, chunk)}'")
         try:
             if file_size(path) != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
                 return None
@@ -87,16 +104,18 @@ def check_record(run_dir: str | Path, split: str, rank: int, chunk: int,
 
 
 def verified_records(run_dir: str | Path, split: str, planned: Planned,
-                     chunks: Sequence[int] | None = None, with_factors: bool = False) -> dict[tuple[int, int], dict]:
+                     chunks: Sequence[int] | None = None, with_factors: bool = False,
+                     rows: dict[int, list[str]] | None = None) -> dict[tuple[int, int], dict]:
     """{(chunk, rank): record} of every part (of `chunks`, default all) committed and intact
-    (`with_factors`: its factor sums too).
+    (`with_factors`: its factor sums too; `rows[c][r]`: of these tokenised rows).
 
     Reads each file once, to check its sha256.
     """
     found = {}
     for chunk in planned if chunks is None else chunks:
         for rank, ids in enumerate(planned[chunk]):
-            record = check_record(run_dir, split, rank, chunk, ids, with_factors)
+            record = check_record(run_dir, split, rank, chunk, ids, with_factors,
+                                  rows[chunk][rank] if rows is not None else None)
             if record is not None:
                 found[(chunk, rank)] = record
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -105,22 +106,72 @@ def with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def model_fingerprint(cfg: ModelConfig) -> str:
-    """sha256 over the config and each weight and config file's name, size and sha256 of all its bytes.
+IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", ".ipynb_checkpoints"})
+"""Folders inside a model or adapter folder that the fingerprint skips: version control, download
+caches (`huggingface_hub` keeps `.cache/` in a local_dir) and Python's bytecode."""
+IGNORED_FILES = ("*.lock", "*.incomplete", ".DS_Store")
+"""File names the fingerprint skips: download locks and partial downloads, Finder's litter."""
 
-    Every byte counts, so a re-saved fine-tune whose changes lie anywhere in a file is never mixed
-    with gradients of the old weights; each file's sha256 is cached (fingerprint_cache_dir), so an
-    unchanged multi-GB checkpoint is read once, not on every run.
+FINGERPRINT_FORMAT = "v2-"
+"""Prefix of a fingerprint over every file (`model_fingerprint`). One without it is of the earlier
+format, over the top-level json, safetensors and bin files only."""
+
+
+def model_files(folder: Path) -> list[Path]:
+    """Every regular file under `folder` (symbolic links followed, as in a Hugging Face cache
+    snapshot), in name order, less those in IGNORED_DIRS or matching IGNORED_FILES."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d not in IGNORED_DIRS)
+        for name in files:
+            path = Path(root) / name
+            if path.is_file() and not any(fnmatch.fnmatch(name, pattern) for pattern in IGNORED_FILES):
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def model_fingerprint(cfg: ModelConfig, like: str | None = None) -> str:
+    """sha256 over the model settings and, for every file under the model and adapter folders
+    (`model_files`), its path in the folder, size and the sha256 of all its bytes.
+
+    Every byte of every file counts (weights in subfolders, the tokenizer's vocab.txt, merges.txt
+    or tokenizer.model, a chat_template.jinja, a remote-code model's *.py), so a changed model is
+    never mixed with gradients of the old one; each file's sha256 is cached (fingerprint_cache_dir),
+    so an unchanged multi-GB checkpoint is read once, not on every run.
+
+    `like`: a stored run's fingerprint. One of the earlier format is compared with the earlier
+    computation, so that runs stored before this format can still be resumed, appended to and
+    queried (with that format's coverage).
     """
     digest = hashlib.sha256()
     digest.update(json.dumps(cfg.model_dump(exclude={"path"}), sort_keys=True).encode())
     folders = [Path(cfg.path)] + ([Path(cfg.lora.adapter_path)] if cfg.lora and cfg.lora.adapter_path else [])
-    for folder in folders:
-        for file in sorted(folder.iterdir()):
-            if file.suffix not in {".json", ".safetensors", ".bin"}:
-                continue
-            digest.update(f"{file.name}:{file.stat().st_size}:{cached_file_sha256(file)}:".encode())
-    return digest.hexdigest()
+    if like is not None and not like.startswith(FINGERPRINT_FORMAT):
+        for folder in folders:
+            for file in sorted(folder.iterdir()):
+                if file.suffix in {".json", ".safetensors", ".bin"}:
+                    digest.update(f"{file.name}:{file.stat().st_size}:{cached_file_sha256(file)}:".encode())
+        return digest.hexdigest()
+    for index, folder in enumerate(folders):
+        for file in model_files(folder):
+            name = file.relative_to(folder).as_posix()
+            digest.update(f"{index}/{name}\0{file.stat().st_size}\0{cached_file_sha256(file)}\0".encode())
+    return FINGERPRINT_FORMAT + digest.hexdigest()
+
+
+def verify_model(cfg: ModelConfig, expected: str | None) -> None:
+    """Refuse, on a worker at setup, a model or adapter folder that is not the one the driver
+    fingerprinted: each node reads model.path itself, at every start and restart, and a model
+    pipeline may write the same volume while the job runs."""
+    if expected is None:
+        return
+    found = model_fingerprint(cfg, like=expected)
+    if found != expected:
+        raise ModelError(f"model.path: the files under '{cfg.path}'"
+                         + (f" or '{cfg.lora.adapter_path}'" if cfg.lora and cfg.lora.adapter_path else "")
+                         + f" on this node differ from those the job started with (fingerprint {found[:15]}..., "
+                         f"expected {expected[:15]}...): the model changed while the job ran, or the nodes hold "
+                         "different copies; run again once every node has the same model")
 
 
 def fingerprint_cache_dir() -> Path:

@@ -25,7 +25,7 @@ from distinf.core.scoring import TopK, score_chunk
 from distinf.data import read_table
 from distinf.ledger import input_order
 from distinf.runtime.curvature_files import read_solver
-from distinf.runtime.layout import TOP_K, TRAIN_VALUES
+from distinf.runtime.layout import MANIFEST, TOP_K, TRAIN_VALUES, run_file
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.versions import committed_root
 from distinf.store import atomic_write_text, display, read_verified_table
@@ -44,7 +44,7 @@ def _texts(dataset: dict, role: str) -> dict[str, str]:
 
 
 def _chunks(run_dir: Path, manifest: dict, split: str) -> list[pa.Table]:
-    return [read_verified_table(run_dir / c["file"], c["sha256"])
+    return [read_verified_table(run_file(run_dir, c["file"], f"{MANIFEST}'s chunk list"), c["sha256"])
             for c in sorted(manifest["chunks"][split], key=input_order)]
 
 

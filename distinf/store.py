@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.numpy import load
 
-from distinf.config import KEY_SCHEMES, ConfigError, refuse_credentials
+from distinf.config import KEY_SCHEMES, SECRET_PARAMETERS, ConfigError, refuse_credentials
 
 
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -74,15 +74,20 @@ def run_path(path: str | Path) -> Path:
     return Path(path) if is_remote(path) else Path(path).resolve()
 
 
+SECRET_VALUE = re.compile(r"(" + SECRET_PARAMETERS.pattern + r")[^&;#]*", re.IGNORECASE)
+"""A secret query parameter with its value, for `display` to keep the name and hide the value."""
+
+
 def display(path: str | Path) -> str:
     """A path as the user wrote it: `s3://bucket/run`, not the folded `s3:/bucket/run`.
 
     Credentials in a URI (`s3://KEY:SECRET@bucket`, refused by the job's validation) are shown as
     `***`, so that no message, manifest or task argument built from a path can echo a secret.
     """
-    uri = split_uri(path)
+    text = SECRET_VALUE.sub(r"\1***", str(path))
+    uri = split_uri(text)
     if uri is None:
-        return str(path)
+        return text
     netloc, slash, rest = uri[1].partition("/")
     userinfo, at, host = netloc.rpartition("@")
     if at and uri[0] in KEY_SCHEMES:

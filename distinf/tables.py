@@ -57,6 +57,12 @@ def gradients_of(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
 
 
+def as_stored(values) -> np.ndarray:
+    """Values as the float32 they are stored as; an overflow becomes inf, for the caller to refuse."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values).astype(np.float32)
+
+
 def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
                 positions: np.ndarray, influence: np.ndarray) -> pa.Table:
     """scores/positions/influence [m, K] of a TopK (its scores, positions, values; positions index
@@ -64,30 +70,40 @@ def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
 
     A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace."""
     m, kk = scores.shape
+    scores, influence = as_stored(scores), as_stored(influence)  # checked as stored: 1e39 is finite in float64 only
     for q in range(m):
-        require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}'")
-        require_finite(influence[q], f"the top-{kk} influence of query '{query_ids[q]}'")
+        require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}' (as float32)")
+        require_finite(influence[q], f"the top-{kk} influence of query '{query_ids[q]}' (as float32)")
     rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
     train = np.asarray(train_ids, dtype=object)
     return pa.table(
         [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),
          pa.array(cols + 1, pa.int32()),
          pa.array(train[positions[rows_q, cols]], pa.string()),
-         pa.array(scores[rows_q, cols].astype(np.float32)),
-         pa.array(np.asarray(influence)[rows_q, cols].astype(np.float32))],
+         pa.array(scores[rows_q, cols]),
+         pa.array(influence[rows_q, cols])],
         schema=TOP_K_SCHEMA,
     )
 
 
 def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean: np.ndarray,
                        self_influence: np.ndarray | None, influence_mean: np.ndarray) -> pa.Table:
-    """score_mean and influence_mean [n]: the mean over queries of each training row's score and influence."""
+    """One row per training example; self_influence is NaN when it was not computed. score_mean and
+    influence_mean [n]: the mean over queries of each row's score and influence. Every other value
+    must be finite once stored as float32."""
     n = len(train_ids)
-    self_inf = np.full(n, np.nan) if self_influence is None else self_influence
+    columns = {"loss": as_stored(losses), "score_mean": as_stored(score_mean),
+               "influence_mean": as_stored(influence_mean)}
+    if self_influence is not None:
+        columns["self_influence"] = as_stored(self_influence)
+    for name, values in columns.items():
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            require_finite(values, f"train_values' {name} of train id '{train_ids[bad]}' (as float32)")
+    self_inf = columns.get("self_influence", np.full(n, np.nan, np.float32))
     return pa.table(
-        [pa.array(list(train_ids), pa.string()), pa.array(np.asarray(losses, np.float32)),
-         pa.array(np.asarray(score_mean, np.float32)), pa.array(np.asarray(self_inf, np.float32)),
-         pa.array(np.asarray(influence_mean, np.float32))],
+        [pa.array(list(train_ids), pa.string()), pa.array(columns["loss"]),
+         pa.array(columns["score_mean"]), pa.array(self_inf), pa.array(columns["influence_mean"])],
         schema=TRAIN_VALUES_SCHEMA,
     )
 
@@ -96,11 +112,14 @@ def dense_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
                 influence: np.ndarray) -> pa.Table:
     """Long form of scores and influence [m, n]: one row per (query, train) pair."""
     m, n = scores.shape
+    stored, stored_influence = as_stored(scores), as_stored(influence)
+    require_finite(stored, "the dense scores (as float32)")
+    require_finite(stored_influence, "the dense influence (as float32)")
     return pa.table(
         [pa.array(np.repeat(np.asarray(query_ids, dtype=object), n), pa.string()),
          pa.array(np.tile(np.asarray(train_ids, dtype=object), m), pa.string()),
-         pa.array(np.asarray(scores, np.float32).ravel()),
-         pa.array(np.asarray(influence, np.float32).ravel())],
+         pa.array(stored.ravel()),
+         pa.array(stored_influence.ravel())],
         schema=DENSE_SCHEMA,
     )
 

@@ -43,8 +43,13 @@ def test_a_range_outside_the_tensor_is_refused_by_name(sharded):
 
 def test_a_truncated_shard_names_the_file_and_tensor(sharded):
     file = sharded / "model-00002-of-00002.safetensors"
-    file.write_bytes(file.read_bytes()[:-20])
+    whole = file.read_bytes()
+    file.write_bytes(whole[:-20])
+    with pytest.raises(CheckpointError, match="00002-of-00002.safetensors.*truncated"):  # refused at open
+        Checkpoint(sharded)
+    file.write_bytes(whole)
     checkpoint = Checkpoint(sharded)
+    file.write_bytes(whole[:-20])  # truncated while it is read
     last = max(checkpoint.tensors, key=lambda n: checkpoint.tensors[n].offset if checkpoint.tensors[n].file == file else -1)
     with pytest.raises(CheckpointError, match=f"truncated inside tensor '{last}'"):
         checkpoint.read(last)

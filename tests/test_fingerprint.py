@@ -106,3 +106,69 @@ def test_the_cache_is_per_user_and_a_broken_or_unwritable_one_only_costs_hashing
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert models.fingerprint_cache_dir() == tmp_path / "home" / ".cache" / "distinf"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every file of the folder (issue 28)
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "vocab.txt", "merges.txt", "tokenizer.model",
+                                  "modeling_custom.py", "shards/model-00001-of-00002.safetensors"])
+def test_a_change_to_any_file_of_the_folder_changes_the_fingerprint(model_dir, name):
+    cfg = ModelConfig(path=str(model_dir))
+    file = model_dir / name
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(b"the first version")
+    before = models.model_fingerprint(cfg)
+    file.write_bytes(b"the second version")
+    assert models.model_fingerprint(cfg) != before
+
+
+def test_version_control_caches_and_locks_are_ignored(model_dir):
+    cfg = ModelConfig(path=str(model_dir))
+    before = models.model_fingerprint(cfg)
+    for name in (".git/index", ".cache/huggingface/download/model.safetensors.metadata", "__pycache__/x.pyc",
+                 "model.safetensors.lock", "weights.incomplete"):
+        (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / name).write_bytes(os.urandom(16))
+    assert models.model_fingerprint(cfg) == before
+
+
+def test_a_run_stored_with_the_earlier_format_is_compared_with_the_earlier_computation(model_dir):
+    import hashlib
+
+    cfg = ModelConfig(path=str(model_dir))
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(exclude={"path"}), sort_keys=True).encode())
+    for file in sorted(model_dir.iterdir()):  # the earlier format, written out independently
+        sha = hashlib.sha256(file.read_bytes()).hexdigest()
+        digest.update(f"{file.name}:{file.stat().st_size}:{sha}:".encode())
+    stored = digest.hexdigest()
+    assert models.model_fingerprint(cfg, like=stored) == stored
+    assert models.model_fingerprint(cfg).startswith(models.FINGERPRINT_FORMAT)
+
+
+def test_a_worker_refuses_model_files_that_differ_from_the_drivers(model_dir):
+    cfg = ModelConfig(path=str(model_dir))
+    expected = models.model_fingerprint(cfg)
+    models.verify_model(cfg, expected)  # the same files: accepted
+    (model_dir / "tokenizer.model").write_bytes(b"swapped by the model pipeline mid-run")
+    with pytest.raises(models.ModelError, match="differ from those the job started with"):
+        models.verify_model(cfg, expected)
+
+
+def test_a_gradient_worker_checks_the_model_files_before_it_loads_them(model_dir):
+    from types import SimpleNamespace
+
+    from distinf.runtime.worker import GradientWorker
+
+    class NeverLoaded:
+        def setup(self, *args):
+            raise AssertionError("the model was loaded before its files were checked")
+
+    cfg = ModelConfig(path=str(model_dir))
+    expected = models.model_fingerprint(cfg)
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")  # changed after the driver's fingerprint
+    worker = SimpleNamespace(cfg=SimpleNamespace(model=cfg), shard=NeverLoaded(), rank=0, world_size=1)
+    setup = GradientWorker.__ray_metadata__.modified_class.setup  # the actor method, run in this process
+    with pytest.raises(models.ModelError, match="differ from those the job started with"):
+        setup(worker, "127.0.0.1", 0, expected)

@@ -403,7 +403,7 @@ def test_a_chunk_commits_its_factor_sums_and_counts_as_done_only_with_them_intac
     table = gradient_table(["a", "b", "c"], np.zeros(3), np.zeros((3, index_set.k)))
     ids = ["a", "b", "c"]
     record = commit_chunk(tmp_path, "train", 1, 4, ids, table, [], factors=factor_arrays(sums))
-    assert record["factors"]["file"] == "gradients/train/part-00001-00004.factors.safetensors"
+    assert record["factors"]["file"] == "factors/train/part-00001-00004.safetensors"
     assert check_record(tmp_path, "train", 1, 4, ids, with_factors=True) == record
     stored = read_factor_sums(read_arrays(tmp_path / record["factors"]["file"], record["factors"]["sha256"]),
                               index_set.to_table(), "here")

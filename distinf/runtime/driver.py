@@ -129,7 +129,7 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
         if stored.status == "complete":  # a driver killed after its switch: finish its version first
             versions.repair(run_dir.root, stored.to_dict())
         stages = Stages(cfg.name)  # planning starts once the folder is open
-        model = model_fingerprint(cfg.model)
+        model = model_fingerprint(cfg.model, like=base.manifest.model_fingerprint)
         plan = plan_job(cfg, stored_train_ids=base.train_ids)
         queries = fingerprint(plan.queries)
         check_appendable(base.manifest, config, model, queries, run_dir)
@@ -155,7 +155,7 @@ def _run_job(cfg: JobConfig, run_dir: RunDir, resume: bool, append: bool, discar
         stages = Stages(cfg.name)
         plan = plan_job(cfg)
         manifest = Manifest(status="running", name=cfg.name, config=config,
-                            model_fingerprint=model_fingerprint(cfg.model),
+                            model_fingerprint=model_fingerprint(cfg.model, like=stored and stored.model_fingerprint),
                             data_fingerprint={s: fingerprint(plan.split(s)) for s in SPLITS}, restarts=[])
         if stored is not None:
             check_resumable(stored, config, manifest.model_fingerprint, manifest.data_fingerprint, run_dir)

@@ -8,6 +8,7 @@ at the right process.
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,9 +43,14 @@ def cause(error: BaseException) -> BaseException:
     return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
 
 
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+"""The storage errors a restart cannot fix: a full disk, a quota, a permission, a read-only
+filesystem. Every other OSError is retried within runtime.max_restarts."""
+
+
 def fatal(error: BaseException, run_dir: Path) -> Exception | None:
     """What to raise at once for a failure no restart can fix: bad data, a corrupt chunk, a full
-    disk, an actor whose constructor raises."""
+    disk (or quota, permission, read-only filesystem), an actor whose constructor raises."""
     if isinstance(error, RayActorError) and error.actor_init_failed:
         return JobError(f"an actor of the job could not start: {error}")
     inner = cause(error)
@@ -52,9 +58,9 @@ def fatal(error: BaseException, run_dir: Path) -> Exception | None:
         return inner
     if isinstance(inner, (IntegrityError, NumericalError)):
         return JobError(str(inner))
-    if isinstance(inner, OSError):
+    if isinstance(inner, OSError) and inner.errno in FATAL_ERRNOS:
         return write_error(inner, run_dir)
-    return None
+    return None  # other OSErrors (object-store throttling, a reset connection, a timeout) pass
 
 
 def headline(error: BaseException) -> str:

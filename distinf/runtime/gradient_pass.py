@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from distinf.config import JobConfig
 from distinf.core.kfac import KFAC_METHODS
 from distinf.data import PAD, Tokenized, chunk_plan
-from distinf.ledger import Planned, input_order, pending_chunks
+from distinf.ledger import Planned, input_order, pending_chunks, rows_digest
 from distinf.runtime import metrics
 from distinf.runtime.errors import JobError
 from distinf.runtime.failures import await_group
@@ -79,6 +79,11 @@ class SplitWork:
         return {c: [[self.data.ids[p] for p in part if p != PAD] for part in parts]
                 for c, parts in self.positions.items()}
 
+    def planned_rows(self) -> dict[int, list[str]]:
+        """chunk -> rank -> the `rows_digest` of the tokenised rows the part holds."""
+        return {c: [rows_digest([self.data.examples[p] for p in part if p != PAD]) for part in parts]
+                for c, parts in self.positions.items()}
+
 
 def split_work(cfg: JobConfig, data: Tokenized, first_chunk: int = 0, carried: list[dict] = (),
                segment: int = 0) -> SplitWork:
@@ -95,9 +100,11 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
     index set and the worker layout in `manifest` (and writes it)."""
     splits = list(work)
     planned = {s: work[s].planned() for s in splits}
+    rows = {s: work[s].planned_rows() for s in splits}
     # kfac, kfac_mix: a train part counts as done only with its Kronecker factor sums.
     with_factors = {s: s == "train" and cfg.hessian.method in KFAC_METHODS for s in splits}
-    records = {s: run_dir.verified_records(s, planned[s], with_factors=with_factors[s]) for s in splits}
+    records = {s: run_dir.verified_records(s, planned[s], with_factors=with_factors[s], rows=rows[s])
+               for s in splits}
     group = WorkerGroup(cfg, run_dir, manifest)
     state = {"index_table": _stored_index_set(run_dir, manifest), "todo": {}}
 
@@ -119,7 +126,7 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
         run_dir.remove_leftovers()
         for split in splits:  # what the failed attempt committed before it stopped
             records[split].update(run_dir.verified_records(split, planned[split], state["todo"][split],
-                                                           with_factors[split]))
+                                                           with_factors[split], rows[split]))
 
     group.with_restarts("gradients", "gradient pass", attempt, "Committed chunks are kept", take_stock)
     ordered = {}

@@ -5,7 +5,9 @@
     index_set.parquet                 the tracked entries every gradient column stands for
     rejected.parquet                  rows left out, and why
     gradients/{split}/part-RRRRR-CCCCC.parquet   chunk C of rank R
-    gradients/train/part-RRRRR-CCCCC.factors.safetensors   its Kronecker factor sums (kfac, kfac_mix)
+    factors/train/part-RRRRR-CCCCC.safetensors   its Kronecker factor sums (kfac, kfac_mix, ekfac);
+                                      outside gradients/, which stays a folder of Parquet files only
+                                      (runs before issue 28 kept them there: their ledger records name them)
     ledger/{split}/part-RRRRR-CCCCC.json         its commit record (distinf.ledger)
     curvature/                        the solver's files (runtime.curvature_files)
     scores/top_k.parquet, scores/train_values.parquet, scores/dense/part-*.parquet
@@ -18,9 +20,10 @@ the runtime so that the ledger, the lease and the workers can name files too.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from distinf.store import list_files
+from distinf.store import IntegrityError, list_files
 
 MANIFEST = "manifest.json"
 LEASE = "lease.json"
@@ -33,6 +36,23 @@ VERSIONS = "versions"
 QUERIES = "queries"
 
 
+def safe_name(name: object, where: str) -> str:
+    """`name`, a file's name relative to the run directory as a record or manifest gives it, unless
+    it could leave the folder (absolute, a drive or URI, or a `..` part): a record read back is
+    data, and `--discard-pending` deletes what records name. `where` names the record."""
+    if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:|.*://", name)
+            or ".." in re.split(r"[/\\]", name)):
+        raise IntegrityError(f"{where} names the file {name!r}, which is not a relative path inside the run "
+                             "directory; the record was not written by distinf: remove it or choose a new output "
+                             "folder")
+    return name
+
+
+def run_file(run_dir: str | Path, name: object, where: str = "a record of the run directory") -> Path:
+    """The file of the run directory that a record names (`safe_name`)."""
+    return Path(run_dir) / safe_name(name, where)
+
+
 def gradient_dir(run_dir: str | Path, split: str) -> Path:
     return Path(run_dir) / "gradients" / split
 
@@ -43,8 +63,9 @@ def chunk_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
 
 
 def factors_path(run_dir: str | Path, split: str, rank: int, chunk: int) -> Path:
-    """The Kronecker factor sums (hessian.method kfac, kfac_mix) of chunk `chunk` of `rank`, beside it."""
-    return gradient_dir(run_dir, split) / f"part-{rank:05d}-{chunk:05d}.factors.safetensors"
+    """The Kronecker factor sums (hessian.method kfac, kfac_mix, ekfac) of chunk `chunk` of `rank`,
+    in a folder of their own, so that `gradients/{split}/` reads as one Parquet dataset."""
+    return Path(run_dir) / "factors" / split / f"part-{rank:05d}-{chunk:05d}.safetensors"
 
 
 def list_chunks(run_dir: str | Path, split: str) -> list[Path]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
+from distinf.runtime.layout import safe_name
+
 CARRIED = ("index_set_hash", "index_set_sha256", "params", "workers")
 """What a later job in the same folder (a resume, an append, a query run again) takes over from
 the manifest before it: the index set drawn and the worker layout that drew it. The rest is
@@ -105,6 +107,12 @@ class Manifest:
             raise ValueError(f"manifest.json has no key {missing[0]!r}")
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {key: value for key, value in data.items() if key in known}
+        for name in values.get("files") or {}:
+            safe_name(name, "manifest.json's files")
+        for split, chunks in (values.get("chunks") or {}).items():
+            for chunk in chunks or []:
+                if chunk.get("file") is not None:
+                    safe_name(chunk["file"], f"manifest.json's {split} chunks")
         if values.get("append") is not None:
             values["append"] = AppendPending.from_dict(values["append"])
         return cls(**values, extra={key: value for key, value in data.items() if key not in known})

@@ -69,7 +69,7 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
     out = RunDir.at(output) if output else RunDir(run.query_dir(queries))
     of = _identity(run, stored)
     solver = _load_solver(run, stored, cfg.hessian)
-    model = model_fingerprint(cfg.model)
+    model = model_fingerprint(cfg.model, like=stored.model_fingerprint)
     if model != stored.model_fingerprint:
         raise JobError(f"distinf query: the model at model.path ({cfg.model.path}) is not the one "
                        f"'{run}' was computed with (its config or weights differ)")

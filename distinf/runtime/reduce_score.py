@@ -26,7 +26,7 @@ from distinf.core.scoring import TopK
 from distinf.runtime import curvature_files
 from distinf.runtime.failures import Stalled, await_tasks
 from distinf.runtime.gradient_pass import PROBE_TIMEOUT, Gradients
-from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path
+from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path, run_file
 from distinf.runtime.lease import tick
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.reducer import Reducer
@@ -142,7 +142,7 @@ def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice]) -> t
 def chunk_files(run_dir: RunDir | Path, records: list[dict]) -> list[tuple[str, str]]:
     """(path, sha256) of the records' chunk files, in their order; parts that kept no row have none."""
     root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
-    return [(str(root / r["file"]), r["sha256"]) for r in records if r["file"]]
+    return [(str(run_file(root, r["file"])), r["sha256"]) for r in records if r["file"]]
 
 
 def factor_files(run_dir: RunDir, records: list[dict]) -> list[tuple[str, str]]:

@@ -63,8 +63,9 @@ class RunDir:
     # -- names -----------------------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
-        """A file of the run by its name in the manifest ("scores/top_k.parquet", a chunk's "file")."""
-        return self.root / name
+        """A file of the run by its name in the manifest ("scores/top_k.parquet", a chunk's "file");
+        IntegrityError for a name that would leave the folder (layout.safe_name)."""
+        return layout.run_file(self.root, name)
 
     def gradient_dir(self, split: str) -> Path:
         return layout.gradient_dir(self.root, split)
@@ -99,13 +100,14 @@ class RunDir:
 
     def stored_manifest(self, option: str) -> Manifest:
         """The manifest of a distinf run directory, or a JobError naming `option`."""
+        reason = ""
         try:
             stored = self.read_manifest()
-        except (OSError, ValueError):
-            stored = None
+        except (OSError, ValueError) as error:
+            stored, reason = None, f" ({error})"
         if stored is None:
-            raise NotResumable(f"{option}: '{self}' has no readable {layout.MANIFEST}, so it is not a distinf run "
-                           "directory; choose a new output folder")
+            raise NotResumable(f"{option}: '{self}' has no readable {layout.MANIFEST}{reason}, so it is not a "
+                               "distinf run directory; choose a new output folder")
         return stored
 
     def write_manifest(self, manifest: Manifest) -> None:
@@ -138,10 +140,11 @@ class RunDir:
     # -- the ledger ------------------------------------------------------------------------------
 
     def verified_records(self, split: str, planned: ledger.Planned, chunks: list[int] | None = None,
-                         with_factors: bool = False) -> dict[tuple[int, int], dict]:
+                         with_factors: bool = False, rows: dict[int, list[str]] | None = None
+                         ) -> dict[tuple[int, int], dict]:
         """{(chunk, rank): record} of every planned part committed and intact (distinf.ledger);
-        `with_factors`: with its Kronecker factor sums."""
-        return ledger.verified_records(self.root, split, planned, chunks, with_factors)
+        `with_factors`: with its Kronecker factor sums; `rows`: of these tokenised rows."""
+        return ledger.verified_records(self.root, split, planned, chunks, with_factors, rows)
 
     def chunk_numbers(self, split: str) -> list[int]:
         """The numbers of every chunk the ledger holds a record of, committed or not."""

@@ -22,8 +22,9 @@ from torch import Tensor
 from distinf.config import JobConfig
 from distinf.core.numerics import float16_overflow_rows
 from distinf.data import PAD, DataError, collate
-from distinf.ledger import commit_chunk
+from distinf.ledger import commit_chunk, rows_digest
 from distinf.log import configure as configure_logging
+from distinf.models import verify_model
 from distinf.runtime.chunk_factors import ChunkFactors, factor_arrays
 from distinf.runtime.faults import injected_delay, injected_fault
 from distinf.runtime.process_memory import release_free_memory
@@ -79,8 +80,10 @@ class GradientWorker:
             s.bind((host, 0))
             return s.getsockname()[1]
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
-        """The shard's setup, with where it runs and (rank 0) the index set's table."""
+    def setup(self, master_addr: str, master_port: int, model_fingerprint: str | None = None) -> dict:
+        """The shard's setup, with where it runs and (rank 0) the index set's table. The model files
+        are checked against the driver's `model_fingerprint` first."""
+        verify_model(self.cfg.model, model_fingerprint)
         info = self.shard.setup(master_addr, master_port)
         log.info(f"rank {self.rank} of {self.world_size} ready: {info['local_params']:,} local parameters",
                  extra={"event": "worker_ready", "rank": self.rank, "pid": os.getpid(),
@@ -143,10 +146,11 @@ class GradientWorker:
             table = (gradient_table(kept, torch.cat(losses).numpy(), torch.cat(grads).numpy(), dtype)
                      if kept else None)
             planned = [ids[p] for p in positions if p != PAD]
+            rows = rows_digest([examples[p] for p in positions if p != PAD])
             self.shard.capture.factors = None
             records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
                                         run_id, factor_arrays(factors.chunk) if factors is not None else None,
-                                        fence.check if fence is not None else None))
+                                        fence.check if fence is not None else None, rows))
             if progress is not None:
                 progress.chunk.remote()
             log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",

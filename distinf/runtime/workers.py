@@ -56,6 +56,9 @@ def connect(cfg: JobConfig) -> bool:
     if cfg.runtime.address:
         start, where = (lambda: ray.init(address=cfg.runtime.address, log_to_driver=True)), cfg.runtime.address
     else:
+        # Token authentication for the local Ray this job starts, unless RAY_AUTH_MODE says otherwise
+        # (Ray >= 2.52 makes and keeps the token in ~/.ray/auth_token; older Rays ignore the variable).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         start, where = (lambda: ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
                                          runtime_env={"env_vars": worker_env(cfg.runtime.device)})), "a local Ray"
     for _ in range(2):
@@ -143,7 +146,7 @@ class WorkerGroup:
         host = "127.0.0.1" if len({a["ip"] for a in addresses}) == 1 else addresses[0]["ip"]
         [port] = await_group([self.workers[0].free_port.remote(host)], self.run_dir.root,
                              stall=cfg.runtime.stall_timeout, what="start-up")
-        self.infos = self.call(lambda w: w.setup.remote(host, port), "model setup")
+        self.infos = self.call(lambda w: w.setup.remote(host, port, self.manifest.model_fingerprint), "model setup")
         if len({info["index_set_hash"] for info in self.infos}) != 1:
             raise JobError("workers derived different index sets; the job cannot continue")
 
