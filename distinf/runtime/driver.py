@@ -29,6 +29,7 @@ from distinf.runtime import metrics, versions
 from distinf.runtime.errors import (Interrupted, JobError, arm_sigterm, interruption, terminated_as_error,
                                     unwritable, write_error)
 from distinf.runtime.gradient_pass import SplitWork, gradient_pass, split_work
+from distinf.runtime.history import append_history
 from distinf.runtime.incremental import append_manifest, open_for_append, refuse_or_discard
 from distinf.runtime.layout import INDEX_SET, MANIFEST
 from distinf.runtime.lease import acquire
@@ -216,4 +217,9 @@ def _publish(cfg: JobConfig, run_dir: RunDir, out: Path, manifest: Manifest) -> 
     if manifest.files.items() - ({INDEX_SET: manifest.files[INDEX_SET]} | staged).items():
         raise JobError(f"output.path: publishing version {manifest.run_id} changed bytes on the way; run again")
     run_dir.write_manifest(manifest)
+    try:  # complete versions only; after the manifest, so a failure here never unmakes a complete run
+        append_history(run_dir.root, out, manifest.run_id, manifest.as_of)
+    except OSError as error:
+        log.warning(f"version {manifest.run_id} is complete but its score history was not written: {error}",
+                    extra={"event": "history_not_written"})
     return manifest.to_dict()

@@ -178,13 +178,14 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     position = {train_id: i for i, train_id in enumerate(train_ids)}
     n = len(train_ids)
     losses, score_mean, self_inf = np.zeros(n), np.zeros(n), np.full(n, np.nan)
-    top = TopK(len(query_ids), cfg.scoring.top_k)
+    top, bottom = TopK(len(query_ids), cfg.scoring.top_k), TopK(len(query_ids), cfg.scoring.top_k)
     for chunk in chunks:
         rows = np.array([position[i] for i in chunk.ids])
         losses[rows], score_mean[rows] = chunk.losses, chunk.score_mean
         if chunk.self_influence is not None:
             self_inf[rows] = chunk.self_influence
         top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids))
+        bottom.update(-chunk.bottom_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.bottom_ids))
 
     if carried is not None:
         stored = dict(zip(carried.column("train_id").to_pylist(), carried.column("self_influence").to_numpy()))
@@ -194,7 +195,8 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     query_rank = {q: i for i, q in enumerate(query_order)}
     rows_in_order = np.argsort([query_rank[q] for q in query_ids], kind="stable")
     top_table = top_k_table([query_ids[i] for i in rows_in_order], train_ids,
-                            top.scores[rows_in_order], top.positions[rows_in_order])
+                            top.scores[rows_in_order], top.positions[rows_in_order],
+                            -bottom.scores[rows_in_order], bottom.positions[rows_in_order])
     values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None)
     if version is not None:
         top_table, values = stamp(top_table, *version), stamp(values, *version)

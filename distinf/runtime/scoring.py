@@ -25,6 +25,8 @@ class ChunkScores:
     self_influence: np.ndarray | None
     top_scores: np.ndarray          # [m, K'] the chunk's own top-K
     top_ids: np.ndarray             # [m, K'] their example ids
+    bottom_scores: np.ndarray       # [m, K'] the chunk's K lowest scores, lowest first
+    bottom_ids: np.ndarray          # [m, K'] their example ids
 
 
 @ray.remote(num_cpus=1)
@@ -48,6 +50,8 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
     require_finite(scores, f"the scores of gradient chunk {path}")
     top = TopK(scores.shape[0], top_k)
     top.update(scores, np.arange(len(ids)))  # local order is global order within a chunk
+    bottom = TopK(scores.shape[0], top_k)
+    bottom.update(-scores, np.arange(len(ids)))
     if dense_path is not None:
         dense = dense_table(query_ids, ids, scores)
         atomic_write_table(dense if version is None else stamp(dense, *version), dense_path)
@@ -58,4 +62,6 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
         self_influence=self_inf if with_self_influence else None,
         top_scores=top.scores,
         top_ids=np.asarray(ids, dtype=object)[top.positions],
+        bottom_scores=-bottom.scores,
+        bottom_ids=np.asarray(ids, dtype=object)[bottom.positions],
     )
