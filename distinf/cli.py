@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", type=Path, help="a complete run directory")
     report.add_argument("--noisy-column", help="a boolean column of the training file marking known-noisy "
                         "rows (e.g. flipped labels): adds their ROC curve")
+    report.add_argument("--by", action="append", default=[], metavar="COLUMN",
+                        help="a column of the training files (e.g. source, label, shard) to break the values "
+                             "down by (repeatable)")
     status = command("status", "show a run directory's state, version, counts, restarts, timings and rejected rows")
     status.add_argument("run_dir", help="a run directory (path or URI)")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         from distinf.report import write_report
 
         try:
-            print(write_report(args.run_dir, args.noisy_column))
+            print(write_report(args.run_dir, args.noisy_column, args.by))
         except (OSError, ValueError) as error:
             print(f"distinf: {error}", file=sys.stderr)
             return 2

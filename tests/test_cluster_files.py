@@ -90,8 +90,21 @@ DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = KUBERAY / "distinf-entrypoint.sh"
 
 
+def settings():
+    """The base's ConfigMap distinf-settings (kustomization.yaml's configMapGenerator literals)."""
+    [generator] = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())["configMapGenerator"]
+    return dict(literal.split("=", 1) for literal in generator["literals"])
+
+
 def env_of(container):
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+    """name -> value; a value from the ConfigMap distinf-settings as the base sets it, any other
+    valueFrom as written."""
+    env = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        env[e["name"]] = settings()[ref["key"]] if ref and ref["name"] == "distinf-settings" else \
+            e.get("value", e.get("valueFrom"))
+    return env
 
 
 def load_all(name):
@@ -204,6 +217,9 @@ def test_token_auth_network_policy_and_dashboard_exposure():
                     assert {} not in sources and all(f.get("podSelector") for f in rule["from"])
                     if "ports" not in rule:                        # any port: only other Ray pods
                         assert all(s.items() <= labels.items() for s in sources), policy["metadata"]["name"]
+                    elif [p["port"] for p in rule["ports"]] == [8080]:  # Ray's metrics: Prometheus only
+                        assert sources == [{"app.kubernetes.io/name": "prometheus"}]
+                        assert all(f["namespaceSelector"]["matchLabels"] for f in rule["from"])
                     else:
                         assert [p["port"] for p in rule["ports"]] == [8265] and role == "head"
         head = spec["headGroupSpec"]

@@ -163,3 +163,54 @@ def test_the_score_tables_read_in_spark(nightly):
         assert pyspark.__version__
     finally:
         spark.stop()
+
+
+def test_the_report_on_a_multi_file_run_shows_values_breakdown_trend_and_health(nightly, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    import matplotlib.image
+
+    run = nightly["run"]
+    # --noisy-column on a training path that is a list of files (it crashed before).
+    assert main(["report", str(run), "--noisy-column", "flipped", "--by", "source"]) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2  # distributions + ROC of the flipped rows
+    values = pq.read_table(run / "scores" / "train_values.parquet").to_pydict()
+    order = np.argsort(values["score_mean"], kind="stable")
+    helpful = page.split("Most helpful training rows")[1].split("</table>")[0]
+    harmful = page.split("Most harmful training rows")[1].split("</table>")[0]
+    assert values["train_id"][order[-1]] in helpful and values["train_id"][order[0]] in harmful
+    # The breakdown by source counts each source's rows as the training files have them.
+    sources = pq.read_table(nightly["files"][0]).to_pylist() + pq.read_table(nightly["files"][1]).to_pylist() + \
+        pq.read_table(nightly["files"][2]).to_pylist()
+    kept = set(values["train_id"])
+    breakdown = page.split("<h3>by source</h3>")[1].split("</table>")[0]
+    for source in {r["source"] for r in sources}:
+        n = sum(r["source"] == source and r["id"] in kept for r in sources)
+        assert f"<td>{source}</td><td>{n}</td>" in breakdown
+    trend = page.split("Trend across committed versions")[1].split("</table>")[0]
+    assert nightly["v1"]["run_id"] in trend and nightly["v2"]["run_id"] in trend
+    health = page.split("Run health")[1].split("Distributions")[0]
+    assert "text is empty" in health and "b.parquet" in health and "gradients" in health
+    assert "strongest opponents" in page
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it")
+        pytest.skip("chromium not installed (.ci/run installs it)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,2400",
+                    f"--screenshot={shot}", (run / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2400, 1300)
+    blue = np.all(np.abs(pixels - np.array([0x3B, 0x6E, 0xA5]) / 255) < 0.03, axis=-1)
+    assert blue.sum() > 2000  # the histograms rendered, not just the text
+    shutil.copy(shot, run / "report_screenshot.png")
+    if os.environ.get("DISTINF_KEEP_SCREENSHOT"):  # to look at it
+        shutil.copy(shot, os.environ["DISTINF_KEEP_SCREENSHOT"])

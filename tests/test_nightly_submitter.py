@@ -42,7 +42,8 @@ def head():
     env = {**os.environ, "PATH": f"{fake}:{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     subprocess.run([VENV_BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", "--port=6393",
                     "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    "--dashboard-port=8293", f"--temp-dir={temp}", "--disable-usage-stats"],
+                    "--dashboard-port=8293", "--metrics-export-port=8294", f"--temp-dir={temp}",
+                    "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     try:
         from ray.job_submission import JobSubmissionClient
@@ -165,3 +166,44 @@ def test_a_job_stopped_by_an_operator_while_followed_is_not_retried(head):
 
 def test_missing_settings_are_a_configuration_error():
     assert nightly_submitter.main({"RUN_DIR": RUN_DIR}) == 2
+
+
+def test_the_metrics_reach_prometheus_under_the_names_the_readme_gives(head):
+    """distinf's metrics recorded on a real Ray node, scraped from its metrics agent as Prometheus
+    would: every exported name the README documents is there (ray_ prefix, _total on counters)."""
+    import re
+    import urllib.request
+
+    import ray
+
+    from distinf.runtime import metrics
+
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"`(ray_distinf_[a-z_]+)`", readme.split("### Logs and metrics")[1]))
+    assert {"ray_distinf_examples_done_total", "ray_distinf_examples_planned",
+            "ray_distinf_last_success_timestamp_seconds"} <= documented
+    ray.init(address="127.0.0.1:6393", log_to_driver=False)
+    metrics.reset()
+    try:
+        job = "metrics-test"
+        deadline = time.time() + 90
+        while True:  # record again each round: the agent may not be listening yet at first
+            metrics.examples_done(job, "train", 3)
+            metrics.chunks_committed(job, "train", 1)
+            metrics.restarted(job, "gradients")
+            metrics.stage_seconds(job, "gradients", 2.5)
+            metrics.examples_progress(job, "train", 3, 10)
+            metrics.stage_progress(job, "scoring", 1, 4)
+            metrics.succeeded(job, 1.7e9)
+            text = urllib.request.urlopen("http://127.0.0.1:8294/metrics", timeout=10).read().decode()
+            exported = {name for name in re.findall(r"^(ray_distinf_[a-z_]+)\{", text, re.M)
+                        if f'job="{job}"' in text}
+            if documented <= exported or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert documented <= exported, (documented - exported, sorted(exported))
+        assert exported <= documented, exported - documented  # nothing exported goes undocumented
+        assert re.search(r'^ray_distinf_examples_planned\{[^}]*split="train"[^}]*\} 10(\.0)?$', text, re.M)
+    finally:
+        metrics.reset()
+        ray.shutdown()

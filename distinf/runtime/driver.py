@@ -217,6 +217,7 @@ def _publish(cfg: JobConfig, run_dir: RunDir, out: Path, manifest: Manifest) -> 
     if manifest.files.items() - ({INDEX_SET: manifest.files[INDEX_SET]} | staged).items():
         raise JobError(f"output.path: publishing version {manifest.run_id} changed bytes on the way; run again")
     run_dir.write_manifest(manifest)
+    metrics.succeeded(cfg.name, time.time())
     try:  # complete versions only; after the manifest, so a failure here never unmakes a complete run
         append_history(run_dir.root, out, manifest.run_id, manifest.as_of)
     except OSError as error:

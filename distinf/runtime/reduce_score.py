@@ -22,7 +22,7 @@ from ray.exceptions import GetTimeoutError
 from distinf.config import JobConfig
 from distinf.core.kfac import KFAC_METHODS
 from distinf.core.scoring import TopK
-from distinf.runtime import curvature_files
+from distinf.runtime import curvature_files, metrics
 from distinf.runtime.failures import Stalled, await_tasks
 from distinf.runtime.gradient_pass import Gradients
 from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path
@@ -62,7 +62,8 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
     def attempt(number: int) -> tuple[dict, dict]:
         reducer = None
         try:
-            reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
+            reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump(),
+                                                                                     cfg.name)
             try:
                 reduced = ray.get(reducer.reduce.remote(curvature_chunks, chunks["queries"], str(out / "curvature"),
                                                         number, stored_sums, cfg.scoring.normalize,
@@ -173,7 +174,8 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
                                  version, cfg.scoring.normalize, query_divisors)
         for path, sha256 in train_chunks
     ]
-    chunks = await_tasks(futures, cfg.runtime.stall_timeout, "scoring")
+    chunks = await_tasks(futures, cfg.runtime.stall_timeout, "scoring",
+                         lambda done, total: metrics.stage_progress(cfg.name, "scoring", done, total))
     train_ids = [i for chunk in chunks for i in chunk.ids]  # input order, rejected examples left out
     position = {train_id: i for i, train_id in enumerate(train_ids)}
     n = len(train_ids)

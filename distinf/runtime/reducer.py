@@ -29,6 +29,7 @@ from distinf.core.curvature import Curvature, GramSums, factorize_or_zero_, prec
 from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.numerics import require_finite_columns
 from distinf.core.scoring import query_divisors
+from distinf.runtime import metrics
 from distinf.runtime.chunk_factors import add_factor_sums, read_factor_sums
 from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, SUM_ARRAYS, write_layout
 from distinf.runtime.faults import injected_fault
@@ -56,8 +57,9 @@ def zero_block_entries(index_table, spans: list[tuple[int, int]]) -> list[dict]:
 
 @ray.remote(num_cpus=1)
 class Reducer:
-    def __init__(self, slices: list[slice], hessian: dict):
+    def __init__(self, slices: list[slice], hessian: dict, job: str = ""):
         self.slices = slices
+        self.job = job  # the job's name, for its progress metrics
         self.hessian = HessianConfig.model_validate(hessian)
         if self.hessian.method in ("gauss_newton", "datainf", *KFAC_METHODS):
             # The blocks (factorised in place) and their copy in the object store, on this node.
@@ -137,7 +139,7 @@ class Reducer:
             total.count = count
             del stored
         pending = [chunk_gram.remote(group, self.slices) for group in chunk_groups(train_chunks, self.slices)]
-        merge_blocks(pending, total)
+        merge_blocks(pending, total, lambda done, tasks: metrics.stage_progress(self.job, "curvature", done, tasks))
         if total.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
         if factors is not None:

@@ -41,11 +41,14 @@ def chunk_groups(chunks: list[Chunk], slices: list[slice]) -> list[list[Chunk]]:
     return [chunks[g::count] for g in range(count)]
 
 
-def merge_blocks(futures: list, total: Any) -> None:
+def merge_blocks(futures: list, total: Any, progress: Callable[[int, int], None] | None = None) -> None:
     """Add each task's (numpy blocks, count) into `total` (GramSums, DataInfSums) as it arrives:
-    the blocks are read from the object store without a copy, added in place and dropped at once."""
+    the blocks are read from the object store without a copy, added in place and dropped at once.
+    `progress(done, total)` is told as tasks are merged."""
     pending = list(futures)
     while pending:
+        if progress is not None:
+            progress(len(futures) - len(pending), len(futures))
         done, pending = ray.wait(pending, num_returns=1)
         blocks, count = ray.get(done[0])
         for mine, theirs in zip(total.blocks, blocks, strict=True):
@@ -53,6 +56,8 @@ def merge_blocks(futures: list, total: Any) -> None:
             np.add(view, theirs, out=view)
         total.count += count
         del blocks, done
+    if progress is not None:
+        progress(len(futures), len(futures))
 
 
 def chunk_grads(path: str, sha256: str, slices: list[slice]) -> torch.Tensor:
