@@ -78,7 +78,7 @@ def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.n
             columns[2].append(train[part_positions[q]])
             columns[3].append(np.asarray(part_scores[q], np.float32))
             columns[4].append(np.full(kk, kind, dtype=object))
-    joined = [np.concatenate(c) if c else np.array([]) for c in columns]
+    joined = [np.concatenate(c) if c else np.array([], dtype=object) for c in columns]
     return pa.table([pa.array(values, field.type) for values, field in zip(joined, TOP_K_SCHEMA)],
                     schema=TOP_K_SCHEMA)
 
