@@ -39,16 +39,37 @@ def nightly(tmp_path_factory, shared_ray):
     for path, (start, stop) in zip(files, [(0, 12), (12, 18), (18, table.num_rows)]):
         pq.write_table(table.slice(start, stop - start), path)
     model = job_fixtures.tiny_model_dir(root, "gpt2")
+    recorded = pytest.MonkeyPatch()
+    made = job_fixtures.recording_metrics(recorded)
     first = job_fixtures.job_file(root, model, train, queries,
                                   data={"train": {"path": [str(f) for f in files[:2]], "id_column": "id"},
                                         "on_bad_row": "skip"},
                                   scoring={"top_k": TOP_K, "dense": True}, output={"keep_versions": 1})
     run_dir = root / "run"
-    v1 = run_job(load_job(first))
-    v1_train_values = pq.read_table(run_dir / "scores" / "train_values.parquet")
-    v2 = run_job(load_job(first, [f"data.train.path={json.dumps([str(f) for f in files])}"]), run_dir, append=True)
+    try:
+        v1 = run_job(load_job(first))
+        v1_train_values = pq.read_table(run_dir / "scores" / "train_values.parquet")
+        v2 = run_job(load_job(first, [f"data.train.path={json.dumps([str(f) for f in files])}"]), run_dir,
+                     append=True)
+    finally:
+        recorded.undo()
     return {"run": run_dir, "v1": v1, "v2": v2, "v1_train_values": v1_train_values, "n": table.num_rows,
-            "files": files}
+            "files": files, "metrics": made}
+
+
+def test_the_metrics_tell_progress_and_the_last_success(nightly):
+    """On a job that joins a running Ray (as on a cluster): examples planned and committed, the
+    scoring tasks, and the time of the last success, set when the append completed."""
+    from datetime import datetime
+
+    made, v2 = nightly["metrics"], nightly["v2"]
+    assert made["distinf_examples_planned"].values[("test", "train")] == 6      # the append's new rows
+    assert made["distinf_examples_committed"].values[("test", "train")] == 6
+    scoring = v2["counts"]["train_chunks"]
+    assert made["distinf_stage_tasks"].values[("test", "scoring")] == scoring
+    assert made["distinf_stage_tasks_done"].values[("test", "scoring")] == scoring
+    [last] = made["distinf_last_success_timestamp_seconds"].values.values()
+    assert 0 <= last - datetime.fromisoformat(v2["as_of"]).timestamp() < 600
 
 
 def test_top_k_holds_the_k_lowest_scores_as_opponents_beside_the_proponents(nightly):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import datetime
 
 import pytest
 
@@ -77,8 +76,6 @@ def test_a_run_shows_in_structured_logs_and_metrics_and_stdout_ends_with_the_sum
     assert made["distinf_examples_planned"].values == {("test", "train"): 12, ("test", "queries"): 6}
     assert made["distinf_examples_committed"].values == {("test", "train"): 12, ("test", "queries"): 6}
     assert made["distinf_stage_tasks"].values == made["distinf_stage_tasks_done"].values == {("test", "scoring"): 3}
-    [last_success] = made["distinf_last_success_timestamp_seconds"].values.values()
-    assert 0 <= last_success - datetime.fromisoformat(manifest["as_of"]).timestamp() < 600
     seconds = made["distinf_stage_seconds"].values
     assert seconds == {("test", stage): value for stage, value in manifest["timings"].items()}
     assert set(manifest["timings"]) == {"plan", "gradients", "curvature", "scoring"}

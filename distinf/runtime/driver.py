@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import ray
@@ -163,6 +164,9 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
     arm_sigterm()
     for stage, seconds in stages.timings.items():  # timed before Ray was connected, so not recorded yet
         metrics.stage_seconds(cfg.name, stage, seconds)
+    base = manifest.last_complete()  # an append's (or a resume's) last success, shown while this run runs
+    if base is not None and base.as_of:
+        metrics.succeeded(cfg.name, datetime.fromisoformat(base.as_of).timestamp())
     try:
         gradients = gradient_pass(cfg, run_dir, work, plan.pad_token_id, manifest)
         stages.lap("gradients")
@@ -217,7 +221,7 @@ def _publish(cfg: JobConfig, run_dir: RunDir, out: Path, manifest: Manifest) -> 
     if manifest.files.items() - ({INDEX_SET: manifest.files[INDEX_SET]} | staged).items():
         raise JobError(f"output.path: publishing version {manifest.run_id} changed bytes on the way; run again")
     run_dir.write_manifest(manifest)
-    metrics.succeeded(cfg.name, time.time())
+    metrics.succeeded(cfg.name, time.time())  # recorded while Ray is connected (a job on a cluster)
     try:  # complete versions only; after the manifest, so a failure here never unmakes a complete run
         append_history(run_dir.root, out, manifest.run_id, manifest.as_of)
     except OSError as error:

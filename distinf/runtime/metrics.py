@@ -4,11 +4,12 @@
     distinf_chunks_committed{job, split}     counter: gradient chunk parts committed to the ledger
     distinf_restarts{job, stage}             counter: restarts of a failed or stalled stage
     distinf_stage_seconds{job, stage}        gauge: wall seconds of each finished stage
-    distinf_examples_planned{job, split}     gauge: examples of the split (stored and to compute)
+    distinf_examples_planned{job, split}     gauge: examples this run computes (an append: its new rows)
     distinf_examples_committed{job, split}   gauge: of those, how many have committed gradients
     distinf_stage_tasks{job, stage}          gauge: tasks of curvature or scoring (one per chunk group / chunk)
     distinf_stage_tasks_done{job, stage}     gauge: of those, how many finished
-    distinf_last_success_timestamp_seconds{job}  gauge: when the last run or append completed (Unix time)
+    distinf_last_success_timestamp_seconds{job}  gauge: when the last run or append completed (Unix time):
+                                             the stored version's at the start, this run's at its end
 
 Prometheus sees them as Ray exports them: with a `ray_` prefix, and counters with `_total` appended
 (`ray_distinf_examples_done_total`); README.md, "Logs and metrics", lists the exported names.
@@ -29,7 +30,7 @@ _DEFINITIONS = {
                          ("job", "split")),
     "restarts": ("Counter", "distinf_restarts", "restarts of a failed or stalled stage", ("job", "stage")),
     "stage_seconds": ("Gauge", "distinf_stage_seconds", "wall seconds of the last finished stage", ("job", "stage")),
-    "examples_planned": ("Gauge", "distinf_examples_planned", "examples of the split, stored and to compute",
+    "examples_planned": ("Gauge", "distinf_examples_planned", "examples of the split this run computes",
                          ("job", "split")),
     "examples_committed": ("Gauge", "distinf_examples_committed", "examples of the split with committed gradients",
                            ("job", "split")),
