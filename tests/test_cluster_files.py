@@ -3,12 +3,10 @@ the README says: the nightly command continues a failed run, submission is idemp
 is never retried, every path the job reads or writes is mounted (or on object storage), and the
 image, rayVersion and the Dockerfile's Ray agree."""
 
-import json
 import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
