@@ -28,6 +28,6 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users distinf ./distinf
 RUN pip install -c constraints.txt ".[s3]" \
  && python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}')"
-# Job files and the nightly submitter ride in the image.
+# Job files and the cluster scripts ride in the image (the nightly submitter is distinf.nightly_submitter).
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users cluster ./cluster

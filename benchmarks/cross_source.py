@@ -135,9 +135,11 @@ def same_source_fractions(top_k: pa.Table, train_source: dict[str, str], query_s
     proponent has the query's source (`top1`), whose ranks 1..depth all do (`top3_all`), and
     `top1` per query source."""
     ranked: dict[str, list[tuple[int, str]]] = {}
-    for query, rank, train in zip(top_k.column("query_id").to_pylist(), top_k.column("rank").to_pylist(),
-                                  top_k.column("train_id").to_pylist()):
-        ranked.setdefault(query, []).append((rank, train))
+    kinds = top_k.column("kind").to_pylist() if "kind" in top_k.column_names else ["proponent"] * top_k.num_rows
+    for query, rank, train, kind in zip(top_k.column("query_id").to_pylist(), top_k.column("rank").to_pylist(),
+                                        top_k.column("train_id").to_pylist(), kinds):
+        if kind == "proponent":
+            ranked.setdefault(query, []).append((rank, train))
     first, all_top, by_source = [], [], {}
     for query, source in query_source.items():
         best = [train for _, train in sorted(ranked.get(query, []))[:depth]]

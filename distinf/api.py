@@ -44,7 +44,7 @@ class AttributionResult:
     train_losses: np.ndarray
     query_losses: np.ndarray
     index_set: pa.Table         # param, flat_index (other methods than dropout: the component number)
-    top_k: pa.Table             # query_id, rank, train_id, score, influence
+    top_k: pa.Table             # query_id, rank, train_id, score, influence, kind (proponent / opponent)
     train_values: pa.Table      # train_id, loss, score_mean, self_influence, influence_mean
     damping: list[float]        # per curvature block
     tracked_fraction: float     # tracked parameter elements / all parameter elements
@@ -145,8 +145,9 @@ def attribute(
     influence = score_chunk(preconditioned, train_grads).numpy()
     scores = normalized(influence, query_divisors(normalize, query_grads, preconditioned),
                         train_divisors(normalize, train_grads, self_inf))
-    top = TopK(len(queries), cfg.scoring.top_k)
+    top, bottom = TopK(len(queries), cfg.scoring.top_k), TopK(len(queries), cfg.scoring.top_k)
     top.update(scores, np.arange(len(train)), influence)
+    bottom.update(-scores, np.arange(len(train)), influence)  # the K lowest scores: the strongest opponents
     if not cfg.scoring.self_influence:
         self_inf = None
 
@@ -159,7 +160,8 @@ def attribute(
         train_losses=train_losses.numpy(),
         query_losses=query_losses.numpy(),
         index_set=layout.to_table(),
-        top_k=top_k_table(query_ids, train_ids, top.scores, top.positions, top.values),
+        top_k=top_k_table(query_ids, train_ids, top.scores, top.positions, top.values,
+                          -bottom.scores, bottom.positions, bottom.values),
         train_values=train_values_table(train_ids, train_losses.numpy(), scores.mean(0), self_inf,
                                         influence.mean(0)),
         damping=solver.damping,

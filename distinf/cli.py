@@ -1,13 +1,32 @@
-"""`distinf run | query | validate | report`: the command line, a thin edge over the driver."""
+"""`distinf run | query | validate | report | status`: the command line, a thin edge over the driver."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import distinf
 from distinf.config import ConfigError, JobConfig, load_job, refuse_credentials
 from distinf.store import display, run_path
+
+EPILOG = """exit codes:
+  0  done: the run, append, query, report or check is complete
+  1  runtime failure (a worker group out of restarts, a stall, a lost node, a lease held by another
+     writer, SIGTERM): run the same command again; --append-to and --resume continue it
+  2  configuration, data or model error, or bad arguments: fix them first, do not retry
+
+environment:
+  DISTINF_LOG_LEVEL   log level of the stderr lines (default INFO)
+  DISTINF_LOG_FORMAT  json: JSON lines instead of key=value
+  RAY_ADDRESS         the Ray cluster to join when runtime.address is auto or unset
+  DS_ACCELERATOR      DeepSpeed's accelerator (distinf sets cuda or cpu for its workers)
+  HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE  set them to 1: models are read from disk only
+"""
+
+JOB_HELP = "the job file (YAML; README.md, 'Run a job')"
+SET_HELP = "override a job key, e.g. --set compression.k=4096 (repeatable)"
 
 
 def _check_compression(cfg: JobConfig) -> str | None:
@@ -31,26 +50,43 @@ def _check_compression(cfg: JobConfig) -> str | None:
     return None
 
 
-def _check_space(cfg: JobConfig, n_train: int, n_queries: int) -> str:
-    """The output folder's disk against what the run writes (run_dir.estimated_bytes); object
-    storage has no such limit. A folder not made yet is measured on its nearest existing parent."""
+def _check_space(cfg: JobConfig, n_train: int, n_queries: int, output: str | None = None,
+                 append_to: str | None = None) -> str:
+    """The output folder's disk (--output, --append-to or output.path, as `run` would choose) against
+    what the run writes (run_dir.estimated_bytes); object storage has no such limit. An append
+    writes the rows its run directory lacks, counted from the stored manifest. A folder not made
+    yet is measured on its nearest existing parent."""
     from distinf.runtime.errors import JobError
-    from distinf.runtime.run_dir import check_free_space, estimated_bytes
+    from distinf.runtime.run_dir import RunDir, check_free_space, estimated_bytes
     from distinf.store import is_remote
 
-    run_dir = run_path(cfg.output.path)
+    run_dir = run_path(append_to or output or cfg.output.path)
+    label = "--append-to" if append_to else "--output" if output else "output.path"
+    note = ""
+    if append_to:
+        try:  # object storage is not read here: it has no free-space limit to check
+            stored = None if is_remote(run_dir) else RunDir.at(run_dir).read_manifest()
+        except (OSError, ValueError):
+            stored = None
+        base = stored.last_complete() if stored else None
+        if base is not None and base.counts:
+            n_train = max(0, n_train - base.counts["train"])
+            note = f" ({n_train} rows more than the {base.counts['train']} stored)"
+        elif not is_remote(run_dir):
+            note = " (no complete run there yet: the first night starts it)"
     need = estimated_bytes(cfg.compression.k, n_train, n_queries, cfg.output.gradient_dtype, cfg.scoring.dense,
                            cfg.hessian.blocks == "full")
     if is_remote(run_dir):
-        return f"  output.path: object storage, about {need / 2**20:,.1f} MiB to write (no free-space check)"
+        return (f"  {label}: object storage, about {need / 2**20:,.1f} MiB to write{note} "
+                "(no free-space check)")
     folder = Path(run_dir)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
         check_free_space(folder, need)
     except JobError as error:
-        raise ConfigError(str(error)) from None
-    return f"  output.path: about {need / 2**20:,.1f} MiB to write, room for it"
+        raise ConfigError(str(error).replace("output.path:", f"{label}:", 1)) from None
+    return f"  {label}: about {need / 2**20:,.1f} MiB to write{note}, room for it"
 
 
 def _check_capacity(cfg: JobConfig) -> str | None:
@@ -69,7 +105,7 @@ def _check_capacity(cfg: JobConfig) -> str | None:
             f"runtime.placement_timeout = {cfg.runtime.placement_timeout:g} s")
 
 
-def _validate(cfg: JobConfig) -> str:
+def _validate(cfg: JobConfig, output: str | None = None, append_to: str | None = None) -> str:
     """Check everything a run would read before it starts: model folder, tokenizer, both data sets,
     and the compression setting against the model's shapes (no weights read); then the output
     folder's free space and, with runtime.address, the cluster's capacity."""
@@ -82,7 +118,7 @@ def _validate(cfg: JobConfig) -> str:
              f"{len(plan.queries.ids)} queries ({plan.queries.truncated} truncated)"]
     if unchecked:
         lines.append(unchecked)
-    lines.append(_check_space(cfg, len(plan.train.ids), len(plan.queries.ids)))
+    lines.append(_check_space(cfg, len(plan.train.ids), len(plan.queries.ids), output, append_to))
     capacity = _check_capacity(cfg)
     if capacity:
         lines.append(capacity)
@@ -105,12 +141,18 @@ def _refuse_credentials(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distinf", description="Training-data attribution as a Ray job.")
+    parser = argparse.ArgumentParser(prog="distinf", description="Training-data attribution as a Ray job.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"distinf {distinf.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a job file")
-    run.add_argument("job", type=Path)
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a job key, e.g. --set compression.k=4096 (repeatable)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = command("run", "run a job file")
+    run.add_argument("job", type=Path, help=JOB_HELP)
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
     run.add_argument("--output", help="run directory, a path or a URI such as s3://bucket/run "
                      "(default: the job's output.path)")
     run.add_argument("--resume", action="store_true",
@@ -122,21 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--discard-pending", action="store_true",
                      help="with --append-to: delete the rows an unfinished append of another training file "
                           "committed (refused otherwise, naming them)")
-    query = commands.add_parser("query", help="score new queries against a stored run, without recomputing "
-                                "the training gradients")
+    query = command("query", "score new queries against a stored run, without recomputing the training gradients")
     query.add_argument("run_dir", help="a complete run directory (path or URI)")
     query.add_argument("--queries", required=True, help="Parquet, JSONL or CSV file of queries (the run's "
                        "data.queries columns, unless --set data.queries.text_column=... etc.)")
     query.add_argument("--output", help="output folder (default: RUN_DIR/queries/<file stem>)")
     query.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override runtime.*, data.queries.*, scoring.top_k or scoring.dense")
-    validate = commands.add_parser("validate", help="check a job file and its data without running")
-    validate.add_argument("job", type=Path)
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    report = commands.add_parser("report", help="write RUN_DIR/report.html with plots")
-    report.add_argument("run_dir", type=Path)
+    validate = command("validate", "check a job file and its data without running")
+    validate.add_argument("job", type=Path, help=JOB_HELP)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                          help=SET_HELP + "; give the same ones as to `run`")
+    validate.add_argument("--output", help="check the run directory `run --output` would write (default: the "
+                          "job's output.path)")
+    validate.add_argument("--append-to", metavar="RUN_DIR", help="check an append to RUN_DIR, as `run --append-to` "
+                          "would write it: room for the rows it lacks")
+    report = command("report", "write RUN_DIR/report.html with plots")
+    report.add_argument("run_dir", type=Path, help="a complete run directory")
     report.add_argument("--noisy-column", help="a boolean column of the training file marking known-noisy "
                         "rows (e.g. flipped labels): adds their ROC curve")
+    report.add_argument("--by", action="append", default=[], metavar="COLUMN",
+                        help="a column of the training files (e.g. source, label, shard) to break the values "
+                             "down by (repeatable)")
+    status = command("status", "show a run directory's state, version, counts, restarts, timings and rejected rows")
+    status.add_argument("run_dir", help="a run directory (path or URI)")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     from distinf.log import configure
 
@@ -147,11 +199,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distinf: {error}", file=sys.stderr)
         return 2
 
+    if args.command == "status":
+        from distinf.status import run_status, status_text
+
+        try:
+            state = run_status(args.run_dir)
+        except (OSError, ValueError) as error:
+            print(f"distinf: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(state, indent=2, default=str) if args.json else status_text(state))
+        return 0
+
     if args.command == "report":
         from distinf.report import write_report
 
         try:
-            print(write_report(args.run_dir, args.noisy_column))
+            print(write_report(args.run_dir, args.noisy_column, args.by))
         except (OSError, ValueError) as error:
             print(f"distinf: {error}", file=sys.stderr)
             return 2
@@ -178,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_job(args.job, args.overrides)
         if args.command == "validate":
-            print(_validate(cfg))
+            if args.append_to and args.output:
+                print("distinf: give --append-to or --output, not both (as `run`)", file=sys.stderr)
+                return 2
+            print(_validate(cfg, args.output, args.append_to))
             return 0
         from distinf.runtime.driver import run_job
         from distinf.runtime.errors import JobError, Refused

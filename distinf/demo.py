@@ -21,7 +21,7 @@ def show_proponents(run_dir: Path, train_path: Path, query_path: Path, queries: 
     for path in (train_path, query_path):
         table = pq.read_table(path, columns=["id", "text", "source"]).to_pylist()
         texts.update({row["id"]: (row["source"], row["text"]) for row in table})
-    rows = pq.read_table(run_dir / "scores" / "top_k.parquet").to_pylist()
+    rows = [r for r in pq.read_table(run_dir / "scores" / "top_k.parquet").to_pylist() if r["kind"] == "proponent"]
     query_ids = list(dict.fromkeys(row["query_id"] for row in rows))
     shown = query_ids[:: max(1, len(query_ids) // queries)][:queries]
     short = lambda text: textwrap.shorten(text, 110)  # noqa: E731

@@ -292,23 +292,26 @@ def _delete_quietly(filesystem: pafs.FileSystem, key: str) -> None:
 
 
 def _split_columns(schema: pa.Schema) -> list[str]:
-    """Parquet paths of the float32/float64 columns, top-level or list elements (grad.list.element).
+    """Parquet paths of the float32/float64 elements of list columns (grad.list.element): the
+    gradients, where BYTE_STREAM_SPLIT pays. Scalar float columns (losses, the score tables) are
+    written plainly, as every Parquet reader decodes them (Spark's vectorized reader gained a
+    BYTE_STREAM_SPLIT decoder only in 2026).
 
     float16 is left out: DuckDB (2.0) refuses BYTE_STREAM_SPLIT on its FIXED_LEN_BYTE_ARRAY pages."""
     paths = []
     for field in schema:
-        kind, path = field.type, field.name
+        kind = field.type
         if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind) or pa.types.is_large_list(kind):
-            kind, path = kind.value_type, f"{field.name}.list.element"
-        if pa.types.is_float32(kind) or pa.types.is_float64(kind):
-            paths.append(path)
+            if pa.types.is_float32(kind.value_type) or pa.types.is_float64(kind.value_type):
+                paths.append(f"{field.name}.list.element")
     return paths
 
 
 def write_parquet(table: pa.Table, path: str | Path) -> None:
     """zstd; dictionary encoding for string columns only (on float gradient lists it never repeats
-    a value and made gradient files 1.5x their raw size); BYTE_STREAM_SPLIT for float columns, which
-    groups the exponent bytes so that zstd finds them (benchmarks/parquet_encoding.py)."""
+    a value and made gradient files 1.5x their raw size); BYTE_STREAM_SPLIT for float list columns
+    (the gradients), which groups the exponent bytes so that zstd finds them
+    (benchmarks/parquet_encoding.py)."""
     strings = [field.name for field in table.schema if pa.types.is_string(field.type)]
     pq.write_table(table, path, use_dictionary=strings, compression="zstd",
                    use_byte_stream_split=_split_columns(table.schema))

@@ -15,8 +15,10 @@ from distinf.core.numerics import require_finite
 # sum of their influence over n. With normalize: none the two are equal.
 TOP_K_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("rank", pa.int32()), ("train_id", pa.string()), ("score", pa.float32()),
-     ("influence", pa.float32())]
+     ("influence", pa.float32()), ("kind", pa.string())]
 )
+"""`kind` is "proponent" (the K highest scores, rank 1 = strongest proponent) or "opponent" (the K
+lowest, rank 1 = strongest opponent, the most negative score)."""
 TRAIN_VALUES_SCHEMA = pa.schema(
     [("train_id", pa.string()), ("loss", pa.float32()), ("score_mean", pa.float32()),
      ("self_influence", pa.float32()), ("influence_mean", pa.float32())]
@@ -64,26 +66,37 @@ def as_stored(values) -> np.ndarray:
 
 
 def top_k_table(query_ids: Sequence[str], train_ids: Sequence[str], scores: np.ndarray,
-                positions: np.ndarray, influence: np.ndarray) -> pa.Table:
+                positions: np.ndarray, influence: np.ndarray, opponent_scores: np.ndarray | None = None,
+                opponent_positions: np.ndarray | None = None, opponent_influence: np.ndarray | None = None
+                ) -> pa.Table:
     """scores/positions/influence [m, K] of a TopK (its scores, positions, values; positions index
-    train_ids); rank 1 = strongest proponent by score.
+    train_ids); rank 1 = strongest proponent by score. With the opponents' [m, K] (the K lowest
+    scores, lowest first), each query's proponents are followed by its opponents, told apart by `kind`.
 
-    A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace."""
-    m, kk = scores.shape
-    scores, influence = as_stored(scores), as_stored(influence)  # checked as stored: 1e39 is finite in float64 only
-    for q in range(m):
-        require_finite(scores[q], f"the top-{kk} scores of query '{query_ids[q]}' (as float32)")
-        require_finite(influence[q], f"the top-{kk} influence of query '{query_ids[q]}' (as float32)")
-    rows_q, cols = np.divmod(np.arange(m * kk), kk)  # every (query, rank), row-major
+    A non-finite score is refused, never dropped: a NaN would hide a proponent without a trace.
+    Checked as stored: 1e39 is finite in float64 only."""
+    parts = [(scores, positions, influence, "proponent")]
+    if opponent_scores is not None:
+        parts.append((opponent_scores, opponent_positions, opponent_influence, "opponent"))
+    m = scores.shape[0]
     train = np.asarray(train_ids, dtype=object)
-    return pa.table(
-        [pa.array(np.asarray(query_ids, dtype=object)[rows_q], pa.string()),
-         pa.array(cols + 1, pa.int32()),
-         pa.array(train[positions[rows_q, cols]], pa.string()),
-         pa.array(scores[rows_q, cols]),
-         pa.array(influence[rows_q, cols])],
-        schema=TOP_K_SCHEMA,
-    )
+    queries = np.asarray(query_ids, dtype=object)
+    columns: list[list[np.ndarray]] = [[], [], [], [], [], []]
+    for q in range(m):
+        for part_scores, part_positions, part_influence, kind in parts:
+            kk = part_scores.shape[1]
+            stored_scores, stored_influence = as_stored(part_scores[q]), as_stored(part_influence[q])
+            require_finite(stored_scores, f"the top-{kk} {kind} scores of query '{query_ids[q]}' (as float32)")
+            require_finite(stored_influence, f"the top-{kk} {kind} influence of query '{query_ids[q]}' (as float32)")
+            columns[0].append(np.repeat(queries[q:q + 1], kk))
+            columns[1].append(np.arange(1, kk + 1, dtype=np.int32))
+            columns[2].append(train[part_positions[q]])
+            columns[3].append(stored_scores)
+            columns[4].append(stored_influence)
+            columns[5].append(np.full(kk, kind, dtype=object))
+    joined = [np.concatenate(c) if c else np.array([], dtype=object) for c in columns]
+    return pa.table([pa.array(values, field.type) for values, field in zip(joined, TOP_K_SCHEMA)],
+                    schema=TOP_K_SCHEMA)
 
 
 def train_values_table(train_ids: Sequence[str], losses: np.ndarray, score_mean: np.ndarray,

@@ -3,18 +3,17 @@ the README says: the nightly command continues a failed run, submission is idemp
 is never retried, every path the job reads or writes is mounted (or on object storage), and the
 image, rayVersion and the Dockerfile's Ray agree."""
 
-import json
 import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distinf.config import load_job
+from distinf.nightly_submitter import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -57,7 +56,7 @@ def test_nightly_cronjob_submits_the_nightly_job_once_a_day():
     pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in {"Never", "OnFailure"}
     [container] = pod["containers"]
-    assert container["command"] == ["/app/cluster/kuberay/submit-nightly.sh"]
+    assert container["command"] == ["python", "-m", "distinf.nightly_submitter"]
     assert env_of(container)["JOB_FILE"] == "/app/jobs/nightly.yaml"
 
 
@@ -86,12 +85,24 @@ def test_local_cluster_script_is_valid_bash_and_explains_itself():
 
 KUBERAY = CLUSTER / "kuberay"
 DOCKERFILE = ROOT / "Dockerfile"
-SUBMITTER = KUBERAY / "submit-nightly.sh"
 ENTRYPOINT = KUBERAY / "distinf-entrypoint.sh"
 
 
+def settings():
+    """The base's ConfigMap distinf-settings (kustomization.yaml's configMapGenerator literals)."""
+    [generator] = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())["configMapGenerator"]
+    return dict(literal.split("=", 1) for literal in generator["literals"])
+
+
 def env_of(container):
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+    """name -> value; a value from the ConfigMap distinf-settings as the base sets it, any other
+    valueFrom as written."""
+    env = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        env[e["name"]] = settings()[ref["key"]] if ref and ref["name"] == "distinf-settings" else \
+            e.get("value", e.get("valueFrom"))
+    return env
 
 
 def load_all(name):
@@ -205,6 +216,9 @@ def test_token_auth_network_policy_and_dashboard_exposure():
                     assert {} not in sources and all(f.get("podSelector") for f in rule["from"])
                     if "ports" not in rule:                        # any port: only other Ray pods
                         assert all(s.items() <= labels.items() for s in sources), policy["metadata"]["name"]
+                    elif [p["port"] for p in rule["ports"]] == [8080]:  # Ray's metrics: Prometheus only
+                        assert sources == [{"app.kubernetes.io/name": "prometheus"}]
+                        assert all(f["namespaceSelector"]["matchLabels"] for f in rule["from"])
                     else:
                         assert [p["port"] for p in rule["ports"]] == [8265] and role == "head"
         head = spec["headGroupSpec"]
@@ -236,6 +250,8 @@ def test_pods_that_write_s3_run_as_the_service_account_with_the_cloud_role():
 def distinf_args(entrypoint):
     """The arguments distinf gets from an entrypoint that runs distinf-entrypoint.sh."""
     words = shlex.split(entrypoint)
+    if words[0] == "distinf":
+        return words[1:]
     assert words[0] == "/app/cluster/kuberay/distinf-entrypoint.sh" or Path(words[0]) == ENTRYPOINT, words
     words = words[1:]
     while words and words[0] in ("--retries", "--pause"):
@@ -261,15 +277,14 @@ def nightly_config():
     return job_of(distinf_args(submitted_entrypoint()))[0]
 
 
-def submitted_entrypoint():
-    """The entrypoint the CronJob's submitter sends, run against a fake `ray` CLI."""
-    import tempfile
+def cron_env():
+    cron = load("kuberay/nightly-cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return {k: v for k, v in env_of(cron["containers"][0]).items() if isinstance(v, str)}
 
-    with tempfile.TemporaryDirectory() as scratch:
-        fake = FakeRay(Path(scratch))
-        assert fake.submitter().returncode == 0
-        [(_, entrypoint)] = fake.submissions()
-        return entrypoint
+
+def submitted_entrypoint():
+    """The entrypoint the CronJob's submitter sends, from the CronJob's environment."""
+    return Settings.from_env({**cron_env(), "RAY_ADDRESS": "http://x:8265"}).entrypoint()
 
 
 def mounts_cover(pod, path, write):
@@ -383,184 +398,21 @@ def test_the_cronjob_retries_exit_1_and_fails_at_once_on_exit_2():
     assert doc["spec"]["timeZone"] == "Etc/UTC"
     assert int(hour) * 3600 + int(minute) * 60 + doc["spec"]["startingDeadlineSeconds"] + job["activeDeadlineSeconds"] \
         < 24 * 3600
-    # The script the CronJob runs is in the image where the CronJob looks for it.
-    assert (ROOT / Path(container["command"][0]).relative_to("/app")) == SUBMITTER
+    # The module the CronJob runs is installed in the image.
+    assert "COPY --chown=ray:users distinf ./distinf" in DOCKERFILE.read_text()
     assert "COPY --chown=ray:users cluster ./cluster" in DOCKERFILE.read_text() and "WORKDIR /app" in DOCKERFILE.read_text()
 
 
-# -- the submitter against a fake `ray` CLI -----------------------------------------------------
+# -- the submitter ------------------------------------------------------------------------------
+# Its behaviour against a real Ray head: tests/test_nightly_submitter.py.
 
-FAKE_RAY = r'''#!PYTHON
-"""A `ray job` CLI that answers as Ray 2.60's does (status lines from
-ray/dashboard/modules/job/cli.py::_log_job_status) and runs submitted entrypoints at once."""
-import json, os, shlex, subprocess, sys
-from pathlib import Path
-
-state = Path(os.environ["FAKE_RAY_STATE"])
-args = [a for a in sys.argv[1:] if a not in ("--no-wait", "--follow")]
-assert args[0] == "job", args
-verb, rest = args[1], args[2:]
-with open(state / "calls", "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\n")
-
-def job(i):
-    p = state / f"job-{i}.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-def save(i, j):
-    (state / f"job-{i}.json").write_text(json.dumps(j))
-
-if verb == "submit":
-    i = rest[rest.index("--submission-id") + 1]
-    entry = shlex.join(rest[rest.index("--") + 1:])    # as Ray 2.60 joins the words, run in a shell
-    if job(i):
-        sys.exit(f"job {i} already exists")
-    with open(state / "submitted", "a") as f:
-        f.write(json.dumps([i, entry]) + "\n")
-    out = subprocess.run(entry, shell=True, capture_output=True, text=True)
-    save(i, {"status": "SUCCEEDED" if out.returncode == 0 else "FAILED", "logs": out.stdout + out.stderr})
-elif verb == "status":
-    i = rest[-1]
-    j = job(i)
-    if j is None:
-        sys.exit(f"RuntimeError: Request failed with status code 404: Job {i} does not exist.")
-    if j.get("polls", 0) > 0:
-        j["polls"] -= 1
-        if j["polls"] == 0:
-            j["status"] = j.pop("then")
-        save(i, j)
-    s = j["status"]
-    if s == "SUCCEEDED": print(f"Job '{i}' succeeded")
-    elif s == "FAILED": print(f"Job '{i}' failed")
-    elif s == "STOPPED": print(f"Job '{i}' was stopped")
-    else: print(f"Status for job '{i}': {s}")
-elif verb == "logs":
-    j = job(rest[-1])
-    if j is None:
-        sys.exit(1)
-    print(j.get("logs", ""), end="")
-elif verb == "stop":
-    j = job(rest[-1]); j["status"] = "STOPPED"; save(rest[-1], j)
-else:
-    sys.exit(f"unexpected: {sys.argv}")
-'''
-
-
-class FakeRay:
-    NIGHT = "2026-11-30"
-
-    def __init__(self, where: Path):
-        self.state = where / "state"
-        self.bin = where / "bin"
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.bin.mkdir(parents=True, exist_ok=True)
-        ray = self.bin / "ray"
-        ray.write_text(FAKE_RAY.replace("PYTHON", sys.executable, 1))
-        ray.chmod(0o755)
-        self.distinf([0])
-
-    def distinf(self, codes):
-        fake_distinf(self.bin, codes)
-
-    def job(self, attempt, **fields):
-        (self.state / f"job-distinf-nightly-{self.NIGHT}-{attempt}.json").write_text(json.dumps(fields))
-
-    def submissions(self):
-        path = self.state / "submitted"
-        return [tuple(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def calls(self):
-        return [json.loads(line) for line in (self.state / "calls").read_text().splitlines()]
-
-    def submitter(self, **env):
-        """submit-nightly.sh with the CronJob's environment (secrets aside)."""
-        cron = load("kuberay/nightly-cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-        manifest_env = {k: v for k, v in env_of(cron["containers"][0]).items() if isinstance(v, str)}
-        return subprocess.run(
-            [str(SUBMITTER)], capture_output=True, text=True, timeout=60,
-            env={**os.environ, **manifest_env, "PATH": f"{self.bin}:{os.environ['PATH']}",
-                 "FAKE_RAY_STATE": str(self.state), "ENTRYPOINT": str(ENTRYPOINT), "NIGHT": self.NIGHT,
-                 "POLL_SECONDS": "0", **env})
-
-
-@pytest.fixture
-def ray_cli(tmp_path):
-    return FakeRay(tmp_path)
-
-
-def test_the_submitter_submits_the_nightly_append_once_with_a_stable_id(ray_cli):
-    result = ray_cli.submitter()
-    assert result.returncode == 0, result.stderr
-    [(submission_id, entrypoint)] = ray_cli.submissions()
-    assert submission_id == f"distinf-nightly-{FakeRay.NIGHT}-1"
-    args = distinf_args(entrypoint)
-    cron = load("kuberay/nightly-cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    run_dir = env_of(cron["containers"][0])["RUN_DIR"]
-    assert args[:2] == ["run", "/app/jobs/nightly.yaml"] and args[args.index("--append-to") + 1] == run_dir
+def test_the_submitter_sends_the_nightly_append_with_the_cronjobs_settings():
+    args = shlex.split(submitted_entrypoint())
+    run_dir = cron_env()["RUN_DIR"]
+    assert args[:3] == ["distinf", "run", "/app/jobs/nightly.yaml"] and args[args.index("--append-to") + 1] == run_dir
     assert "--resume" not in args and "--output" not in args          # refused with --append-to
-    # KubeRay's pattern: the status of the id is asked before anything is submitted.
-    calls = ray_cli.calls()
-    assert calls[0][:2] == ["job", "status"] and calls[0][-1] == submission_id
-    assert calls[1][:2] == ["job", "submit"] and calls[1][calls[1].index("--submission-id") + 1] == submission_id
-    # Run again (a retried pod, or a second CronJob run the same night): nothing is submitted.
-    again = ray_cli.submitter()
-    assert again.returncode == 0 and len(ray_cli.submissions()) == 1
-
-
-def test_a_restarted_submitter_follows_the_running_job_instead_of_submitting(ray_cli):
-    ray_cli.job(1, status="RUNNING", polls=2, then="SUCCEEDED", logs="distinf-exit-code=0\n")
-    result = ray_cli.submitter()
-    assert result.returncode == 0, result.stderr
-    assert ray_cli.submissions() == []
-    assert ["job", "logs", "--follow", f"distinf-nightly-{FakeRay.NIGHT}-1"] in ray_cli.calls()
-
-
-def test_exit_code_2_fails_the_night_and_is_never_resubmitted(ray_cli):
-    ray_cli.distinf([2])
-    first = ray_cli.submitter()
-    assert first.returncode == 2 and "not retried" in first.stderr
-    retried = ray_cli.submitter()                       # had the Job retried anyway
-    assert retried.returncode == 2 and len(ray_cli.submissions()) == 1
-
-
-def test_exit_code_1_is_retried_with_the_same_command_under_the_next_id(ray_cli):
-    ray_cli.distinf([1, 0])
-    assert ray_cli.submitter().returncode == 1
-    assert ray_cli.submitter().returncode == 0
-    (first_id, first), (second_id, second) = ray_cli.submissions()
-    assert (first_id, second_id) == (f"distinf-nightly-{FakeRay.NIGHT}-1", f"distinf-nightly-{FakeRay.NIGHT}-2")
-    assert first == second and "--append-to" in distinf_args(second)
-    assert ray_cli.submitter().returncode == 0 and len(ray_cli.submissions()) == 2
-
-
-def test_a_job_that_failed_without_an_exit_code_counts_as_a_runtime_failure(ray_cli):
-    ray_cli.job(1, status="FAILED", logs="driver lost\n")            # killed driver: no marker line
-    assert ray_cli.submitter().returncode == 0
-    assert [i for i, _ in ray_cli.submissions()] == [f"distinf-nightly-{FakeRay.NIGHT}-2"]
-
-
-def test_a_job_stuck_pending_is_stopped_and_counted_as_a_runtime_failure(ray_cli):
-    ray_cli.job(1, status="PENDING")
-    result = ray_cli.submitter(PENDING_DEADLINE="-1")
-    assert result.returncode == 1 and "PENDING" in result.stderr
-    assert any(c[:2] == ["job", "stop"] for c in ray_cli.calls())
-
-
-def test_a_job_stopped_by_an_operator_is_not_retried(ray_cli):
-    ray_cli.job(1, status="STOPPED")
-    assert ray_cli.submitter().returncode == 3 and ray_cli.submissions() == []
-
-
-def test_the_ray_cli_says_what_the_submitter_reads():
-    """The fake above answers as the Ray the image pins; check that Ray's CLI still words it so."""
-    import ray
-    import ray.dashboard.modules.job.cli as job_cli
-
-    version, _ = dockerfile_ray_version()
-    if ray.__version__ != version:
-        pytest.skip(f"installed Ray {ray.__version__} is not the image's {version}")
-    source = Path(job_cli.__file__).read_text()
-    for phrase in ("f\"Job '{job_id}' succeeded\"", "f\"Job '{job_id}' was stopped\"", "f\"Job '{job_id}' failed\"",
-                   "f\"Status for job '{job_id}': {info.status}\"", '"--submission-id"', '"--no-wait"', '"--follow"',
-                   "shlex.join(entrypoint)"):
-        assert phrase in source, phrase
+    settings = Settings.from_env({**cron_env(), "RAY_ADDRESS": "http://x:8265"})
+    # The submitter stops its Ray job before the Job's own deadline kills the pod.
+    job = load("kuberay/nightly-cronjob.yaml")["spec"]["jobTemplate"]["spec"]
+    assert 0 < settings.deadline_seconds < job["activeDeadlineSeconds"]
+    assert 0 < settings.pending_deadline < settings.deadline_seconds

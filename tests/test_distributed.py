@@ -125,7 +125,7 @@ def test_outputs_read_back_with_duckdb_with_the_documented_columns(finished_run)
     k = manifest["k"]
     expected = {
         "scores/top_k.parquet": [("query_id", "VARCHAR"), ("rank", "INTEGER"), ("train_id", "VARCHAR"),
-                                 ("score", "FLOAT"), ("influence", "FLOAT"), *VERSION_COLUMNS],
+                                 ("score", "FLOAT"), ("influence", "FLOAT"), ("kind", "VARCHAR"), *VERSION_COLUMNS],
         "scores/train_values.parquet": [("train_id", "VARCHAR"), ("loss", "FLOAT"), ("score_mean", "FLOAT"),
                                         ("self_influence", "FLOAT"), ("influence_mean", "FLOAT"), *VERSION_COLUMNS],
         # Parquet has no fixed-size list type: DuckDB sees a list, pyarrow the fixed_size_list it wrote.
@@ -147,5 +147,5 @@ def test_outputs_read_back_with_duckdb_with_the_documented_columns(finished_run)
     assert lengths.fetchall() == [(k,)]
     grad_type = pq.read_schema(next((run_dir / "gradients" / "train").glob("*.parquet"))).field("grad").type
     assert grad_type.list_size == k and grad_type.value_type == "float"
-    top = con.sql(f"SELECT query_id, count(*) FROM read_parquet('{run_dir}/scores/top_k.parquet') GROUP BY 1")
-    assert sorted(top.fetchall()) == sorted((q, 5) for q in plan.queries.ids)
+    top = con.sql(f"SELECT query_id, kind, count(*) FROM read_parquet('{run_dir}/scores/top_k.parquet') GROUP BY 1, 2")
+    assert sorted(top.fetchall()) == sorted((q, kind, 5) for q in plan.queries.ids for kind in ("opponent", "proponent"))

@@ -141,12 +141,15 @@ def test_top_k_and_train_values_follow_the_score_matrix():
                                tiny_models.token_examples((6, 4), seed=9), train_ids=list("abcdefg"),
                                query_ids=["q0", "q1"], config={"compression": {"k": 256}, "scoring": {"top_k": 3, **RAW}})
     top = result.top_k.to_pylist()
-    assert result.top_k.column_names[:5] == ["query_id", "rank", "train_id", "score", "influence"]
+    assert result.top_k.column_names == ["query_id", "rank", "train_id", "score", "influence", "kind"]
     for q, query_id in enumerate(["q0", "q1"]):
-        expected = [ "abcdefg"[i] for i in np.argsort(-result.scores[q], kind="stable")[:3]]
-        rows = [r for r in top if r["query_id"] == query_id]
-        assert [r["rank"] for r in rows] == [1, 2, 3]
-        assert [r["train_id"] for r in rows] == expected
+        for kind, order in (("proponent", np.argsort(-result.scores[q], kind="stable")),
+                            ("opponent", np.argsort(result.scores[q], kind="stable"))):
+            rows = [r for r in top if r["query_id"] == query_id and r["kind"] == kind]
+            assert [r["rank"] for r in rows] == [1, 2, 3]
+            assert [r["train_id"] for r in rows] == ["abcdefg"[i] for i in order[:3]]
+            np.testing.assert_allclose([r["score"] for r in rows], result.scores[q][order[:3]], rtol=1e-6)
+    assert result.top_k.column("score").to_numpy().min() < 0  # the opponents' scores are negative here
     values = result.train_values.to_pydict()
     np.testing.assert_allclose(values["score_mean"], result.scores.mean(0), rtol=1e-6)
     np.testing.assert_allclose(values["loss"], result.train_losses)

@@ -72,6 +72,10 @@ def test_a_run_shows_in_structured_logs_and_metrics_and_stdout_ends_with_the_sum
     assert made["distinf_examples_done"].values == {("test", "train"): 12, ("test", "queries"): 6}
     assert made["distinf_chunks_committed"].values == {("test", "train"): 3, ("test", "queries"): 2}
     assert "distinf_restarts" not in made or not made["distinf_restarts"].values
+    # Percent done and progress through curvature and scoring (the reducer's own metrics are its process's).
+    assert made["distinf_examples_planned"].values == {("test", "train"): 12, ("test", "queries"): 6}
+    assert made["distinf_examples_committed"].values == {("test", "train"): 12, ("test", "queries"): 6}
+    assert made["distinf_stage_tasks"].values == made["distinf_stage_tasks_done"].values == {("test", "scoring"): 3}
     seconds = made["distinf_stage_seconds"].values
     assert seconds == {("test", stage): value for stage, value in manifest["timings"].items()}
     assert set(manifest["timings"]) == {"plan", "gradients", "curvature", "scoring"}

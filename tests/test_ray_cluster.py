@@ -66,7 +66,7 @@ def test_job_submitted_through_the_ray_jobs_api_completes(job_dir, tmp_path):
         assert "complete" in logs and "top_k.parquet" in logs
         manifest = json.loads((output / "manifest.json").read_text())
         assert manifest["status"] == "complete" and len(manifest["workers"]) == 2
-        assert pq.read_table(output / "scores" / "top_k.parquet").num_rows == 5 * manifest["counts"]["queries"]
+        assert pq.read_table(output / "scores" / "top_k.parquet").num_rows == 2 * 5 * manifest["counts"]["queries"]
     finally:
         # Stop only this head's processes (`ray stop` would stop every Ray on the machine).
         subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)

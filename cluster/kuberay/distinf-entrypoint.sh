@@ -7,7 +7,7 @@
 # expires), never after exit code 2 (configuration, data or model: no retry can fix it), and
 # prints "distinf-exit-code=RC" as its last line before it exits with RC. A Ray job's status is only
 # SUCCEEDED or FAILED; that line keeps distinf's code readable in `ray job logs`
-# (submit-nightly.sh reads it). One script, so that KubeRay's submitter, which pastes a RayJob's
+# for people (the nightly submitter reads the Jobs API's driver_exit_code). One script, so that KubeRay's submitter, which pastes a RayJob's
 # entrypoint into its own shell command, passes it on unchanged.
 set -u
 retries=0 pause=150

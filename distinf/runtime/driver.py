@@ -18,6 +18,7 @@ import logging
 import shlex
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import ray
@@ -30,6 +31,7 @@ from distinf.runtime import metrics, versions
 from distinf.runtime.errors import (Interrupted, JobError, Refused, arm_sigterm, interruption,
                                     terminated_as_error, unwritable, write_error)
 from distinf.runtime.gradient_pass import SplitWork, gradient_pass, split_work
+from distinf.runtime.history import append_history
 from distinf.runtime.incremental import append_manifest, open_for_append, refuse_or_discard
 from distinf.runtime.layout import INDEX_SET
 from distinf.runtime.lease import acquire, tick, tick_window
@@ -195,6 +197,9 @@ def _run(cfg: JobConfig, run_dir: RunDir, plan: Plan, work: dict[str, SplitWork]
     arm_sigterm()
     for stage, seconds in stages.timings.items():  # timed before Ray was connected, so not recorded yet
         metrics.stage_seconds(cfg.name, stage, seconds)
+    base = manifest.last_complete()  # an append's (or a resume's) last success, shown while this run runs
+    if base is not None and base.as_of:
+        metrics.succeeded(cfg.name, datetime.fromisoformat(base.as_of).timestamp())
     try:
         gradients = gradient_pass(cfg, run_dir, work, plan.pad_token_id, manifest)
         stages.lap("gradients")
@@ -247,4 +252,10 @@ def _publish(cfg: JobConfig, run_dir: RunDir, out: Path, manifest: Manifest, com
                        files={INDEX_SET: file_sha256(run_dir.path(INDEX_SET)), **staged})
     run_dir.write_manifest(manifest)  # the commit point
     versions.finish(run_dir.root, manifest.to_dict())
+    metrics.succeeded(cfg.name, time.time())  # recorded while Ray is connected (a job on a cluster)
+    try:  # complete versions only; after the commit, so a failure here never unmakes a complete run
+        append_history(run_dir.root, out, manifest.run_id, manifest.as_of)
+    except OSError as error:
+        log.warning(f"version {manifest.run_id} is complete but its score history was not written: {error}",
+                    extra={"event": "history_not_written"})
     return manifest.to_dict()

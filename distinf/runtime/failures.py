@@ -112,14 +112,20 @@ def _blame(futures: list, failed: Any, error: RayError, run_dir: Path) -> GroupF
     return GroupFailed(futures.index(failed), error)
 
 
-def await_tasks(futures: list, stall: float | None, what: str) -> list:
-    """Results of independent tasks, in order; Stalled if none finishes for `stall` seconds."""
+def await_tasks(futures: list, stall: float | None, what: str,
+                progress: Callable[[int, int], None] | None = None) -> list:
+    """Results of independent tasks, in order; Stalled if none finishes for `stall` seconds.
+    `progress(done, total)` is told as tasks finish."""
     pending, since = list(futures), time.monotonic()
+    if progress is not None:
+        progress(0, len(futures))
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
         tick()
         if ready:
             since = time.monotonic()
+            if progress is not None:
+                progress(len(futures) - len(pending), len(futures))
         elif stall is not None and time.monotonic() - since > stall:
             raise Stalled(f"no {what} task finished for {stall:g} s (runtime.stall_timeout); "
                           f"{len(pending)} of {len(futures)} still running")

@@ -215,6 +215,7 @@ def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, p
             metrics.chunks_committed(cfg.name, split, chunks - seen[1])
             seen[:] = examples, chunks
             done = committed + examples
+            metrics.examples_progress(cfg.name, split, done, len(data.ids))
             if done > bar.n:
                 bar.update(done - bar.n)
             if time.monotonic() - logged >= 60:

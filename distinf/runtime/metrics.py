@@ -1,9 +1,18 @@
 """The job's Ray metrics (`ray.util.metrics`), for the Ray dashboard and Prometheus.
 
-    distinf_examples_done{job, split}      counter: examples whose gradients are computed
-    distinf_chunks_committed{job, split}   counter: gradient chunk parts committed to the ledger
-    distinf_restarts{job, stage}           counter: restarts of a failed or stalled stage
-    distinf_stage_seconds{job, stage}      gauge: wall seconds of each finished stage
+    distinf_examples_done{job, split}        counter: examples whose gradients are computed
+    distinf_chunks_committed{job, split}     counter: gradient chunk parts committed to the ledger
+    distinf_restarts{job, stage}             counter: restarts of a failed or stalled stage
+    distinf_stage_seconds{job, stage}        gauge: wall seconds of each finished stage
+    distinf_examples_planned{job, split}     gauge: examples this run computes (an append: its new rows)
+    distinf_examples_committed{job, split}   gauge: of those, how many have committed gradients
+    distinf_stage_tasks{job, stage}          gauge: tasks of curvature or scoring (one per chunk group / chunk)
+    distinf_stage_tasks_done{job, stage}     gauge: of those, how many finished
+    distinf_last_success_timestamp_seconds{job}  gauge: when the last run or append completed (Unix time):
+                                             the stored version's at the start, this run's at its end
+
+Prometheus sees them as Ray exports them: with a `ray_` prefix, and counters with `_total` appended
+(`ray_distinf_examples_done_total`); README.md, "Logs and metrics", lists the exported names.
 
 Recorded by the driver only (it sees every rank's progress), and created on first use once Ray
 is connected; before that nothing is recorded (the driver sets the stages timed so far again once
@@ -21,6 +30,15 @@ _DEFINITIONS = {
                          ("job", "split")),
     "restarts": ("Counter", "distinf_restarts", "restarts of a failed or stalled stage", ("job", "stage")),
     "stage_seconds": ("Gauge", "distinf_stage_seconds", "wall seconds of the last finished stage", ("job", "stage")),
+    "examples_planned": ("Gauge", "distinf_examples_planned", "examples of the split this run computes",
+                         ("job", "split")),
+    "examples_committed": ("Gauge", "distinf_examples_committed", "examples of the split with committed gradients",
+                           ("job", "split")),
+    "stage_tasks": ("Gauge", "distinf_stage_tasks", "tasks of the curvature or scoring stage", ("job", "stage")),
+    "stage_tasks_done": ("Gauge", "distinf_stage_tasks_done", "finished tasks of the curvature or scoring stage",
+                         ("job", "stage")),
+    "last_success": ("Gauge", "distinf_last_success_timestamp_seconds", "Unix time the last run or append completed",
+                     ("job",)),
 }
 
 _made: dict[str, Any] = {}
@@ -80,3 +98,17 @@ def restarted(job: str, stage: str) -> None:
 
 def stage_seconds(job: str, stage: str, seconds: float) -> None:
     _record("stage_seconds", "set", seconds, {"job": job, "stage": stage})
+
+
+def examples_progress(job: str, split: str, committed: int, planned: int) -> None:
+    _record("examples_planned", "set", planned, {"job": job, "split": split})
+    _record("examples_committed", "set", committed, {"job": job, "split": split})
+
+
+def stage_progress(job: str, stage: str, done: int, total: int) -> None:
+    _record("stage_tasks", "set", total, {"job": job, "stage": stage})
+    _record("stage_tasks_done", "set", done, {"job": job, "stage": stage})
+
+
+def succeeded(job: str, timestamp: float) -> None:
+    _record("last_success", "set", timestamp, {"job": job})

@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError
 from distinf.config import JobConfig
 from distinf.core.kfac import KFAC_METHODS
 from distinf.core.scoring import TopK
-from distinf.runtime import curvature_files
+from distinf.runtime import curvature_files, metrics
 from distinf.runtime.failures import Stalled, await_tasks
 from distinf.runtime.gradient_pass import PROBE_TIMEOUT, Gradients
 from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path, run_file
@@ -64,7 +64,8 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
     def attempt(number: int) -> tuple[dict, dict]:
         reducer = None
         try:
-            reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump())
+            reducer = Reducer.options(runtime_env={"env_vars": worker_env()}).remote(slices, cfg.hessian.model_dump(),
+                                                                                     cfg.name)
             reduced = await_reducer(reducer, reducer.reduce.remote(
                 curvature_chunks, chunks["queries"], str(out / "curvature"), number, stored_sums,
                 cfg.scoring.normalize, factor_chunks, gradients.index_table), cfg.runtime.stall_timeout)
@@ -193,12 +194,13 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
                                  version, cfg.scoring.normalize, query_divisors)
         for path, sha256 in train_chunks
     ]
-    chunks = await_tasks(futures, cfg.runtime.stall_timeout, "scoring")
+    chunks = await_tasks(futures, cfg.runtime.stall_timeout, "scoring",
+                         lambda done, total: metrics.stage_progress(cfg.name, "scoring", done, total))
     train_ids = [i for chunk in chunks for i in chunk.ids]  # input order, rejected examples left out
     position = {train_id: i for i, train_id in enumerate(train_ids)}
     n = len(train_ids)
     losses, score_mean, influence_mean, self_inf = np.zeros(n), np.zeros(n), np.zeros(n), np.full(n, np.nan)
-    top = TopK(len(query_ids), cfg.scoring.top_k)
+    top, bottom = TopK(len(query_ids), cfg.scoring.top_k), TopK(len(query_ids), cfg.scoring.top_k)
     for chunk in chunks:
         rows = np.array([position[i] for i in chunk.ids])
         losses[rows], score_mean[rows], influence_mean[rows] = chunk.losses, chunk.score_mean, chunk.influence_mean
@@ -206,6 +208,8 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
             self_inf[rows] = chunk.self_influence
         top.update(chunk.top_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.top_ids),
                    chunk.top_influence)
+        bottom.update(-chunk.bottom_scores, np.vectorize(position.get, otypes=[np.int64])(chunk.bottom_ids),
+                      chunk.bottom_influence)
 
     if carried is not None:
         stored = dict(zip(carried.column("train_id").to_pylist(), carried.column("self_influence").to_numpy()))
@@ -215,7 +219,9 @@ def score_outputs(cfg: JobConfig, out: Path, train_chunks: list[tuple[str, str]]
     query_rank = {q: i for i, q in enumerate(query_order)}
     rows_in_order = np.argsort([query_rank[q] for q in query_ids], kind="stable")
     top_table = top_k_table([query_ids[i] for i in rows_in_order], train_ids,
-                            top.scores[rows_in_order], top.positions[rows_in_order], top.values[rows_in_order])
+                            top.scores[rows_in_order], top.positions[rows_in_order], top.values[rows_in_order],
+                            -bottom.scores[rows_in_order], bottom.positions[rows_in_order],
+                            bottom.values[rows_in_order])
     values = train_values_table(train_ids, losses, score_mean, self_inf if cfg.scoring.self_influence else None,
                                 influence_mean)
     if version is not None:

@@ -29,6 +29,7 @@ from distinf.core.curvature import Curvature, GramSums, factorize_or_zero_, prec
 from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.numerics import require_finite_columns
 from distinf.core.scoring import query_divisors
+from distinf.runtime import metrics
 from distinf.runtime.chunk_factors import add_factor_sums, read_factor_sums
 from distinf.runtime.curvature_files import ARRAYS, ARRAYS_OF, SUM_ARRAYS, write_layout
 from distinf.runtime.faults import injected_fault, injected_hang, injected_step_delay
@@ -56,10 +57,11 @@ def zero_block_entries(index_table, spans: list[tuple[int, int]]) -> list[dict]:
 
 @ray.remote(num_cpus=1, max_concurrency=2)  # a second thread answers `progress` while `reduce` works
 class Reducer:
-    def __init__(self, slices: list[slice], hessian: dict):
+    def __init__(self, slices: list[slice], hessian: dict, job: str = ""):
         self.steps = {"chunk_groups_merged": 0, "blocks_factorised": 0, "queries_preconditioned": 0}
         """What `reduce` has done so far: the driver counts a stall as a time without any step."""
         self.slices = slices
+        self.job = job  # the job's name, for its progress metrics
         self.hessian = HessianConfig.model_validate(hessian)
         if self.hessian.method in ("gauss_newton", "datainf", *KFAC_METHODS):
             # The blocks (factorised in place) and their copy in the object store, on this node.
@@ -121,6 +123,11 @@ class Reducer:
     def progress(self) -> dict[str, int]:
         return dict(self.steps)
 
+    def _merged(self, done: int, tasks: int) -> None:
+        metrics.stage_progress(self.job, "curvature", done, tasks)
+        if done:
+            self._step("chunk_groups_merged")
+
     def _step(self, name: str) -> None:
         self.steps[name] += 1
         injected_step_delay("reducer")  # tests only
@@ -148,7 +155,7 @@ class Reducer:
             total.count = count
             del stored
         pending = [chunk_gram.remote(group, self.slices) for group in chunk_groups(train_chunks, self.slices)]
-        merge_blocks(pending, total, lambda: self._step("chunk_groups_merged"))
+        merge_blocks(pending, total, self._merged)
         if total.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
         if factors is not None:

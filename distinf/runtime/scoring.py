@@ -27,6 +27,9 @@ class ChunkScores:
     top_scores: np.ndarray          # [m, K'] the chunk's own top-K
     top_ids: np.ndarray             # [m, K'] their example ids
     top_influence: np.ndarray       # [m, K'] their influence
+    bottom_scores: np.ndarray       # [m, K'] the chunk's K lowest scores, lowest first
+    bottom_ids: np.ndarray          # [m, K'] their example ids
+    bottom_influence: np.ndarray    # [m, K'] their influence
 
 
 @ray.remote(num_cpus=1)
@@ -51,6 +54,8 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
     require_finite(scores, f"the scores of gradient chunk {path}")
     top = TopK(scores.shape[0], top_k)
     top.update(scores, np.arange(len(ids)), influence)  # local order is global order within a chunk
+    bottom = TopK(scores.shape[0], top_k)
+    bottom.update(-scores, np.arange(len(ids)), influence)
     if dense_path is not None:
         dense = dense_table(query_ids, ids, scores, influence)
         atomic_write_table(dense if version is None else stamp(dense, *version), dense_path)
@@ -63,4 +68,7 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
         top_scores=top.scores,
         top_ids=np.asarray(ids, dtype=object)[top.positions],
         top_influence=top.values,
+        bottom_scores=-bottom.scores,
+        bottom_ids=np.asarray(ids, dtype=object)[bottom.positions],
+        bottom_influence=bottom.values,
     )

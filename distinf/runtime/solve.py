@@ -41,11 +41,14 @@ def chunk_groups(chunks: list[Chunk], slices: list[slice]) -> list[list[Chunk]]:
     return [chunks[g::count] for g in range(count)]
 
 
-def merge_blocks(futures: list, total: Any, merged: Callable[[], None] = lambda: None) -> None:
+def merge_blocks(futures: list, total: Any, progress: Callable[[int, int], None] | None = None) -> None:
     """Add each task's (numpy blocks, count) into `total` (GramSums, DataInfSums) as it arrives:
     the blocks are read from the object store without a copy, added in place and dropped at once.
-    `merged()` is called after each, for the reducer's progress."""
+    `progress(done, total)` is told before the first and after each merge, for the reducer's
+    progress and metrics."""
     pending = list(futures)
+    if progress is not None:
+        progress(0, len(futures))
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         blocks, count = ray.get(done[0])
@@ -54,7 +57,8 @@ def merge_blocks(futures: list, total: Any, merged: Callable[[], None] = lambda:
             np.add(view, theirs, out=view)
         total.count += count
         del blocks, done
-        merged()
+        if progress is not None:
+            progress(len(futures) - len(pending), len(futures))
 
 
 def chunk_grads(path: str, sha256: str, slices: list[slice]) -> torch.Tensor:
