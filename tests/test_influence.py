@@ -128,9 +128,12 @@ def test_every_score_table_carries_the_raw_influence_of_a_dense_solve_next_to_th
         q, i = int(row["query_id"]), column[row["train_id"]]
         np.testing.assert_allclose(row["score"], cosine[q, i], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(row["influence"], raw[q, i], **tolerance)
-    for q in range(len(QUERIES)):  # ranked by the cosine, not by the influence
-        ranked = [column[r["train_id"]] for r in result.top_k.to_pylist() if r["query_id"] == str(q)]
-        assert ranked == list(np.argsort(-cosine[q], kind="stable")[:4])
+    for q in range(len(QUERIES)):  # ranked by the cosine, not by the influence, both ways
+        for kind, order in (("proponent", np.argsort(-cosine[q], kind="stable")),
+                            ("opponent", np.argsort(cosine[q], kind="stable"))):
+            ranked = [column[r["train_id"]] for r in result.top_k.to_pylist()
+                      if r["query_id"] == str(q) and r["kind"] == kind]
+            assert ranked == list(order[:4])
     values = result.train_values
     np.testing.assert_allclose(values.column("influence_mean").to_numpy(), raw.mean(0), **tolerance)
     np.testing.assert_allclose(values.column("score_mean").to_numpy(), cosine.mean(0), rtol=1e-4, atol=1e-4)

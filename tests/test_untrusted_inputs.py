@@ -152,16 +152,25 @@ def test_scores_beyond_float32_are_refused_not_stored_as_inf():
 
     huge = np.array([[1e39, 1.0]])  # finite in float64, inf in float32
     assert np.isfinite(huge).all() and not np.isfinite(huge.astype(np.float32)).all()
-    with pytest.raises(NumericalError, match="query 'q'"):
-        top_k_table(["q"], ["a", "b"], huge, np.array([[0, 1]]))
+    ones, positions = np.ones((1, 2)), np.array([[0, 1]])
+    with pytest.raises(NumericalError, match="scores of query 'q'"):
+        top_k_table(["q"], ["a", "b"], huge, positions, ones)
+    with pytest.raises(NumericalError, match="influence of query 'q'"):
+        top_k_table(["q"], ["a", "b"], ones, positions, huge)
+    with pytest.raises(NumericalError, match="opponent scores of query 'q'"):
+        top_k_table(["q"], ["a", "b"], ones, positions, ones, huge, positions, ones)
     with pytest.raises(NumericalError, match="dense scores"):
-        dense_table(["q"], ["a", "b"], huge)
+        dense_table(["q"], ["a", "b"], huge, ones)
+    with pytest.raises(NumericalError, match="dense influence"):
+        dense_table(["q"], ["a", "b"], ones, huge)
     for losses, means, self_inf, what in [(np.array([1.0, 1e39]), np.zeros(2), None, "loss of train id 'b'"),
                                           (np.ones(2), np.array([np.nan, 0.0]), None, "score_mean of train id 'a'"),
                                           (np.ones(2), np.zeros(2), np.array([1.0, -1e40]), "self_influence")]:
         with pytest.raises(NumericalError, match=what):
-            train_values_table(["a", "b"], losses, means, self_inf)
-    table = train_values_table(["a", "b"], np.ones(2), np.zeros(2), None)  # no self-influence: NaN, as before
+            train_values_table(["a", "b"], losses, means, self_inf, np.zeros(2))
+    with pytest.raises(NumericalError, match="influence_mean of train id 'a'"):
+        train_values_table(["a", "b"], np.ones(2), np.zeros(2), None, np.array([1e39, 0.0]))
+    table = train_values_table(["a", "b"], np.ones(2), np.zeros(2), None, np.zeros(2))  # no self-influence: NaN
     assert np.isnan(table.column("self_influence").to_numpy()).all()
 
 
