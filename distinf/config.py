@@ -259,6 +259,12 @@ class RuntimeConfig(_Section):
     num_workers: int = Field(default=2, gt=0)
     device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(default=8, gt=0)
+    """Examples per forward/backward step (a chunk's examples grouped by length), unless
+    tokens_per_step is set."""
+    tokens_per_step: int | None = Field(default=None, gt=0)
+    """A token budget per step instead of batch_size: a step holds as many examples, grouped by
+    length, as fit with examples × longest ≤ this (an example longer than it runs alone). null:
+    batch_size examples a step."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     """3 shards the parameters over the workers; 0-2 replicate the model (inference has no
     optimiser state or gradients for them to shard)."""

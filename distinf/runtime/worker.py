@@ -90,68 +90,77 @@ class GradientWorker:
         return self.shard.memory()
 
     def compress(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
-                 chunks: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, progress: Any = None,
-                 attempt: int = 0, run_id: str | None = None) -> list[dict]:
-        """Compute and commit chunks of this rank's partition: (chunk index, positions), PAD a
-        padding slot. Every rank is given the same chunk indices, hence the same steps.
+                 chunks: Sequence[tuple[int, Sequence[int], Sequence[Sequence[int]]]], pad_token_id: int,
+                 progress: Any = None, attempt: int = 0, run_id: str | None = None) -> list[dict]:
+        """Compute and commit chunks of this rank's partition: (chunk index, positions in input
+        order, steps: the positions grouped as the driver planned them, distinf.batching), PAD a
+        stand-in slot. Every rank is given the same chunk indices and step counts.
 
-        Returns the chunks' ledger records. A non-finite loss or gradient stops the job naming the
-        examples or, with data.on_bad_row: skip, leaves them out and lists them in the record.
+        Returns the chunks' ledger records, rows in input order. A non-finite loss or gradient
+        stops the job naming the examples or, with data.on_bad_row: skip, leaves them out and
+        lists them in the record.
         """
-        batch_size, dtype = self.cfg.runtime.batch_size, self.cfg.output.gradient_dtype
-        skip = self.cfg.data.on_bad_row == "skip"
         records = []
-        template = self.shard.factor_template if split == "train" else None
-        for chunk, positions in chunks:
+        for chunk, positions, steps in chunks:
             began = time.perf_counter()
-            kept, losses, grads, rejected = [], [], [], []
-            steps = [list(positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)]
-            # kfac: the capture sums the factors of this chunk's rows only (the queries' never).
-            factors = self.shard.capture.factors = ChunkFactors(template, skip) if template is not None else None
-
-            def batches():
-                for step in steps:
-                    if factors is not None:
-                        factors.start_step([p != PAD for p in step])
-                    yield collate([examples[p if p != PAD else 0] for p in step], pad_token_id)
-
-            computed = self.shard.capture.run(batches(), self.shard.loss_fn, self.shard.device)
-            for step, (g, loss) in zip(steps, computed):
-                release_free_memory()  # what the step freed inside the heap, before the next step's peak
-                real = [i for i, p in enumerate(step) if p != PAD]
-                step_ids, g, loss = [ids[step[i]] for i in real], g[real], loss[real]
-                bad = nonfinite_rows(loss, g, dtype)
-                if bad and not skip:
-                    raise nonfinite_error(split, step_ids, bad, self.cfg.model.dtype)
-                good = [i for i in range(len(step_ids)) if i not in bad]
-                if bad:
-                    rejected += [{"example_id": step_ids[i], "reason": reason} for i, reason in bad.items()]
-                    step_ids, g, loss = [step_ids[i] for i in good], g[good], loss[good]
-                if factors is not None:
-                    factors.commit_step([real[i] for i in good])
-                kept += step_ids
-                losses.append(loss)
-                grads.append(g)
-                if progress is not None and real:
-                    progress.add.remote(len(real))
-                self.batches += 1
-                injected_fault(f"rank{self.rank}:batch{self.batches}", attempt)  # tests only
-                injected_delay()
-            table = (gradient_table(kept, torch.cat(losses).numpy(), torch.cat(grads).numpy(), dtype)
-                     if kept else None)
+            table, rejected, factors = self._chunk_rows(split, examples, ids, positions, steps, pad_token_id,
+                                                        progress, attempt)
             planned = [ids[p] for p in positions if p != PAD]
-            self.shard.capture.factors = None
             records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
                                         run_id, factor_arrays(factors.chunk) if factors is not None else None))
             if progress is not None:
                 progress.chunk.remote()
-            log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",
+            log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(planned) - len(rejected)} rows",
                      extra={"event": "chunk_committed", "split": split, "chunk": chunk, "rank": self.rank,
-                            "rows": len(kept), "rejected": len(rejected), "attempt": attempt,
+                            "rows": len(planned) - len(rejected), "rejected": len(rejected), "attempt": attempt,
                             "seconds": round(time.perf_counter() - began, 3)})
         if progress is not None:  # calls from one caller run in order: this returns once ours have landed
             ray.get(progress.value.remote())
         return records
+
+    def _chunk_rows(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
+                    positions: Sequence[int], steps: Sequence[Sequence[int]], pad_token_id: int, progress: Any,
+                    attempt: int) -> tuple[Any, list[dict], ChunkFactors | None]:
+        """One chunk's steps computed: (its gradient table in input order or None, rejected rows,
+        its Kronecker factor sums or None)."""
+        dtype, skip = self.cfg.output.gradient_dtype, self.cfg.data.on_bad_row == "skip"
+        template = self.shard.factor_template if split == "train" else None
+        # kfac: the capture sums the factors of this chunk's rows only (the queries' never).
+        factors = self.shard.capture.factors = ChunkFactors(template, skip) if template is not None else None
+        rows: dict[int, tuple[Tensor, Tensor]] = {}  # position -> (loss [], grad [k])
+        bad_rows: dict[int, str] = {}
+
+        def batches():
+            for step in steps:
+                if factors is not None:
+                    factors.start_step([p != PAD for p in step])
+                yield collate([examples[p if p != PAD else 0] for p in step], pad_token_id)
+
+        computed = self.shard.capture.run(batches(), self.shard.loss_fn, self.shard.device)
+        for step, (g, loss) in zip(steps, computed):
+            release_free_memory()  # what the step freed inside the heap, before the next step's peak
+            real = [i for i, p in enumerate(step) if p != PAD]
+            bad = nonfinite_rows(loss[real], g[real], dtype)
+            if bad and not skip:
+                raise nonfinite_error(split, [ids[step[i]] for i in real], bad, self.cfg.model.dtype)
+            for j, i in enumerate(real):
+                if j in bad:
+                    bad_rows[step[i]] = bad[j]
+                else:
+                    rows[step[i]] = loss[i], g[i]
+            if factors is not None:
+                factors.commit_step([i for j, i in enumerate(real) if j not in bad])
+            if progress is not None and real:
+                progress.add.remote(len(real))
+            self.batches += 1
+            injected_fault(f"rank{self.rank}:batch{self.batches}", attempt)  # tests only
+            injected_delay()
+        self.shard.capture.factors = None
+        order = [p for p in positions if p in rows]
+        rejected = [{"example_id": ids[p], "reason": bad_rows[p]} for p in positions if p in bad_rows]
+        table = (gradient_table([ids[p] for p in order], torch.stack([rows[p][0] for p in order]).numpy(),
+                                torch.stack([rows[p][1] for p in order]).numpy(), dtype) if order else None)
+        return table, rejected, factors
 
     def shutdown(self) -> None:
         self.shard.close()
