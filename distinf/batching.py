@@ -15,30 +15,52 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from distinf.data import PAD
 
 
 def length_steps(positions: Sequence[int], lengths: Sequence[int], batch_size: int,
                  tokens_per_step: int | None) -> list[list[int]]:
-    """One rank's positions (PAD slots ignored) as steps, grouped by length.
+    """One rank's positions (PAD slots ignored) as steps of examples of similar length.
 
-    Without a budget, at most `batch_size` examples a step, so as many steps as consecutive
-    batches would take; with one, a step holds examples while count × longest ≤ tokens_per_step
-    (an example longer than the budget runs alone).
+    Without a budget, consecutive runs of at most `batch_size` examples of the sorted order, so as
+    many steps as consecutive batches would take. With one, a step holds examples while
+    count × longest ≤ tokens_per_step (an example longer than the budget runs alone), cut where
+    the fewest steps compute the fewest padded tokens (`budget_cuts`).
     """
     real = sorted((p for p in positions if p != PAD), key=lambda p: (-lengths[p], p))
-    steps: list[list[int]] = []
-    for p in real:
-        step = steps[-1] if steps else None
-        # Sorted longest first: the step's padded length is its first example's.
-        fits = step is not None and (
-            len(step) < batch_size if tokens_per_step is None
-            else (len(step) + 1) * lengths[step[0]] <= tokens_per_step)
-        if fits:
-            step.append(p)
-        else:
-            steps.append([p])
-    return steps
+    if tokens_per_step is None:
+        return [real[i:i + batch_size] for i in range(0, len(real), batch_size)]
+    cuts = budget_cuts(np.array([lengths[p] for p in real], dtype=np.int64), tokens_per_step)
+    return [real[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def budget_cuts(lengths: np.ndarray, budget: int) -> list[int]:
+    """Step boundaries [0, ..., n] of lengths sorted longest first: the fewest steps with
+    count × longest ≤ budget each (or one example), and among those the fewest padded tokens.
+
+    A shortest path over boundaries: a step [i, j) costs one step and (j - i) × lengths[i]
+    tokens, weighted so that one step outweighs every token of the chunk.
+    """
+    n = len(lengths)
+    if n == 0:
+        return [0]
+    step_cost = int(lengths[0]) * n + 1
+    best = np.full(n + 1, np.iinfo(np.int64).max // 4, dtype=np.int64)
+    best[0] = 0
+    back = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        stop = min(n, i + max(1, budget // int(lengths[i])))
+        j = np.arange(i + 1, stop + 1)
+        cost = best[i] + step_cost + (j - i) * int(lengths[i])
+        better = cost < best[i + 1:stop + 1]
+        best[i + 1:stop + 1][better] = cost[better]
+        back[i + 1:stop + 1][better] = i
+    cuts = [n]
+    while cuts[-1] > 0:
+        cuts.append(int(back[cuts[-1]]))
+    return cuts[::-1]
 
 
 def equal_step_counts(per_rank: list[list[list[int]]], lengths: Sequence[int]) -> list[list[list[int]]]:

@@ -57,3 +57,25 @@ def test_a_rank_with_fewer_examples_than_steps_runs_stand_in_steps():
     # A rank with fewer but fuller steps splits its largest one instead.
     steps = chunk_steps([[0, 1], [2, 3]], [100, 100, 10, 10], 4, 100)
     assert steps == [[[0], [1]], [[2], [3]]]
+
+
+def test_budget_cuts_are_the_fewest_steps_and_then_the_least_padding_by_brute_force():
+    from itertools import combinations
+
+    from distinf.batching import budget_cuts
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        lengths = np.sort(rng.integers(1, 40, rng.integers(1, 10)))[::-1]
+        budget = int(rng.integers(20, 120))
+
+        def cost(cuts):  # (steps, padded tokens), or None where a step breaks the budget
+            steps = list(zip(cuts[:-1], cuts[1:]))
+            if any(b - a > 1 and (b - a) * lengths[a] > budget for a, b in steps):
+                return None
+            return len(steps), sum((b - a) * lengths[a] for a, b in steps)
+
+        n = len(lengths)
+        every = [c for r in range(n) for inner in combinations(range(1, n), r)
+                 if (c := cost([0, *inner, n])) is not None]
+        assert cost(budget_cuts(lengths, budget)) == min(every)

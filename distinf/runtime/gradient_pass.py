@@ -110,6 +110,8 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
                                         manifest.run_id):
                     records[split][(record["chunk"], record["rank"])] = record
         _record_memory(run_dir, manifest, group.call(lambda w: w.memory.remote(), "memory", stall=False))
+        for worker, timings in zip(manifest.workers, group.call(lambda w: w.timings.remote(), "timings", stall=False)):
+            worker["gradient_pass"] = timings  # where a rank's time went: steps, and waits on commits
         group.call(lambda w: w.shutdown.remote(), "shutdown", stall=False)
 
     def take_stock() -> None:

@@ -25,6 +25,7 @@ from distinf.data import PAD, DataError, collate
 from distinf.ledger import commit_chunk
 from distinf.log import configure as configure_logging
 from distinf.runtime.chunk_factors import ChunkFactors, factor_arrays
+from distinf.runtime.chunk_writer import ChunkWriter
 from distinf.runtime.faults import injected_delay, injected_fault
 from distinf.runtime.process_memory import release_free_memory
 from distinf.runtime.shard import GradientShard
@@ -68,6 +69,7 @@ class GradientWorker:
         self.run_dir = run_dir
         self.shard = GradientShard(self.cfg, rank, world_size)
         self.batches = 0
+        self.step_seconds = self.io_wait_seconds = 0.0
 
     def address(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
@@ -100,27 +102,43 @@ class GradientWorker:
         stops the job naming the examples or, with data.on_bad_row: skip, leaves them out and
         lists them in the record.
         """
-        records = []
-        for chunk, positions, steps in chunks:
-            began = time.perf_counter()
-            table, rejected, factors = self._chunk_rows(split, examples, ids, positions, steps, pad_token_id,
-                                                        progress, attempt)
-            planned = [ids[p] for p in positions if p != PAD]
-            records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
-                                        run_id, factor_arrays(factors.chunk) if factors is not None else None))
-            if progress is not None:
-                progress.chunk.remote()
-            log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(planned) - len(rejected)} rows",
-                     extra={"event": "chunk_committed", "split": split, "chunk": chunk, "rank": self.rank,
-                            "rows": len(planned) - len(rejected), "rejected": len(rejected), "attempt": attempt,
-                            "seconds": round(time.perf_counter() - began, 3)})
+        writer = ChunkWriter(self.cfg.runtime.commit_queue)
+        try:
+            for chunk, positions, steps in chunks:
+                began = time.perf_counter()
+                table, rejected, factors = self._chunk_rows(split, examples, ids, positions, steps, pad_token_id,
+                                                            progress, attempt, writer)
+                writer.submit(self._commit, split, chunk, [ids[p] for p in positions if p != PAD], table, rejected,
+                              attempt, run_id, factors, progress, began)
+            records = writer.close()
+        except BaseException:
+            writer.abandon()
+            raise
+        self.io_wait_seconds += writer.wait_seconds
         if progress is not None:  # calls from one caller run in order: this returns once ours have landed
             ray.get(progress.value.remote())
         return records
 
+    def _commit(self, split: str, chunk: int, planned: list[str], table: Any, rejected: list[dict], attempt: int,
+                run_id: str | None, factors: ChunkFactors | None, progress: Any, began: float) -> dict:
+        """One chunk's ledger commit (on the writer thread); its record."""
+        record = commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt, run_id,
+                              factor_arrays(factors.chunk) if factors is not None else None)
+        if progress is not None:
+            progress.chunk.remote()
+        log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {record['rows']} rows",
+                 extra={"event": "chunk_committed", "split": split, "chunk": chunk, "rank": self.rank,
+                        "rows": record["rows"], "rejected": len(rejected), "attempt": attempt,
+                        "seconds": round(time.perf_counter() - began, 3)})
+        return record
+
+    def timings(self) -> dict:
+        """Seconds this worker's gradient pass spent: in steps, and waiting on chunk commits."""
+        return {"step_seconds": round(self.step_seconds, 3), "io_wait_seconds": round(self.io_wait_seconds, 3)}
+
     def _chunk_rows(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
                     positions: Sequence[int], steps: Sequence[Sequence[int]], pad_token_id: int, progress: Any,
-                    attempt: int) -> tuple[Any, list[dict], ChunkFactors | None]:
+                    attempt: int, writer: ChunkWriter) -> tuple[Any, list[dict], ChunkFactors | None]:
         """One chunk's steps computed: (its gradient table in input order or None, rejected rows,
         its Kronecker factor sums or None)."""
         dtype, skip = self.cfg.output.gradient_dtype, self.cfg.data.on_bad_row == "skip"
@@ -137,7 +155,9 @@ class GradientWorker:
                 yield collate([examples[p if p != PAD else 0] for p in step], pad_token_id)
 
         computed = self.shard.capture.run(batches(), self.shard.loss_fn, self.shard.device)
+        began = time.perf_counter()
         for step, (g, loss) in zip(steps, computed):
+            self.step_seconds += time.perf_counter() - began
             release_free_memory()  # what the step freed inside the heap, before the next step's peak
             real = [i for i, p in enumerate(step) if p != PAD]
             bad = nonfinite_rows(loss[real], g[real], dtype)
@@ -153,8 +173,10 @@ class GradientWorker:
             if progress is not None and real:
                 progress.add.remote(len(real))
             self.batches += 1
-            injected_fault(f"rank{self.rank}:batch{self.batches}", attempt)  # tests only
+            # tests only; a kill lands after the queued commits, so a test knows which chunks are stored
+            injected_fault(f"rank{self.rank}:batch{self.batches}", attempt, before=writer.flush)
             injected_delay()
+            began = time.perf_counter()
         self.shard.capture.factors = None
         order = [p for p in positions if p in rows]
         rejected = [{"example_id": ids[p], "reason": bad_rows[p]} for p in positions if p in bad_rows]
