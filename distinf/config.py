@@ -265,6 +265,10 @@ class RuntimeConfig(_Section):
     """A token budget per step instead of batch_size: a step holds as many examples, grouped by
     length, as fit with examples × longest ≤ this (an example longer than it runs alone). null:
     batch_size examples a step."""
+    activation_checkpointing: bool = False
+    """Keep only each repeated block's input from the forward to the backward pass and run the
+    block's forward again there (distinf.core.checkpointing): for long documents, whose
+    activations outgrow the model's partition. About a third more compute."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     """3 shards the parameters over the workers; 0-2 replicate the model (inference has no
     optimiser state or gradients for them to shard)."""

@@ -15,6 +15,7 @@ import torch
 
 from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
+from distinf.core.checkpointing import CheckpointedBlocks
 from distinf.core.compressors import build_compressor
 from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.tasks import loss_function
@@ -76,6 +77,7 @@ class GradientShard:
         self.factor_template = (plans_only(FactorSums(tracked, compressor.layout))
                                 if cfg.hessian.method in KFAC_METHODS else None)
         self.capture = GradientCapture(model, tracked, compressor).__enter__()
+        self.checkpointed = CheckpointedBlocks(model).__enter__() if cfg.runtime.activation_checkpointing else None
         self.loss_fn = loss_function(cfg.model.task)
         release_free_memory()
         info = {
@@ -114,6 +116,9 @@ class GradientShard:
         return {f"{prefix}peak_gpu_allocated": torch.cuda.max_memory_allocated(self.device)}
 
     def close(self) -> None:
+        if getattr(self, "checkpointed", None) is not None:
+            self.checkpointed.__exit__(None, None, None)
+            self.checkpointed = None
         if self.capture is not None:
             self.capture.__exit__(None, None, None)
             self.capture = None
