@@ -66,18 +66,18 @@ def consecutive_planner(cfg, data, parts):
 
 
 def job(root: Path, model_dir: Path, train: Path, queries: Path, workers: int, batch: int,
-        tokens_per_step: int | None, commit_queue: int, k: int):
+        tokens_per_step: int | None, commit_queue: int, args):
     from distinf.config import JobConfig
 
     return JobConfig.model_validate({
         "name": "token-batching",
-        "model": {"path": str(model_dir), "task": "causal_lm"},
+        "model": {"path": str(model_dir), "task": "causal_lm", "dtype": args.dtype},
         "data": {"train": {"path": str(train), "id_column": "id"}, "queries": {"path": str(queries), "id_column": "id"},
-                 "max_length": 48},
-        "compression": {"k": k, "seed": 0},
+                 "max_length": args.max_length},
+        "compression": {"k": args.k, "seed": 0},
         "scoring": {"top_k": 5},
-        "runtime": {"num_workers": workers, "batch_size": batch, "chunk_examples": 64,
-                    "tokens_per_step": tokens_per_step, "commit_queue": commit_queue},
+        "runtime": {"num_workers": workers, "batch_size": batch, "chunk_examples": args.chunk_examples,
+                    "tokens_per_step": tokens_per_step, "commit_queue": commit_queue, "device": args.device},
         "output": {"path": str(root / "run")},
     })
 
@@ -88,6 +88,7 @@ def timed_pass(cfg, layout: str) -> dict:
     from distinf.runtime.driver import run_job
 
     seconds = {}
+    began = time.perf_counter()
     compress, planner = gp._compress, gp.planned_steps
 
     def timed(cfg, group, split, *args, **kwargs):
@@ -104,48 +105,65 @@ def timed_pass(cfg, layout: str) -> dict:
     finally:
         gp._compress, gp.planned_steps = compress, planner
     grads = pq.read_table(Path(cfg.output.path) / "gradients" / "train", columns=["example_id"]).num_rows
-    return {"seconds": seconds["train"], "examples": grads,
+    return {"seconds": seconds["train"], "examples": grads, "job_seconds": time.perf_counter() - began,
             "workers": [w.get("gradient_pass", {}) for w in manifest["workers"]]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (SmolLM2-135M), tiny (a 2-layer GPT-2), or a shape of benchmarks/scale.py "
+                             "(llama-1b, llama-tiny: random weights, written once under the assets folder)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="model.dtype (default: bfloat16 on cuda, else float32)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {', '.join(LAYOUTS)}")
     parser.add_argument("--train-per-source", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens-per-step", type=int, default=1024)
+    parser.add_argument("--chunk-examples", type=int, default=64)
     parser.add_argument("--k", type=int, default=8192)
+    parser.add_argument("--assets", type=Path, default=None, help="DISTINF_ASSETS (benchmarks/gpu_job.sh --prepare's copy)")
     parser.add_argument("--skip-jobs", action="store_true", help="padding fractions only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--out", type=Path, help="RESULTS.md to append a section to")
     args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.assets is not None:
+        os.environ["DISTINF_ASSETS"] = str(args.assets.resolve())
 
-    from distinf.assets import mixed_source_corpus, smollm2_dir
+    from benchmarks import scale
 
     root = Path(tempfile.mkdtemp(prefix="token-batching-"))
-    train_t, query_t = mixed_source_corpus(args.train_per_source, 1)
+    train_t, query_t = scale.corpus(args.train_per_source)
     train, queries = root / "train.parquet", root / "queries.parquet"
     pq.write_table(train_t, train)
     pq.write_table(query_t, queries)
     if args.model == "smollm2":
+        from distinf.assets import smollm2_dir
         model_dir = smollm2_dir()
-    else:
+    elif args.model == "tiny":
         import sys
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import job_fixtures
-        model_dir = job_fixtures.tiny_model_dir(root, "llama")
+        model_dir = job_fixtures.tiny_model_dir(root, "gpt2")
+    else:
+        import torch
+        draw_on = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+        model_dir = scale.random_llama(args.model, args.dtype, draw_on)
 
     from distinf.data import plan_job
 
-    cfg = job(root, model_dir, train, queries, 2, args.batch, None, 2, args.k)
+    cfg = job(root, model_dir, train, queries, 2, args.batch, None, 2, args)
     demo = np.diff(plan_job(cfg).train.examples.offsets)
     tail = long_tailed_lengths(4096)
     results = {"padding": [], "jobs": []}
-    for name, lengths, budget in (("demo corpus (max_length 48)", demo, args.tokens_per_step),
-                                  ("long-tailed mix (8..2048)", tail, 16384)):
+    for name, lengths, budget in ((f"demo corpus (max_length {args.max_length})", demo, args.tokens_per_step),
+                                  ("long-tailed mix (8..2048)", tail, 2048), ("long-tailed mix (8..2048)", tail, 8192)):
         for world in (1, 2):
-            for layout in LAYOUTS:
+            for layout in LAYOUTS if budget != 8192 else LAYOUTS[2:]:
                 fraction, steps = padding_fraction(lengths, world, args.batch, 256, layout, budget)
                 results["padding"].append({"corpus": name, "W": world, "layout": layout, "n": len(lengths),
                                            "mean_len": float(lengths.mean()), "budget": budget,
@@ -160,10 +178,11 @@ def main() -> None:
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
         try:
             runs = [("before", None, 0), ("by length", None, 2), ("token budget", args.tokens_per_step, 2)]
+            wanted = args.layouts.split(",")
             for world in args.workers:
-                for layout, budget, queue in runs:
+                for layout, budget, queue in [r for r in runs if r[0] in wanted]:
                     run_root = root / f"w{world}-{layout.replace(' ', '-')}"
-                    cfg = job(run_root, model_dir, train, queries, world, args.batch, budget, queue, args.k)
+                    cfg = job(run_root, model_dir, train, queries, world, args.batch, budget, queue, args)
                     r = timed_pass(cfg, layout)
                     r.update(W=world, layout=layout, tokens_per_step=budget, commit_queue=queue,
                              examples_per_s=r["examples"] / r["seconds"])
@@ -182,9 +201,10 @@ def write_section(args, results: dict) -> None:
     from benchmarks.record import publish
 
     lines = ["## Token-budget steps and overlapped commits (issue 31)", "",
-             f"Command: `.venv/bin/python benchmarks/token_batching.py --model {args.model} --workers "
-             f"{' '.join(map(str, args.workers))} --train-per-source {args.train_per_source} --batch {args.batch} "
-             f"--tokens-per-step {args.tokens_per_step} --k {args.k} --out benchmarks/RESULTS.md` "
+             f"Command: `.venv/bin/python benchmarks/token_batching.py --model {args.model} --device {args.device} "
+             f"--workers {' '.join(map(str, args.workers))} --train-per-source {args.train_per_source} "
+             f"--max-length {args.max_length} --batch {args.batch} --tokens-per-step {args.tokens_per_step} "
+             f"--chunk-examples {args.chunk_examples} --k {args.k} --out benchmarks/RESULTS.md` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, nproc {os.cpu_count()}, "
              f"load average {os.getloadavg()[0]:.1f} at the end).", "",
              "Padding: fraction of computed tokens that are padding (chunks of 256, "
@@ -196,18 +216,20 @@ def write_section(args, results: dict) -> None:
         lines.append(f"| {r['corpus']} | {r['n']}, {r['mean_len']:.1f} | {r['W']} | {r['layout']} | {budget} | "
                      f"{r['steps_per_rank']} | {r['padding']:.1%} |")
     if results["jobs"]:
-        lines += ["", "Gradient pass of the train split (the real job, demo corpus): examples/s from dispatch to "
-                  "the last commit; per rank, seconds in steps and the compute's wait on chunk commits.", "",
-                  "| W | layout | tokens_per_step | commit_queue | examples | seconds | examples/s | "
-                  "vs before | step s (per rank) | wait on commits s (per rank) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Gradient pass of the train split (the real job, demo corpus, {args.model} {args.dtype} on "
+                  f"{args.device}): examples/s from dispatch to the last commit; whole job seconds; per rank, "
+                  "seconds in steps and the compute's wait on chunk commits.", "",
+                  "| W | layout | tokens_per_step | commit_queue | examples | pass s | examples/s | "
+                  "vs before | job s | step s (per rank) | wait on commits s (per rank) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         before = {r["W"]: r["examples_per_s"] for r in results["jobs"] if r["layout"] == "before"}
+        before = {w: before.get(w, float("nan")) for w in args.workers}
         for r in results["jobs"]:
             steps = ", ".join(f"{w.get('step_seconds', float('nan')):.1f}" for w in r["workers"])
             waits = ", ".join(f"{w.get('io_wait_seconds', float('nan')):.2f}" for w in r["workers"])
             lines.append(f"| {r['W']} | {r['layout']} | {r['tokens_per_step'] or '-'} | {r['commit_queue']} | "
                          f"{r['examples']} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | "
-                         f"{r['examples_per_s'] / before[r['W']]:.2f}x | {steps} | {waits} |")
+                         f"{r['examples_per_s'] / before[r['W']]:.2f}x | {r['job_seconds']:.0f} | {steps} | {waits} |")
     publish("\n".join(lines), args.out)
 
 

@@ -1,8 +1,8 @@
 """One rank's part of the gradient pass, without Ray: process group, ZeRO-3 model, capture hooks.
 
 The gradient worker actor (distinf.runtime.worker) runs it; so does the one-GPU benchmark, on a
-machine without Ray. Every rank must run the same number of `compute` calls with the same batch
-sizes, since each ZeRO-3 forward and backward gathers every layer collectively.
+machine without Ray. Every rank must run the same number of steps (their sizes may differ), since
+each ZeRO-3 forward and backward gathers every layer collectively.
 """
 
 from __future__ import annotations

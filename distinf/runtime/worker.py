@@ -1,10 +1,12 @@
 """The gradient worker: one Ray actor per GPU (or CPU slot) hosting a ZeRO-3 shard of the model.
 
-All workers run the same number of steps with the same batch sizes, because every ZeRO-3
-forward and backward gathers each layer collectively. A padding slot (-1) runs a real example
-whose outputs are dropped (and whose Kronecker factors, with hessian.method kfac or kfac_mix, are
-not summed: runtime.chunk_factors). Work comes as chunks of the driver's `chunk_plan`, the same chunk
-indices for every rank, and each chunk is committed to the ledger as it completes.
+All workers run the same number of steps, because every ZeRO-3 forward and backward gathers each
+layer collectively (the steps' sizes may differ). A padding slot (-1) runs a real example whose
+outputs are dropped (and whose Kronecker factors, with hessian.method kfac or kfac_mix, are not
+summed: runtime.chunk_factors). Work comes as chunks of the driver's `chunk_plan`, the same chunk
+indices for every rank, with the steps the driver grouped by length (distinf.batching); each
+chunk's rows go back to input order and are committed to the ledger by a writer thread
+(runtime.chunk_writer) while the next chunk computes.
 """
 
 from __future__ import annotations
