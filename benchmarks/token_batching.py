@@ -12,7 +12,7 @@ Ray). The gradient pass of the train split is timed on the driver from its dispa
 committed chunk (model setup excluded); "before" replaces the driver's step planner by the old
 consecutive layout. Each worker reports where its pass went (manifest `workers[].gradient_pass`):
 seconds in steps, and seconds the compute waited on chunk commits (`runtime.commit_queue` 0: each
-commit inline, as before; 2: on the writer thread).
+commit inline, as before; 1: on the writer thread).
 
     .venv/bin/python benchmarks/token_batching.py --out benchmarks/RESULTS.md
     .venv/bin/python benchmarks/token_batching.py --model tiny --train-per-source 8 --workers 2   # a check
@@ -177,7 +177,7 @@ def main() -> None:
 
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
         try:
-            runs = [("before", None, 0), ("by length", None, 2), ("token budget", args.tokens_per_step, 2)]
+            runs = [("before", None, 0), ("by length", None, 1), ("token budget", args.tokens_per_step, 1)]
             wanted = args.layouts.split(",")
             for world in args.workers:
                 for layout, budget, queue in [r for r in runs if r[0] in wanted]:

@@ -278,10 +278,11 @@ class RuntimeConfig(_Section):
     weights gathered for reuse: fewer gathers, but a rank then holds most of the model."""
     chunk_examples: int = Field(default=256, gt=0)
     """Rows per committed gradient chunk (rounded up to whole batches)."""
-    commit_queue: int = Field(default=2, ge=0)
-    """Finished chunks that may wait for their commit (Parquet encoding, sha256, upload, ledger
-    record, on a writer thread, in order) while the next chunk computes; 0 commits each chunk
-    before the next starts."""
+    commit_queue: int = Field(default=1, ge=0)
+    """Finished chunks that may wait for their commit while one is being committed (Parquet
+    encoding, sha256, upload, ledger record: on a writer thread, in order) and the next chunk
+    computes; each holds its rows (chunk_examples × k × 4 bytes). 0 commits each chunk before the
+    next starts."""
     max_restarts: int = Field(default=2, ge=0)
     """How often a failed stage is restarted before the job fails: the whole gradient worker
     group (ZeRO-3 needs every rank) resuming from its committed chunks, or the reducer and

@@ -15,10 +15,13 @@ from distinf.runtime.gradient_pass import planned_steps
 pytestmark = pytest.mark.distributed
 
 
-def test_token_budget_steps_give_the_core_scores_with_rows_in_input_order(shared_ray, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_token_budget_steps_give_the_core_scores_with_rows_in_input_order(shared_ray, tmp_path, checkpointing):
+    """With activation checkpointing too: ZeRO-3 gathers each block again for its recomputation."""
     model_dir = job_fixtures.tiny_model_dir(tmp_path, "gpt2")
     cfg = load_job(job_fixtures.job_file(tmp_path, model_dir, *job_fixtures.corpus_files(tmp_path / "data"),
-                                         runtime={"tokens_per_step": 256, "chunk_examples": 12}))
+                                         runtime={"tokens_per_step": 256, "chunk_examples": 12,
+                                                  "activation_checkpointing": checkpointing}))
     plan = plan_job(cfg)
     lengths = np.diff(plan.train.examples.offsets)
     chunks = chunk_plan(len(plan.train.ids), 2, cfg.runtime.batch_size, cfg.runtime.chunk_examples)
