@@ -66,7 +66,7 @@ def consecutive_planner(cfg, data, parts):
 
 
 def job(root: Path, model_dir: Path, train: Path, queries: Path, workers: int, batch: int,
-        tokens_per_step: int | None, commit_queue: int, args):
+        tokens_per_step: int | None, commit_queue: int, args, k: int | None = None):
     from distinf.config import JobConfig
 
     return JobConfig.model_validate({
@@ -74,7 +74,7 @@ def job(root: Path, model_dir: Path, train: Path, queries: Path, workers: int, b
         "model": {"path": str(model_dir), "task": "causal_lm", "dtype": args.dtype},
         "data": {"train": {"path": str(train), "id_column": "id"}, "queries": {"path": str(queries), "id_column": "id"},
                  "max_length": args.max_length},
-        "compression": {"k": args.k, "seed": 0},
+        "compression": {"k": k or args.k, "seed": 0},
         "scoring": {"top_k": 5},
         "runtime": {"num_workers": workers, "batch_size": batch, "chunk_examples": args.chunk_examples,
                     "tokens_per_step": tokens_per_step, "commit_queue": commit_queue, "device": args.device},
@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=1024)
     parser.add_argument("--chunk-examples", type=int, default=64)
     parser.add_argument("--k", type=int, default=8192)
+    parser.add_argument("--io-k", type=int, default=None,
+                        help="also time the commits alone: length-grouped steps at this k, commit_queue 0 and 1, "
+                             "at the first W")
     parser.add_argument("--assets", type=Path, default=None, help="DISTINF_ASSETS (benchmarks/gpu_job.sh --prepare's copy)")
     parser.add_argument("--skip-jobs", action="store_true", help="padding fractions only")
     parser.add_argument("--json", type=Path)
@@ -179,15 +182,17 @@ def main() -> None:
         try:
             runs = [("before", None, 0), ("by length", None, 1), ("token budget", args.tokens_per_step, 1)]
             wanted = args.layouts.split(",")
-            for world in args.workers:
-                for layout, budget, queue in [r for r in runs if r[0] in wanted]:
-                    run_root = root / f"w{world}-{layout.replace(' ', '-')}"
-                    cfg = job(run_root, model_dir, train, queries, world, args.batch, budget, queue, args)
-                    r = timed_pass(cfg, layout)
-                    r.update(W=world, layout=layout, tokens_per_step=budget, commit_queue=queue,
-                             examples_per_s=r["examples"] / r["seconds"])
-                    results["jobs"].append(r)
-                    print(r, flush=True)
+            plan = [(world, *run, args.k) for world in args.workers for run in runs if run[0] in wanted]
+            if args.io_k:
+                plan += [(args.workers[0], "by length", None, queue, args.io_k) for queue in (0, 1)]
+            for world, layout, budget, queue, k in plan:
+                run_root = root / f"w{world}-{layout.replace(' ', '-')}-q{queue}-k{k}"
+                cfg = job(run_root, model_dir, train, queries, world, args.batch, budget, queue, args, k)
+                r = timed_pass(cfg, layout)
+                r.update(W=world, layout=layout, tokens_per_step=budget, commit_queue=queue, k=k,
+                         examples_per_s=r["examples"] / r["seconds"])
+                results["jobs"].append(r)
+                print(r, flush=True)
         finally:
             ray.shutdown()
 
@@ -204,7 +209,8 @@ def write_section(args, results: dict) -> None:
              f"Command: `.venv/bin/python benchmarks/token_batching.py --model {args.model} --device {args.device} "
              f"--workers {' '.join(map(str, args.workers))} --train-per-source {args.train_per_source} "
              f"--max-length {args.max_length} --batch {args.batch} --tokens-per-step {args.tokens_per_step} "
-             f"--chunk-examples {args.chunk_examples} --k {args.k} --out benchmarks/RESULTS.md` "
+             f"--chunk-examples {args.chunk_examples} --k {args.k}{f' --io-k {args.io_k}' if args.io_k else ''} "
+             "--out benchmarks/RESULTS.md` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, nproc {os.cpu_count()}, "
              f"load average {os.getloadavg()[0]:.1f} at the end).", "",
              "Padding: fraction of computed tokens that are padding (chunks of 256, "
@@ -218,16 +224,17 @@ def write_section(args, results: dict) -> None:
     if results["jobs"]:
         lines += ["", f"Gradient pass of the train split (the real job, demo corpus, {args.model} {args.dtype} on "
                   f"{args.device}): examples/s from dispatch to the last commit; whole job seconds; per rank, "
-                  "seconds in steps and the compute's wait on chunk commits.", "",
-                  "| W | layout | tokens_per_step | commit_queue | examples | pass s | examples/s | "
+                  "seconds in steps and the compute's wait on chunk commits over the whole pass (train and "
+                  "queries).", "",
+                  "| W | layout | tokens_per_step | commit_queue | k | examples | pass s | examples/s | "
                   "vs before | job s | step s (per rank) | wait on commits s (per rank) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        before = {r["W"]: r["examples_per_s"] for r in results["jobs"] if r["layout"] == "before"}
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        before = {r["W"]: r["examples_per_s"] for r in results["jobs"] if r["layout"] == "before" and r["k"] == args.k}
         before = {w: before.get(w, float("nan")) for w in args.workers}
         for r in results["jobs"]:
             steps = ", ".join(f"{w.get('step_seconds', float('nan')):.1f}" for w in r["workers"])
             waits = ", ".join(f"{w.get('io_wait_seconds', float('nan')):.2f}" for w in r["workers"])
-            lines.append(f"| {r['W']} | {r['layout']} | {r['tokens_per_step'] or '-'} | {r['commit_queue']} | "
+            lines.append(f"| {r['W']} | {r['layout']} | {r['tokens_per_step'] or '-'} | {r['commit_queue']} | {r['k']} | "
                          f"{r['examples']} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | "
                          f"{r['examples_per_s'] / before[r['W']]:.2f}x | {r['job_seconds']:.0f} | {steps} | {waits} |")
     publish("\n".join(lines), args.out)
