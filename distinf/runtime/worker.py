@@ -108,9 +108,9 @@ class GradientWorker:
         try:
             for chunk, positions, steps in chunks:
                 began = time.perf_counter()
-                table, rejected, factors = self._chunk_rows(split, examples, ids, positions, steps, pad_token_id,
-                                                            progress, attempt, writer)
-                writer.submit(self._commit, split, chunk, [ids[p] for p in positions if p != PAD], table, rejected,
+                rows, rejected, factors = self._chunk_rows(split, examples, ids, positions, steps, pad_token_id,
+                                                           progress, attempt, writer)
+                writer.submit(self._commit, split, chunk, [ids[p] for p in positions if p != PAD], rows, rejected,
                               attempt, run_id, factors, progress, began)
             records = writer.close()
         except BaseException:
@@ -121,9 +121,11 @@ class GradientWorker:
             ray.get(progress.value.remote())
         return records
 
-    def _commit(self, split: str, chunk: int, planned: list[str], table: Any, rejected: list[dict], attempt: int,
-                run_id: str | None, factors: ChunkFactors | None, progress: Any, began: float) -> dict:
-        """One chunk's ledger commit (on the writer thread); its record."""
+    def _commit(self, split: str, chunk: int, planned: list[str], rows: tuple | None, rejected: list[dict],
+                attempt: int, run_id: str | None, factors: ChunkFactors | None, progress: Any, began: float) -> dict:
+        """One chunk's ledger commit (on the writer thread): its rows (ids, losses [n], grads [n, k],
+        or None) cast and encoded, written with its factor sums and record; returns the record."""
+        table = gradient_table(*rows, self.cfg.output.gradient_dtype) if rows is not None else None
         record = commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt, run_id,
                               factor_arrays(factors.chunk) if factors is not None else None)
         if progress is not None:
@@ -140,9 +142,9 @@ class GradientWorker:
 
     def _chunk_rows(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
                     positions: Sequence[int], steps: Sequence[Sequence[int]], pad_token_id: int, progress: Any,
-                    attempt: int, writer: ChunkWriter) -> tuple[Any, list[dict], ChunkFactors | None]:
-        """One chunk's steps computed: (its gradient table in input order or None, rejected rows,
-        its Kronecker factor sums or None)."""
+                    attempt: int, writer: ChunkWriter) -> tuple[tuple | None, list[dict], ChunkFactors | None]:
+        """One chunk's steps computed: (its rows in input order: ids, losses [n] and grads [n, k] as
+        numpy, or None; rejected rows; its Kronecker factor sums or None)."""
         dtype, skip = self.cfg.output.gradient_dtype, self.cfg.data.on_bad_row == "skip"
         template = self.shard.factor_template if split == "train" else None
         # kfac: the capture sums the factors of this chunk's rows only (the queries' never).
@@ -182,9 +184,9 @@ class GradientWorker:
         self.shard.capture.factors = None
         order = [p for p in positions if p in rows]
         rejected = [{"example_id": ids[p], "reason": bad_rows[p]} for p in positions if p in bad_rows]
-        table = (gradient_table([ids[p] for p in order], torch.stack([rows[p][0] for p in order]).numpy(),
-                                torch.stack([rows[p][1] for p in order]).numpy(), dtype) if order else None)
-        return table, rejected, factors
+        kept = (([ids[p] for p in order], torch.stack([rows[p][0] for p in order]).numpy(),
+                 torch.stack([rows[p][1] for p in order]).numpy()) if order else None)
+        return kept, rejected, factors
 
     def shutdown(self) -> None:
         self.shard.close()
