@@ -216,6 +216,8 @@ def main() -> None:
                         help="auto: ZeRO-3 when deepspeed imports, else a plain model (and say so)")
     parser.add_argument("--path", default="auto", choices=["auto", "worker", "core"],
                         help="worker: GradientShard on a checkpoint, as the actor runs; core: the model in memory")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the chip's dense peak at --dtype, for the percentage (default: known chips' bfloat16 peak)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     args = parser.parse_args()
 
@@ -279,6 +281,13 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     tokens = args.batch * args.tokens
+    peak = args.peak_tflops or known_peak_tflops(device)
+    # With frozen weights a step is the forward (2 FLOPs per parameter and token) and the
+    # activation gradients (2 more); no weight gradient is formed.
+    flops_per_token = 4 * tracked.total_numel
+    for r in rows[1:]:
+        r["floor_tflops"] = flops_per_token * tokens / r["floor_s"] / 1e12
+        r["capture_tflops"] = flops_per_token * tokens / r["capture_s"] / 1e12
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "– (CPU)"  # noqa: E731
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [
@@ -289,12 +298,18 @@ def main() -> None:
         f"batch {args.batch} × {args.tokens} tokens; {args.pairs} pairs after {args.warmup} warm-ups; "
         f"memory after load {gib(after_load)}; total {time.perf_counter() - started:.0f} s.",
         "",
-        "| configuration | floor tokens/s | capture tokens/s | capture / floor time, median (min–max) | peak GPU memory |",
-        "|---|---|---|---|---|",
-        f"| floor (frozen forward + backward) | – | – | – | {gib(rows[0]['peak_bytes'])} |",
+        f"TFLOP/s count 4 × parameters per token (forward and activation gradients, weights frozen)"
+        f"{f'; % of a {peak:g} TFLOP/s peak' if peak else ''}.",
+        "",
+        "| configuration | floor tokens/s | capture tokens/s | floor TFLOP/s (% peak) | capture TFLOP/s (% peak) "
+        "| capture / floor time, median (min–max) | peak GPU memory |",
+        "|---|---|---|---|---|---|---|",
+        f"| floor (frozen forward + backward) | – | – | – | – | – | {gib(rows[0]['peak_bytes'])} |",
     ]
+    share = lambda t: f"{t:,.1f}" + (f" ({t / peak:.1%})" if peak else "")  # noqa: E731
     for r in rows[1:]:
         lines.append(f"| distinf capture {r['config']} | {tokens / r['floor_s']:,.0f} | {tokens / r['capture_s']:,.0f} "
+                     f"| {share(r['floor_tflops'])} | {share(r['capture_tflops'])} "
                      f"| {r['ratio']:.3f} ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | {gib(r['peak_bytes'])} |")
     report = "\n".join(lines)
     print("\n" + report, flush=True)
@@ -304,6 +319,17 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "note": ds_note,
                                                           "zero3": deepspeed is not None, "path": path,
                                                           "setup": setup, "rows": rows}, indent=1, default=str))
+
+
+# Dense bfloat16 peaks (TFLOP/s, without sparsity) of the chips a device machine may have.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def known_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for chip, peak in PEAK_BF16_TFLOPS.items() if chip in name), None)
 
 
 def worker_path_importable() -> bool:

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The real job on one GPU machine: `distinf run` with runtime.device: cuda (Ray actors, DeepSpeed
-# ZeRO-3 over NCCL, Parquet chunks, the reducer, scoring tasks) on a random-initialised 1.07B Llama
-# in bfloat16, through benchmarks/scale.py; then, if time is left, benchmarks/gpu_extraction.py
-# (the worker's setup + compress path without Ray: tokens/s against the forward + backward floor).
-# One prepared script for the device tool, ending inside DISTINF_GPU_BUDGET seconds (default 400).
+# One GPU, one call of at most 9 minutes (DISTINF_GPU_BUDGET, default 520 s), everything in $OUT:
+#   1. the frozen forward + backward (the floor) and distinf's capture at k = 8,192 on a
+#      Pythia-1.4B-shaped GPT-NeoX in bfloat16, in tokens/s and TFLOP/s against the chip's peak,
+#      at DISTINF_GPU_STEP (default 16 × 512 tokens a step), under ZeRO-3 on one rank (the worker's own
+#      setup, benchmarks/gpu_extraction.py --zero3 on) and without it (zero_stage 0: --zero3 off);
+#   2. the real job (`run_job`: Ray actor, ZeRO-3 over NCCL, Parquet, reducer, scoring) on a
+#      random-initialised 1.07B Llama in bfloat16 with the demo corpus's length mix (max_length 48),
+#      before (consecutive batches of 8) and after the token-budget steps (runtime.tokens_per_step
+#      DISTINF_GPU_TOKENS_PER_STEP, default 8192), through benchmarks/token_batching.py: examples/s of
+#      the gradient pass, the compute's wait on chunk commits.
 #
 #   benchmarks/gpu_job.sh --prepare   here: .whl/ (deepspeed and its pure-Python needs via
 #                                     gpu.sh --prepare; ray 2.60.0 cp312 trimmed to fit by
@@ -12,12 +17,10 @@
 #                                     (SmolLM2's tokenizer files and the texts, which come from
 #                                     packages the GPU machine lacks); both ignored by git
 #   benchmarks/gpu_job.sh             there (device tool: carry [".whl", ".gpu_assets"],
-#                                     timeout_s 420); everything it writes is in $OUT:
-#                                     gpu_job.log, scale.json, scale.md, manifest.json,
-#                                     distinf-run.log, ray-logs.tgz, extraction/results.{json,md}
-# A check on a CPU machine (no install, a tiny model):
-#   DISTINF_GPU_DEVICE=cpu DISTINF_GPU_MODEL=llama-tiny DISTINF_GPU_INSTALL=0 PYTHON=.venv/bin/python \
-#     DISTINF_GPU_BUDGET=300 benchmarks/gpu_job.sh
+#                                     timeout_s 560); in $OUT: gpu_job.log, extraction-zero3/ and
+#                                     extraction-zero0/ (results.{json,md}), batching.{json,md}
+# A check on a CPU machine (no install, tiny models, the same stages):
+#   PYTHON=.venv/bin/python benchmarks/gpu_job.sh --size tiny --device cpu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -47,9 +50,17 @@ if [[ ${1:-} == --prepare ]]; then
     exit 0
 fi
 
-BUDGET=${DISTINF_GPU_BUDGET:-400}
+SIZE=full
 DEVICE=${DISTINF_GPU_DEVICE:-cuda}
-MODEL=${DISTINF_GPU_MODEL:-llama-1b}
+while (( $# )); do
+    case $1 in
+        --size) SIZE=$2; shift 2 ;;
+        --device) DEVICE=$2; shift 2 ;;
+        *) echo "unknown argument $1 (--prepare, --size tiny|full, --device cuda|cpu)"; exit 2 ;;
+    esac
+done
+
+BUDGET=${DISTINF_GPU_BUDGET:-520}
 OUTDIR=${OUT:-${DISTINF_GPU_OUT:-runs/gpu_job}}
 mkdir -p "$OUTDIR"
 exec > >(tee -a "$OUTDIR/gpu_job.log") 2>&1
@@ -57,6 +68,12 @@ left() { echo $((BUDGET - SECONDS)); }
 stage() { echo; echo "=== $* (t = ${SECONDS} s, $(left) s left)"; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 export DS_ACCELERATOR=$DEVICE
+if [[ $SIZE == tiny ]]; then
+    NEOX=tiny LLAMA=llama-tiny STEP=(--batch 2 --tokens 32) PAIRS=(--pairs 2 --warmup 1) TRAIN=${DISTINF_GPU_TRAIN:-4}
+else
+    NEOX=pythia-1.4b LLAMA=llama-1b STEP=(${DISTINF_GPU_STEP:---batch 16 --tokens 512}) PAIRS=(--pairs 4 --warmup 2)
+fi
+[[ $DEVICE == cpu ]] && : "${DISTINF_GPU_INSTALL:=0}"
 
 stage "install"
 if [[ ${DISTINF_GPU_INSTALL:-1} == 1 ]]; then
@@ -82,52 +99,30 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
 nproc; free -g | head -2; df -h /dev/shm /tmp | tail -2
 
-stage "the job: benchmarks/scale.py --device $DEVICE --model $MODEL --workers 1"
-# The model and the run go to a work folder, so that $ASSETS (carried) holds only the inputs.
+# Each stage's share of the budget; a stage that overruns is stopped and the next one still runs.
+extraction() {  # $1: on | off (ZeRO-3), $2: seconds
+    stage "floor and capture at $NEOX, ZeRO-3 $1: benchmarks/gpu_extraction.py"
+    timeout -k 5 "$2" "$PY" benchmarks/gpu_extraction.py --size "$NEOX" --device "$DEVICE" --zero3 "$1" --ks 8192 \
+        "${STEP[@]}" "${PAIRS[@]}" --out "$OUTDIR/extraction-zero$([[ $1 == on ]] && echo 3 || echo 0)"
+    echo "gpu_extraction.py --zero3 $1: exit $?"
+}
+extraction on "${DISTINF_GPU_ZERO3_S:-150}"
+extraction off "${DISTINF_GPU_ZERO0_S:-90}"
+
+stage "the job on $LLAMA, before and after token-budget steps: benchmarks/token_batching.py"
+# The model and the runs go to a work folder, so that $ASSETS (carried) holds only the inputs.
 WORK=${DISTINF_GPU_WORK:-/tmp/distinf-gpu-job}
-mkdir -p "$WORK" && cp -r "$ASSETS/scale" "$WORK/"
-# The job's share: all but what the extraction needs (~110 s), and never past the budget.
-job_limit=$(( $(left) - ${DISTINF_GPU_EXTRACTION_S:-110} ))
-(( job_limit < 120 )) && job_limit=$(( $(left) - 20 ))
-timeout -k 10 "$job_limit" "$PY" benchmarks/scale.py --assets "$WORK" --device "$DEVICE" --model "$MODEL" \
-    --workers 1 --train-per-source "$TRAIN" --tokens "${DISTINF_GPU_TOKENS:-128}" --batch "${DISTINF_GPU_BATCH:-8}" \
-    --k "${DISTINF_GPU_K:-65536}" --json "$OUTDIR/scale.json" --out "$OUTDIR/scale.md"
+mkdir -p "$WORK" && { [[ -d $ASSETS/scale ]] && cp -r "$ASSETS/scale" "$WORK/" || echo "no $ASSETS/scale: texts from the packages"; }
+timeout -k 10 $(( $(left) - 10 )) "$PY" benchmarks/token_batching.py --model "$LLAMA" --device "$DEVICE" --workers 1 \
+    --layouts "before,token budget" --train-per-source "$TRAIN" --max-length 48 --batch 8 \
+    --tokens-per-step "${DISTINF_GPU_TOKENS_PER_STEP:-8192}" --chunk-examples 256 --k 8192 --assets "$WORK" \
+    --json "$OUTDIR/batching.json" --out "$OUTDIR/batching.md"
 job_status=$?
-echo "scale.py exit $job_status"
-dtype=$([[ $DEVICE == cuda ]] && echo "-bfloat16" || true)
-run_root="$WORK/scale/runs/$MODEL$dtype-w1"
-cp "$run_root/run/manifest.json" "$OUTDIR/manifest.json" 2>/dev/null || echo "no manifest in $run_root/run"
-cp "$run_root/distinf-run.log" "$OUTDIR/distinf-run.log" 2>/dev/null || echo "no distinf-run.log in $run_root"
+echo "token_batching.py exit $job_status"
 # Whatever a killed job left running, on the GPU machine only (elsewhere other Ray sessions may be someone else's).
 [[ $DEVICE == cuda ]] && { "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true; }
-if [[ -d /tmp/ray/session_latest/logs ]]; then
-    tar -czf "$OUTDIR/ray-logs.tgz" -C /tmp/ray/session_latest logs 2>/dev/null
-    if (( $(stat -c %s "$OUTDIR/ray-logs.tgz") > 15000000 )); then
-        tar -czf "$OUTDIR/ray-logs.tgz" -C /tmp/ray/session_latest --wildcards 'logs/*.err' 'logs/*.out' 2>/dev/null
-    fi
-fi
-[[ -f $OUTDIR/scale.md ]] && cat "$OUTDIR/scale.md"
 
-stage "extraction: benchmarks/gpu_extraction.py"
-extraction_status=skipped
-if (( $(left) > 60 )); then
-    if [[ $DEVICE == cuda ]]; then
-        args=(--pairs 6 --warmup 2)
-    else
-        args=(--size tiny --device cpu --tokens 32 --batch 2 --pairs 2 --warmup 1 --ks 64,256)
-    fi
-    timeout -k 5 $(( $(left) - 15 )) "$PY" benchmarks/gpu_extraction.py --out "$OUTDIR/extraction" "${args[@]}"
-    extraction_status=$?
-    if [[ $extraction_status != 0 ]] && (( $(left) > 45 )); then
-        echo "the worker-path extraction failed (exit $extraction_status); the same without ZeRO-3"
-        timeout -k 5 $(( $(left) - 10 )) "$PY" benchmarks/gpu_extraction.py --zero3 off --out "$OUTDIR/extraction" \
-            "${args[@]}" --pairs 3
-        extraction_status="$extraction_status, then without ZeRO-3: $?"
-    fi
-else
-    echo "skipped: $(left) s left"
-fi
-
-stage "done: job exit $job_status, extraction exit $extraction_status"
-ls -la "$OUTDIR" "$OUTDIR/extraction" 2>/dev/null
+stage "done: job exit $job_status"
+cat "$OUTDIR"/extraction-zero*/results.md 2>/dev/null
+ls -la "$OUTDIR" "$OUTDIR"/extraction-zero* 2>/dev/null
 exit "$job_status"

@@ -294,6 +294,16 @@ class RuntimeConfig(_Section):
     num_workers: int = Field(default=2, gt=0)
     device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(default=8, gt=0)
+    """Examples per forward/backward step (a chunk's examples grouped by length), unless
+    tokens_per_step is set."""
+    tokens_per_step: int | None = Field(default=None, gt=0)
+    """A token budget per step instead of batch_size: a step holds as many examples, grouped by
+    length, as fit with examples × longest ≤ this (an example longer than it runs alone). null:
+    batch_size examples a step."""
+    activation_checkpointing: bool = False
+    """Keep only each repeated block's input from the forward to the backward pass and run the
+    block's forward again there (distinf.core.checkpointing): for long documents, whose
+    activations outgrow the model's partition. About a third more compute."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     """3 shards the parameters over the workers; 0-2 replicate the model (inference has no
     optimiser state or gradients for them to shard)."""
@@ -303,6 +313,11 @@ class RuntimeConfig(_Section):
     weights gathered for reuse: fewer gathers, but a rank then holds most of the model."""
     chunk_examples: int = Field(default=256, gt=0)
     """Rows per committed gradient chunk (rounded up to whole batches)."""
+    commit_queue: int = Field(default=1, ge=0)
+    """Finished chunks that may wait for their commit while one is being committed (Parquet
+    encoding, sha256, upload, ledger record: on a writer thread, in order) and the next chunk
+    computes; each holds its rows (chunk_examples × k × 4 bytes). 0 commits each chunk before the
+    next starts."""
     max_restarts: int = Field(default=2, ge=0)
     """How often a failed stage is restarted before the job fails: the whole gradient worker
     group (ZeRO-3 needs every rank) resuming from its committed chunks, or the reducer and

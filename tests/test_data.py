@@ -337,7 +337,8 @@ def test_each_rank_is_sent_only_its_own_examples_and_runs_the_same_batches(n, wo
     sent = 0
     for rank in range(world_size):
         global_parts = [plan[c][rank] for c in todo]
-        examples, ids, parts = rank_share(data, global_parts)
+        examples, ids, parts, steps = rank_share(data, global_parts, [[part] for part in global_parts])
+        assert steps == [[part] for part in parts]  # steps renumbered as the positions are
         real = sorted({p for part in global_parts for p in part if p != PAD})
         assert ids == [data.ids[p] for p in real] or (not real and len(ids) == 1)  # its own, nothing more
         for global_part, part in zip(global_parts, parts):  # the same batches, PAD kept, the worker's lookup

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Callable
 
 
-def injected_fault(where: str, attempt: int) -> None:
+def injected_fault(where: str, attempt: int, before: Callable[[], None] | None = None) -> None:
     """SIGKILL this process if DISTINF_TEST_KILL names `where` ("rank1:batch3", "reducer"), on the
-    first attempt only, so that the restarted one goes through."""
+    first attempt only, so that the restarted one goes through; `before` runs first."""
     if attempt == 0 and os.environ.get("DISTINF_TEST_KILL") == where:
+        if before is not None:
+            before()
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -12,10 +12,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
+from distinf.batching import chunk_steps
 from distinf.config import JobConfig
 from distinf.core.kfac import KFAC_METHODS
 from distinf.data import PAD, Tokenized, chunk_plan
@@ -120,6 +122,9 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
                                         manifest.run_id):
                     records[split][(record["chunk"], record["rank"])] = record
         _record_memory(run_dir, manifest, group.call(lambda w: w.memory.remote(), "memory", stall=QUICK_CALL))
+        for worker, timings in zip(manifest.workers, group.call(lambda w: w.timings.remote(), "timings",
+                                                                stall=QUICK_CALL)):
+            worker["gradient_pass"] = timings  # where a rank's time went: steps, and waits on commits
         group.call(lambda w: w.shutdown.remote(), "shutdown", stall=QUICK_CALL)
 
     def take_stock() -> None:
@@ -177,16 +182,33 @@ def _record_memory(run_dir: RunDir, manifest: Manifest, peaks: list[dict]) -> No
     run_dir.write_manifest(manifest)
 
 
-def rank_share(data: Tokenized, parts: list[list[int]]) -> tuple[TokenRows, list[str], list[list[int]]]:
+def rank_share(data: Tokenized, parts: list[list[int]], steps: list[list[list[int]]]
+               ) -> tuple[TokenRows, list[str], list[list[int]], list[list[list[int]]]]:
     """What one rank is sent for its chunks: only its own examples and ids, and its chunks'
-    positions renumbered into them (PAD kept), so no worker receives the whole dataset.
+    positions and steps renumbered into them (PAD kept), so no worker receives the whole dataset.
 
     A rank whose every slot is padding gets the first example to run them on.
     """
     used = sorted({p for part in parts for p in part if p != PAD}) or [0]
     local = {p: i for i, p in enumerate(used)}
-    return (data.examples.take(used), [data.ids[p] for p in used],
-            [[PAD if p == PAD else local[p] for p in part] for part in parts])
+
+    def renumber(positions: list[int]) -> list[int]:
+        return [PAD if p == PAD else local[p] for p in positions]
+
+    return (data.examples.take(used), [data.ids[p] for p in used], [renumber(part) for part in parts],
+            [[renumber(step) for step in chunk] for chunk in steps])
+
+
+def example_lengths(data: Tokenized) -> np.ndarray:
+    """Tokens of each example [n]."""
+    return np.diff(data.examples.offsets)
+
+
+def planned_steps(cfg: JobConfig, data: Tokenized, parts: list[list[int]]) -> list[list[list[int]]]:
+    """Each rank's steps for one chunk (`parts[r]`: rank r's positions), grouped by length, the
+    same count on every rank (distinf.batching)."""
+    runtime = cfg.runtime
+    return chunk_steps(parts, example_lengths(data), runtime.batch_size, runtime.tokens_per_step)
 
 
 def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, pad_token_id: int,
@@ -195,10 +217,13 @@ def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, p
     data, positions = work.data, work.positions
     progress = Progress.remote()
     futures = []
+    steps = {c: planned_steps(cfg, data, positions[c]) for c in todo}
     for rank, worker in enumerate(group.workers):
-        examples, ids, parts = rank_share(data, [positions[c][rank] for c in todo])
-        futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids), list(zip(todo, parts)),
-                                              pad_token_id, progress, attempt, run_id, group.run_dir.fence()))
+        examples, ids, parts, rank_steps = rank_share(data, [positions[c][rank] for c in todo],
+                                                      [steps[c][rank] for c in todo])
+        futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids),
+                                              list(zip(todo, parts, rank_steps)), pad_token_id, progress,
+                                              attempt, run_id, group.run_dir.fence()))
     committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
     fields = {"split": split, "attempt": attempt, "total": len(data.ids)}
     log.info(f"gradients/{split}: {len(todo)} chunk(s) to compute, {committed} of {len(data.ids)} examples stored",

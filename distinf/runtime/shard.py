@@ -1,8 +1,8 @@
 """One rank's part of the gradient pass, without Ray: process group, ZeRO-3 model, capture hooks.
 
 The gradient worker actor (distinf.runtime.worker) runs it; so does the one-GPU benchmark, on a
-machine without Ray. Every rank must run the same number of `compute` calls with the same batch
-sizes, since each ZeRO-3 forward and backward gathers every layer collectively.
+machine without Ray. Every rank must run the same number of steps (their sizes may differ), since
+each ZeRO-3 forward and backward gathers every layer collectively.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
+from distinf.core.checkpointing import CheckpointedBlocks
 from distinf.core.compressors import build_compressor
 from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.optimizer_state import entry_scale
@@ -80,6 +81,7 @@ class GradientShard:
         self.factor_template = (plans_only(FactorSums(tracked, compressor.layout))
                                 if cfg.hessian.method in KFAC_METHODS else None)
         self.capture = GradientCapture(model, tracked, compressor, column_scale=scale).__enter__()
+        self.checkpointed = CheckpointedBlocks(model).__enter__() if cfg.runtime.activation_checkpointing else None
         self.loss_fn = loss_function(cfg.model.task)
         release_free_memory()
         info = {
@@ -119,6 +121,9 @@ class GradientShard:
         return {f"{prefix}peak_gpu_allocated": torch.cuda.max_memory_allocated(self.device)}
 
     def close(self) -> None:
+        if getattr(self, "checkpointed", None) is not None:
+            self.checkpointed.__exit__(None, None, None)
+            self.checkpointed = None
         if self.capture is not None:
             self.capture.__exit__(None, None, None)
             self.capture = None

@@ -1,10 +1,12 @@
 """The gradient worker: one Ray actor per GPU (or CPU slot) hosting a ZeRO-3 shard of the model.
 
-All workers run the same number of steps with the same batch sizes, because every ZeRO-3
-forward and backward gathers each layer collectively. A padding slot (-1) runs a real example
-whose outputs are dropped (and whose Kronecker factors, with hessian.method kfac or kfac_mix, are
-not summed: runtime.chunk_factors). Work comes as chunks of the driver's `chunk_plan`, the same chunk
-indices for every rank, and each chunk is committed to the ledger as it completes.
+All workers run the same number of steps, because every ZeRO-3 forward and backward gathers each
+layer collectively (the steps' sizes may differ). A padding slot (-1) runs a real example whose
+outputs are dropped (and whose Kronecker factors, with hessian.method kfac or kfac_mix, are not
+summed: runtime.chunk_factors). Work comes as chunks of the driver's `chunk_plan`, the same chunk
+indices for every rank, with the steps the driver grouped by length (distinf.batching); each
+chunk's rows go back to input order and are committed to the ledger by a writer thread
+(runtime.chunk_writer) while the next chunk computes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from distinf.ledger import commit_chunk, rows_digest
 from distinf.log import configure as configure_logging
 from distinf.models import verify_model
 from distinf.runtime.chunk_factors import ChunkFactors, factor_arrays
+from distinf.runtime.chunk_writer import ChunkWriter
 from distinf.runtime.faults import injected_delay, injected_fault
 from distinf.runtime.process_memory import release_free_memory
 from distinf.runtime.shard import GradientShard
@@ -71,6 +74,7 @@ class GradientWorker:
         self.run_dir = run_dir
         self.shard = GradientShard(self.cfg, rank, world_size)
         self.batches = 0
+        self.step_seconds = self.io_wait_seconds = 0.0
 
     def address(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
@@ -95,71 +99,104 @@ class GradientWorker:
         return self.shard.memory()
 
     def compress(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
-                 chunks: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, progress: Any = None,
-                 attempt: int = 0, run_id: str | None = None, fence: Any = None) -> list[dict]:
-        """Compute and commit chunks of this rank's partition: (chunk index, positions), PAD a
-        padding slot. Every rank is given the same chunk indices, hence the same steps.
+                 chunks: Sequence[tuple[int, Sequence[int], Sequence[Sequence[int]]]], pad_token_id: int,
+                 progress: Any = None, attempt: int = 0, run_id: str | None = None, fence: Any = None) -> list[dict]:
+        """Compute and commit chunks of this rank's partition: (chunk index, positions in input
+        order, steps: the positions grouped as the driver planned them, distinf.batching), PAD a
+        stand-in slot. Every rank is given the same chunk indices and step counts.
 
         `fence` (runtime.lease.Fence) is checked before each commit: a run whose lease was taken
-        over commits nothing more. Returns the chunks' ledger records. A non-finite loss or gradient stops the job naming the
-        examples or, with data.on_bad_row: skip, leaves them out and lists them in the record.
+        over commits nothing more. Returns the chunks' ledger records, rows in input order. A
+        non-finite loss or gradient stops the job naming the examples or, with data.on_bad_row:
+        skip, leaves them out and lists them in the record.
         """
-        batch_size, dtype = self.cfg.runtime.batch_size, self.cfg.output.gradient_dtype
-        skip = self.cfg.data.on_bad_row == "skip"
-        records = []
-        template = self.shard.factor_template if split == "train" else None
-        for chunk, positions in chunks:
-            began = time.perf_counter()
-            kept, losses, grads, rejected = [], [], [], []
-            steps = [list(positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)]
-            # kfac: the capture sums the factors of this chunk's rows only (the queries' never).
-            factors = self.shard.capture.factors = ChunkFactors(template, skip) if template is not None else None
-
-            def batches():
-                for step in steps:
-                    if factors is not None:
-                        factors.start_step([p != PAD for p in step])
-                    yield collate([examples[p if p != PAD else 0] for p in step], pad_token_id)
-
-            computed = self.shard.capture.run(batches(), self.shard.loss_fn, self.shard.device)
-            for step, (g, loss) in zip(steps, computed):
-                release_free_memory()  # what the step freed inside the heap, before the next step's peak
-                real = [i for i, p in enumerate(step) if p != PAD]
-                step_ids, g, loss = [ids[step[i]] for i in real], g[real], loss[real]
-                bad = nonfinite_rows(loss, g, dtype)
-                if bad and not skip:
-                    raise nonfinite_error(split, step_ids, bad, self.cfg.model.dtype)
-                good = [i for i in range(len(step_ids)) if i not in bad]
-                if bad:
-                    rejected += [{"example_id": step_ids[i], "reason": reason} for i, reason in bad.items()]
-                    step_ids, g, loss = [step_ids[i] for i in good], g[good], loss[good]
-                if factors is not None:
-                    factors.commit_step([real[i] for i in good])
-                kept += step_ids
-                losses.append(loss)
-                grads.append(g)
-                if progress is not None and real:
-                    progress.add.remote(len(real))
-                self.batches += 1
-                injected_fault(f"rank{self.rank}:batch{self.batches}", attempt)  # tests only
-                injected_delay()
-            table = (gradient_table(kept, torch.cat(losses).numpy(), torch.cat(grads).numpy(), dtype)
-                     if kept else None)
-            planned = [ids[p] for p in positions if p != PAD]
-            rows = rows_digest([examples[p] for p in positions if p != PAD])
-            self.shard.capture.factors = None
-            records.append(commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt,
-                                        run_id, factor_arrays(factors.chunk) if factors is not None else None,
-                                        fence.check if fence is not None else None, rows))
-            if progress is not None:
-                progress.chunk.remote()
-            log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {len(kept)} rows",
-                     extra={"event": "chunk_committed", "split": split, "chunk": chunk, "rank": self.rank,
-                            "rows": len(kept), "rejected": len(rejected), "attempt": attempt,
-                            "seconds": round(time.perf_counter() - began, 3)})
+        writer = ChunkWriter(self.cfg.runtime.commit_queue)
+        try:
+            for chunk, positions, steps in chunks:
+                began = time.perf_counter()
+                rows, rejected, factors = self._chunk_rows(split, examples, ids, positions, steps, pad_token_id,
+                                                           progress, attempt, writer)
+                digest = rows_digest([examples[p] for p in positions if p != PAD])
+                writer.submit(self._commit, split, chunk, [ids[p] for p in positions if p != PAD], rows, rejected,
+                              attempt, run_id, factors, progress, began, fence, digest)
+            records = writer.close()
+        except BaseException:
+            writer.abandon()
+            raise
+        self.io_wait_seconds += writer.wait_seconds
         if progress is not None:  # calls from one caller run in order: this returns once ours have landed
             ray.get(progress.value.remote(), timeout=PROGRESS_TIMEOUT)
         return records
+
+    def _commit(self, split: str, chunk: int, planned: list[str], rows: tuple | None, rejected: list[dict],
+                attempt: int, run_id: str | None, factors: ChunkFactors | None, progress: Any, began: float,
+                fence: Any, digest: str) -> dict:
+        """One chunk's ledger commit (on the writer thread): its rows (ids, losses [n], grads [n, k],
+        or None) cast and encoded, written with its factor sums and record (with `digest`, the
+        planned rows' ledger.rows_digest), each write after `fence` allows it; returns the record."""
+        table = gradient_table(*rows, self.cfg.output.gradient_dtype) if rows is not None else None
+        record = commit_chunk(self.run_dir, split, self.rank, chunk, planned, table, rejected, attempt, run_id,
+                              factor_arrays(factors.chunk) if factors is not None else None,
+                              fence.check if fence is not None else None, digest)
+        if progress is not None:
+            progress.chunk.remote()
+        log.info(f"{split} chunk {chunk} committed by rank {self.rank}: {record['rows']} rows",
+                 extra={"event": "chunk_committed", "split": split, "chunk": chunk, "rank": self.rank,
+                        "rows": record["rows"], "rejected": len(rejected), "attempt": attempt,
+                        "seconds": round(time.perf_counter() - began, 3)})
+        return record
+
+    def timings(self) -> dict:
+        """Seconds this worker's gradient pass spent: in steps, and waiting on chunk commits."""
+        return {"step_seconds": round(self.step_seconds, 3), "io_wait_seconds": round(self.io_wait_seconds, 3)}
+
+    def _chunk_rows(self, split: str, examples: Sequence[dict[str, Tensor]], ids: Sequence[str],
+                    positions: Sequence[int], steps: Sequence[Sequence[int]], pad_token_id: int, progress: Any,
+                    attempt: int, writer: ChunkWriter) -> tuple[tuple | None, list[dict], ChunkFactors | None]:
+        """One chunk's steps computed: (its rows in input order: ids, losses [n] and grads [n, k] as
+        numpy, or None; rejected rows; its Kronecker factor sums or None)."""
+        dtype, skip = self.cfg.output.gradient_dtype, self.cfg.data.on_bad_row == "skip"
+        template = self.shard.factor_template if split == "train" else None
+        # kfac: the capture sums the factors of this chunk's rows only (the queries' never).
+        factors = self.shard.capture.factors = ChunkFactors(template, skip) if template is not None else None
+        rows: dict[int, tuple[Tensor, Tensor]] = {}  # position -> (loss [], grad [k])
+        bad_rows: dict[int, str] = {}
+
+        def batches():
+            for step in steps:
+                if factors is not None:
+                    factors.start_step([p != PAD for p in step])
+                yield collate([examples[p if p != PAD else 0] for p in step], pad_token_id)
+
+        computed = self.shard.capture.run(batches(), self.shard.loss_fn, self.shard.device)
+        began = time.perf_counter()
+        for step, (g, loss) in zip(steps, computed):
+            self.step_seconds += time.perf_counter() - began
+            release_free_memory()  # what the step freed inside the heap, before the next step's peak
+            real = [i for i, p in enumerate(step) if p != PAD]
+            bad = nonfinite_rows(loss[real], g[real], dtype)
+            if bad and not skip:
+                raise nonfinite_error(split, [ids[step[i]] for i in real], bad, self.cfg.model.dtype)
+            for j, i in enumerate(real):
+                if j in bad:
+                    bad_rows[step[i]] = bad[j]
+                else:
+                    rows[step[i]] = loss[i], g[i]
+            if factors is not None:
+                factors.commit_step([i for j, i in enumerate(real) if j not in bad])
+            if progress is not None and real:
+                progress.add.remote(len(real))
+            self.batches += 1
+            # tests only; a kill lands after the queued commits, so a test knows which chunks are stored
+            injected_fault(f"rank{self.rank}:batch{self.batches}", attempt, before=writer.flush)
+            injected_delay()
+            began = time.perf_counter()
+        self.shard.capture.factors = None
+        order = [p for p in positions if p in rows]
+        rejected = [{"example_id": ids[p], "reason": bad_rows[p]} for p in positions if p in bad_rows]
+        kept = (([ids[p] for p in order], torch.stack([rows[p][0] for p in order]).numpy(),
+                 torch.stack([rows[p][1] for p in order]).numpy()) if order else None)
+        return kept, rejected, factors
 
     def shutdown(self) -> None:
         self.shard.close()
