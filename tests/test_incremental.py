@@ -200,9 +200,11 @@ def test_a_query_against_a_stored_run_equals_a_fresh_run_with_those_queries(quer
     assert_close(dense_scores(out), reference)
 
     top, ref = (pq.read_table(d / "scores" / "top_k.parquet").to_pydict() for d in (out, from_scratch))
-    ref_rows = sorted((asked.index(q), r, t, s) for q, r, t, s in zip(ref["query_id"], ref["rank"], ref["train_id"],
-                                                                       ref["score"]) if q in asked)
-    assert list(zip(top["query_id"], top["rank"], top["train_id"])) == [(asked[q], r, t) for q, r, t, _ in ref_rows]
+    # Per query its proponents, then its opponents, each by rank.
+    ref_rows = sorted((asked.index(q), k == "opponent", r, t, s) for q, r, t, s, k in
+                      zip(ref["query_id"], ref["rank"], ref["train_id"], ref["score"], ref["kind"]) if q in asked)
+    assert list(zip(top["query_id"], top["kind"], top["rank"], top["train_id"])) == \
+        [(asked[q], "opponent" if o else "proponent", r, t) for q, o, r, t, _ in ref_rows]
     np.testing.assert_allclose(top["score"], [s for *_, s in ref_rows], rtol=1e-5, atol=1e-7)
 
     values, ref_values = (pq.read_table(d / "scores" / "train_values.parquet") for d in (out, from_scratch))
