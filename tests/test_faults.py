@@ -26,6 +26,7 @@ from distinf.data import plan_job
 from distinf.runtime.driver import run_job
 from distinf.runtime.errors import JobError
 from distinf.runtime.run_dir import RunDir
+from distinf.runtime.versions import committed_root
 from distinf.store import IntegrityError, read_verified_table
 
 pytestmark = pytest.mark.distributed
@@ -119,7 +120,9 @@ def test_a_killed_reducer_is_restarted_and_gives_up_clearly_after_max_restarts(u
                                                                                 monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(undisturbed[0], run_dir)
-    (run_dir / "scores" / "top_k.parquet").unlink()  # a lost output: curvature and scores are redone, no model
+    # A lost output of the committed version (the root copy is a convenience): curvature and
+    # scores are redone, no model.
+    (committed_root(run_dir, json.loads((run_dir / "manifest.json").read_text())) / "scores" / "top_k.parquet").unlink()
     monkeypatch.setenv("DISTINF_TEST_KILL", "reducer")  # the reducer SIGKILLs itself on its first attempt
     job = write_job(tmp_path, inputs)
     with pytest.raises(JobError, match=r"curvature and scoring failed on attempt 1 \(ActorDiedError.*"

@@ -23,6 +23,7 @@ from distinf.runtime.driver import run_job
 from distinf.runtime.query import query_run
 from distinf.runtime.errors import JobError
 from distinf.runtime.run_dir import RunDir
+from distinf.runtime.versions import committed_root
 
 pytestmark = pytest.mark.distributed
 
@@ -259,7 +260,8 @@ def test_a_query_refuses_a_damaged_curvature_another_model_and_keys_that_change_
     other_model = job_fixtures.tiny_model_dir(tmp_path / "other", "gpt2", seed=1)
     with pytest.raises(JobError, match="model at model.path .* is not the one"):
         query_run(run_dir, inputs["later"], overrides=[f"model.path={other_model}"])
-    blocks = run_dir / "curvature" / "blocks.safetensors"
+    # The committed version's own curvature, which a query reads (the root copy may lag).
+    blocks = committed_root(run_dir, json.loads((run_dir / "manifest.json").read_text())) / "curvature" / "blocks.safetensors"
     data = bytearray(blocks.read_bytes())
     data[-1] ^= 0xFF
     blocks.write_bytes(bytes(data))
