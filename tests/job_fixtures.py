@@ -145,3 +145,17 @@ def moto_s3(log_dir: Path, bucket: str) -> Iterator:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def dense_scores(run_dir: Path, query_ids: list[str], train_ids: list[str], column: str = "score"):
+    """A run's dense score parts as a [queries, train] matrix in the given id orders (NaN where a
+    pair is missing)."""
+    import numpy as np
+
+    dense = pq.read_table(Path(run_dir) / "scores" / "dense", columns=["query_id", "train_id", column]).to_pydict()
+    q = {x: i for i, x in enumerate(query_ids)}
+    t = {x: i for i, x in enumerate(train_ids)}
+    scores = np.full((len(q), len(t)), np.nan)
+    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense[column]):
+        scores[q[qid], t[tid]] = s
+    return scores

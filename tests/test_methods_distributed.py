@@ -49,12 +49,7 @@ def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
         config=cfg.model_dump(include={"compression", "hessian", "scoring"}), train_ids=plan.train.ids,
         query_ids=plan.queries.ids, batch_size=3, pad_token_id=plan.pad_token_id)
     run_dir = tmp_path / "run"
-    dense = pq.read_table(run_dir / "scores" / "dense").to_pydict()
-    q = {x: i for i, x in enumerate(plan.queries.ids)}
-    t = {x: i for i, x in enumerate(plan.train.ids)}
-    scores = np.full((len(q), len(t)), np.nan)
-    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense["score"]):
-        scores[q[qid], t[tid]] = s
+    scores = job_fixtures.dense_scores(run_dir, plan.queries.ids, plan.train.ids)
     np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
     values = pq.read_table(run_dir / "scores" / "train_values.parquet")
     np.testing.assert_allclose(values.column("self_influence").to_numpy(), reference.self_influence,
@@ -69,7 +64,7 @@ def test_job_scores_equal_attribute(shared_ray, tmp_path, compression, hessian):
     shown = plan.queries.ids[:2]
     for query_id, (best, worst) in extremes(run_dir, json.loads((run_dir / "manifest.json").read_text()),
                                             shown, 3).items():
-        row = reference.scores[q[query_id]]
+        row = reference.scores[plan.queries.ids.index(query_id)]
         np.testing.assert_allclose([s for _, s in best], np.sort(row)[::-1][:3], rtol=1e-4,
                                    atol=1e-4 * np.abs(row).max())
         np.testing.assert_allclose([s for _, s in worst], np.sort(row)[:3], rtol=1e-4, atol=1e-4 * np.abs(row).max())

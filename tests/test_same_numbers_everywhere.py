@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import ray
 from transformers import AutoModelForCausalLM
@@ -56,16 +55,6 @@ def job_and_reference(tmp_path_factory):
     return cfg, plan, reference
 
 
-def _dense_scores(run_dir: Path, plan) -> np.ndarray:
-    dense = pq.read_table(run_dir / "scores" / "dense").to_pydict()
-    q = {x: i for i, x in enumerate(plan.queries.ids)}
-    t = {x: i for i, x in enumerate(plan.train.ids)}
-    scores = np.full((len(q), len(t)), np.nan)
-    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense["score"]):
-        scores[q[qid], t[tid]] = s
-    return scores
-
-
 @pytest.mark.parametrize("answers", ["fp16=true,bf16=true", "fp16=none,bf16=true",
                                      "fp16=true,bf16=false", "fp16=none,bf16=false"])
 def test_two_worker_job_equals_the_one_process_core_whatever_the_accelerator_supports(
@@ -77,7 +66,7 @@ def test_two_worker_job_equals_the_one_process_core_whatever_the_accelerator_sup
     assert manifest["status"] == "complete"
     assert [w["dtype"] for w in manifest["workers"]] == ["float32", "float32"]
     assert all(w["weight_check"]["params_compared"] > 0 for w in manifest["workers"])
-    scores = _dense_scores(tmp_path / "run", plan)
+    scores = job_fixtures.dense_scores(tmp_path / "run", plan.queries.ids, plan.train.ids)
     np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
 
 

@@ -48,12 +48,7 @@ def test_token_budget_steps_give_the_core_scores_with_rows_in_input_order(shared
     ours = np.array([grads["grad"][order[x]] for x in plan.train.ids], dtype=np.float32)
     np.testing.assert_allclose(ours, reference.train_grads, rtol=1e-4, atol=1e-5 * np.abs(reference.train_grads).max())
 
-    dense = pq.read_table(run / "scores" / "dense").to_pydict()
-    q = {x: i for i, x in enumerate(plan.queries.ids)}
-    t = {x: i for i, x in enumerate(plan.train.ids)}
-    scores = np.full((len(q), len(t)), np.nan)
-    for qid, tid, s in zip(dense["query_id"], dense["train_id"], dense["score"]):
-        scores[q[qid], t[tid]] = s
+    scores = job_fixtures.dense_scores(run, plan.queries.ids, plan.train.ids)
     np.testing.assert_allclose(scores, reference.scores, rtol=1e-4, atol=1e-4 * np.abs(reference.scores).max())
     values = pq.read_table(run / "scores" / "train_values.parquet")
     assert values.column("train_id").to_pylist() == plan.train.ids
