@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import browser
 import job_fixtures
 from distinf.cli import main
 from distinf.config import load_job
@@ -189,9 +190,6 @@ def test_the_score_tables_read_in_spark(nightly):
 def test_the_report_on_a_multi_file_run_shows_values_breakdown_trend_and_health(nightly, tmp_path):
     import os
     import shutil
-    import subprocess
-
-    import matplotlib.image
 
     run = nightly["run"]
     # --noisy-column on a training path that is a list of files (it crashed before).
@@ -217,21 +215,8 @@ def test_the_report_on_a_multi_file_run_shows_values_breakdown_trend_and_health(
     assert "text is empty" in health and "b.parquet" in health and "gradients" in health
     assert "strongest opponents" in page
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs it")
-        pytest.skip("chromium not installed (.ci/run installs it)")
-    shot = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,2400",
-                    f"--screenshot={shot}", (run / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = matplotlib.image.imread(shot)[..., :3]
-    assert pixels.shape[:2] == (2400, 1300)
-    blue = np.all(np.abs(pixels - np.array([0x3B, 0x6E, 0xA5]) / 255) < 0.03, axis=-1)
-    assert blue.sum() > 2000  # the histograms rendered, not just the text
+    shot, pixels = browser.screenshot(run / "report.html", tmp_path, 1300, 2400)
+    assert browser.blue_pixels(pixels) > 2000  # the histograms rendered, not just the text
     shutil.copy(shot, run / "report_screenshot.png")
     if os.environ.get("DISTINF_KEEP_SCREENSHOT"):  # to look at it
         shutil.copy(shot, os.environ["DISTINF_KEEP_SCREENSHOT"])

@@ -1,13 +1,11 @@
 """distinf report: a self-contained report.html, opened in headless Chromium and screenshotted."""
 
-import os
 import shutil
-import subprocess
 
-import matplotlib.image
 import numpy as np
 import pytest
 
+import browser
 from distinf.cli import main
 from distinf.report import roc_curve
 
@@ -31,22 +29,8 @@ def test_report_embeds_plots_and_texts_and_renders_in_chromium(tiny_run, tmp_pat
     assert "strongest opponents" in page and "Most self-influential" in page
     assert "http://" not in page.split("<body>")[0]  # self-contained: nothing fetched
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs it")
-        pytest.skip("chromium not installed (.ci/run installs it)")
-    shot = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1800",
-                    f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    pixels = matplotlib.image.imread(shot)[..., :3]
-    assert pixels.shape[:2] == (1800, 1300)
-    # The histograms' fill colours are on screen, so the plots rendered, not just the text.
-    blue = np.all(np.abs(pixels - np.array([0x3B, 0x6E, 0xA5]) / 255) < 0.03, axis=-1)
-    assert blue.sum() > 2000
+    shot, pixels = browser.screenshot(run_dir / "report.html", tmp_path, 1300, 1800)
+    assert browser.blue_pixels(pixels) > 2000  # the histograms rendered, not just the text
     shutil.copy(shot, run_dir / "report_screenshot.png")
 
 
