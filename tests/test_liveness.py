@@ -44,11 +44,12 @@ def reduce(tmp_path, env: dict, stall: float) -> tuple[dict, float]:
 
 
 def test_a_long_reduction_that_keeps_making_progress_is_not_a_stall(shared_ray, tmp_path):
-    """Each of its 6 or more steps takes 1.5 s, so it runs far past the 4 s stall timeout in all;
-    a cap on its total time (ray.get(..., timeout=stall)) would kill it and start it again from zero."""
-    result, seconds = reduce(tmp_path, {"DISTINF_TEST_SLOW_STEPS": "reducer", "DISTINF_TEST_STEP_DELAY": "1.5"},
-                             stall=4.0)
-    assert seconds > 8.0 and result["count"] == 16 and result["query_ids"] == ["q0", "q1", "q2"]
+    """Each of its 6 or more steps takes 3 s, so it runs far past the 12 s stall timeout in all;
+    a cap on its total time (ray.get(..., timeout=stall)) would kill it and start it again from zero.
+    The timeout leaves room for the first step, which waits on fresh Ray workers (a few seconds)."""
+    result, seconds = reduce(tmp_path, {"DISTINF_TEST_SLOW_STEPS": "reducer", "DISTINF_TEST_STEP_DELAY": "3"},
+                             stall=12.0)
+    assert seconds > 18.0 and result["count"] == 16 and result["query_ids"] == ["q0", "q1", "q2"]
 
 
 def test_a_reducer_that_makes_no_progress_is_a_stall_naming_what_it_had_done(shared_ray, tmp_path):
