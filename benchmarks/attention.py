@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 from benchmarks.record import publish  # noqa: E402
 from distinf.assets import demo_corpus, smollm2_dir  # noqa: E402
+from distinf.batching import collate  # noqa: E402
 from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
-from distinf.data import collate  # noqa: E402
 
 
 def padded_batch(model_dir, batch: int, max_length: int) -> dict:

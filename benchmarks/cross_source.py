@@ -51,13 +51,13 @@ if not __package__:  # run as a script: the checkout's root, for distinf and ben
 
 import distinf  # noqa: E402
 from distinf.assets import SOURCES, mixed_source_corpus, smollm2_dir  # noqa: E402
+from distinf.batching import collate  # noqa: E402
 from distinf.cli import main as distinf_main  # noqa: E402
 from distinf.config import load_job  # noqa: E402
 from distinf.core.scoring import TopK, score_chunk  # noqa: E402
 from distinf.core.solvers import fit_solver  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
-from distinf.data import collate  # noqa: E402
-from distinf.data import plan_job  # noqa: E402
+from distinf.inputs import plan_job  # noqa: E402
 from distinf.tables import gradients_of, top_k_table  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
 

@@ -139,7 +139,7 @@ def worker_shard(config, args: argparse.Namespace, device: torch.device, k: int)
 
 
 def worker_capture_step(shard, examples: list[dict]) -> "callable":
-    from distinf.data import collate
+    from distinf.batching import collate
 
     def run(_batch: dict) -> None:
         with shard.capture:

@@ -32,7 +32,7 @@ import json, pickle, sys, time
 from benchmarks._harness import status_kib
 import distinf
 from distinf.config import load_job
-from distinf.data import plan_job
+from distinf.inputs import plan_job
 base = status_kib("VmRSS")
 start = time.perf_counter()
 plan = plan_job(load_job(sys.argv[1]), ("train",))

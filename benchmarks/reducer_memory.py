@@ -3,7 +3,7 @@ scoring tasks on a 1B-Llama-like block layout, against the bytes of the curvatur
 
 What runs is the job's own curvature-and-scoring stage, nothing mocked:
   1. synthetic gradient chunks committed in the run-directory format by the runtime's own writer
-     (`distinf.ledger.commit_chunk` on `distinf.tables.gradient_table`), a few train chunks and one
+     (`distinf.runtime.ledger.commit_chunk` on `distinf.tables.gradient_table`), a few train chunks and one
      query chunk, k columns split into blocks by the job's own rule (`draw_index_set` with stratified
      allocation over a TinyLlama-shaped parameter list, then `block_slices(..., "layer")`);
   2. a local Ray (`ray.init(num_cpus=2, include_dashboard=False)`), the `Reducer` actor started as
@@ -57,10 +57,10 @@ if not __package__:  # run as a script: the checkout's root, for distinf and ben
 from distinf.config import HessianConfig, ScoringConfig  # noqa: E402
 from distinf.core.curvature import block_slices  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402
-from distinf.ledger import commit_chunk  # noqa: E402
+from distinf.runtime.ledger import commit_chunk  # noqa: E402
 from distinf.runtime.reduce_score import chunk_files, score_outputs  # noqa: E402
-from distinf.runtime.workers import WORKER_ENV  # noqa: E402
 from distinf.runtime.reducer import Reducer  # noqa: E402
+from distinf.runtime.workers import WORKER_ENV  # noqa: E402
 from distinf.store import read_arrays  # noqa: E402
 from distinf.tables import gradient_table  # noqa: E402
 from benchmarks.record import publish  # noqa: E402

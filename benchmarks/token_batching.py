@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from distinf.batching import chunk_steps, consecutive_steps, padded_tokens  # noqa: E402
-from distinf.data import chunk_plan  # noqa: E402
+from distinf.partition import chunk_plan  # noqa: E402
 
 LAYOUTS = ("before", "by length", "token budget")
 
@@ -157,7 +157,7 @@ def main() -> None:
         draw_on = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
         model_dir = scale.random_llama(args.model, args.dtype, draw_on)
 
-    from distinf.data import plan_job
+    from distinf.inputs import plan_job
 
     cfg = job(root, model_dir, train, queries, 2, args.batch, None, 2, args)
     demo = np.diff(plan_job(cfg).train.examples.offsets)

@@ -25,10 +25,10 @@ from distinf.core.curvature import block_slices
 from distinf.core.kfac import KFAC_METHODS, FactorSums
 from distinf.core.scoring import (TopK, needs_self_influence, normalized, query_divisors, score_chunk,
                                    train_divisors)
+from distinf.batching import collate
 from distinf.core.solvers import Solver, fit_solver
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import Tracked, track_modules
-from distinf.data import collate
 from distinf.optimizer_state import entry_scale
 from distinf.tables import top_k_table, train_values_table
 

@@ -1,4 +1,5 @@
-"""The steps of one chunk: its examples grouped by length, every rank the same number of steps.
+"""The steps of one chunk: its examples grouped by length, every rank the same number of steps,
+and a step's examples collated into one batch.
 
 A step pads its examples to the longest of them, so consecutive examples of a corpus that mixes
 20- and 2,000-token rows compute mostly padding. Here each rank's examples of a chunk are sorted
@@ -16,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from distinf.data import PAD
+from distinf.partition import PAD
 
 
 def length_steps(positions: Sequence[int], lengths: Sequence[int], batch_size: int,
@@ -103,3 +105,37 @@ def padded_tokens(steps: Sequence[Sequence[int]], lengths: Sequence[int], stand_
         computed += len(step) * max(sizes)
         useful += sum(lengths[p] for p in step if p != PAD)
     return useful, computed
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack per-example tensors into a batch: [N, T] for 1-D fields, [N] for 0-d ones.
+
+    1-D tensors of different lengths are right-padded to the longest: input_ids with
+    `pad_token_id`, attention_mask with 0, labels with -100 (ignored by cross-entropy), any
+    other field with 0. Tensors of equal shape are stacked as they are.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    keys = list(examples[0])
+    for i, example in enumerate(examples):
+        if set(example) != set(keys):
+            raise ValueError(f"collate: example {i} has keys {sorted(example)}, "
+                             f"example 0 has {sorted(keys)}")
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    batch = {}
+    for key in keys:
+        tensors = [example[key] for example in examples]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) == 1:
+            batch[key] = torch.stack(tensors)
+        elif all(t.dim() == 1 for t in tensors):
+            length = max(t.shape[0] for t in tensors)
+            out = torch.full((len(tensors), length), pad_values.get(key, 0),
+                             dtype=tensors[0].dtype)
+            for row, t in enumerate(tensors):
+                out[row, : t.shape[0]] = t
+            batch[key] = out
+        else:
+            raise ValueError(f"collate: '{key}' has shapes {sorted(shapes)}; only 1-D tensors "
+                             "of different lengths can be padded")
+    return batch

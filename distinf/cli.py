@@ -109,7 +109,7 @@ def _validate(cfg: JobConfig, output: str | None = None, append_to: str | None =
     """Check everything a run would read before it starts: model folder, tokenizer, both data sets,
     and the compression setting against the model's shapes (no weights read); then the output
     folder's free space and, with runtime.address, the cluster's capacity."""
-    from distinf.data import plan_job
+    from distinf.inputs import plan_job
 
     plan = plan_job(cfg)
     unchecked = _check_compression(cfg)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
-    from distinf.data import DataError
+    from distinf.inputs import DataError
     from distinf.models import ModelError
 
     if args.command == "query":

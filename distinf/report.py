@@ -28,11 +28,11 @@ import torch
 from distinf.config import DatasetConfig, HessianConfig
 from distinf.core.curvature import precondition
 from distinf.core.scoring import TopK, score_chunk
-from distinf.data import dataset_files, read_files
-from distinf.ledger import input_order
+from distinf.inputs import dataset_files, read_files
 from distinf.runtime.curvature_files import read_solver
 from distinf.runtime.history import HISTORY
 from distinf.runtime.layout import MANIFEST, TOP_K, TRAIN_VALUES, run_file
+from distinf.runtime.ledger import input_order
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.versions import committed_root
 from distinf.status import run_status

@@ -198,8 +198,8 @@ def test_capture_restores_requires_grad_and_train_mode():
 def test_capture_run_rows_match_torch_func_whatever_shares_their_batch():
     """The gradient worker's use of the batch loop: uneven batches, a padding slot re-running
     example 0, the longest example padded against others. Each kept row is its example's own."""
+    from distinf.batching import collate
     from distinf.core.tasks import causal_lm_losses
-    from distinf.data import collate
 
     model = tiny_models.llama().eval()
     examples = tiny_models.token_examples(LENGTHS)

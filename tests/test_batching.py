@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distinf.batching import chunk_steps, consecutive_steps, padded_tokens
-from distinf.data import PAD, chunk_plan
+from distinf.partition import PAD, chunk_plan
 
 
 def long_tailed_lengths(n: int, seed: int = 0) -> np.ndarray:

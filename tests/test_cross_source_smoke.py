@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import job_fixtures
 from benchmarks import cross_source
 from distinf.config import load_job
-from distinf.data import plan_job
+from distinf.inputs import plan_job
 
 pytestmark = pytest.mark.distributed
 

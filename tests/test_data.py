@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from distinf.batching import collate
 from distinf.config import DatasetConfig
-from distinf.data import (PAD, DataError, chunk_plan, collate, partition, read_dataset, read_table,
-                          steps_per_rank, tokenize)
+from distinf.inputs import DataError, read_dataset, read_table, tokenize
+from distinf.partition import PAD, chunk_plan, partition, steps_per_rank
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer below must load from disk
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -325,7 +326,7 @@ def test_chunk_plan_cuts_each_partition_into_the_same_whole_batch_chunks_on_ever
 
 @pytest.mark.parametrize("n, world_size, batch_size, chunk_examples", [(25, 2, 2, 4), (7, 3, 2, 3), (2, 4, 8, 8)])
 def test_each_rank_is_sent_only_its_own_examples_and_runs_the_same_batches(n, world_size, batch_size, chunk_examples):
-    from distinf.data import Tokenized
+    from distinf.inputs import Tokenized
     from distinf.runtime.gradient_pass import rank_share
 
     from distinf.token_rows import TokenRows

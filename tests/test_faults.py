@@ -22,7 +22,7 @@ import pytest
 import job_fixtures
 from distinf.cli import main
 from distinf.config import load_job
-from distinf.data import plan_job
+from distinf.inputs import plan_job
 from distinf.runtime.driver import run_job
 from distinf.runtime.errors import JobError
 from distinf.runtime.run_dir import RunDir

@@ -15,8 +15,7 @@ import distinf
 import job_fixtures
 from distinf.assets import mixed_source_corpus
 from distinf.config import load_job
-from distinf.data import fingerprint
-from distinf.data import plan_job
+from distinf.inputs import fingerprint, plan_job
 from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed

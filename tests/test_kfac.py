@@ -9,6 +9,7 @@ from torch import nn
 
 import distinf
 import tiny_models
+from distinf.batching import collate
 from distinf.config import ConfigError, JobConfig, parse_config
 from distinf.core.capture import GradientCapture
 from distinf.core.curvature import AUTO_DAMPING_SCALE, zero_blocks
@@ -16,7 +17,6 @@ from distinf.core.index_set import draw_index_set
 from distinf.core.kfac import FactorSums
 from distinf.core.tasks import causal_lm_losses
 from distinf.core.tracking import track_modules
-from distinf.data import collate
 
 
 def record_layers(model, names, batches, loss_fn):
@@ -389,8 +389,8 @@ def test_a_chunk_commits_its_factor_sums_and_counts_as_done_only_with_them_intac
     """The ledger's side of kfac in the job: the factor file is recorded with its sha256, a part
     whose factors are missing or changed is computed again, and an appended run's stored chunk
     (listed in the manifest without them) finds its factors through its ledger record."""
-    from distinf.ledger import check_record, commit_chunk
     from distinf.runtime.chunk_factors import factor_arrays, read_factor_sums
+    from distinf.runtime.ledger import check_record, commit_chunk
     from distinf.runtime.reduce_score import factor_files
     from distinf.runtime.run_dir import RunDir
     from distinf.store import IntegrityError, read_arrays

@@ -116,8 +116,8 @@ def test_a_taken_over_worker_commits_no_chunk_and_no_ledger_record(tmp_path):
 
     import pyarrow as pa
 
-    from distinf.ledger import commit_chunk
     from distinf.runtime.layout import chunk_path, record_path
+    from distinf.runtime.ledger import commit_chunk
 
     lease = acquire(tmp_path, "distinf run", ttl=60)
     try:

@@ -19,9 +19,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import distinf
 from distinf.assets import smollm2_dir
+from distinf.batching import collate
 from distinf.config import ConfigError, DatasetConfig, parse_config
 from distinf.core.tasks import causal_lm_losses
-from distinf.data import DataError, collate, fingerprint, read_dataset, tokenize
+from distinf.inputs import DataError, fingerprint, read_dataset, tokenize
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import JOB_COMPRESSION_METHODS, JOB_HESSIAN_METHODS, load_job
+from distinf.inputs import plan_job
 from distinf.report import extremes, write_report
-from distinf.data import plan_job
 from distinf.runtime.driver import run_job
 
 pytestmark = pytest.mark.distributed

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import DatasetConfig
-from distinf.data import DataError, dataset_files, fingerprint, read_dataset, tokenize
+from distinf.inputs import DataError, dataset_files, fingerprint, read_dataset, tokenize
 
 
 def write(table: pa.Table, path: Path) -> Path:
@@ -268,7 +268,7 @@ def test_rejected_parquet_names_each_rows_file_sorted_by_file_and_row(tmp_path, 
     import duckdb
 
     from distinf.config import load_job
-    from distinf.data import plan_job
+    from distinf.inputs import plan_job
     from distinf.runtime.gradient_pass import Gradients
     from distinf.runtime.outputs import rejected_rows, write_rejected
 

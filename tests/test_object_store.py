@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import load_job
-from distinf.data import plan_job
+from distinf.inputs import plan_job
 from distinf.runtime.driver import run_job
 from distinf.runtime.query import query_run
 

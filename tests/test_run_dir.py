@@ -8,9 +8,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from distinf.ledger import commit_chunk, pending_chunks
 from distinf.runtime.errors import JobError
 from distinf.runtime.lease import LeaseLost, acquire
+from distinf.runtime.ledger import commit_chunk, pending_chunks
 from distinf.runtime.manifest import CARRIED, Manifest
 from distinf.runtime.run_dir import RunDir, check_appendable, check_queryable, check_resumable
 

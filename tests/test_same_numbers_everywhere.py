@@ -20,9 +20,9 @@ import accelerator_emulation
 import distinf
 import job_fixtures
 from distinf.config import load_job
-from distinf.data import plan_job
-from distinf.runtime.driver import run_job
+from distinf.inputs import plan_job
 from distinf.models import ModelError
+from distinf.runtime.driver import run_job
 from distinf.runtime.workers import WORKER_ENV
 
 pytestmark = pytest.mark.distributed

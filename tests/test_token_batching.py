@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import load_job
-from distinf.data import PAD, chunk_plan, plan_job
+from distinf.inputs import plan_job
+from distinf.partition import PAD, chunk_plan
 from distinf.runtime.driver import run_job
 from distinf.runtime.gradient_pass import planned_steps
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import job_fixtures
+from distinf.batching import collate
 from distinf.config import DatasetConfig, load_job
-from distinf.data import DataError, Tokenized, collate, fingerprint, plan_job, read_dataset, tokenize
+from distinf.inputs import DataError, Tokenized, fingerprint, plan_job, read_dataset, tokenize
 from distinf.token_rows import TokenRows, TokenRowsBuilder
 
 
@@ -135,15 +136,16 @@ def test_every_row_of_every_file_rejected_is_an_error_once_all_are_read(tmp_path
 
 
 def test_only_the_columns_the_job_reads_are_read_from_a_wide_file(tmp_path, sources_corpus):
-    from distinf.data import _read_raw, dataset_files
+    from distinf.inputs import dataset_files
+    from distinf.inputs.readers import read_raw
 
     vectors = pa.array([[0.5] * 256] * sources_corpus.num_rows, pa.list_(pa.float32()))
     wide = sources_corpus.append_column("embedding", vectors)
     pq.write_table(wide, tmp_path / "wide.parquet")
     (source,) = dataset_files(str(tmp_path / "wide.parquet"), "data.train")
-    (only,) = _read_raw(source, "data.train", ["text"], columns=["id", "text"])
+    (only,) = read_raw(source, "data.train", ["text"], columns=["id", "text"])
     assert only.column_names == ["id", "text"]
-    (every,) = _read_raw(source, "data.train", ["text"], columns=["id", "body"])
+    (every,) = read_raw(source, "data.train", ["text"], columns=["id", "body"])
     assert every.column_names == ["id", "text", "embedding"]  # one is missing: all read, for the error to list
     table, _ = read_dataset(DatasetConfig(path=str(tmp_path / "wide.parquet"), id_column="id"), "train")
     assert table.column("example_id").to_pylist() == sources_corpus.column("id").to_pylist()
@@ -170,7 +172,7 @@ def test_a_file_read_in_small_batches_gives_what_it_gave_read_whole(tmp_path, mo
 
     import pyarrow.csv as pacsv
 
-    import distinf.data
+    from distinf.inputs import readers
 
     def write(table: pa.Table, path) -> None:
         if suffix == ".parquet":
@@ -186,8 +188,8 @@ def test_a_file_read_in_small_batches_gives_what_it_gave_read_whole(tmp_path, mo
     whole = read_dataset(cfg, "train", "skip")
     with pytest.raises(DataError) as whole_error:
         read_dataset(cfg, "train")
-    monkeypatch.setattr(distinf.data, "READ_BATCH_ROWS", 4)
-    pieces = list(distinf.data.read_files(cfg, "train", "skip"))
+    monkeypatch.setattr(readers, "READ_BATCH_ROWS", 4)
+    pieces = list(readers.read_files(cfg, "train", "skip"))
     assert len(pieces) >= 4  # batches of at least 4 rows (Parquet's row groups of 3 are joined)
     assert pa.concat_tables([p for p, _ in pieces]).equals(whole[0])
     assert [r for _, bad in pieces for r in bad] == whole[1]

@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distinf import data
 from distinf.config import DatasetConfig
-from distinf.data import DataError, read_dataset
+from distinf.inputs import DataError, checks, read_dataset, tokenize
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -52,7 +51,7 @@ def test_an_enormous_text_is_tokenised_from_a_bounded_part_with_the_tokens_of_th
     try:
         spy = SpyTokenizer(minilm_tokenizer)
         table = pa.table({"example_id": ["big", "small"], "text": [text, "a short one"]})
-        out = data.tokenize(table, spy, 128, "causal_lm")
+        out = tokenize(table, spy, 128, "causal_lm")
         whole = minilm_tokenizer(text, truncation=True, max_length=128)["input_ids"]
     finally:
         minilm_tokenizer.truncation_side = "right"
@@ -62,7 +61,7 @@ def test_an_enormous_text_is_tokenised_from_a_bounded_part_with_the_tokens_of_th
 
 
 def test_a_row_over_the_byte_cap_is_a_bad_row_naming_file_and_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_TEXT_BYTES", 1000)
+    monkeypatch.setattr(checks, "MAX_TEXT_BYTES", 1000)
     pq.write_table(pa.table({"text": ["fine", "also fine"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"text": ["fine", "é" * 600, "fine too"]}), tmp_path / "b.parquet")  # 1200 bytes
     table, rejected = read_dataset(DatasetConfig(path=str(tmp_path)), "train", on_bad_row="skip")
@@ -211,7 +210,7 @@ def test_discard_pending_never_deletes_a_file_a_record_names_outside_the_run(tmp
 
 
 def test_ledger_and_manifest_records_with_names_outside_the_run_are_refused(tmp_path):
-    from distinf import ledger
+    from distinf.runtime import ledger
     from distinf.runtime.manifest import Manifest
     from distinf.store import IntegrityError
 
@@ -250,8 +249,8 @@ def test_a_float_id_column_is_refused_naming_the_file_and_column(tmp_path, ids):
 
 def test_a_committed_part_of_the_same_ids_but_other_texts_is_computed_again(tmp_path, gpt2_tokenizer):
     from distinf.config import JobConfig
-    from distinf.ledger import commit_chunk, rows_digest
     from distinf.runtime.gradient_pass import split_work
+    from distinf.runtime.ledger import commit_chunk, rows_digest
     from distinf.runtime.run_dir import RunDir
     from distinf.tables import gradient_table
     import numpy as np
@@ -262,7 +261,7 @@ def test_a_committed_part_of_the_same_ids_but_other_texts_is_computed_again(tmp_
                                     "runtime": {"num_workers": 1, "chunk_examples": 8}})
 
     def work(texts):
-        return split_work(job, data.tokenize(pa.table({"example_id": ids, "text": texts}), gpt2_tokenizer, 16,
+        return split_work(job, tokenize(pa.table({"example_id": ids, "text": texts}), gpt2_tokenizer, 16,
                                              "causal_lm"))
 
     night1 = work(["the first night", "of texts", "as exported"])
@@ -286,8 +285,8 @@ def test_factor_files_are_kept_out_of_the_gradients_parquet_folder(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from distinf.ledger import check_record, commit_chunk
     from distinf.runtime.layout import gradient_dir
+    from distinf.runtime.ledger import check_record, commit_chunk
     from distinf.tables import gradient_table
 
     for rank, ids in enumerate([["a", "b"], ["c"]]):

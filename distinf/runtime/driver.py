@@ -24,7 +24,7 @@ from pathlib import Path
 import ray
 
 from distinf.config import JobConfig
-from distinf.data import Plan, fingerprint, plan_job
+from distinf.inputs import Plan, fingerprint, plan_job
 from distinf.log import configure as configure_logging
 from distinf.models import model_fingerprint
 from distinf.runtime import metrics, versions

@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from distinf.config import ConfigError
 from distinf.core.numerics import NumericalError
-from distinf.data import DataError
+from distinf.inputs import DataError
 from distinf.models import ModelError
 from distinf.runtime.errors import JobError, write_error
 from distinf.runtime.lease import tick

@@ -1,6 +1,6 @@
 """The gradient pass: every chunk the ledger lacks, computed by the worker group, resumable.
 
-The pass is cut into chunks that every attempt plans the same way (`data.chunk_plan`), and a chunk
+The pass is cut into chunks that every attempt plans the same way (`partition.chunk_plan`), and a chunk
 committed intact in the ledger is never computed again: a restarted group, a resumed run, an
 append or a query run again each compute only what is missing.
 """
@@ -20,17 +20,18 @@ from tqdm.auto import tqdm
 from distinf.batching import chunk_steps
 from distinf.config import JobConfig
 from distinf.core.kfac import KFAC_METHODS
-from distinf.data import PAD, Tokenized, chunk_plan
-from distinf.ledger import Planned, input_order, pending_chunks, rows_digest
+from distinf.inputs import Tokenized
+from distinf.partition import PAD, chunk_plan
 from distinf.runtime import metrics
 from distinf.runtime.errors import JobError
 from distinf.runtime.failures import await_group
 from distinf.runtime.layout import INDEX_SET
+from distinf.runtime.ledger import Planned, input_order, pending_chunks, rows_digest
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.workers import WorkerGroup
-from distinf.token_rows import TokenRows
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, is_file, read_verified_table
+from distinf.token_rows import TokenRows
 
 log = logging.getLogger("distinf.driver")
 PROBE_TIMEOUT = 120

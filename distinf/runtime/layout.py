@@ -8,7 +8,7 @@
     factors/train/part-RRRRR-CCCCC.safetensors   its Kronecker factor sums (kfac, kfac_mix, ekfac);
                                       outside gradients/, which stays a folder of Parquet files only
                                       (runs before issue 28 kept them there: their ledger records name them)
-    ledger/{split}/part-RRRRR-CCCCC.json         its commit record (distinf.ledger)
+    ledger/{split}/part-RRRRR-CCCCC.json         its commit record (distinf.runtime.ledger)
     curvature/                        the solver's files (runtime.curvature_files)
     scores/top_k.parquet, scores/train_values.parquet, scores/dense/part-*.parquet
     versions/{run_id}/                a version's outputs, staged, then published (runtime.versions)

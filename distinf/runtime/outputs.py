@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from distinf.data import Plan
+from distinf.inputs import Plan
 from distinf.runtime import curvature_files
 from distinf.runtime.gradient_pass import Gradients
 from distinf.runtime.layout import DENSE, INDEX_SET, REJECTED, TOP_K, TRAIN_VALUES

@@ -30,10 +30,10 @@ from ray.exceptions import RayError
 from distinf.config import HessianConfig, JobConfig, apply_override, parse_config
 from distinf.core.curvature import precondition
 from distinf.core.scoring import query_divisors
-from distinf.data import Plan, fingerprint, plan_job
-from distinf.ledger import input_order
+from distinf.inputs import Plan, fingerprint, plan_job
 from distinf.models import model_fingerprint
 from distinf.runtime.curvature_files import FILES as CURVATURE, read_solver
+from distinf.runtime.ledger import input_order
 from distinf.runtime.errors import (Interrupted, JobError, arm_sigterm, interruption, terminated_as_error,
                                     unwritable, write_error)
 from distinf.runtime.failures import fatal, headline

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from distinf import ledger
+from distinf.runtime import ledger
 from distinf.runtime import layout
 from distinf.runtime.errors import JobError, unwritable
 from distinf.runtime.lease import Fence, LeaseLost, check_held, held, write_manifest
@@ -142,7 +142,7 @@ class RunDir:
     def verified_records(self, split: str, planned: ledger.Planned, chunks: list[int] | None = None,
                          with_factors: bool = False, rows: dict[int, list[str]] | None = None
                          ) -> dict[tuple[int, int], dict]:
-        """{(chunk, rank): record} of every planned part committed and intact (distinf.ledger);
+        """{(chunk, rank): record} of every planned part committed and intact (distinf.runtime.ledger);
         `with_factors`: with its Kronecker factor sums; `rows`: of these tokenised rows."""
         return ledger.verified_records(self.root, split, planned, chunks, with_factors, rows)
 

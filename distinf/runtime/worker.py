@@ -21,15 +21,17 @@ import ray
 import torch
 from torch import Tensor
 
+from distinf.batching import collate
 from distinf.config import JobConfig
 from distinf.core.numerics import float16_overflow_rows
-from distinf.data import PAD, DataError, collate
-from distinf.ledger import commit_chunk, rows_digest
+from distinf.inputs import DataError
 from distinf.log import configure as configure_logging
 from distinf.models import verify_model
+from distinf.partition import PAD
 from distinf.runtime.chunk_factors import ChunkFactors, factor_arrays
 from distinf.runtime.chunk_writer import ChunkWriter
 from distinf.runtime.faults import injected_delay, injected_fault
+from distinf.runtime.ledger import commit_chunk, rows_digest
 from distinf.runtime.process_memory import release_free_memory
 from distinf.runtime.shard import GradientShard
 from distinf.tables import gradient_table

@@ -1,6 +1,6 @@
 """The chunk ledger: which gradient chunks are committed, and still intact.
 
-Chunk c of a split always holds the same examples (`data.chunk_plan`). A rank commits its part of
+Chunk c of a split always holds the same examples (`partition.chunk_plan`). A rank commits its part of
 a chunk in two steps: the Parquet file, then a record `ledger/{split}/part-RRRRR-CCCCC.json` with
 the file's row count and sha256, a digest of the example ids the plan gave it and one of their
 tokenised rows (so a file regenerated with the same ids but other texts is computed again), and the examples
