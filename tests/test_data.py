@@ -1,4 +1,4 @@
-"""distinf.data: reading the three file formats, the errors that name the culprit, tokenisation
+"""distinf.inputs: reading the three file formats, the errors that name the culprit, tokenisation
 with a real offline tokenizer, rank partitions and batch collation."""
 
 from __future__ import annotations
