@@ -62,6 +62,7 @@ class _BadRows:
 
 
 def all_rejected(where: str, rejected: list[Rejection]) -> DataError:
+    """The error for a dataset whose every row was rejected: how many, and the first one's reason."""
     first = rejected[0]
     return DataError(f"{where}: every row was rejected ({len(rejected)} in all); the first, row {first.row}: "
                      f"{first.reason}")

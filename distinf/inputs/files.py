@@ -16,7 +16,6 @@ import pyarrow.fs as pafs
 
 from distinf.inputs.checks import DataError
 
-
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json",
             ".ndjson": "json", ".csv": "csv"}
@@ -155,6 +154,7 @@ def open_source(source: Source):
 
 
 def source_size(source: Source) -> int:
+    """The file's size in bytes, as stored (compressed, for a compressed file)."""
     if source.filesystem is None:
         return Path(source.path).stat().st_size
     return source.filesystem.get_file_info(source.path).size

@@ -12,7 +12,6 @@ from distinf.config import DatasetConfig
 from distinf.inputs.checks import DataError, Rejection, all_rejected, check_batch, check_ids_across
 from distinf.inputs.files import Source, dataset_files, open_source, source_size
 
-
 READ_BATCH_ROWS = 65_536
 """Rows read and checked at a time: a file larger than this never lies in memory whole."""
 
