@@ -55,7 +55,7 @@ from distinf.batching import collate  # noqa: E402
 from distinf.cli import main as distinf_main  # noqa: E402
 from distinf.config import load_job  # noqa: E402
 from distinf.core.scoring import TopK, score_chunk  # noqa: E402
-from distinf.core.solvers import fit_solver  # noqa: E402
+from distinf.core.curvatures import fit_solver  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.inputs import plan_job  # noqa: E402
 from distinf.tables import gradients_of, top_k_table  # noqa: E402

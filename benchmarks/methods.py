@@ -61,7 +61,7 @@ from distinf.core.compressors.gaussian import GaussianCompressor  # noqa: E402
 from distinf.core.compressors.none import human_bytes  # noqa: E402
 from distinf.core.compressors.pca import fit_bytes  # noqa: E402
 from distinf.core.curvature import block_slices  # noqa: E402
-from distinf.core.solvers import fit_solver  # noqa: E402
+from distinf.core.curvatures import fit_solver  # noqa: E402
 from distinf.core.tasks import causal_lm_losses  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
 from benchmarks.record import publish  # noqa: E402

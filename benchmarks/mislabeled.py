@@ -44,7 +44,7 @@ if not __package__:  # run as a script: the checkout's root, for distinf and ben
 import distinf  # noqa: E402
 from distinf.cli import main as distinf_main  # noqa: E402
 from distinf.core.scoring import score_chunk  # noqa: E402
-from distinf.core.solvers import fit_solver  # noqa: E402
+from distinf.core.curvatures import fit_solver  # noqa: E402
 from distinf.report import roc_curve  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
 

@@ -22,11 +22,12 @@ from distinf.core.compressors.base import allocated_sizes
 from distinf.core.compressors.none import check_fits
 from distinf.core.compressors.pca import PCAFit
 from distinf.core.curvature import block_slices
-from distinf.core.kfac import KFAC_METHODS, FactorSums
+from distinf.core.curvatures import curvature_method, fit
+from distinf.core.kfac import FactorSums
 from distinf.core.scoring import (TopK, needs_self_influence, normalized, query_divisors, score_chunk,
                                    train_divisors)
 from distinf.batching import collate
-from distinf.core.solvers import Solver, fit_solver
+from distinf.core.solvers import Solver
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import Tracked, track_modules
 from distinf.optimizer_state import entry_scale
@@ -78,10 +79,7 @@ def fit_pca(model: nn.Module, tracked: Tracked, comp: CompressionConfig, train: 
 
 def solver_for(hessian: HessianConfig, slices: list[slice], train_grads: Tensor, train_ids: Sequence[str],
                factors: FactorSums | None = None) -> Solver:
-    return fit_solver(hessian.method, slices, train_grads, hessian.damping, train_ids,
-                      lissa_iterations=hessian.lissa_iterations, lissa_scale=hessian.lissa_scale,
-                      lissa_batch_size=hessian.lissa_batch_size, lissa_seed=hessian.lissa_seed,
-                      factors=factors, gram_share=hessian.gram_share)
+    return fit(curvature_method(hessian), slices, train_grads, train_ids, factors)
 
 
 def _ids(ids: Sequence[Any] | None, n: int, what: str) -> list[str]:
@@ -125,9 +123,10 @@ def attribute(
             compressor = build_compressor(tracked, comp.method, comp.k, comp.seed, comp.allocation)
         if comp.method == "none":
             sizes = [s.stop - s.start for s in block_slices(compressor.layout, cfg.hessian.blocks)]
-            check_fits(sizes, len(train) + len(queries), cfg.hessian.method)
+            check_fits(sizes, len(train) + len(queries), cfg.hessian.method,
+                       curvature_method(cfg.hessian).block_bytes(sizes))
         # kfac: the training batches also sum the Kronecker factors; the queries must not.
-        factors = FactorSums(tracked, compressor.layout) if cfg.hessian.method in KFAC_METHODS else None
+        factors = FactorSums(tracked, compressor.layout) if curvature_method(cfg.hessian).needs_factors else None
         scale = None if comp.optimizer_state is None else entry_scale(comp.optimizer_state, compressor.layout)
         with GradientCapture(model, tracked, compressor, factors=factors, column_scale=scale) as capture:
             train_grads, train_losses = compress_examples(capture, train, loss_fn, batch_size, device, pad_token_id)

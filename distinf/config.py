@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distinf.core.curvatures import METHODS as CURVATURE_METHODS
+
 
 class ConfigError(ValueError):
     """A job file or override that does not validate; the message names the key."""
@@ -211,8 +213,8 @@ class CompressionConfig(_Section):
 
 
 class HessianConfig(_Section):
-    method: Literal["gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix", "ekfac"] = "gauss_newton"
-    """gauss_newton: exact damped solve; identity: plain dot products (TracIn-style); datainf:
+    method: Literal[tuple(CURVATURE_METHODS)] = "gauss_newton"  # type: ignore[valid-type]
+    """One of distinf.core.curvatures.METHODS. gauss_newton: exact damped solve; identity: plain dot products (TracIn-style); datainf:
     DataInf's closed form; lissa: the stochastic LiSSA recursion; kfac: the Kronecker factors
     restricted to the kept entries, damped, Cholesky; kfac_mix: (1 - mix)·kfac + mix·Gram; ekfac:
     kfac's eigenbasis with the Gram's variances along it as eigenvalues."""
@@ -247,31 +249,14 @@ class HessianConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _lissa_keys_need_lissa(self) -> "HessianConfig":
-        if self.method != "lissa":
-            for key in ("lissa_iterations", "lissa_scale", "lissa_batch_size", "lissa_seed"):
-                # Compared with the default, not model_fields_set: a dumped config re-validates.
-                if getattr(self, key) != type(self).model_fields[key].default:
-                    raise ValueError(f"{key} is only used with method: lissa (method is {self.method!r})")
+    def _method_keys_need_their_method(self) -> "HessianConfig":
+        own = CURVATURE_METHODS[self.method].keys
+        for key in type(self).model_fields:
+            users = [name for name, cls in CURVATURE_METHODS.items() if key in cls.keys]
+            # Compared with the default, not model_fields_set: a dumped config re-validates.
+            if users and key not in own and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key} is only used with method: {' or '.join(users)} (method is {self.method!r})")
         return self
-
-    @model_validator(mode="after")
-    def _mix_needs_kfac_mix(self) -> "HessianConfig":
-        if self.method != "kfac_mix" and self.mix is not None:
-            raise ValueError(f"mix is only used with method: kfac_mix (method is {self.method!r})")
-        return self
-
-    @property
-    def gram_share(self) -> float:
-        """The Gram's share of the kfac curvatures: mix (0.5 unset) for kfac_mix, 0 for kfac."""
-        if self.method != "kfac_mix":
-            return 0.0
-        return 0.5 if self.mix is None else self.mix
-
-    @property
-    def eigen_corrected(self) -> bool:
-        """ekfac: K_S's eigenvalues replaced by the Gram's variances along its eigenvectors."""
-        return self.method == "ekfac"
 
 
 class ScoringConfig(_Section):
@@ -356,7 +341,7 @@ class AttributionConfig(_Section):
     @model_validator(mode="after")
     def _optimizer_state_not_with_kronecker_factors(self) -> "AttributionConfig":
         # K-FAC's factors come from layer inputs and output gradients, not from the scaled entries.
-        if self.compression.optimizer_state is not None and self.hessian.method in ("kfac", "kfac_mix", "ekfac"):
+        if self.compression.optimizer_state is not None and CURVATURE_METHODS[self.hessian.method].needs_factors:
             raise ValueError(f"compression.optimizer_state does not combine with hessian.method: "
                              f"{self.hessian.method} (its Kronecker factors are not scaled); use gauss_newton")
         return self
@@ -364,7 +349,7 @@ class AttributionConfig(_Section):
 
 # What the distributed job runs; the other methods run in distinf.attribute only (README).
 JOB_COMPRESSION_METHODS = ("dropout", "none", "gaussian", "fjlt", "logra")
-JOB_HESSIAN_METHODS = ("gauss_newton", "identity", "datainf", "lissa", "kfac", "kfac_mix", "ekfac")
+JOB_HESSIAN_METHODS = tuple(name for name, cls in CURVATURE_METHODS.items() if cls.runs_in_job)
 
 
 class JobConfig(AttributionConfig):
@@ -391,7 +376,7 @@ class JobConfig(AttributionConfig):
             if value not in allowed:
                 raise ValueError(f"{key}: {value} runs in distinf.attribute (one process) only; the "
                                  f"distributed job runs {', '.join(allowed)}")
-        if self.hessian.method in ("kfac", "kfac_mix", "ekfac") and self.compression.method != "dropout":
+        if CURVATURE_METHODS[self.hessian.method].needs_factors and self.compression.method != "dropout":
             raise ValueError(f"hessian.method: {self.hessian.method} needs compression.method: dropout (the "
                              f"Kronecker factors are of kept gradient entries); got {self.compression.method!r}")
         return self

@@ -21,7 +21,8 @@ from distinf.core.compressors.fjlt import hadamard_transform
 from distinf.core.compressors.logra import factor_ranks
 from distinf.core.compressors.pca import PCAFit
 from distinf.core.curvature import AUTO_DAMPING_SCALE
-from distinf.core.solvers import DataInfSums, fit_solver, lissa_samples
+from distinf.core.curvatures import fit_solver
+from distinf.core.solvers import DataInfSums, lissa_samples
 from distinf.core.tracking import track_modules
 from test_influence import QUERIES, TRAIN, dense_reference, full_gradients, micro_gpt2
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distinf.config import HessianConfig
-from distinf.core.solvers import fit_solver
+from distinf.core.curvatures import fit_solver
 from distinf.runtime.curvature_files import read_solver
 from safetensors.numpy import load_file, save
 

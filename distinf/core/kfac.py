@@ -60,9 +60,6 @@ from distinf.core.curvature import GramSums
 from distinf.core.index_set import IndexSet
 from distinf.core.tracking import ModuleUse, Tracked
 
-KFAC_METHODS = ("kfac", "kfac_mix", "ekfac")
-
-
 @dataclass
 class TensorFactors:
     """The additive factor sums of one tracked tensor and where each kept entry sits in them.

@@ -1,5 +1,7 @@
 """The inverse-Hessian solvers of `hessian.method`, each per curvature block, each with the same face.
 
+Each method's class (distinf.core.curvatures) builds its solver from these; this is the math only.
+
 A solver offers `precondition(grads [m, k]) -> Ĥ⁻¹ ĝ` and `self_influence(grads [n, k])`, and
 carries `slices` and `damping` (per block), so scoring and the run directory treat them alike.
 
@@ -33,10 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distinf.core.curvature import ArrayPickled, GramSums, damping_from_trace, factorize, factorize_
-from distinf.core.kfac import KFAC_METHODS, FactorSums
-
-METHODS = ("gauss_newton", "identity", "datainf", "lissa", *KFAC_METHODS)
+from distinf.core.curvature import ArrayPickled, damping_from_trace
 
 
 class Solver(Protocol):
@@ -230,36 +229,3 @@ class LiSSA(ArrayPickled):
         """ĝ_iᵀ (LiSSA's Ĥ⁻¹) ĝ_i; with few iterations the operator is only near-symmetric."""
         g = _float64(grads)
         return (g * self.precondition(g)).sum(1)
-
-
-# --- one process: pick by method
-
-
-def fit_solver(method: str, slices: list[slice], train_grads: Tensor, damping: str | float = "auto",
-               train_ids: Sequence[str] | None = None, lissa_iterations: int = 10,
-               lissa_scale: str | float = "auto", lissa_batch_size: int = 16, lissa_seed: int = 0,
-               factors: FactorSums | None = None, gram_share: float = 0.0) -> Solver:
-    """The solver of `hessian.method` from all training gradients [n, k] held in memory (and, for
-    kfac and kfac_mix, the Kronecker factors the capture summed over the same examples)."""
-    n = train_grads.shape[0]
-    if n == 0:
-        raise ValueError("no training examples: the curvature is undefined")
-    if method == "gauss_newton":
-        return factorize(GramSums(slices).add(train_grads), damping)
-    if method in KFAC_METHODS:
-        if factors is None:
-            raise ValueError(f"hessian.method: {method} needs the Kronecker factors summed by the capture "
-                             "(GradientCapture(..., factors=FactorSums(...)))")
-        return factorize_(factors.curvature_sums(GramSums(slices).add(train_grads), gram_share,
-                                                 eigen_corrected=method == "ekfac"), damping)
-    if method == "identity":
-        return Identity(slices)
-    lambdas = block_dampings(block_traces(train_grads, slices), n, slices, damping)
-    if method == "datainf":
-        return DataInfSums(slices, lambdas).add(train_grads).solve()
-    if method == "lissa":
-        ids = [str(i) for i in (train_ids if train_ids is not None else range(n))]
-        samples = lissa_samples(ids, lissa_iterations, lissa_batch_size, lissa_seed)
-        batches = [train_grads[torch.from_numpy(rows)] for rows in samples]
-        return LiSSA.build(slices, lambdas, batches, lissa_scale)
-    raise ValueError(f"hessian.method: unknown {method!r}; expected one of {list(METHODS)}")

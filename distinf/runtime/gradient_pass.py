@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from distinf.batching import chunk_steps
 from distinf.config import JobConfig
-from distinf.core.kfac import KFAC_METHODS
+from distinf.core.curvatures import curvature_method
 from distinf.inputs import Tokenized
 from distinf.partition import PAD, chunk_plan
 from distinf.runtime import metrics
@@ -104,8 +104,8 @@ def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], p
     splits = list(work)
     planned = {s: work[s].planned() for s in splits}
     rows = {s: work[s].planned_rows() for s in splits}
-    # kfac, kfac_mix: a train part counts as done only with its Kronecker factor sums.
-    with_factors = {s: s == "train" and cfg.hessian.method in KFAC_METHODS for s in splits}
+    # kfac and its kin: a train part counts as done only with its Kronecker factor sums.
+    with_factors = {s: s == "train" and curvature_method(cfg.hessian).needs_factors for s in splits}
     records = {s: run_dir.verified_records(s, planned[s], with_factors=with_factors[s], rows=rows[s])
                for s in splits}
     group = WorkerGroup(cfg, run_dir, manifest)

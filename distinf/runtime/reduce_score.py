@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from distinf.config import JobConfig
-from distinf.core.kfac import KFAC_METHODS
+from distinf.core.curvatures import curvature_method
 from distinf.core.scoring import TopK
 from distinf.runtime import curvature_files, metrics
 from distinf.runtime.failures import Stalled, await_tasks
@@ -51,14 +51,14 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
     chunks = {s: chunk_files(run_dir, gradients.records[s]) for s in SPLITS}
     slices = curvature_slices(gradients.index_table, cfg.hessian.blocks)
     stored_sums, curvature_chunks = None, chunks["train"]
-    pending = manifest.append
-    if pending is not None and cfg.hessian.method == "gauss_newton":
-        stored_sums = _stored_gram_sums(run_dir, pending.base, slices)
+    pending, method = manifest.append, curvature_method(cfg.hessian)
+    if pending is not None and method.extends_stored_sums:
+        stored_sums = _stored_gram_sums(run_dir, pending.base, slices, method.name)
         if stored_sums is not None:  # the stored run's sums, plus this append's chunks only
             curvature_chunks = chunk_files(run_dir, [r for r in gradients.records["train"]
                                                      if r.get("segment") == pending.segment])
-    # kfac, kfac_mix: every train chunk's factor sums, appended or not (they are additive).
-    factor_chunks = factor_files(run_dir, gradients.records["train"]) if cfg.hessian.method in KFAC_METHODS else []
+    # kfac and its kin: every train chunk's factor sums, appended or not (they are additive).
+    factor_chunks = factor_files(run_dir, gradients.records["train"]) if method.needs_factors else []
     manifest.curvature_input = {"stored_gram_sums": stored_sums is not None, "chunks_read": len(curvature_chunks)}
 
     def attempt(number: int) -> tuple[dict, dict]:
@@ -119,7 +119,8 @@ def curvature_slices(index_table: pa.Table, blocks: str) -> list[slice]:
     return slices
 
 
-def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice]) -> tuple[str, str, int] | None:
+def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice],
+                      method: str) -> tuple[str, str, int] | None:
     """(path, sha256, count) of the Gram sums the run an append extends stored, if they are intact
     and of the same blocks; else None, and the curvature is summed over every chunk again (a
     failed append's reducer may have rewritten them since)."""
@@ -134,7 +135,7 @@ def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice]) -> t
         log.info("the stored Gram sums are not the run's any more; summing every chunk again",
                  extra={"event": "gram_sums_recomputed"})
         return None
-    if layout.get("method") != "gauss_newton" or \
+    if layout.get("method") != method or \
             [(b["start"], b["stop"]) for b in layout["blocks"]] != [(s.start, s.stop) for s in slices]:
         return None
     return str(path), files[curvature_files.ARRAYS], int(layout["count"])

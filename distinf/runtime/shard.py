@@ -17,7 +17,8 @@ from distinf.config import ConfigError, JobConfig
 from distinf.core.capture import GradientCapture
 from distinf.core.checkpointing import CheckpointedBlocks
 from distinf.core.compressors import build_compressor
-from distinf.core.kfac import KFAC_METHODS, FactorSums
+from distinf.core.curvatures import curvature_method
+from distinf.core.kfac import FactorSums
 from distinf.optimizer_state import entry_scale
 from distinf.core.tasks import loss_function
 from distinf.core.tracking import track_modules
@@ -77,9 +78,9 @@ class GradientShard:
         except (ValueError, FileNotFoundError) as error:  # the same on every rank and every restart: not worth a retry
             raise ConfigError(f"compression: {error}") from None
         self.index_set = compressor.layout  # an IndexSet (dropout) or a Layout: the same face
-        # kfac, kfac_mix: the factor plans of the index set; the worker sums a chunk's rows into a copy.
+        # kfac and its kin: the factor plans of the index set; the worker sums a chunk's rows into a copy.
         self.factor_template = (plans_only(FactorSums(tracked, compressor.layout))
-                                if cfg.hessian.method in KFAC_METHODS else None)
+                                if curvature_method(cfg.hessian).needs_factors else None)
         self.capture = GradientCapture(model, tracked, compressor, column_scale=scale).__enter__()
         self.checkpointed = CheckpointedBlocks(model).__enter__() if cfg.runtime.activation_checkpointing else None
         self.loss_fn = loss_function(cfg.model.task)

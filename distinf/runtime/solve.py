@@ -1,25 +1,26 @@
-"""The reducer's solve for the hessian methods other than gauss_newton, as Ray tasks over train chunks.
+"""The committed training chunks as a hessian.method's chunked solve reads them: Ray tasks over the chunks.
 
-The math is distinf.core.solvers; here it is only spread over the committed chunks:
-identity needs no pass; datainf sums the chunks' traces (for `damping: auto`) and then their
-weighted Gram sums, both additive; lissa sums the traces, reads every chunk's example ids, picks
-each iteration's batch by id hash exactly as distinf.attribute does, and fetches those rows.
+`CommittedChunks` is the runtime's distinf.core.curvatures.base.TrainChunks: each method's class
+says what to compute (sums, traces, ids, sampled rows), and this spreads it over the chunks.
 Chunks are (path, sha256) pairs, read only if they still match their checksum.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
-from distinf.config import HessianConfig
 from distinf.core.compressors.none import available_bytes
-from distinf.core.solvers import DataInf, DataInfSums, Identity, LiSSA, Solver, block_dampings, block_traces, lissa_samples
+from distinf.core.curvature import GramSums
+from distinf.core.kfac import FactorSums
 from distinf.core.numerics import require_finite_columns
-from distinf.store import read_verified_table
+from distinf.core.solvers import block_traces
+from distinf.runtime.chunk_factors import add_factor_sums, read_factor_sums
+from distinf.store import read_arrays, read_verified_table
 from distinf.tables import gradients_of
 
 Chunk = tuple[str, str]  # (path, sha256)
@@ -42,7 +43,7 @@ def chunk_groups(chunks: list[Chunk], slices: list[slice]) -> list[list[Chunk]]:
 
 
 def merge_blocks(futures: list, total: Any, progress: Callable[[int, int], None] | None = None) -> None:
-    """Add each task's (numpy blocks, count) into `total` (GramSums, DataInfSums) as it arrives:
+    """Add each task's (numpy blocks, count) into `total` (GramSums, DataInfSums, ...) as it arrives:
     the blocks are read from the object store without a copy, added in place and dropped at once.
     `progress(done, total)` is told before the first and after each merge, for the reducer's
     progress and metrics."""
@@ -69,18 +70,20 @@ def chunk_grads(path: str, sha256: str, slices: list[slice]) -> torch.Tensor:
 
 
 @ray.remote(num_cpus=1)
-def chunk_traces(path: str, sha256: str, slices: list[slice]) -> tuple[list[float], int]:
-    grads = chunk_grads(path, sha256, slices)
-    return block_traces(grads, slices), grads.shape[0]
-
-
-@ray.remote(num_cpus=1)
-def chunk_datainf(chunks: list[Chunk], slices: list[slice], damping: list[float]) -> tuple[list[np.ndarray], int]:
-    """DataInf's weighted Gram sums (numpy blocks) and count of a group of chunks, read one at a time."""
-    sums = DataInfSums(slices, damping)
+def chunk_sums(chunks: list[Chunk], slices: list[slice], empty: Callable[[], Any]) -> tuple[list[np.ndarray], int]:
+    """Additive sums (`empty()`: GramSums, DataInfSums, ...; float64 blocks, as numpy) and the example
+    count of a group of committed gradient chunks, read one at a time: one set of blocks per task,
+    whatever the group."""
+    sums = empty()
     for path, sha256 in chunks:
         sums.add(chunk_grads(path, sha256, slices))
     return [block.numpy() for block in sums.blocks], sums.count
+
+
+@ray.remote(num_cpus=1)
+def chunk_traces(path: str, sha256: str, slices: list[slice]) -> tuple[list[float], int]:
+    grads = chunk_grads(path, sha256, slices)
+    return block_traces(grads, slices), grads.shape[0]
 
 
 @ray.remote(num_cpus=1)
@@ -100,44 +103,82 @@ def _reduce(futures: list, merge: Callable[[Any], None]) -> None:
         merge(ray.get(done[0]))
 
 
-def _dampings(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) -> tuple[list[float], int]:
-    traces, count = [0.0] * len(slices), 0
+class CommittedChunks:
+    """The train chunks a reducer solves over (distinf.core.curvatures.base.TrainChunks).
 
-    def merge(result: tuple[list[float], int]) -> None:
-        nonlocal count
-        for i, t in enumerate(result[0]):
-            traces[i] += t
-        count += result[1]
+    `stored_sums`: (path, sha256, count) of an extended run's blocks.safetensors, whose gram_sum.i
+    are the sums over every chunk not in `chunks` (an append of a method that extends them);
+    `factor_chunks`, (path, sha256) of every train chunk's Kronecker factor sums, and `index_table`,
+    the run's index set, for the methods that need factors. `progress(done, total)` hears of each
+    merged group of chunks, `step(name)` of each other step.
+    """
 
-    _reduce([chunk_traces.remote(path, sha256, slices) for path, sha256 in chunks], merge)
-    if count == 0:
-        raise ValueError("no training examples: the curvature is undefined")
-    return block_dampings(traces, count, slices, hessian.damping), count
+    def __init__(self, slices: list[slice], chunks: list[Chunk], stored_sums: tuple[str, str, int] | None = None,
+                 factor_chunks: list[Chunk] = (), index_table: pa.Table | None = None,
+                 progress: Callable[[int, int], None] | None = None, step: Callable[[str], None] | None = None):
+        self.slices, self.chunks = slices, chunks
+        self.stored_sums, self.factor_chunks, self.index_table = stored_sums, factor_chunks, index_table
+        self.progress, self._step = progress, step
+        self._ids: list[list[str]] | None = None
 
+    def sum(self, empty: Callable[[], Any], start: Any = None) -> Any:
+        total = empty() if start is None else start
+        merge_blocks([chunk_sums.remote(group, self.slices, empty) for group in chunk_groups(self.chunks, self.slices)],
+                     total, self.progress)
+        return total
 
-def solve_chunks(hessian: HessianConfig, slices: list[slice], chunks: list[Chunk]) -> tuple[Solver, int]:
-    """(solver, training count) of hessian.method."""
-    if hessian.method == "identity":
-        count = sum(len(ids) for ids in ray.get([chunk_ids.remote(p, s) for p, s in chunks]))
-        return Identity(slices), count
-    damping, count = _dampings(hessian, slices, chunks)
-    if hessian.method == "datainf":
-        total = DataInfSums(slices, damping)
-        merge_blocks([chunk_datainf.remote(group, slices, damping) for group in chunk_groups(chunks, slices)], total)
-        solver: DataInf = total.solve_()  # the sums become the inverses: one set of blocks
-        return solver, count
-    if hessian.method == "lissa":
-        ids_per_chunk = ray.get([chunk_ids.remote(p, s) for p, s in chunks])
-        owner = [(c, r) for c, ids in enumerate(ids_per_chunk) for r in range(len(ids))]
-        samples = lissa_samples([i for ids in ids_per_chunk for i in ids], hessian.lissa_iterations,
-                                hessian.lissa_batch_size, hessian.lissa_seed)
-        wanted = sorted({owner[p] for rows in samples for p in rows})
+    def traces(self) -> tuple[list[float], int]:
+        traces, count = [0.0] * len(self.slices), 0
+
+        def merge(result: tuple[list[float], int]) -> None:
+            nonlocal count
+            for i, t in enumerate(result[0]):
+                traces[i] += t
+            count += result[1]
+
+        _reduce([chunk_traces.remote(path, sha256, self.slices) for path, sha256 in self.chunks], merge)
+        if count == 0:
+            raise ValueError("no training examples: the curvature is undefined")
+        return traces, count
+
+    def _ids_per_chunk(self) -> list[list[str]]:
+        if self._ids is None:
+            self._ids = ray.get([chunk_ids.remote(p, s) for p, s in self.chunks])
+        return self._ids
+
+    def ids(self) -> list[str]:
+        return [i for ids in self._ids_per_chunk() for i in ids]
+
+    def rows(self, positions: Sequence[int]) -> torch.Tensor:
+        owner = [(c, r) for c, ids in enumerate(self._ids_per_chunk()) for r in range(len(ids))]
         by_chunk: dict[int, list[int]] = {}
-        for c, r in wanted:
+        for c, r in sorted({owner[p] for p in positions}):
             by_chunk.setdefault(c, []).append(r)
-        fetched = dict(zip(by_chunk, ray.get([chunk_rows.remote(*chunks[c], rows) for c, rows in by_chunk.items()])))
+        fetched = dict(zip(by_chunk, ray.get([chunk_rows.remote(*self.chunks[c], rows)
+                                              for c, rows in by_chunk.items()])))
         row_of = {(c, r): fetched[c][i] for c, rows in by_chunk.items() for i, r in enumerate(rows)}
-        batches = [torch.from_numpy(np.stack([row_of[owner[p]] for p in rows])) for rows in samples]
-        solver = LiSSA.build(slices, damping, batches, hessian.lissa_scale)
-        return solver, count
-    raise ValueError(f"hessian.method: {hessian.method} is not solved over chunks")
+        return torch.from_numpy(np.stack([row_of[owner[p]] for p in positions]))
+
+    def stored_gram_sums(self) -> GramSums | None:
+        if self.stored_sums is None:
+            return None
+        path, sha256, count = self.stored_sums
+        stored = read_arrays(path, sha256)
+        total = GramSums(self.slices)
+        for i, block in enumerate(total.blocks):
+            block.copy_(torch.from_numpy(stored[f"gram_sum.{i}"]))
+        total.count = count
+        return total
+
+    def factor_sums(self) -> FactorSums:
+        """The sum of every chunk's Kronecker factor sums, read one file at a time."""
+        total = None
+        for path, sha256 in self.factor_chunks:
+            total = add_factor_sums(total, read_factor_sums(read_arrays(path, sha256), self.index_table, path), path)
+        if total is None:
+            raise ValueError("no training examples: the curvature is undefined")
+        return total
+
+    def step(self, name: str) -> None:
+        if self._step is not None:
+            self._step(name)

@@ -26,12 +26,9 @@ class NoneCompressor(GradientProjection):
         return grad
 
 
-def required_bytes(block_sizes: Sequence[int], rows: int, hessian: str) -> int:
-    """float32 gradients [rows, p] plus, for block-forming curvature, a float64 Gram and factor per block."""
-    p = sum(block_sizes)
-    gradients = 4 * rows * p
-    blocks = 2 * 8 * sum(size * size for size in block_sizes) if hessian in ("gauss_newton", "datainf") else 0
-    return gradients + blocks
+def required_bytes(block_sizes: Sequence[int], rows: int, block_bytes: int) -> int:
+    """float32 gradients [rows, p] plus the curvature's blocks (its method's `block_bytes`)."""
+    return 4 * rows * sum(block_sizes) + block_bytes
 
 
 def available_bytes() -> int:
@@ -54,8 +51,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def check_fits(block_sizes: Sequence[int], rows: int, hessian: str, fraction: float = 0.8) -> None:
-    need, have = required_bytes(block_sizes, rows, hessian), available_bytes()
+def check_fits(block_sizes: Sequence[int], rows: int, hessian: str, block_bytes: int, fraction: float = 0.8) -> None:
+    """Refuse a run whose gradients and `block_bytes` of hessian.method `hessian`'s blocks cannot fit."""
+    need, have = required_bytes(block_sizes, rows, block_bytes), available_bytes()
     if need > fraction * have:
         p = sum(block_sizes)
         raise MemoryError(
