@@ -113,7 +113,7 @@ class Run:
         """The job's manifest, "running", before anything else in the folder is touched."""
         manifest.run_id = self.run_id
         manifest.as_of = manifest.as_of or versions.now().isoformat()
-        self._manifest = manifest
+        self._manifest = manifest  # failed, if even this write fails
         self._write()
 
     def stored_index_set(self) -> pa.Table | None:
@@ -173,8 +173,7 @@ class Run:
 
     def complete(self, manifest: Manifest) -> dict:
         """A query's results: its manifest says "complete", last."""
-        self._manifest = manifest
-        self._write()
+        self._write(manifest)
         return manifest.to_dict()
 
     def publish(self, manifest: Manifest, version: Path, committed: str | None, keep: int,
@@ -185,8 +184,7 @@ class Run:
         manifest = replace(manifest, version=manifest.run_id,
                            history=versions.history(self.root, committed, keep, manifest.run_id),
                            files={INDEX_SET: file_sha256(self.folder.path(INDEX_SET)), **staged})
-        self._manifest = manifest
-        self._write()  # the commit point
+        self._write(manifest)  # the commit point
         versions.finish(self.root, manifest.to_dict())
         metrics.succeeded(self.job, time.time())
         try:  # complete versions only; after the commit, so a failure here never unmakes a complete run
@@ -196,5 +194,9 @@ class Run:
                         extra={"event": "history_not_written"})
         return manifest.to_dict()
 
-    def _write(self) -> None:
-        self.folder.write_manifest(self.manifest)
+    def _write(self, manifest: Manifest | None = None) -> None:
+        """Write `manifest` (default: the current one, changed); only once written is it the job's:
+        a job stopped by a failed write still leaves its last written state "failed"."""
+        manifest = manifest or self.manifest
+        self.folder.write_manifest(manifest)
+        self._manifest = manifest
