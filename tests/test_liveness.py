@@ -28,6 +28,19 @@ def chunk(path, prefix: str, rows: int, seed: int) -> tuple[str, str]:
     return str(path), commit_table(table, path)["sha256"]
 
 
+def warm_workers(env: dict, n: int = 2) -> None:
+    """Start the worker processes the reducer's tasks will run in (a runtime_env of their own), so
+    that no step waits on a process start, which takes seconds on a loaded machine."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ready() -> int:
+        time.sleep(0.5)  # held a moment, so that the n calls need n processes
+        return 0
+
+    ray.get([ready.options(runtime_env={"env_vars": {**worker_env(), **env}}).remote() for _ in range(n)])
+
+
 def reduce(tmp_path, env: dict, stall: float) -> tuple[dict, float]:
     train = [chunk(tmp_path / f"train-{i}.parquet", f"t{i}-", 8, i) for i in range(2)]
     queries = [chunk(tmp_path / "queries.parquet", "q", 3, 9)]
@@ -46,9 +59,10 @@ def reduce(tmp_path, env: dict, stall: float) -> tuple[dict, float]:
 def test_a_long_reduction_that_keeps_making_progress_is_not_a_stall(shared_ray, tmp_path):
     """Each of its 6 or more steps takes 3 s, so it runs far past the 12 s stall timeout in all;
     a cap on its total time (ray.get(..., timeout=stall)) would kill it and start it again from zero.
-    The timeout leaves room for the first step, which waits on fresh Ray workers (a few seconds)."""
-    result, seconds = reduce(tmp_path, {"DISTINF_TEST_SLOW_STEPS": "reducer", "DISTINF_TEST_STEP_DELAY": "3"},
-                             stall=12.0)
+    The task workers are started first: on a loaded machine a process start alone can take 12 s."""
+    env = {"DISTINF_TEST_SLOW_STEPS": "reducer", "DISTINF_TEST_STEP_DELAY": "3"}
+    warm_workers(env)
+    result, seconds = reduce(tmp_path, env, stall=12.0)
     assert seconds > 18.0 and result["count"] == 16 and result["query_ids"] == ["q0", "q1", "q2"]
 
 

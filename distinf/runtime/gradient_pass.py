@@ -23,14 +23,11 @@ from distinf.core.curvatures import curvature_method
 from distinf.inputs import Tokenized
 from distinf.partition import PAD, chunk_plan
 from distinf.runtime import metrics
-from distinf.runtime.errors import JobError
 from distinf.runtime.failures import await_group
-from distinf.runtime.layout import INDEX_SET
 from distinf.runtime.ledger import Planned, input_order, pending_chunks, rows_digest
-from distinf.runtime.manifest import Manifest
-from distinf.runtime.run_dir import RunDir
+from distinf.runtime.restarts import with_restarts
+from distinf.runtime.run import Run
 from distinf.runtime.workers import WorkerGroup
-from distinf.store import IntegrityError, atomic_write_table, file_sha256, is_file, read_verified_table
 from distinf.token_rows import TokenRows
 
 log = logging.getLogger("distinf.driver")
@@ -97,90 +94,46 @@ def split_work(cfg: JobConfig, data: Tokenized, first_chunk: int = 0, carried: l
     return SplitWork(data, {first_chunk + c: parts for c, parts in enumerate(plan)}, list(carried), segment)
 
 
-def gradient_pass(cfg: JobConfig, run_dir: RunDir, work: dict[str, SplitWork], pad_token_id: int,
-                  manifest: Manifest) -> Gradients:
-    """Compute every chunk the ledger lacks, rebuilding the worker group after a failure. Notes the
-    index set and the worker layout in `manifest` (and writes it)."""
+def gradient_pass(cfg: JobConfig, run: Run, work: dict[str, SplitWork], pad_token_id: int) -> Gradients:
+    """Compute every chunk the ledger lacks, rebuilding the worker group after a failure. The run
+    adopts the workers' index set and notes their layout, memory and timings."""
     splits = list(work)
     planned = {s: work[s].planned() for s in splits}
     rows = {s: work[s].planned_rows() for s in splits}
     # kfac and its kin: a train part counts as done only with its Kronecker factor sums.
     with_factors = {s: s == "train" and curvature_method(cfg.hessian).needs_factors for s in splits}
-    records = {s: run_dir.verified_records(s, planned[s], with_factors=with_factors[s], rows=rows[s])
+    records = {s: run.folder.verified_records(s, planned[s], with_factors=with_factors[s], rows=rows[s])
                for s in splits}
-    group = WorkerGroup(cfg, run_dir, manifest)
-    state = {"index_table": _stored_index_set(run_dir, manifest), "todo": {}}
+    group = WorkerGroup(cfg, run.view(), run.manifest.model_fingerprint)
+    state = {"index_table": run.stored_index_set(), "todo": {}}
 
     def attempt(number: int) -> None:
         todo = state["todo"] = {s: pending_chunks(planned[s], records[s]) for s in splits}
         if state["index_table"] is not None and not any(todo.values()):
             return  # every chunk is committed and intact: no model needed
         group.start()
-        state["index_table"] = _adopt_index_set(run_dir, manifest, group.infos)
+        state["index_table"] = run.adopt_index_set(group.infos)
         for split in splits:
             if todo[split]:
-                for record in _compress(cfg, group, split, work[split], pad_token_id, todo[split], number,
-                                        manifest.run_id):
+                for record in _compress(cfg, group, split, work[split], pad_token_id, todo[split], number):
                     records[split][(record["chunk"], record["rank"])] = record
-        _record_memory(run_dir, manifest, group.call(lambda w: w.memory.remote(), "memory", stall=QUICK_CALL))
-        for worker, timings in zip(manifest.workers, group.call(lambda w: w.timings.remote(), "timings",
-                                                                stall=QUICK_CALL)):
-            worker["gradient_pass"] = timings  # where a rank's time went: steps, and waits on commits
+        run.record_workers(group.call(lambda w: w.memory.remote(), "memory", stall=QUICK_CALL),
+                           group.call(lambda w: w.timings.remote(), "timings", stall=QUICK_CALL))
         group.call(lambda w: w.shutdown.remote(), "shutdown", stall=QUICK_CALL)
 
     def take_stock() -> None:
-        run_dir.remove_leftovers()
+        run.folder.remove_leftovers()
         for split in splits:  # what the failed attempt committed before it stopped
-            records[split].update(run_dir.verified_records(split, planned[split], state["todo"][split],
-                                                           with_factors[split], rows[split]))
+            records[split].update(run.folder.verified_records(split, planned[split], state["todo"][split],
+                                                              with_factors[split], rows[split]))
 
-    group.with_restarts("gradients", "gradient pass", attempt, "Committed chunks are kept", take_stock)
+    with_restarts(run, cfg.runtime.max_restarts, "gradients", "gradient pass", attempt, "Committed chunks are kept",
+                  stop=group.stop, name_of=group.worker_name, after_failure=take_stock)
     ordered = {}
     for s in splits:
         computed = [{**records[s][key], "segment": work[s].segment} for key in records[s]]
         ordered[s] = sorted(work[s].carried + computed, key=input_order)
     return Gradients(state["index_table"], ordered)
-
-
-def _stored_index_set(run_dir: RunDir, manifest: Manifest) -> pa.Table | None:
-    """The index set a previous attempt wrote, if it is intact and the worker layout is known."""
-    if not manifest.index_set_sha256 or not manifest.workers:
-        return None
-    try:
-        return read_verified_table(run_dir.path(INDEX_SET), manifest.index_set_sha256)
-    except IntegrityError:
-        return None
-
-
-def _adopt_index_set(run_dir: RunDir, manifest: Manifest, infos: list[dict]) -> pa.Table:
-    """Check the workers' index set against the run's, write it, and note the worker layout."""
-    digest = infos[0]["index_set_hash"]
-    if manifest.index_set_hash not in (None, digest):
-        raise JobError("the index set drawn now differs from the one the stored run was computed with "
-                       "(another distinf, numpy or model version, or compression settings?); choose a new "
-                       "output folder")
-    table = infos[0]["index_set"]
-    path = run_dir.path(INDEX_SET)
-    run_dir.check_lease()
-    if not is_file(path) or file_sha256(path) != manifest.index_set_sha256:
-        atomic_write_table(table, path)
-    manifest.index_set_hash, manifest.index_set_sha256 = digest, file_sha256(path)
-    manifest.params = {"total": infos[0]["total_params"], "tracked": infos[0]["tracked_params"],
-                       "tracked_fraction": infos[0]["tracked_params"] / infos[0]["total_params"]}
-    manifest.workers = [{"rank": i["rank"], "host": i["host"], "node_ip": i["node_ip"], "node_id": i["node_id"],
-                         "local_params": i["local_params"], "dtype": i["dtype"],
-                         "weight_check": i["weight_check"], "setup_seconds": i["setup_seconds"],
-                         "memory": i["memory"]} for i in infos]
-    run_dir.write_manifest(manifest)
-    return table
-
-
-def _record_memory(run_dir: RunDir, manifest: Manifest, peaks: list[dict]) -> None:
-    """Each rank's peak memory of the gradient pass, beside its setup peak (bytes; None where the
-    platform does not report it)."""
-    for worker, peak in zip(manifest.workers, peaks):
-        worker["memory"] = {**worker.get("memory", {}), **peak}
-    run_dir.write_manifest(manifest)
 
 
 def rank_share(data: Tokenized, parts: list[list[int]], steps: list[list[list[int]]]
@@ -213,7 +166,7 @@ def planned_steps(cfg: JobConfig, data: Tokenized, parts: list[list[int]]) -> li
 
 
 def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, pad_token_id: int,
-              todo: list[int], attempt: int, run_id: str) -> list[dict]:
+              todo: list[int], attempt: int) -> list[dict]:
     """Run the chunks `todo` of one split on every rank; returns their ledger records."""
     data, positions = work.data, work.positions
     progress = Progress.remote()
@@ -224,7 +177,7 @@ def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, p
                                                       [steps[c][rank] for c in todo])
         futures.append(worker.compress.remote(split, ray.put(examples), ray.put(ids),
                                               list(zip(todo, parts, rank_steps)), pad_token_id, progress,
-                                              attempt, run_id, group.run_dir.fence()))
+                                              attempt, group.run.fence.run_id, group.run.fence))
     committed = len(data.ids) - sum(p != PAD for c in todo for part in positions[c] for p in part)
     fields = {"split": split, "attempt": attempt, "total": len(data.ids)}
     log.info(f"gradients/{split}: {len(todo)} chunk(s) to compute, {committed} of {len(data.ids)} examples stored",
@@ -251,7 +204,7 @@ def _compress(cfg: JobConfig, group: WorkerGroup, split: str, work: SplitWork, p
             return done
 
         try:
-            records = [record for records in await_group(futures, group.run_dir.root, poll,
+            records = [record for records in await_group(futures, group.run.root, poll,
                                                          cfg.runtime.stall_timeout, f"gradients/{split}")
                        for record in records]
             poll()  # the last batches and commits, which may land after the last poll

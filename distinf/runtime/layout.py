@@ -32,6 +32,7 @@ REJECTED = "rejected.parquet"
 TOP_K = "scores/top_k.parquet"
 TRAIN_VALUES = "scores/train_values.parquet"
 DENSE = "scores/dense"
+CURVATURE = "curvature"
 VERSIONS = "versions"
 QUERIES = "queries"
 

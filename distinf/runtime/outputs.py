@@ -9,7 +9,7 @@ from pathlib import Path
 from distinf.inputs import Plan
 from distinf.runtime import curvature_files
 from distinf.runtime.gradient_pass import Gradients
-from distinf.runtime.layout import DENSE, INDEX_SET, REJECTED, TOP_K, TRAIN_VALUES
+from distinf.runtime.layout import CURVATURE, DENSE, INDEX_SET, REJECTED, TOP_K, TRAIN_VALUES, gradient_dir
 from distinf.runtime.versions import stamp
 from distinf.store import atomic_write_table, file_sha256, list_files
 from distinf.tables import rejected_table
@@ -17,8 +17,16 @@ from distinf.tables import rejected_table
 SPLITS = ("train", "queries")
 VERSIONED_OUTPUTS = [REJECTED, curvature_files.ARRAYS, curvature_files.LAYOUT, TOP_K, TRAIN_VALUES]
 """What each run or append stages in its version folder, then publishes (with scores/dense/ parts)."""
-RUN_OUTPUTS = [INDEX_SET] + VERSIONED_OUTPUTS
 QUERY_OUTPUTS = [INDEX_SET, REJECTED, TOP_K, TRAIN_VALUES]
+
+
+def outputs_listing(dense: bool, splits: tuple[str, ...] = SPLITS) -> dict:
+    """The manifest's `outputs`: where a reader finds each kind of result (a query has no curvature)."""
+    listing = {"top_k": TOP_K, "train_values": TRAIN_VALUES, "dense": f"{DENSE}/" if dense else None,
+               "rejected": REJECTED, "gradients": [f"{gradient_dir('', s).as_posix()}/" for s in splits]}
+    if "train" in splits:
+        listing["curvature"] = f"{CURVATURE}/"
+    return listing
 
 
 def chunk_entry(record: dict) -> dict:

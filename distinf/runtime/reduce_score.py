@@ -13,7 +13,7 @@ import logging
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +30,12 @@ from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path, run_
 from distinf.runtime.lease import tick
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.reducer import Reducer
+from distinf.runtime.restarts import with_restarts
+from distinf.runtime.run import Run
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.scoring import score_train_chunk
 from distinf.runtime.versions import committed_root, stamp
-from distinf.runtime.workers import WorkerGroup, worker_env
+from distinf.runtime.workers import worker_env
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_bytes, read_verified_bytes
 from distinf.tables import top_k_table, train_values_table
 
@@ -41,25 +43,26 @@ SPLITS = ("train", "queries")
 log = logging.getLogger("distinf.driver")
 
 
-def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: list[str], gradients: Gradients,
-                     manifest: Manifest, lap: Callable[[str], None]) -> tuple[dict, dict]:
-    """Reducer then scoring tasks, restarted together, reading the chunks of run_dir and writing
+def reduce_and_score(cfg: JobConfig, run: Run, out: Path, query_order: list[str], gradients: Gradients
+                     ) -> tuple[dict, dict]:
+    """Reducer then scoring tasks, restarted together, reading the run's chunks and writing
     curvature/ and scores/ into the version folder `out`.
 
     Returns the reducer's result and the counts of scored examples.
     """
-    chunks = {s: chunk_files(run_dir, gradients.records[s]) for s in SPLITS}
+    folder, manifest = run.folder, run.manifest
+    chunks = {s: chunk_files(folder, gradients.records[s]) for s in SPLITS}
     slices = curvature_slices(gradients.index_table, cfg.hessian.blocks)
     stored_sums, curvature_chunks = None, chunks["train"]
     pending, method = manifest.append, curvature_method(cfg.hessian)
     if pending is not None and method.extends_stored_sums:
-        stored_sums = _stored_gram_sums(run_dir, pending.base, slices, method.name)
+        stored_sums = _stored_gram_sums(folder, pending.base, slices, method.name)
         if stored_sums is not None:  # the stored run's sums, plus this append's chunks only
-            curvature_chunks = chunk_files(run_dir, [r for r in gradients.records["train"]
-                                                     if r.get("segment") == pending.segment])
+            curvature_chunks = chunk_files(folder, [r for r in gradients.records["train"]
+                                                    if r.get("segment") == pending.segment])
     # kfac and its kin: every train chunk's factor sums, appended or not (they are additive).
-    factor_chunks = factor_files(run_dir, gradients.records["train"]) if method.needs_factors else []
-    manifest.curvature_input = {"stored_gram_sums": stored_sums is not None, "chunks_read": len(curvature_chunks)}
+    factor_chunks = factor_files(folder, gradients.records["train"]) if method.needs_factors else []
+    run.note(curvature_input={"stored_gram_sums": stored_sums is not None, "chunks_read": len(curvature_chunks)})
 
     def attempt(number: int) -> tuple[dict, dict]:
         reducer = None
@@ -69,18 +72,18 @@ def reduce_and_score(cfg: JobConfig, run_dir: RunDir, out: Path, query_order: li
             reduced = await_reducer(reducer, reducer.reduce.remote(
                 curvature_chunks, chunks["queries"], str(out / "curvature"), number, stored_sums,
                 cfg.scoring.normalize, factor_chunks, gradients.index_table), cfg.runtime.stall_timeout)
-            lap("curvature")
+            run.lap("curvature")
             counts = score_outputs(cfg, out, chunks["train"], reduced["queries"][0], reduced["curvature"][0],
                                    reduced["query_ids"], query_order, version=manifest.version_stamp(),
                                    query_divisors=reduced["query_divisors"])
-            lap("scoring")
+            run.lap("scoring")
             return reduced, counts
         finally:
             if reducer is not None:  # only now: the scoring tasks read objects the reducer owns
                 ray.kill(reducer)
 
-    return WorkerGroup(cfg, run_dir, manifest).with_restarts("curvature and scoring", "curvature and scoring",
-                                                             attempt, "The gradients are kept")
+    return with_restarts(run, cfg.runtime.max_restarts, "curvature and scoring", "curvature and scoring", attempt,
+                         "The gradients are kept")
 
 
 def await_reducer(reducer: Any, result: Any, stall: float | None, every: float = 1.0) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -250,6 +252,17 @@ class RunDir:
 
     def check_free_space(self, need: int) -> None:
         check_free_space(self.root, need)
+
+    def gradient_bytes(self, split: str) -> int:
+        """What the split's gradient chunks take already (a resumed run writes only the rest)."""
+        return sum(list_files(self.gradient_dir(split)).values())
+
+    def move_aside_command(self) -> str:
+        """The command that moves the folder out of a schedule's way, for a person to run."""
+        failed = f"{self}.failed-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        if is_remote(self.root):
+            return f"aws s3 mv --recursive {self} {failed}"
+        return f"mv {shlex.quote(str(self))} {shlex.quote(failed)}"
 
 
 def _is_control(name: str) -> bool:

@@ -1,35 +1,30 @@
-"""The job's Ray: connecting to it, and the ZeRO-3 worker group that a stage runs on, restarted
-whole after a failure.
+"""The job's Ray: connecting to it, and the ZeRO-3 worker group that a stage runs on.
 
-A failed worker brings its whole group down (ZeRO-3 needs every rank); the group is rebuilt on a
-new rendezvous port and the stage runs again, at most runtime.max_restarts times. Every restart is
-recorded in the manifest with the rank to blame (runtime.failures).
+A failed worker brings its whole group down (ZeRO-3 needs every rank); the group is stopped whole
+and rebuilt on a new rendezvous port by the stage's restart policy (runtime.restarts).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, TypeVar
+from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distinf.config import ConfigError, JobConfig
-from distinf.runtime import metrics
 from distinf.runtime.errors import JobError
-from distinf.runtime.failures import GroupFailed, Stalled, await_group, fatal, headline
-from distinf.runtime.manifest import Manifest
+from distinf.runtime.failures import await_group
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
-from distinf.runtime.run_dir import RunDir
+from distinf.runtime.run import RunView
 from distinf.runtime.worker import GradientWorker
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
               **HOST_ALLOCATOR_ENV}
 log = logging.getLogger("distinf.driver")
-T = TypeVar("T")
 
 
 def worker_env(device: str = "cpu") -> dict:
@@ -106,11 +101,11 @@ def cluster_resources(address: str) -> dict[str, float]:
 
 
 class WorkerGroup:
-    """The job's gradient workers, one per rank, in one placement group; and the restart loop of
-    every stage, which records each failure in the job's manifest."""
+    """The job's gradient workers, one per rank, in one placement group: a pool, started and stopped
+    whole. They write for the run they are handed (its folder, checked against its fence)."""
 
-    def __init__(self, cfg: JobConfig, run_dir: RunDir, manifest: Manifest):
-        self.cfg, self.run_dir, self.manifest = cfg, run_dir, manifest
+    def __init__(self, cfg: JobConfig, run: RunView, model_fingerprint: str | None):
+        self.cfg, self.run, self.model_fingerprint = cfg, run, model_fingerprint
         self.placement = None
         self.workers: list = []
         self.infos: list[dict] = []
@@ -136,7 +131,7 @@ class WorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement,
                                                                      placement_group_bundle_index=rank),
                 runtime_env={"env_vars": worker_env(cfg.runtime.device)},
-            ).remote(rank, world, job, str(self.run_dir.root))
+            ).remote(rank, world, job, self.run.root)
             for rank in range(world)
         ]
         addresses = self.call(lambda w: w.address.remote(), "start-up")
@@ -144,16 +139,16 @@ class WorkerGroup:
         # may report an address that is not bindable here; across machines, on rank 0's node.
         # A new port on every attempt: the last group's may still be held.
         host = "127.0.0.1" if len({a["ip"] for a in addresses}) == 1 else addresses[0]["ip"]
-        [port] = await_group([self.workers[0].free_port.remote(host)], self.run_dir.root,
+        [port] = await_group([self.workers[0].free_port.remote(host)], self.run.root,
                              stall=cfg.runtime.stall_timeout, what="start-up")
-        self.infos = self.call(lambda w: w.setup.remote(host, port, self.manifest.model_fingerprint), "model setup")
+        self.infos = self.call(lambda w: w.setup.remote(host, port, self.model_fingerprint), "model setup")
         if len({info["index_set_hash"] for info in self.infos}) != 1:
             raise JobError("workers derived different index sets; the job cannot continue")
 
     def call(self, method: Callable, what: str, stall: float | None = None) -> list:
         """`method(worker)` on every rank; the results in rank order (GroupFailed names the rank).
         Stalled after `stall` seconds without a result (default runtime.stall_timeout)."""
-        return await_group([method(w) for w in self.workers], self.run_dir.root,
+        return await_group([method(w) for w in self.workers], self.run.root,
                            stall=stall or self.cfg.runtime.stall_timeout, what=what)
 
     def stop(self) -> None:
@@ -167,38 +162,3 @@ class WorkerGroup:
     def worker_name(self, rank: int) -> str:
         info = next((i for i in self.infos if i["rank"] == rank), None)
         return f"worker rank {rank}" + (f" (pid {info['pid']} on {info['host']})" if info else "")
-
-    def with_restarts(self, stage: str, label: str, fn: Callable[[int], T], kept: str,
-                      after_failure: Callable[[], None] | None = None) -> T:
-        """`fn(attempt)` until it returns, restarting after a failure at most runtime.max_restarts
-        times; the group is stopped after every attempt. A failure no restart can fix is raised at
-        once. Each restart is recorded in the manifest under `stage`; the last failure is a
-        JobError that starts with `label` and says what is `kept`. `after_failure` runs once the
-        failed attempt is stopped (to take stock of what it committed)."""
-        max_restarts = self.cfg.runtime.max_restarts
-        for attempt in range(max_restarts + 1):
-            try:
-                return fn(attempt)
-            except (GroupFailed, RayError, Stalled) as error:
-                failure = error if isinstance(error, GroupFailed) else GroupFailed(None, error)
-                must_stop = fatal(failure.error, self.run_dir.root)
-                if must_stop is not None:
-                    raise must_stop from None
-                who = self.worker_name(failure.rank) if failure.rank is not None else None
-                what = headline(failure.error)
-                self.manifest.restarts.append({"stage": stage, "attempt": attempt,
-                                               **({"worker": who} if who else {}), "error": what})
-                metrics.restarted(self.cfg.name, stage)
-                self.run_dir.write_manifest(self.manifest)
-                failed = f"{label}: {who} failed" if who else f"{label} failed"
-                if attempt == max_restarts:
-                    raise JobError(f"{failed} on attempt {attempt + 1} ({what}); gave up after "
-                                   f"runtime.max_restarts = {max_restarts} restart(s). {kept}: run again with "
-                                   "--resume to continue") from None
-                log.warning(f"{who or label} failed ({what}); restarting ({attempt + 1} of {max_restarts} restarts)",
-                            extra={"event": "restart", "stage": stage, "attempt": attempt + 1})
-            finally:
-                self.stop()
-            if after_failure is not None:
-                after_failure()
-        raise AssertionError("unreachable")
