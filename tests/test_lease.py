@@ -231,7 +231,7 @@ def test_a_renewal_interleaved_with_a_takeover_never_overwrites_the_new_holder(t
             taker.append(subprocess.Popen([sys.executable, "-c", TAKER, str(tmp_path)], stdout=subprocess.PIPE,
                                           text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}))
             try:
-                taker[0].wait(timeout=6)  # it finishes at once, unless the renewal's lock holds it
+                taker[0].wait(timeout=30)  # it finishes in a few seconds, unless the renewal's lock holds it
             except subprocess.TimeoutExpired:
                 pass
         return found
@@ -246,8 +246,10 @@ def test_a_renewal_interleaved_with_a_takeover_never_overwrites_the_new_holder(t
         monkeypatch.setattr(leases, "_read", real_read)
         said = taker[0].communicate(timeout=60)[0]
         holder = json.loads((tmp_path / "lease.json").read_text())["run_id"]
-        if said.startswith("TOOK"):
-            assert not renewed and holder == said.split()[1], "the renewal overwrote the new holder's lease"
+        if said.startswith("TOOK"):  # before the renewal's write, or (on a slow start) after it
+            assert holder == said.split()[1], "the renewal overwrote the new holder's lease"
+            with pytest.raises(LeaseLost):  # either way the old holder knows it holds the lease no more
+                lease.check()
         else:
             assert said.startswith("HELD") and renewed and holder == lease.run_id, said
     finally:
