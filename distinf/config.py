@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distinf.core.compressors import METHODS as COMPRESSION_METHODS
 from distinf.core.curvatures import METHODS as CURVATURE_METHODS
 
 
@@ -186,9 +187,13 @@ class OptimizerStateConfig(_Section):
     """Adam's ε: each kept entry is divided by √v + eps."""
 
 
+def _keeping_entries() -> str:
+    return " or ".join(name for name, cls in COMPRESSION_METHODS.items() if cls.keeps_entries)
+
+
 class CompressionConfig(_Section):
-    method: Literal["dropout", "none", "gaussian", "fjlt", "pca", "logra"] = "dropout"
-    """dropout: k random entries; none: all p (exact, small models); gaussian: dense random
+    method: Literal[tuple(COMPRESSION_METHODS)] = "dropout"  # type: ignore[valid-type]
+    """One of distinf.core.compressors.METHODS. dropout: k random entries; none: all p (exact, small models); gaussian: dense random
     projection; fjlt: subsampled randomised Hadamard; pca: top principal directions of the training
     gradients; logra: Kronecker projection of layer inputs and output gradients. Each maps every
     tracked tensor to its own k_l columns, k_l as the allocation gives it."""
@@ -207,8 +212,9 @@ class CompressionConfig(_Section):
 
     @model_validator(mode="after")
     def _optimizer_state_needs_dropout(self) -> "CompressionConfig":
-        if self.optimizer_state is not None and self.method != "dropout":
-            raise ValueError(f"optimizer_state scales kept entries: it needs method: dropout (method is {self.method!r})")
+        if self.optimizer_state is not None and not COMPRESSION_METHODS[self.method].keeps_entries:
+            raise ValueError(f"optimizer_state scales kept entries: it needs method: {_keeping_entries()} "
+                             f"(method is {self.method!r})")
         return self
 
 
@@ -348,7 +354,7 @@ class AttributionConfig(_Section):
 
 
 # What the distributed job runs; the other methods run in distinf.attribute only (README).
-JOB_COMPRESSION_METHODS = ("dropout", "none", "gaussian", "fjlt", "logra")
+JOB_COMPRESSION_METHODS = tuple(name for name, cls in COMPRESSION_METHODS.items() if cls.runs_in_job)
 JOB_HESSIAN_METHODS = tuple(name for name, cls in CURVATURE_METHODS.items() if cls.runs_in_job)
 
 
@@ -376,8 +382,9 @@ class JobConfig(AttributionConfig):
             if value not in allowed:
                 raise ValueError(f"{key}: {value} runs in distinf.attribute (one process) only; the "
                                  f"distributed job runs {', '.join(allowed)}")
-        if CURVATURE_METHODS[self.hessian.method].needs_factors and self.compression.method != "dropout":
-            raise ValueError(f"hessian.method: {self.hessian.method} needs compression.method: dropout (the "
+        if (CURVATURE_METHODS[self.hessian.method].needs_factors
+                and not COMPRESSION_METHODS[self.compression.method].keeps_entries):
+            raise ValueError(f"hessian.method: {self.hessian.method} needs compression.method: {_keeping_entries()} (the "
                              f"Kronecker factors are of kept gradient entries); got {self.compression.method!r}")
         return self
 

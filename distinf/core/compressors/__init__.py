@@ -1,13 +1,18 @@
 """Gradient compressions, one file each, all driven by the same GradientCapture hooks.
 
-`build_compressor(tracked, method, k, seed, allocation)` gives the compressor of a
-`compression.method`; pca needs its fit pass first (`pca.PCAFit`, see distinf.api). Adding a
-method is adding one file with a class that follows `base.Compressor` and one line here.
+The registry `METHODS` holds every class of this package's modules that subclasses
+`base.CompressionMethod` with a `name` (modules in name order): adding a method is adding one file
+with such a class that also follows `base.Compressor`. `build_compressor(tracked, method, k, seed,
+allocation)` gives the compressor of a `compression.method`; pca needs its fit pass first
+(`pca.PCAFit`, see distinf.api).
 """
 
 from __future__ import annotations
 
-from distinf.core.compressors.base import Compressor, GradientProjection, Layout
+import importlib
+import pkgutil
+
+from distinf.core.compressors.base import CompressionMethod, Compressor, GradientProjection, Layout
 from distinf.core.compressors.dropout import DropoutCompressor
 from distinf.core.compressors.fjlt import FJLTCompressor
 from distinf.core.compressors.gaussian import GaussianCompressor
@@ -15,27 +20,30 @@ from distinf.core.compressors.logra import LoGraCompressor
 from distinf.core.compressors.none import NoneCompressor
 from distinf.core.tracking import Tracked
 
-METHODS = ("dropout", "none", "gaussian", "fjlt", "pca", "logra")
+
+def _discover() -> dict[str, type[CompressionMethod]]:
+    found: dict[str, type[CompressionMethod]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, CompressionMethod) and "name" in vars(value)
+                    and value.__module__ == module.__name__):
+                if value.name in found:
+                    raise ValueError(f"compression.method {value.name!r} is defined twice: {found[value.name]} and {value}")
+                found[value.name] = value
+    return found
+
+
+METHODS: dict[str, type[CompressionMethod]] = _discover()
+"""Every compression.method by name."""
 
 
 def build_compressor(tracked: Tracked, method: str = "dropout", k: int = 8192, seed: int = 0,
                      allocation: str = "stratified") -> Compressor:
-    shapes = tracked.param_shapes
-    if method == "dropout":
-        return DropoutCompressor.draw(shapes, k, seed, allocation)
-    if method == "none":
-        return NoneCompressor(shapes)
-    if method == "gaussian":
-        return GaussianCompressor(shapes, k, seed, allocation)
-    if method == "fjlt":
-        return FJLTCompressor(shapes, k, seed, allocation)
-    if method == "logra":
-        return LoGraCompressor(shapes, k, seed, allocation)
-    if method == "pca":
-        raise ValueError("compression.method: pca is fitted on the training gradients first; "
-                         "use distinf.attribute (pca.PCAFit), not build_compressor")
-    raise ValueError(f"compression.method: unknown {method!r}; expected one of {list(METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"compression.method: unknown {method!r}; expected one of {list(METHODS)}")
+    return METHODS[method].build(tracked.param_shapes, k, seed, allocation)
 
 
-__all__ = ["Compressor", "GradientProjection", "Layout", "METHODS", "build_compressor", "DropoutCompressor",
-           "NoneCompressor", "GaussianCompressor", "FJLTCompressor", "LoGraCompressor"]
+__all__ = ["CompressionMethod", "Compressor", "GradientProjection", "Layout", "METHODS", "build_compressor",
+           "DropoutCompressor", "NoneCompressor", "GaussianCompressor", "FJLTCompressor", "LoGraCompressor"]

@@ -13,7 +13,7 @@ import hashlib
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -84,6 +84,22 @@ class Compressor(Protocol):
     def keep(self, use: ModuleUse, plan: Any, inputs: tuple) -> Any: ...
 
     def entries(self, use: ModuleUse, plan: Any, kept: Any, grad_output: Tensor) -> dict[str, Tensor]: ...
+
+
+class CompressionMethod:
+    """What the registry (distinf.core.compressors.METHODS) knows of a `compression.method`'s class:
+    its name, whether the distributed job runs it, and how it is built for a run."""
+
+    name: ClassVar[str]
+    runs_in_job: ClassVar[bool] = True
+    """False: distinf.attribute only; the job config refuses it by name."""
+    keeps_entries: ClassVar[bool] = False
+    """Its columns are gradient entries themselves (not mixtures): what optimizer_state scales and
+    what Kronecker factors describe."""
+
+    @classmethod
+    def build(cls, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified") -> Compressor:
+        return cls(param_shapes, k, seed, allocation)
 
 
 class GradientProjection:

@@ -9,11 +9,15 @@ from typing import Any
 
 from torch import Tensor
 
+from distinf.core.compressors.base import CompressionMethod
 from distinf.core.index_set import IndexSet, ParamShapes, draw_index_set
 from distinf.core.tracking import ModuleUse
 
 
-class DropoutCompressor:
+class DropoutCompressor(CompressionMethod):
+    name = "dropout"
+    keeps_entries = True
+
     def __init__(self, index_set: IndexSet):
         self.layout = index_set
         self._flat = dict(zip(index_set.names, index_set.flat_indices))
@@ -21,6 +25,8 @@ class DropoutCompressor:
     @classmethod
     def draw(cls, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified") -> "DropoutCompressor":
         return cls(draw_index_set(param_shapes, k, seed, allocation))
+
+    build = draw
 
     def plan(self, use: ModuleUse) -> dict[str, Any] | None:
         selected = {local: self._flat[name] for local, name in use.params.items() if name in self._flat}

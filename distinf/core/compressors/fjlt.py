@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distinf.core.compressors.base import GradientProjection, Layout, allocated_sizes, seeded_generator
+from distinf.core.compressors.base import CompressionMethod, GradientProjection, Layout, allocated_sizes, seeded_generator
 from distinf.core.index_set import ParamShapes, sample_without_replacement, seeded_rng
 
 FACTOR_LOG2 = 5  # the transform runs as matmuls with 32 x 32 Hadamard factors: fast on BLAS
@@ -48,7 +48,9 @@ def hadamard_transform(x: Tensor) -> Tensor:
     return x.reshape(n_rows, n)
 
 
-class FJLTCompressor(GradientProjection):
+class FJLTCompressor(GradientProjection, CompressionMethod):
+    name = "fjlt"
+
     def __init__(self, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified"):
         names, shapes, sizes = allocated_sizes(param_shapes, k, seed, allocation)
         self.layout = Layout("fjlt", names, shapes, sizes, seed)

@@ -13,13 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from distinf.core.compressors.base import GradientProjection, Layout, allocated_sizes, seeded_generator
+from distinf.core.compressors.base import CompressionMethod, GradientProjection, Layout, allocated_sizes, seeded_generator
 from distinf.core.index_set import ParamShapes
 
 BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per generated block
 
 
-class GaussianCompressor(GradientProjection):
+class GaussianCompressor(GradientProjection, CompressionMethod):
+    name = "gaussian"
+
     def __init__(self, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified"):
         names, shapes, sizes = allocated_sizes(param_shapes, k, seed, allocation)
         self.layout = Layout("gaussian", names, shapes, sizes, seed)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distinf.core.adapters.base import Factor, storage_matrix_shape
-from distinf.core.compressors.base import Layout, allocated_sizes, gaussian_matrix, seeded_generator
+from distinf.core.compressors.base import CompressionMethod, Layout, allocated_sizes, gaussian_matrix, seeded_generator
 from distinf.core.index_set import ParamShapes
 from distinf.core.tracking import ModuleUse
 
@@ -37,7 +37,9 @@ def factor_ranks(k_l: int, rows: int, cols: int) -> tuple[int, int]:
     return best[2], best[3]
 
 
-class LoGraCompressor:
+class LoGraCompressor(CompressionMethod):
+    name = "logra"
+
     def __init__(self, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified"):
         names, shapes, shares = allocated_sizes(param_shapes, k, seed, allocation)
         self.ranks = {name: factor_ranks(k_l, *storage_matrix_shape(shape))

@@ -11,16 +11,22 @@ from typing import Sequence
 
 from torch import Tensor
 
-from distinf.core.compressors.base import GradientProjection, Layout
+from distinf.core.compressors.base import CompressionMethod, GradientProjection, Layout
 from distinf.core.index_set import ParamShapes
 
 
-class NoneCompressor(GradientProjection):
+class NoneCompressor(GradientProjection, CompressionMethod):
+    name = "none"
+
     def __init__(self, param_shapes: ParamShapes):
         # Component j of a tensor is its flat entry j: the layout's table is the real index set.
         names = tuple(name for name, _ in param_shapes)
         shapes = tuple(tuple(shape) for _, shape in param_shapes)
         self.layout = Layout("none", names, shapes, tuple(math.prod(shape) for shape in shapes))
+
+    @classmethod
+    def build(cls, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified") -> "NoneCompressor":
+        return cls(param_shapes)  # k = p: no allocation, nothing drawn
 
     def project(self, name: str, grad: Tensor) -> Tensor:
         return grad

@@ -16,13 +16,22 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from distinf.core.compressors.base import GradientProjection, Layout
+from distinf.core.compressors.base import CompressionMethod, GradientProjection, Layout
 from distinf.core.compressors.none import available_bytes, human_bytes
+from distinf.core.index_set import ParamShapes
 
 RANK_TOLERANCE = 1e-10  # directions with variance below this fraction of the largest are dropped
 
 
-class PCACompressor(GradientProjection):
+class PCACompressor(GradientProjection, CompressionMethod):
+    name = "pca"
+    runs_in_job = False  # its fit pass reads every training gradient whole before the capture
+
+    @classmethod
+    def build(cls, param_shapes: ParamShapes, k: int, seed: int = 0, allocation: str = "stratified") -> "PCACompressor":
+        raise ValueError("compression.method: pca is fitted on the training gradients first; "
+                         "use distinf.attribute (pca.PCAFit), not build_compressor")
+
     def __init__(self, layout: Layout, components: dict[str, Tensor]):
         self.layout = layout
         self.components = components  # name -> V_l [k_l, p_l], orthonormal rows, float32
