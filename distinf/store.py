@@ -280,9 +280,9 @@ def _multipart_copy(source_key: str, target_key: str) -> None:
     """S3: CreateMultipartUpload, UploadPartCopy of each byte range of `source_key` (each only if
     the source still has the ETag read first), CompleteMultipartUpload; aborted on any failure, so
     that no half-copied object and no billed leftover parts remain. Keys are "bucket/key"."""
+    client = _s3_client()  # first: it names the missing boto3 (and botocore with it)
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = _s3_client()
     source_bucket, source_name = source_key.split("/", 1)
     bucket, name = target_key.split("/", 1)
     upload = None
