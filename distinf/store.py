@@ -248,7 +248,72 @@ def _commit(path: str | Path, write: Callable[[str], None], digest: bool = False
 
 
 _SERVER_COPY_LIMIT = 5 << 30
-"""S3's CopyObject (what pyarrow's `move` sends) copies objects of at most 5 GiB in one request."""
+"""S3's CopyObject (what pyarrow's `move` and `copy_file` send) copies objects of at most 5 GiB in
+one request."""
+_COPY_PART_BYTES = 512 << 20
+"""Bytes per part of a multipart copy (S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them)."""
+
+
+def server_copy(source: str | Path, target: str | Path) -> None:
+    """Copy the object `source` to `target` of the same store on the server; `target` appears
+    whole or not at all. On S3 an object over CopyObject's limit is copied in parts
+    (`_multipart_copy`)."""
+    filesystem, source_key = resolve(source)
+    _, target_key = resolve(target)
+    if isinstance(filesystem, pafs.S3FileSystem) and \
+            filesystem.get_file_info(source_key).size > _SERVER_COPY_LIMIT:
+        _multipart_copy(source_key, target_key)
+    else:
+        filesystem.copy_file(source_key, target_key)
+
+
+def _s3_client():
+    try:
+        import boto3
+    except ImportError:
+        raise OSError("copying an object of over 5 GiB on S3 needs boto3: pip install 'distinf[s3]'") from None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", region_name=region)  # honours AWS_ENDPOINT_URL(_S3), profiles, roles
+
+
+def _multipart_copy(source_key: str, target_key: str) -> None:
+    """S3: CreateMultipartUpload, UploadPartCopy of each byte range of `source_key` (each only if
+    the source still has the ETag read first), CompleteMultipartUpload; aborted on any failure, so
+    that no half-copied object and no billed leftover parts remain. Keys are "bucket/key"."""
+    client = _s3_client()  # first: it names the missing boto3 (and botocore with it)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    source_bucket, source_name = source_key.split("/", 1)
+    bucket, name = target_key.split("/", 1)
+    upload = None
+    try:
+        head = client.head_object(Bucket=source_bucket, Key=source_name)
+        size, etag = head["ContentLength"], head["ETag"]
+        part = max(_COPY_PART_BYTES, -(-size // 10_000))
+        upload = client.create_multipart_upload(Bucket=bucket, Key=name)["UploadId"]
+        parts = []
+        for number, start in enumerate(range(0, size, part), start=1):
+            copied = client.upload_part_copy(
+                Bucket=bucket, Key=name, UploadId=upload, PartNumber=number, CopySourceIfMatch=etag,
+                CopySource={"Bucket": source_bucket, "Key": source_name},
+                CopySourceRange=f"bytes={start}-{min(start + part, size) - 1}")
+            parts.append({"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]})
+        client.complete_multipart_upload(Bucket=bucket, Key=name, UploadId=upload, MultipartUpload={"Parts": parts})
+    except (BotoCoreError, ClientError) as error:  # an OSError, as pyarrow's own copy raises
+        _abort_quietly(client, bucket, name, upload)
+        raise OSError(f"s3://{source_key} -> s3://{target_key}: multipart copy failed: {error}") from error
+    except BaseException:
+        _abort_quietly(client, bucket, name, upload)
+        raise
+
+
+def _abort_quietly(client, bucket: str, name: str, upload: str | None) -> None:
+    if upload is None:
+        return
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=name, UploadId=upload)
+    except Exception:  # the store is unreachable: the copy's own error is the one to report
+        pass
 
 
 def _upload(filesystem: pafs.FileSystem, source: Path, key: str) -> None:

@@ -37,6 +37,6 @@ def injected_hang(where: str, attempt: int) -> None:
 
 def injected_step_delay(where: str) -> None:
     """Sleep DISTINF_TEST_STEP_DELAY seconds at each step of `where` named by DISTINF_TEST_SLOW_STEPS
-    ("reducer"): a long stage that keeps making progress."""
+    ("reducer", "scoring"): a long stage that keeps making progress."""
     if os.environ.get("DISTINF_TEST_SLOW_STEPS") == where:
         time.sleep(float(os.environ.get("DISTINF_TEST_STEP_DELAY", 0)))

@@ -12,6 +12,7 @@ import torch
 from distinf.core.curvature import Curvature, self_influence
 from distinf.core.numerics import require_finite
 from distinf.core.scoring import TopK, needs_self_influence, normalized, score_chunk, train_divisors
+from distinf.runtime.faults import injected_step_delay
 from distinf.runtime.versions import stamp
 from distinf.store import atomic_write_table, read_verified_table
 from distinf.tables import dense_table, gradients_of
@@ -39,6 +40,7 @@ def score_train_chunk(path: str, sha256: str, preconditioned: np.ndarray, curvat
                       query_divisors: np.ndarray | None = None) -> ChunkScores:
     """One chunk's top-K, score_mean, influence_mean, self-influence and dense part; scores divided as
     scoring.normalize says (`query_divisors` [m] from the queries, the chunk's own from its rows)."""
+    injected_step_delay("scoring")  # tests only: a scoring stage long enough to lose a node in
     table = read_verified_table(path, sha256)
     ids = table.column("example_id").to_pylist()
     grads = torch.from_numpy(gradients_of(table))

@@ -34,7 +34,8 @@ import pyarrow as pa
 from distinf.runtime.curvature_files import LAYOUT
 from distinf.runtime.layout import DENSE, INDEX_SET, MANIFEST, VERSIONS, version_dir
 from distinf.runtime.lease import check_held
-from distinf.store import atomic_write_json, file_sha256, is_file, list_files, remove, resolve, temporary_path, is_remote
+from distinf.store import (atomic_write_json, file_sha256, is_file, is_remote, list_files, remove,
+                           server_copy, temporary_path)
 
 
 def stamp(table: pa.Table, run_id: str, as_of: datetime) -> pa.Table:
@@ -126,9 +127,8 @@ def root_copies_lag(run_dir: Path, manifest: dict) -> bool:
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:
-    filesystem, source_key = resolve(source)
-    if filesystem is not None:  # a server-side copy: the object appears whole under its name
-        filesystem.copy_file(source_key, resolve(target)[1])
+    if is_remote(source):  # a server-side copy: the object appears whole under its name
+        server_copy(source, target)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
