@@ -7,7 +7,7 @@ nightly increment, not of a test. Each run reports the process's peak RSS (VmHWM
 after the imports, the seconds `plan_job` took, the tokens, and the pickled bytes of one rank's
 share at W = 2 (what the driver puts in the object store for it).
 
-    .venv/bin/python benchmarks/input_memory.py --trees /tmp/wt-before . --rows 200000 --files 40 --repeats 2
+    .venv/bin/python -m benchmarks.memory.input_memory --trees /tmp/wt-before . --rows 200000 --files 40 --repeats 2
 
 A tree is a distinf checkout; it is put first on PYTHONPATH so its `distinf` is the one imported.
 """
@@ -26,6 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from benchmarks._harness import ROOT
 
 PROBE = r"""
 import json, pickle, sys, time
@@ -70,7 +72,7 @@ def write_input(folder: Path, rows: int, files: int, model_dir: str, max_length:
 
 
 def probe(tree: Path, job: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{tree.resolve()}{os.pathsep}{Path(__file__).resolve().parents[1]}"}
+    env = {**os.environ, "PYTHONPATH": f"{tree.resolve()}{os.pathsep}{ROOT}"}
     # From inside the tree: `python -c` puts the working folder first on sys.path.
     out = subprocess.run([sys.executable, "-c", PROBE, str(job)], env=env, cwd=tree, capture_output=True, text=True,
                          check=True)

@@ -6,7 +6,7 @@ pre-hook and a backward pre-hook on every decoder layer, the embedding, the fina
 output layer reset VmHWM (/proc/self/clear_refs) and record the peak of the phase just ended and
 the RSS at its end. Rank 0 prints the ten highest phases and the RSS at each step's start.
 
-    .venv/bin/python benchmarks/layer_memory_probe.py .assets/scale/llama-1b   # after scale.py wrote it
+    .venv/bin/python -m benchmarks.memory.layer_memory_probe .assets/scale/llama-1b   # after scale.py wrote it
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
+from benchmarks import _harness  # noqa: F401  (the offline environment, before transformers loads)
 from distinf.runtime.process_memory import HOST_ALLOCATOR_ENV
 
 os.environ.update(HOST_ALLOCATOR_ENV)  # read by each spawned rank's allocator at its start

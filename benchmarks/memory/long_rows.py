@@ -7,7 +7,7 @@ the text to a character budget from its kept side first. Each (size, way) runs i
 process, whose peak RSS (ru_maxrss) is read when it exits; an empty row gives the baseline of
 the imports and the tokenizer.
 
-    HF_HUB_OFFLINE=1 python benchmarks/long_rows.py --sizes 1 8 32
+    HF_HUB_OFFLINE=1 python -m benchmarks.memory.long_rows --sizes 1 8 32
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def one(mib: float, way: str, max_length: int) -> dict:
 
 
 def measured(mib: float, way: str, max_length: int) -> dict:
-    child = subprocess.Popen([sys.executable, __file__, "--one", str(mib), way, "--max-length", str(max_length)],
+    child = subprocess.Popen([sys.executable, "-m", __spec__.name, "--one", str(mib), way, "--max-length", str(max_length)],
                              stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)

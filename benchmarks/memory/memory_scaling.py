@@ -26,7 +26,7 @@ Timing alternates floor and capture (and plain and floor) in pairs after a warm-
 compress_overhead.py does; the group's step time is the slowest rank's (ZeRO-3 ranks run in
 lockstep); medians of the pairs.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_scaling.py --out benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.memory.memory_scaling --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -40,20 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks._harness import machine  # noqa: E402  (the offline environment, before transformers loads)
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import machine  # noqa: E402
-from benchmarks.compress_overhead import make_batch  # noqa: E402
+from benchmarks.speed.compress_overhead import make_batch  # noqa: E402
 from distinf.assets import demo_corpus, smollm2_dir  # noqa: E402
 from distinf.runtime.workers import WORKER_ENV  # noqa: E402
 from distinf.runtime.worker import GradientWorker  # noqa: E402

@@ -6,7 +6,7 @@ before (dictionary for strings only, snappy), zstd alone, and distinf's writer n
 (`store.write_parquet`: zstd, BYTE_STREAM_SPLIT on float32/float64 columns). Each file is read back
 with pyarrow (`gradients_of`), DuckDB and, when importable, pandas, and compared with the chunk.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/parquet_encoding.py --out benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.memory.parquet_encoding --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
@@ -29,8 +26,6 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distinf  # noqa: E402
 from distinf.assets import mixed_source_corpus, smollm2_dir  # noqa: E402
@@ -121,7 +116,7 @@ def main() -> None:
         f", pandas {pandas.__version__}" if pandas else "")
     section = f"""## Parquet encoding of gradient chunks: zstd and BYTE_STREAM_SPLIT (issue 18 §4)
 
-**Command.** `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/parquet_encoding.py --out benchmarks/RESULTS.md`
+**Command.** `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.memory.parquet_encoding --out benchmarks/RESULTS.md`
 ({minutes:.1f} min; {versions}; nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end).
 
 **Setup.** One chunk of {len(ids)} real rows: SmolLM2-135M-Instruct (float32) gradients of the packaged corpus

@@ -20,12 +20,12 @@ reuses worker processes across tasks, so when a process's title changes (`ray::c
 kernel's peak is reset (`/proc/PID/clear_refs` = 5); the first half second of the new title is then
 booked to it via its sampled RSS. Rows are per title (the role), the maximum over its processes.
 
-    .venv/bin/python benchmarks/reducer_memory.py --label after --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.memory.reducer_memory --label after --out benchmarks/RESULTS.md
 
 The same script on the code before the change (commit b8c0f65), from a worktree of it:
 
-    git worktree add /tmp/before b8c0f65 && cp benchmarks/reducer_memory.py /tmp/before/benchmarks/
-    cd /tmp/before && PYTHONPATH=$PWD /work/main/.venv/bin/python benchmarks/reducer_memory.py --label before
+    git worktree add /tmp/before b8c0f65 && mkdir -p /tmp/before/benchmarks/memory && cp benchmarks/_harness.py /tmp/before/benchmarks/ && cp benchmarks/memory/reducer_memory.py /tmp/before/benchmarks/memory/
+    cd /tmp/before && PYTHONPATH=$PWD /work/main/.venv/bin/python -m benchmarks.memory.reducer_memory --label before
 
 The default layout: vocab 49,152, hidden 2,048, intermediate 5,632, 22 layers, 32 heads of which 4
 key/value (1.17B parameters, embedding and lm_head untied), k = 65,536: 201 blocks, the two largest
@@ -38,22 +38,18 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distinf.config import HessianConfig, ScoringConfig  # noqa: E402
 from distinf.core.curvature import block_slices  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402

@@ -11,18 +11,18 @@ end of setup), and seconds per example of the gradient pass; and, from /proc sam
 second, the peak RSS of every other Ray process of the job (the reducer, the Gram and scoring
 tasks). The target of issue 15: a worker's peak under half the model's bytes + 1.5 GiB at W = 2.
 
-    .venv/bin/python benchmarks/scale.py --model llama-1b --workers 2 1 --out benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/scale.py --model llama-3b --workers 2 --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.memory.scale --model llama-1b --workers 2 1 --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.memory.scale --model llama-3b --workers 2 --out benchmarks/RESULTS.md
 
 `--device cuda` runs the same job with `runtime.device: cuda` (one GPU per worker, NCCL) on a
 bfloat16 checkpoint, and adds each rank's peak GPU allocation. For a machine without the packages
 the texts come from, or without SmolLM2's folder (the GPU machine), `--export-inputs DIR` writes
 the tokenizer files and the sampled texts under DIR/scale/ here, and `--assets DIR` there reads
-them (benchmarks/gpu_job.sh copies .gpu_assets/scale into a work folder first, so the carried
+them (benchmarks/speed/gpu_job.sh copies .gpu_assets/scale into a work folder first, so the carried
 folder holds only the inputs):
 
-    .venv/bin/python benchmarks/scale.py --export-inputs .gpu_assets --train-per-source 64
-    python3 benchmarks/scale.py --assets WORK --device cuda --model llama-1b --workers 1 --train-per-source 64
+    .venv/bin/python -m benchmarks.memory.scale --export-inputs .gpu_assets --train-per-source 64
+    python3 -m benchmarks.memory.scale --assets WORK --device cuda --model llama-1b --workers 1 --train-per-source 64
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pyarrow as pa  # noqa: E402
@@ -50,8 +48,6 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distinf.assets import assets_root, mixed_source_corpus, smollm2_dir  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
@@ -285,7 +281,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     gpu = args.device == "cuda"
     versions = rows[0].get("versions") or {} if rows else {}
     lines = [
-        f"Command: `{os.path.basename(sys.executable)} benchmarks/scale.py {' '.join(sys.argv[1:])}` "
+        f"Command: `{os.path.basename(sys.executable)} -m benchmarks.memory.scale {' '.join(sys.argv[1:])}` "
         f"(torch {torch.__version__}, " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch")
         + f", nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end"
         + (f", {torch.cuda.get_device_name(0)}" if gpu and torch.cuda.is_available() else "") + ").",

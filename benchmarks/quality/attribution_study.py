@@ -6,7 +6,7 @@ Three settings, each scored by what a reader of the answers would check:
   - cross-source: a larger, disjoint-seeded sample of the same six sources (--cross-train per
     source, --cross-queries per source), the same measures;
   - mislabeled: all-MiniLM-L6-v2 + LoRA fine-tuned on Rotten Tomatoes with 20% flipped labels
-    (benchmarks/mislabeled.py's recipe), AUC of finding the flipped labels by harm (−score_mean).
+    (benchmarks/quality/mislabeled.py's recipe), AUC of finding the flipped labels by harm (−score_mean).
 
 One gradient capture per (setting, capture variant) with `distinf.attribute`; every scoring
 choice is then applied to the same captured gradients, so each row differs from the default only
@@ -26,7 +26,7 @@ random subset: the same law as a smaller draw).
 The solve here is a dense one per tensor block written in this file; the auto-damped `none` row is
 checked against `distinf.attribute`'s own scores before anything is reported.
 
-    nice -n 5 .venv/bin/python benchmarks/attribution_study.py --out benchmarks/RESULTS.md
+    nice -n 5 .venv/bin/python -m benchmarks.quality.attribution_study --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import distinf  # noqa: E402
 from distinf.assets import demo_corpus, mixed_source_corpus, smollm2_dir  # noqa: E402
@@ -124,7 +122,7 @@ def cross_source_setting(k: int, n_train: int, n_queries: int, seed: int) -> Set
 
 
 def mislabeled_setting(k: int, seed: int, folder: Path) -> Setting:
-    from benchmarks import mislabeled
+    from benchmarks.quality import mislabeled
 
     prepared = mislabeled.prepare(seed, 8, 1000, 200, 3, 1e-3, folder / f"mislabeled-{seed}")
     return Setting(
@@ -253,7 +251,7 @@ def k_curve(setting: Setting, index_seeds: list[int]) -> list[str]:
 
 def measures(setting: Setting, scores: np.ndarray) -> dict[str, float]:
     if setting.flipped is not None:
-        from benchmarks.mislabeled import auc
+        from benchmarks.quality.mislabeled import auc
 
         return {"AUC": auc(setting.flipped, -scores.mean(0))}
     order = np.argsort(-scores, axis=1, kind="stable")
@@ -325,7 +323,7 @@ def main() -> int:
     started = time.perf_counter()
     if args.k_curve:
         lines = ["## Same-source rates against k (issue 19 §3)", "",
-                 f"Command: `nice -n 10 .venv/bin/python benchmarks/attribution_study.py --k-curve "
+                 f"Command: `nice -n 10 .venv/bin/python -m benchmarks.quality.attribution_study --k-curve "
                  f"{' '.join(map(str, args.k_curve))} --k {args.k} --cross-train {args.cross_train} "
                  f"--cross-queries {args.cross_queries} --seeds {' '.join(map(str, args.seeds))}`.", ""]
         for seed in args.seeds:
@@ -334,7 +332,7 @@ def main() -> int:
         publish("\n".join(lines), args.out)
         return 0
     lines = ["## What makes a ranking right: scoring, loss, modules, k and damping (issue 19, part 1)", "",
-             f"Command: `nice -n 5 .venv/bin/python benchmarks/attribution_study.py --settings {' '.join(args.settings)} "
+             f"Command: `nice -n 5 .venv/bin/python -m benchmarks.quality.attribution_study --settings {' '.join(args.settings)} "
              f"--k {args.k} --cross-train {args.cross_train} --cross-queries {args.cross_queries} "
              f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads}`.", ""]
     with tempfile.TemporaryDirectory(prefix="study-") as tmp:

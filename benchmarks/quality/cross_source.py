@@ -17,7 +17,7 @@ Other methods are scored on the same model and data:
     dropout:kfac dropout:kfac_mix=0.25: compression[:hessian[=mix]], hessian.mix after kfac_mix);
   - the same job on the base model, not fine-tuned (--base).
 
-    nice -n 5 .venv/bin/python benchmarks/cross_source.py --seeds 0 1 --base --out benchmarks/RESULTS.md
+    nice -n 5 .venv/bin/python -m benchmarks.quality.cross_source --seeds 0 1 --base --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks._harness import ROOT  # noqa: E402  (the offline environment, before transformers loads)
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -44,10 +43,6 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
 
 import distinf  # noqa: E402
 from distinf.assets import SOURCES, mixed_source_corpus, smollm2_dir  # noqa: E402
@@ -353,7 +348,7 @@ def report(args, results: list[dict], minutes: float) -> str:
     phase_minutes = sum(value for r in results for value in r["seconds"].values()) / 60  # phases reused via --work too
     names = list(results[0]["measures"])
     seeds = " ".join(map(str, args.seeds))
-    command = (f".venv/bin/python benchmarks/cross_source.py --seeds {seeds} --n-train {args.n_train} "
+    command = (f".venv/bin/python -m benchmarks.quality.cross_source --seeds {seeds} --n-train {args.n_train} "
                f"--n-query {args.n_query} --max-length {args.max_length} --epochs {args.epochs} --lr {args.lr} "
                f"--batch-size {args.batch_size} --k {args.k}"
                + (f" --attribute-methods {' '.join(args.attribute_methods)}" if args.attribute_methods else "")

@@ -8,26 +8,20 @@ reducer and the scoring tasks compute them. Reported: how the float16 cast treat
 (overflow, subnormal, flushed to zero), and the scores' relative error, per-query Spearman
 correlation and top-k overlap against float32.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/float16_storage.py --out benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.quality.float16_storage --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distinf  # noqa: E402
 from distinf.assets import mixed_source_corpus, smollm2_dir  # noqa: E402
@@ -130,7 +124,7 @@ def main() -> None:
 **Question.** `output.gradient_dtype: float16` halves the gradient files (the nightly template uses it).
 How far are its scores from float32 storage of the same gradients?
 
-**Command.** `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/float16_storage.py --out benchmarks/RESULTS.md`
+**Command.** `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.quality.float16_storage --out benchmarks/RESULTS.md`
 ({minutes:.1f} min; torch {torch.__version__}, nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end).
 
 **Setup.** SmolLM2-135M-Instruct (float32), {n} training and {m} query texts of the packaged six-source

@@ -29,7 +29,7 @@ each run with `distinf.attribute` at `--ks` and `--index-seeds` (compression.see
 scores come in as a [test, train] .npy file (`--peer NAME=FILE`), written by
 benchmarks/peers/lds_peer.py from the files `--export DIR` leaves.
 
-    .venv/bin/python benchmarks/lds.py --setting image --subsets 50 --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.quality.lds --setting image --subsets 50 --out benchmarks/RESULTS.md
 
 The retrained models' test losses are cached in --work (keyed by everything that determines
 them), so more methods, k or peers can be added to a run without retraining.
@@ -55,14 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import distinf  # noqa: E402
-from benchmarks.lds_models import Recipe, build, test_losses, train  # noqa: E402
+from benchmarks.quality.lds_models import Recipe, build, test_losses, train  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
-from benchmarks.retraining_image import FASHION_MNIST, fashion_mnist  # noqa: E402
+from benchmarks.quality.retraining_image import FASHION_MNIST, fashion_mnist  # noqa: E402
 
 TEST_SEED = 12345  # the test examples are one fixed draw, whatever --seed
 REVIEW_LABELS = {"rotten": 0, "fresh": 1}
@@ -382,7 +380,7 @@ def run(args) -> str:
         np.savez(args.per_query, **per_query)
 
     argv = args.argv
-    command = "nice -n 5 .venv/bin/python benchmarks/lds.py " + shlex.join(argv)
+    command = "nice -n 5 .venv/bin/python -m benchmarks.quality.lds " + shlex.join(argv)
     r = setting.recipe
     header = [
         f"### LDS, {setting.name} setting (M = {args.subsets} subsets of {args.fraction:.0%}, seed {args.seed})", "",

@@ -1,7 +1,7 @@
 """LDS of distinf against its peers under one tuning protocol (issue 32): every method tuned on a
 validation half of the test examples, reported on the other half, paired.
 
-The test examples of a setting (benchmarks/lds.py) are split once, by a fixed seed, into a
+The test examples of a setting (benchmarks/quality/lds.py) are split once, by a fixed seed, into a
 validation half and a report half. Each method family has a grid of settings; the setting with the
 highest mean LDS on the validation half is the family's choice, and only the report half's LDS of
 that choice is reported, so no reported number picked itself. The grids:
@@ -20,14 +20,14 @@ The peers' scores are files in `--peer-dir` (`{seed}` in it is the training seed
 Every row's LDS is Spearman over the same M retrained subsets, with `scoring.normalize: none`
 (the raw influence, the `influence` column of distinf's outputs). "paired" is, per report-half test
 example, the row's LDS minus the tuned gauss_newton row's, mean ± std/√n. With several `--seeds`
-(training seed: training subset, initial weights, data order and subsets, benchmarks/lds.py
+(training seed: training subset, initial weights, data order and subsets, benchmarks/quality/lds.py
 --seed) each seed gets its own table, and a last table averages the paired differences over seeds
 (s.e. √(Σ s.e.²)/seeds).
 
 distinf's damping multiple is set through distinf.core.curvature.AUTO_DAMPING_SCALE, the constant
 `damping: auto` reads (0.1), for the call only.
 
-    nice -n 5 .venv/bin/python benchmarks/lds_fair.py --setting mlp --seeds 0 1 --peer-dir /tmp/fair/s{seed}
+    nice -n 5 .venv/bin/python -m benchmarks.quality.lds_fair --setting mlp --seeds 0 1 --peer-dir /tmp/fair/s{seed}
 """
 
 from __future__ import annotations
@@ -44,14 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:
-    sys.path.insert(0, str(ROOT))
+from benchmarks._harness import ROOT  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import distinf.core.curvature as curvature  # noqa: E402
-from benchmarks.lds import attribution, lds_per_query, prepare  # noqa: E402
+from benchmarks.quality.lds import attribution, lds_per_query, prepare  # noqa: E402
 from benchmarks.record import publish  # noqa: E402
-from benchmarks.retraining_image import FASHION_MNIST  # noqa: E402
+from benchmarks.quality.retraining_image import FASHION_MNIST  # noqa: E402
 
 SPLIT_SEED = 2026  # the validation / report split of the test examples, the same for every method and seed
 BASELINE = "distinf gauss_newton"
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' / '.join(f'{m:+.3f}' for m, _ in stats)} |")
         sections.append(f"#### {args.setting}, over training seeds {', '.join(map(str, args.seeds))}\n\n" + "\n".join(lines))
     header = (f"### Fair LDS, {args.setting} setting (M = {args.subsets} subsets of {args.fraction:.0%})\n\n"
-              f"Command: `nice -n 5 .venv/bin/python benchmarks/lds_fair.py {shlex.join(argv)}` "
+              f"Command: `nice -n 5 .venv/bin/python -m benchmarks.quality.lds_fair {shlex.join(argv)}` "
               f"({(time.perf_counter() - started) / 60:.1f} min, torch threads {torch.get_num_threads()}).\n")
     publish(header + "\n" + "\n\n".join(sections) + "\n", args.out)
     return 0

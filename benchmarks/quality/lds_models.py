@@ -1,4 +1,4 @@
-"""The models and the training recipe of benchmarks/lds.py, in plain torch (no distinf).
+"""The models and the training recipe of benchmarks/quality/lds.py, in plain torch (no distinf).
 
 The peer script (benchmarks/peers/lds_peer.py) runs in .venv-peers, which has no distinf, and
 rebuilds the attributed model from these classes and an exported state dict; lds.py trains the

@@ -1,11 +1,11 @@
-"""Paired differences of LDS rows, from the per-test-example files `benchmarks/lds.py --per-query` saves.
+"""Paired differences of LDS rows, from the per-test-example files `benchmarks/quality/lds.py --per-query` saves.
 
 For a method A against a baseline B at each k: per test example q, d(q) = LDS_A(q) − LDS_B(q) under the
 same index seed, averaged over the index seeds both have; reported as mean d ± its standard error
 (std of d over test examples / √n), next to the unpaired error of the baseline row (std over test
 examples of LDS_B, averaged over the same seeds, / √n), the yardstick the LDS tables use. Rows are the .npz keys 'SPEC|k=K|seed=S' (peers: 'peer:NAME').
 
-    .venv/bin/python benchmarks/lds_paired.py /tmp/rows-image.npz --baseline dropout:gauss_newton \
+    .venv/bin/python -m benchmarks.quality.lds_paired /tmp/rows-image.npz --baseline dropout:gauss_newton \
         --methods dropout:kfac dropout:kfac_mix
 """
 

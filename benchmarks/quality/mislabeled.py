@@ -14,7 +14,7 @@ kfac_mix, whose Kronecker factors are summed during the gradient pass) run `dist
 the same fine-tuned model, with `scoring.normalize` from `--normalize` (none, cosine or both);
 `--no-job` leaves the job out when only those rows are wanted.
 
-    .venv/bin/python benchmarks/mislabeled.py --seeds 0 1 2 3 4 --ranks 2 8 --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.quality.mislabeled --seeds 0 1 2 3 4 --ranks 2 8 --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
+from benchmarks._harness import ROOT  # noqa: E402  (the offline environment, before transformers loads)
 
 import distinf  # noqa: E402
 from distinf.cli import main as distinf_main  # noqa: E402
@@ -322,7 +320,7 @@ def main() -> int:
     minutes = (time.perf_counter() - started) / 60
     lines = [
         "## Mislabeled-data detection (issue 5, paper §4.1)", "",
-        f"Command: `.venv/bin/python benchmarks/mislabeled.py --seeds {' '.join(map(str, args.seeds))} "
+        f"Command: `.venv/bin/python -m benchmarks.quality.mislabeled --seeds {' '.join(map(str, args.seeds))} "
         f"--ranks {' '.join(map(str, args.ranks))} --n-train {args.n_train} --n-val {args.n_val} "
         f"--epochs {args.epochs} --lr {args.lr:g} --k {args.k} --compressions {' '.join(args.compressions)} --hessians {' '.join(args.hessians)}"
         + (f" --curvatures {' '.join(map(repr, args.curvatures))} --normalize {' '.join(args.normalize)}"

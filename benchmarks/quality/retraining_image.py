@@ -8,7 +8,7 @@ removed, the model is retrained from the same initialisation with the same seed 
 the change in test loss and accuracy is compared with removing x% chosen at random. One more
 retraining of the full set with another data order measures the retraining noise.
 
-    .venv/bin/python benchmarks/retraining_image.py --seeds 0 1 2 --out /tmp/image.md
+    .venv/bin/python -m benchmarks.quality.retraining_image --seeds 0 1 2 --out /tmp/image.md
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import distinf  # noqa: E402
-from benchmarks.lds_models import FashionCNN as SmallCNN  # noqa: E402  (one CNN for both benchmarks)
+from benchmarks.quality.lds_models import FashionCNN as SmallCNN  # noqa: E402  (one CNN for both benchmarks)
 from benchmarks.record import publish  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} " + " ".join(f"{k}={v:+.4f}" for k, v in row.items()) for name, row in result.items()), flush=True)
     minutes = (time.perf_counter() - started) / 60
     seconds = {m: statistics.mean(r[f"{m}: attribution seconds"]["seconds"] for r in results) for m in args.methods}
-    command = " ".join(["benchmarks/retraining_image.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["-m benchmarks.quality.retraining_image"] + (argv if argv is not None else sys.argv[1:]))
     lines = [
         "### Image: small CNN on Fashion-MNIST", "",
         f"Command: `.venv/bin/python {command}` ({minutes:.1f} min; seeds {', '.join(map(str, args.seeds))}).", "",

@@ -21,7 +21,7 @@ pool, by where the full fine-tune stops improving (validation perplexity 53.16 a
 47.53 / 45.63 / 46.64 after 0.5 / 1 / 1.5 epochs), never by the gap between top and random.
 The session-3 schedule (`--steps 30` on 256 + 64 sequences, 0.47 epochs) is kept as an option.
 
-    .venv/bin/python benchmarks/retraining_language.py --n-train 1000 --n-test 512 --epochs 1 --seeds 0 1 2 --out FILE
+    .venv/bin/python -m benchmarks.quality.retraining_language --n-train 1000 --n-test 512 --epochs 1 --seeds 0 1 2 --out FILE
 
 With --results DIR each seed's numbers are saved there, so seeds can run as separate processes
 (`--seeds 0`, `--seeds 1`, ...) and a last call with all seeds only tabulates them.
@@ -48,13 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import distinf  # noqa: E402
 from distinf.assets import smollm2_dir, source_texts  # noqa: E402
-from benchmarks.retraining_image import kept, removal_sets  # noqa: E402  (the same top / random choice as the image half)
+from benchmarks.quality.retraining_image import kept, removal_sets  # noqa: E402  (the same top / random choice as the image half)
 from benchmarks.record import publish  # noqa: E402
 
 POOL_SEED = 0  # fixes which news articles form the pool; each seed splits the pool differently
@@ -372,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{steps_for(args.n_train, args)} steps)" if args.epochs else
                 f"{args.steps} steps whatever the size of the set it is trained on (the full set: "
                 f"{args.steps * args.batch_size / args.n_train:.2g} epochs)")
-    command = " ".join(["benchmarks/retraining_language.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["-m benchmarks.quality.retraining_language"] + (argv if argv is not None else sys.argv[1:]))
     lines = [
         "### Language: SmolLM2-135M fine-tuned on news, retrained on "
         + ("the top x% only" if args.protocol == "keep" else "all but the top x%"), "",

@@ -7,7 +7,7 @@ one process; each row also gives the largest relative difference of an example's
 from the float32 eager capture (tests/test_long_documents.py proves eager and sdpa exact against
 torch.func on tiny models; this shows it at 135M).
 
-    .venv/bin/python benchmarks/attention.py --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.attention --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     tokens = int(batch["attention_mask"].sum())
     padded = batch["attention_mask"].numel()
     lines = ["## Attention implementation and dtype of the capture on the CPU (issue 31)", "",
-             f"Command: `.venv/bin/python benchmarks/attention.py --batch {args.batch} --max-length {args.max_length} "
+             f"Command: `.venv/bin/python -m benchmarks.speed.attention --batch {args.batch} --max-length {args.max_length} "
              f"--k {args.k} --pairs {args.pairs} --bf16-pairs {args.bf16_pairs} --threads {args.threads}` ({(time.perf_counter() - started) / 60:.1f} "
              f"min, torch {torch.__version__}, {args.threads} thread(s), nproc {os.cpu_count()}, load average "
              f"{os.getloadavg()[0]:.1f} at the end). SmolLM2-135M, {args.batch} demo texts padded to "

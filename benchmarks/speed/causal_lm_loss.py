@@ -6,7 +6,7 @@ differentiates. Until session 3 it called F.cross_entropy on logits transposed t
 backward on SmolLM2-sized logits (49,152-way), alternating call by call in one process, and checks
 that both give the same per-example losses and gradients.
 
-    .venv/bin/python benchmarks/causal_lm_loss.py --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.causal_lm_loss --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 from benchmarks.record import publish, run_line  # noqa: E402
 

@@ -17,7 +17,7 @@ itself gives the calibration ratio (ideally ~1.0).
 Memory: each configuration also runs alone in a fresh subprocess (model load, batch, 3
 iterations); it reports the peak RSS and the increase over the RSS right after load + batch.
 
-    .venv/bin/python benchmarks/compress_overhead.py --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.compress_overhead --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/compress_overhead.py`: the checkout's root, for benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
     Clock, Runner, alternate, load_causal_lm, machine, packed_batch, reset_peak_rss, status_kib,
@@ -173,7 +171,7 @@ def child_memory(args: argparse.Namespace) -> None:
 
 
 def memory_of(config: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", config, "--batch", str(args.batch), "--tokens",
+    cmd = [sys.executable, "-m", __spec__.name, "--child", config, "--batch", str(args.batch), "--tokens",
            str(args.tokens), "--threads", str(args.threads), "--naive-k", str(args.naive_k)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:

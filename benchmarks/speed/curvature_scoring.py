@@ -16,7 +16,7 @@
 3. Bytes per training example. The demo job (SmolLM2-135M, 2 workers, ZeRO-3) at k run for real
    with `output.gradient_dtype` float32 and float16: the train gradient files' bytes / rows.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/curvature_scoring.py --out benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.speed.curvature_scoring --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -25,23 +25,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks._harness import machine  # noqa: E402  (the offline environment, before transformers loads)
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import machine  # noqa: E402
 from distinf.assets import smollm2_dir  # noqa: E402
 from distinf.core.curvature import GramSums, block_slices, factorize, precondition  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402

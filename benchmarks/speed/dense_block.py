@@ -8,7 +8,7 @@ both paths on the layer shapes where the choice matters, alternating them call b
 process, and the whole capture of the retraining benchmark's Fashion-MNIST CNN with the rule as
 shipped against the gather path alone.
 
-    .venv/bin/python benchmarks/dense_block.py --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.dense_block --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if not __package__:  # run as a script: the checkout's root, for distinf and benchmarks.*
-    sys.path.insert(0, str(ROOT))
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 from distinf.core.adapters import base  # noqa: E402
 from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.compressors import build_compressor  # noqa: E402
 from distinf.core.tracking import track_modules  # noqa: E402
 from benchmarks.record import publish, run_line  # noqa: E402
-from benchmarks.retraining_image import SmallCNN, per_example_losses  # noqa: E402
+from benchmarks.quality.retraining_image import SmallCNN, per_example_losses  # noqa: E402
 
 # (label, N, T, out, in, kept fraction of the layer's entries)
 SHAPES = [

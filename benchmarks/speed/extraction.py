@@ -24,9 +24,9 @@ floor on copy B is the calibration (ideally 1.00).
 
 Throughput: examples/s = N / median wall seconds per batch, tokens/s = N·T / the same.
 
-    nice -n 5 .venv/bin/python benchmarks/extraction.py --model smollm2 --out benchmarks/RESULTS.md
-    nice -n 5 .venv/bin/python benchmarks/extraction.py --model neox400m --batch 4 --out benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/extraction.py --quick      # a tiny NeoX, seconds, for development
+    nice -n 5 .venv/bin/python -m benchmarks.speed.extraction --model smollm2 --out benchmarks/RESULTS.md
+    nice -n 5 .venv/bin/python -m benchmarks.speed.extraction --model neox400m --batch 4 --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.extraction --quick      # a tiny NeoX, seconds, for development
 """
 
 from __future__ import annotations
@@ -41,13 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/extraction.py`: the checkout's root, for benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
     Clock, Runner, machine, reset_peak_rss, status_kib,
 )
-from benchmarks.compress_overhead import load_model as load_smollm2, make_batch, set_requires_grad  # noqa: E402
+from benchmarks.speed.compress_overhead import load_model as load_smollm2, make_batch, set_requires_grad  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -301,7 +299,7 @@ def main() -> None:
         "",
         f"### {model_line}",
         "",
-        f"Command: `nice -n 5 .venv/bin/python benchmarks/extraction.py {' '.join(sys.argv[1:])}`",
+        f"Command: `nice -n 5 .venv/bin/python -m benchmarks.speed.extraction {' '.join(sys.argv[1:])}`",
         f"Machine: nproc={info['nproc']}, CPU {info['cpu']} ({info['capability']}), torch {info['torch']} with "
         f"{info['threads']} threads, Python {info['python']}. Batch {n} × {t} tokens of real text; "
         f"{args.warmup} warm-up run(s) of the floor, the calibration and dropout, none of fjlt and gaussian; "

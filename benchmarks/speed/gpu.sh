@@ -4,19 +4,19 @@
 # Ray actor runs, here without Ray) on a random-initialised Pythia-1.4B-sized model written as a
 # bf16 safetensors checkpoint: ZeRO-3 on one rank over NCCL, partitions streamed from the
 # checkpoint, tokens/s of distinf capture against the frozen forward + backward floor, setup time,
-# peak GPU memory. See benchmarks/gpu_extraction.py for the method.
+# peak GPU memory. See benchmarks/speed/gpu_extraction.py for the method.
 #
 # The GPU machine has python 3.12, torch, transformers, pyarrow but no deepspeed
 # and no package registry, so DeepSpeed travels as wheels in .whl/ (ignored by git):
-#   benchmarks/gpu.sh --prepare    on this (CPU) machine: puts deepspeed and the pure-Python
+#   benchmarks/speed/gpu.sh --prepare    on this (CPU) machine: puts deepspeed and the pure-Python
 #                                  packages it needs into .whl/, from this virtualenv; says which
 #                                  compiled wheel (pydantic-core for CPython 3.12) is still missing
-#   benchmarks/gpu.sh              on the GPU machine (device tool: carry [".whl"]); results in
+#   benchmarks/speed/gpu.sh              on the GPU machine (device tool: carry [".whl"]); results in
 #                                  $OUT (the device tool's folder) or runs/gpu/
 # Without a usable deepspeed it measures the same thing on a plain model and the table says so.
-# A check on any machine: DISTINF_GPU_SIZE=tiny DISTINF_GPU_DEVICE=cpu benchmarks/gpu.sh
+# A check on any machine: DISTINF_GPU_SIZE=tiny DISTINF_GPU_DEVICE=cpu benchmarks/speed/gpu.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 WHEELS=${DISTINF_GPU_WHEELS:-.whl}
 PY=${PYTHON:-python3}
 
@@ -79,11 +79,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # 6 min for the ZeRO-3 run; if it fails, what is left for a plain-model run, so the whole stays under 8.
 set +e
-timeout 360 "$PY" benchmarks/gpu_extraction.py --out "$OUTDIR" "$@" 2>&1 | tee "$OUTDIR/log.txt"
+timeout 360 "$PY" -m benchmarks.speed.gpu_extraction --out "$OUTDIR" "$@" 2>&1 | tee "$OUTDIR/log.txt"
 status=${PIPESTATUS[0]}
 if [[ $status -ne 0 ]]; then
     echo "the ZeRO-3 run failed (exit $status); measuring without ZeRO-3" | tee -a "$OUTDIR/log.txt"
-    timeout 100 "$PY" benchmarks/gpu_extraction.py --zero3 off --pairs 4 --warmup 2 --out "$OUTDIR" "$@" 2>&1 \
+    timeout 100 "$PY" -m benchmarks.speed.gpu_extraction --zero3 off --pairs 4 --warmup 2 --out "$OUTDIR" "$@" 2>&1 \
         | tee -a "$OUTDIR/log.txt"
     status=${PIPESTATUS[0]}
 fi

@@ -18,8 +18,8 @@ embedding output made to require grad, on a batch already on the device) after w
 tokens/s are medians, the ratio is the median of per-pair ratios. Peak GPU memory is
 `torch.cuda.max_memory_allocated` over one step of each, after a reset.
 
-    python benchmarks/gpu_extraction.py --out DIR            # on the GPU machine (benchmarks/gpu.sh)
-    python benchmarks/gpu_extraction.py --size tiny --device cpu
+    python -m benchmarks.speed.gpu_extraction --out DIR            # on the GPU machine (benchmarks/speed/gpu.sh)
+    python -m benchmarks.speed.gpu_extraction --size tiny --device cpu
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ import time
 import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks._harness import ROOT as REPO  # noqa: E402  (the offline environment, before transformers loads)
 
 
 def import_distinf_core() -> None:
     """Make `distinf.core` importable. distinf/__init__ pulls the job config (pydantic), which the
     GPU machine may lack; the core needs only torch, transformers and pyarrow, so fall back to a
     bare package object that skips __init__."""
-    sys.path.insert(0, str(REPO))
     try:
         import distinf  # noqa: F401
     except ImportError as error:
@@ -114,7 +113,7 @@ def worker_shard(config, args: argparse.Namespace, device: torch.device, k: int)
     """One rank set up by the worker's own code on a checkpoint written to a temporary folder."""
     import tempfile
 
-    from benchmarks.scale import write_random_checkpoint
+    from benchmarks.memory.scale import write_random_checkpoint
 
     from distinf.config import JobConfig
     from distinf.runtime.shard import GradientShard

@@ -7,7 +7,7 @@ Memory: each configuration alone in a fresh subprocess, peak RSS (VmHWM after a 
 Curvature: seconds to turn the sums into Cholesky factors, gauss_newton against kfac.
 Calibration: per tensor, tr(K_S) / tr(Gram_S) and ‖K_S − Gram_S‖_F / ‖Gram_S‖_F on the same batch.
 
-    flock /tmp/distinf-heavy.lock .venv/bin/python benchmarks/kfac_cost.py --k 8192
+    flock /tmp/distinf-heavy.lock .venv/bin/python -m benchmarks.speed.kfac_cost --k 8192
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/kfac_cost.py`: the checkout's root, for benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
     Clock, alternate, machine, reset_peak_rss, status_kib,
@@ -30,7 +27,7 @@ from benchmarks._harness import (  # noqa: E402  (sets the offline environment b
 
 import torch  # noqa: E402
 
-from benchmarks import compress_overhead as co  # noqa: E402
+from benchmarks.speed import compress_overhead as co  # noqa: E402
 from distinf.core.capture import GradientCapture  # noqa: E402
 from distinf.core.curvature import GramSums, block_slices, factorize_  # noqa: E402
 from distinf.core.index_set import draw_index_set  # noqa: E402
@@ -99,7 +96,7 @@ def main() -> None:
 
     memory = {}
     for config in ("floor", "capture", "kfac"):
-        cmd = [sys.executable, __file__, "--child", config, "--k", str(args.k), "--batch", str(args.batch),
+        cmd = [sys.executable, "-m", __spec__.name, "--child", config, "--k", str(args.k), "--batch", str(args.batch),
                "--tokens", str(args.tokens), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         memory[config] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -29,7 +29,7 @@ Solve (hessian.method), at the same k on n training and m query gradients laid o
 dropout index set lays them out (random values: the cost depends on the shapes alone): fit +
 preconditioning of the m queries, blocks layer and full, methods alternated per round, median.
 
-    .venv/bin/python benchmarks/methods.py --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.methods --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/methods.py`: the checkout's root, for benchmarks.*
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
     Clock, load_causal_lm, machine, reset_peak_rss, status_kib, token_stream,
@@ -195,7 +193,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def memory_of(method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--k", str(args.k), "--batch", str(args.batch),
+    cmd = [sys.executable, "-m", __spec__.name, "--child", method, "--k", str(args.k), "--batch", str(args.batch),
            "--tokens", str(args.tokens), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -222,7 +220,7 @@ def report(args: argparse.Namespace, comp: dict, subsets: dict, mem: dict, solve
     ratio = {m: statistics.median([s / f for s, f in zip(times[m], paired[m])]) for m in ("floor", *CAPTURED)}
     to_drop = {m: statistics.median([s / d for s, d in zip(times[m], times["dropout"])]) for m in ("floor", *CAPTURED)}
     lines = [
-        f"Command: `.venv/bin/python benchmarks/methods.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
+        f"Command: `.venv/bin/python -m benchmarks.speed.methods{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
         f"Machine: {machine_line(args.threads)}. SmolLM2-135M-Instruct (float32), {comp['p']:,} tracked parameters; "
         f"one batch of {args.batch} x {args.tokens} tokens of real text (demo corpus); k = {args.k}; "
         f"{args.rounds} timed rounds after {args.warmup} warm-up round(s). Total wall time {minutes:.1f} min.",

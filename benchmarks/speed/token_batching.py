@@ -14,8 +14,8 @@ consecutive layout. Each worker reports where its pass went (manifest `workers[]
 seconds in steps, and seconds the compute waited on chunk commits (`runtime.commit_queue` 0: each
 commit inline, as before; 1: on the writer thread).
 
-    .venv/bin/python benchmarks/token_batching.py --out benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/token_batching.py --model tiny --train-per-source 8 --workers 2   # a check
+    .venv/bin/python -m benchmarks.speed.token_batching --out benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.speed.token_batching --model tiny --train-per-source 8 --workers 2   # a check
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks import _harness  # noqa: E402,F401  (the offline environment, before transformers loads)
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -112,7 +110,7 @@ def timed_pass(cfg, layout: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2",
-                        help="smollm2 (SmolLM2-135M), tiny (a 2-layer GPT-2), or a shape of benchmarks/scale.py "
+                        help="smollm2 (SmolLM2-135M), tiny (a 2-layer GPT-2), or a shape of benchmarks/memory/scale.py "
                              "(llama-1b, llama-tiny: random weights, written once under the assets folder)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -128,7 +126,7 @@ def main() -> None:
     parser.add_argument("--io-k", type=int, default=None,
                         help="also time the commits alone: length-grouped steps at this k, commit_queue 0 and 1, "
                              "at the first W")
-    parser.add_argument("--assets", type=Path, default=None, help="DISTINF_ASSETS (benchmarks/gpu_job.sh --prepare's copy)")
+    parser.add_argument("--assets", type=Path, default=None, help="DISTINF_ASSETS (benchmarks/speed/gpu_job.sh --prepare's copy)")
     parser.add_argument("--skip-jobs", action="store_true", help="padding fractions only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--out", type=Path, help="RESULTS.md to append a section to")
@@ -137,7 +135,7 @@ def main() -> None:
     if args.assets is not None:
         os.environ["DISTINF_ASSETS"] = str(args.assets.resolve())
 
-    from benchmarks import scale
+    from benchmarks.memory import scale
 
     root = Path(tempfile.mkdtemp(prefix="token-batching-"))
     train_t, query_t = scale.corpus(args.train_per_source)
@@ -148,8 +146,7 @@ def main() -> None:
         from distinf.assets import smollm2_dir
         model_dir = smollm2_dir()
     elif args.model == "tiny":
-        import sys
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        _harness.import_test_helpers()
         import job_fixtures
         model_dir = job_fixtures.tiny_model_dir(root, "gpt2")
     else:
@@ -206,7 +203,7 @@ def write_section(args, results: dict) -> None:
     from benchmarks.record import publish
 
     lines = ["## Token-budget steps and overlapped commits (issue 31)", "",
-             f"Command: `.venv/bin/python benchmarks/token_batching.py --model {args.model} --device {args.device} "
+             f"Command: `.venv/bin/python -m benchmarks.speed.token_batching --model {args.model} --device {args.device} "
              f"--workers {' '.join(map(str, args.workers))} --train-per-source {args.train_per_source} "
              f"--max-length {args.max_length} --batch {args.batch} --tokens-per-step {args.tokens_per_step} "
              f"--chunk-examples {args.chunk_examples} --k {args.k}{f' --io-k {args.io_k}' if args.io_k else ''} "

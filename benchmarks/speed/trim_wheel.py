@@ -7,8 +7,8 @@ the Java jars (ray/jars, 32 MB), RLlib, Serve, Ray LLM and the dashboard's web f
 dashboard agent whether or not the dashboard itself runs). The RECORD is rewritten to list only
 what is kept, with each file's sha256 as the wheel had it, so pip installs the result as usual.
 
-    python benchmarks/trim_wheel.py /tmp/raywhl/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl .whl/
-    python benchmarks/trim_wheel.py --installed SITE_PACKAGES/ray DEST/ray   # the same cut of an installed copy
+    python -m benchmarks.speed.trim_wheel /tmp/raywhl/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl .whl/
+    python -m benchmarks.speed.trim_wheel --installed SITE_PACKAGES/ray DEST/ray   # the same cut of an installed copy
 
 `--installed` copies an installed package folder minus the same paths: a check on a machine whose
 Python differs from the wheel's (here 3.11 against the GPU machine's 3.12) that the kept part runs.
