@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10, 0.20])
     parser.add_argument("--protocol", choices=["keep", "remove"], default="keep",
-                        help="keep: fine-tune on only the top / random x% (the paper's GPT-2 run); remove: on "
+                        help="keep: fine-tune on only the top / random x%% (the paper's GPT-2 run); remove: on "
                              "all but them (its ResNet and Pythia runs, and the image half)")
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-test", type=int, default=64)
