@@ -44,7 +44,7 @@ demo: install
 	$(PY) -m distinf.demo
 
 bench: install
-	$(PY) benchmarks/compress_overhead.py
+	$(PY) -m benchmarks.speed.compress_overhead
 
 clean:
 	rm -rf $(VENV) .venv-latest .pytest_cache

@@ -1,9 +1,12 @@
-"""What the one-batch benchmarks share: wall/CPU clocks, floor-paired timing, peak RSS, the machine,
-and a causal LM with a batch of packed real tokens.
+"""What every benchmark shares: the offline environment, the checkout's root, and for the one-batch
+benchmarks wall/CPU clocks, floor-paired timing, peak RSS, the machine, and a causal LM with a batch
+of packed real tokens.
 
-Imports nothing from distinf, so peers/peers.py (its own environment, which must not import
-distinf) uses it too; model and corpus therefore come in as paths. Importing it sets the offline
-environment, so import it before transformers loads.
+Every benchmark runs as a module from the checkout's root (`python -m benchmarks.speed.NAME`), so
+the checkout is on sys.path without a script editing it, and imports this module first: importing it
+sets the offline environment, so import it before transformers loads. It imports nothing from
+distinf, so peers/peers.py (its own environment, which must not import distinf) uses it too; model
+and corpus therefore come in as paths.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: jobs/, tests/, .assets/
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -65,6 +72,13 @@ def alternate(floor: Runner, candidate: Runner, pairs: int, warmup: int) -> dict
         "cand_cpu_s": statistics.median(c[1] for c in cand_t),
         "raw": [[round(x, 3) for x in (*f, *c)] for f, c in zip(floor_t, cand_t)],
     }
+
+
+def import_test_helpers() -> None:
+    """Make the test suite's helpers importable (`import job_fixtures`): they import each other by
+    bare name, as pytest's rootdir allows, so their folder goes on sys.path rather than a package."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
 
 
 def status_kib(field: str) -> int:

@@ -1,4 +1,4 @@
-"""benchmarks/cross_source.py's code path at a tiny size: split, fine-tuning, the 2-worker job, the measures.
+"""benchmarks/quality/cross_source.py's code path at a tiny size: split, fine-tuning, the 2-worker job, the measures.
 
 The measures are checked against independent computations: the job's dense score matrix, the
 job's own reducer (for the rescoring from stored gradients) and an enumeration of orderings (for
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import job_fixtures
-from benchmarks import cross_source
+from benchmarks.quality import cross_source
 from distinf.config import load_job
 from distinf.inputs import plan_job
 

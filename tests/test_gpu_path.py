@@ -66,7 +66,7 @@ def test_a_trimmed_wheel_lists_exactly_what_it_keeps(tmp_path):
     import hashlib
     import zipfile
 
-    from benchmarks.trim_wheel import trim_wheel
+    from benchmarks.speed.trim_wheel import trim_wheel
 
     files = {"ray/__init__.py": b"x = 1\n", "ray/jars/a.jar": b"j" * 100, "ray/serve/api.py": b"s\n",
              "ray/dashboard/client/build/index.html": b"<html>", "ray/dashboard/agent.py": b"a\n",

@@ -1,11 +1,11 @@
-"""benchmarks/lds_fair.py: the tuning protocol never looks at the half it reports."""
+"""benchmarks/quality/lds_fair.py: the tuning protocol never looks at the half it reports."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import lds_fair
-from benchmarks.lds_fair import Candidate
+from benchmarks.quality import lds_fair
+from benchmarks.quality.lds_fair import Candidate
 
 
 def test_validation_and_report_halves_partition_the_test_examples():

@@ -1,4 +1,4 @@
-"""benchmarks/lds.py (the linear datamodeling score) at a tiny size.
+"""benchmarks/quality/lds.py (the linear datamodeling score) at a tiny size.
 
 What is checked against an independent computation: the Spearman correlation against the
 textbook formula (no ties) and against ranks counted by brute force (ties); the whole LDS on ridge
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import lds
+from benchmarks.quality import lds
 from test_retraining_smoke import fake_fashion_mnist
 
 
@@ -134,7 +134,7 @@ def test_attribution_with_whole_gradients_and_no_curvature_is_the_dot_product_of
     with torch.func over all parameters: the benchmark's task, examples and sign as distinf gets them."""
     from torch.func import functional_call, grad, vmap
 
-    from benchmarks.lds_models import Recipe, ReviewHead
+    from benchmarks.quality.lds_models import Recipe, ReviewHead
 
     torch.manual_seed(0)
     x, tx = torch.randn(12, 6), torch.randn(4, 6)
@@ -197,7 +197,7 @@ def test_mlp_setting_runs_kfac_and_its_mixture_whose_beta_reaches_distinf(tmp_pa
 
 
 def test_paired_differences_average_over_shared_index_seeds():
-    from benchmarks import lds_paired
+    from benchmarks.quality import lds_paired
 
     rng = np.random.default_rng(0)
     base = {s: rng.standard_normal(50) for s in (0, 1)}

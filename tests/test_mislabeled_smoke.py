@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/mislabeled.py (paper §4.1) at a tiny size, on the real model and data.
+"""Smoke run of benchmarks/quality/mislabeled.py (paper §4.1) at a tiny size, on the real model and data.
 
 all-MiniLM-L6-v2 + a LoRA adapter fine-tuned on 40 Rotten Tomatoes snippets with 8 labels flipped;
 `distinf run jobs/mislabeled.yaml` (2 Ray workers, ZeRO-3, PEFT adapter loaded from disk) must give
@@ -9,7 +9,7 @@ the benchmark's AUC must equal the Mann-Whitney statistic computed pair by pair.
 import numpy as np
 
 import distinf
-from benchmarks import mislabeled
+from benchmarks.quality import mislabeled
 
 
 def mann_whitney_auc(positive: np.ndarray, score: np.ndarray) -> float:

@@ -170,7 +170,7 @@ def test_missing_settings_are_a_configuration_error():
 
 def test_the_metrics_reach_prometheus_under_the_names_the_readme_gives(head):
     """distinf's metrics recorded on a real Ray node, scraped from its metrics agent as Prometheus
-    would: every exported name the README documents is there (ray_ prefix, _total on counters)."""
+    would: every exported name the README and docs/ document is there (ray_ prefix, _total on counters)."""
     import re
     import urllib.request
 
@@ -178,8 +178,8 @@ def test_the_metrics_reach_prometheus_under_the_names_the_readme_gives(head):
 
     from distinf.runtime import metrics
 
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"`(ray_distinf_[a-z_]+)`", readme.split("### Logs and metrics")[1]))
+    docs = "".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    documented = set(re.findall(r"`(ray_distinf_[a-z_]+)`", docs))
     assert {"ray_distinf_examples_done_total", "ray_distinf_examples_planned",
             "ray_distinf_last_success_timestamp_seconds"} <= documented
     ray.init(address="127.0.0.1:6393", log_to_driver=False)

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 import distinf
 import job_fixtures
 from distinf.config import load_job
-from distinf.data import plan_job
+from distinf.inputs import plan_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""benchmarks/retraining_image.py and retraining_language.py at a tiny size, on synthetic data.
+"""benchmarks/quality/retraining_image.py and retraining_language.py at a tiny size, on synthetic data.
 
 What is checked against an independent computation: the IDX reader against a file written by
 hand with struct; the top-x% choice against a sort; the identity-hessian ranking against
@@ -20,8 +20,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import tiny_models
-from benchmarks import retraining_image as image
-from benchmarks import retraining_language as language
+from benchmarks.quality import retraining_image as image
+from benchmarks.quality import retraining_language as language
 from distinf.core.tasks import causal_lm_losses
 
 

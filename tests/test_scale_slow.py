@@ -1,6 +1,6 @@
 """Per-rank memory of the real job on a model of ~0.65B parameters (2.4 GiB) (benchmark-sized: DISTINF_SLOW=1).
 
-The benchmark (benchmarks/scale.py) measures 1B and 3B models; this asserts the bound that the
+The benchmark (benchmarks/memory/scale.py) measures 1B and 3B models; this asserts the bound that the
 streamed ZeRO-3 loading and the release-after-use limits promise, on a model small enough for CI
 machines: no rank's setup peak above its share of the model plus a 1 GiB working set (a Ray
 worker with torch, transformers and DeepSpeed imported is ~0.55 GiB of it; the rest covers the
@@ -23,7 +23,7 @@ GIB = 1024 ** 3
 
 
 def test_no_rank_holds_more_than_its_share_plus_a_working_set(tmp_path):
-    from benchmarks.scale import write_random_checkpoint
+    from benchmarks.memory.scale import write_random_checkpoint
 
     config = LlamaConfig(vocab_size=30522, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
                          num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,

@@ -1,8 +1,8 @@
-"""A peer tool's scores for benchmarks/lds.py: kronfluence EK-FAC, or TRAK (traker) at a projection dimension k.
+"""A peer tool's scores for benchmarks/quality/lds.py: kronfluence EK-FAC, or TRAK (traker) at a projection dimension k.
 
 Runs in .venv-peers (benchmarks/peers/setup.sh) and imports no distinf. It reads the file that
-`benchmarks/lds.py --export DIR` writes (<setting>.pt: model class and state dict, training and
-test tensors), rebuilds the model from benchmarks/lds_models.py (plain torch), and writes the
+`benchmarks/quality/lds.py --export DIR` writes (<setting>.pt: model class and state dict, training and
+test tensors), rebuilds the model from benchmarks/quality/lds_models.py (plain torch), and writes the
 pairwise influence scores [test, train] as .npy for `lds.py --peer "kronfluence EK-FAC=FILE"`.
 
 The task is the recipe's: cross-entropy of the label, summed over the batch (kronfluence's
@@ -25,8 +25,8 @@ traker's λ defaults to 0, which is singular whenever K exceeds the training set
 8,192 here); λ is set, after featurising, to `--damping` times the mean eigenvalue of ΦᵀΦ
 (tr(ΦᵀΦ)/K), the rule of distinf's `damping: auto` (0.1); `--damping 0` keeps traker's default.
 
-    .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
-    .venv-peers/bin/python benchmarks/peers/lds_peer.py /tmp/lds-export/image.pt --method trak --k 2048 --out X.npy
+    .venv-peers/bin/python -m benchmarks.peers.lds_peer /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
+    .venv-peers/bin/python -m benchmarks.peers.lds_peer /tmp/lds-export/image.pt --method trak --k 2048 --out X.npy
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from torch.utils.data import TensorDataset
 
-# The checkout's root, for benchmarks.lds_models (plain torch; nothing from distinf).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.lds_models import build  # noqa: E402
+# Run from the checkout's root (`python -m benchmarks.peers.lds_peer`): lds_models is plain torch, nothing from distinf.
+from benchmarks.quality.lds_models import build  # noqa: E402
 
 
 class ClassificationTask(Task):
@@ -137,7 +136,7 @@ def trak_scores(exported: dict, k: int, batch_size: int, work: Path, seed: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("exported", type=Path, help="<setting>.pt from benchmarks/lds.py --export")
+    parser.add_argument("exported", type=Path, help="<setting>.pt from benchmarks/quality/lds.py --export")
     parser.add_argument("--out", type=Path, required=True, help="scores .npy [test, train]")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)

@@ -3,7 +3,7 @@
 Runs in the separate environment made by benchmarks/peers/setup.sh (.venv-peers). No peer path
 imports distinf; the `distinf` configuration imports it from this checkout (pure Python over torch,
 no install needed), so distinf and the peers are timed against the same floor in one process. One
-batch of N x T real tokens (default 8 x 128) packed as benchmarks/compress_overhead.py packs it
+batch of N x T real tokens (default 8 x 128) packed as benchmarks/speed/compress_overhead.py packs it
 (both through benchmarks/_harness.py): the demo training texts tokenised without special tokens,
 joined by EOS, cut into T-token rows, attention mask all ones.
 
@@ -28,7 +28,7 @@ Timing: each candidate alternates with the floor in one process (floor, candidat
 of per-pair ratios; floor vs floor is the calibration. Memory: each configuration alone in a
 fresh subprocess, peak RSS (VmHWM after clear_refs) against the floor's.
 
-    nice -n 5 .venv-peers/bin/python benchmarks/peers/peers.py --model DIR --corpus FILE.parquet
+    nice -n 5 .venv-peers/bin/python -m benchmarks.peers.peers --model DIR --corpus FILE.parquet
 """
 
 from __future__ import annotations
@@ -44,10 +44,8 @@ import subprocess
 import sys
 import tempfile
 
-# The checkout's root: benchmarks._harness (which imports nothing from distinf), and distinf for
-# the `distinf` configuration alone.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
+# Run from the checkout's root (`python -m benchmarks.peers.peers`): benchmarks._harness (which
+# imports nothing from distinf), and distinf for the `distinf` configuration alone.
 from benchmarks._harness import (  # noqa: E402  (sets the offline environment before transformers loads)
     Clock, Runner, alternate, load_causal_lm, packed_batch, reset_peak_rss, status_kib,
 )
@@ -68,7 +66,7 @@ def load_model(model_dir: str) -> nn.Module:
 
 
 def make_batch(model_dir: str, corpus: str, batch_size: int, tokens: int) -> Batch:
-    """N rows of exactly T tokens of packed real text (as in benchmarks/compress_overhead.py)."""
+    """N rows of exactly T tokens of packed real text (as in benchmarks/speed/compress_overhead.py)."""
     return packed_batch(model_dir, corpus, batch_size, tokens)
 
 
@@ -402,7 +400,7 @@ def child_memory(args: argparse.Namespace) -> None:
 
 
 def memory_of(config: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", config, "--model", args.model, "--corpus", args.corpus,
+    cmd = [sys.executable, "-m", __spec__.name, "--child", config, "--model", args.model, "--corpus", args.corpus,
            "--batch", str(args.batch), "--tokens", str(args.tokens), "--threads", str(args.threads),
            "--vmap-batch", str(args.vmap_batch), "--memory-iters", str(args.memory_iters)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)

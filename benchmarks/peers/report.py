@@ -1,6 +1,6 @@
 """Markdown table from the JSON lines that benchmarks/peers/peers.py prints (one or more files).
 
-    python3 benchmarks/peers/report.py runA.jsonl runB.jsonl ...
+    python3 -m benchmarks.peers.report runA.jsonl runB.jsonl ...
 
 TRAK's row is the measured per-example gradient pass plus its projector extrapolated to k (the
 faster of its two projection types); every other row is measured as is.
