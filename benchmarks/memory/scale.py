@@ -14,6 +14,13 @@ tasks). The target of issue 15: a worker's peak under half the model's bytes + 1
     .venv/bin/python -m benchmarks.memory.scale --model llama-1b --workers 2 1 --out benchmarks/RESULTS.md
     .venv/bin/python -m benchmarks.memory.scale --model llama-3b --workers 2 --out benchmarks/RESULTS.md
 
+Long documents: `--long-texts N --tokens T` replaces the training texts by N texts of at least T
+tokens, each the demo corpus's training texts joined end to end from a different starting text
+(real text, cut to T by `data.max_length`; the queries stay the short demo ones), and
+`--checkpointing` sets `runtime.activation_checkpointing: true`:
+
+    .venv/bin/python benchmarks/scale.py --model llama-1b --workers 2 --long-texts 2 --tokens 2048 --batch 1 --checkpointing
+
 `--device cuda` runs the same job with `runtime.device: cuda` (one GPU per worker, NCCL) on a
 bfloat16 checkpoint, and adds each rank's peak GPU allocation. For a machine without the packages
 the texts come from, or without SmolLM2's folder (the GPU machine), `--export-inputs DIR` writes
@@ -102,6 +109,26 @@ def corpus(train_per_source: int) -> tuple[pa.Table, pa.Table]:
     if all(path.is_file() for path in paths):
         return pq.read_table(paths[0]), pq.read_table(paths[1])
     return mixed_source_corpus(train_per_source, QUERIES_PER_SOURCE, seed=0)
+
+
+def long_texts(train: pa.Table, count: int, tokens: int) -> pa.Table:
+    """`count` texts of at least `tokens` tokens (SmolLM2's tokenizer): text i joins the training
+    texts end to end from text i * len(train) // count on, wrapping round."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    texts = train.column("text").to_pylist()
+    rows = []
+    for i in range(count):
+        start, parts, length = i * len(texts) // count, [], 0
+        while length < tokens:
+            if len(parts) == len(texts):
+                raise SystemExit(f"the {len(texts)} training texts hold {length} tokens, under {tokens}: "
+                                 "raise --train-per-source")
+            parts.append(texts[(start + len(parts)) % len(texts)])
+            length = len(tokenizer("\n\n".join(parts))["input_ids"])
+        rows.append({"id": f"long-{i}", "text": "\n\n".join(parts), "source": "long"})
+    return pa.Table.from_pylist(rows, schema=train.schema)
 
 
 def export_inputs(dest: Path, train_per_source: int) -> None:
@@ -207,6 +234,8 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     train, queries = corpus(args.train_per_source)
+    if args.long_texts:
+        train = long_texts(train, args.long_texts, args.tokens)
     pq.write_table(train, root / "train.parquet")
     pq.write_table(queries, root / "queries.parquet")
     job = {
@@ -218,7 +247,8 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
         "compression": {"k": args.k, "seed": 0},
         "hessian": {"method": args.hessian},
         "runtime": {"num_workers": workers, "batch_size": args.batch, "device": args.device,
-                    "release_after_use": not args.keep_gathered},
+                    "release_after_use": not args.keep_gathered,
+                    "activation_checkpointing": args.checkpointing},
         "output": {"path": str(root / "run")},
     }
     (root / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
@@ -237,6 +267,8 @@ def run_job(model: Path, workers: int, args: argparse.Namespace) -> dict:
     others = [p for p in peaks.values() if "GradientWorker" not in p["name"] and p["hwm"] > 0]
     examples = manifest["counts"]["train"] + manifest["counts"]["queries"]
     return {"model": args.model + (" (gathered weights kept)" if args.keep_gathered else "")
+            + (f", {args.long_texts} × {args.tokens} tokens, batch {args.batch}" if args.long_texts else "")
+            + (", checkpointing" if args.checkpointing else "")
             + (f", {args.hessian}" if args.hessian != "gauss_newton" else ""),
             "params": parameters(model), "dtype": args.dtype, "device": args.device, "workers": workers,
             "wall_seconds": round(wall, 1),
@@ -274,7 +306,9 @@ def progress_seconds(log: str) -> dict[str, dict]:
 
 
 def run_root(model: Path, workers: int, args: argparse.Namespace) -> Path:
-    return assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}-{args.hessian}"
+    long = f"-long{args.long_texts}x{args.tokens}" if args.long_texts else ""
+    return (assets_root() / "scale" / "runs" / f"{model.name}-w{workers}{'-kept' if args.keep_gathered else ''}"
+            f"-{args.hessian}{long}{'-ckpt' if args.checkpointing else ''}")
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -334,6 +368,9 @@ def main() -> None:
                         help="hessian.method (kfac and kfac_mix add the per-rank Kronecker factor sums)")
     parser.add_argument("--tokens", type=int, default=32, help="data.max_length")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--long-texts", type=int, default=0, metavar="N",
+                        help="N training texts of at least --tokens tokens each, joined from the demo corpus's")
+    parser.add_argument("--checkpointing", action="store_true", help="runtime.activation_checkpointing: true")
     parser.add_argument("--train-per-source", type=int, default=3, help="training texts per source (6 sources)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="runtime.device")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
