@@ -73,7 +73,8 @@ class LoraReviewClassifier(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.from_pretrained(model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        encoder = AutoModel.from_pretrained(model_dir, config=config)
+        # Eager attention: torch.func.vmap (TRAK's per-example gradients) has no batching rule for CPU SDPA.
+        encoder = AutoModel.from_pretrained(model_dir, config=config, attn_implementation="eager")
         self.encoder = get_peft_model(encoder, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                           target_modules=["query", "value"]))
         self.head = nn.Linear(config.hidden_size, classes)
