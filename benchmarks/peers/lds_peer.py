@@ -27,6 +27,12 @@ traker's λ defaults to 0, which is singular whenever K exceeds the training set
 
     .venv-peers/bin/python -m benchmarks.peers.lds_peer /tmp/lds-export/image.pt --out /tmp/lds-export/image-ekfac.npy
     .venv-peers/bin/python -m benchmarks.peers.lds_peer /tmp/lds-export/image.pt --method trak --k 2048 --out X.npy
+
+Where the export names the parameters distinf attributes (`tracked_parameters`: a LoRA model's
+adapters and head, or only the Linear layers of a model whose embeddings and LayerNorms train),
+both peers attribute exactly those: EK-FAC tracks the modules that own them (it supports Linear
+and Conv2d only, and refuses a tracked parameter of another kind), TRAK takes and projects the
+gradient of those parameters only.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ from benchmarks.quality.lds_models import build  # noqa: E402
 
 
 class ClassificationTask(Task):
+    def __init__(self, tracked_modules: list[str] | None = None):
+        super().__init__()
+        self.tracked_modules = tracked_modules
+
+    def get_influence_tracked_modules(self):
+        return self.tracked_modules
+
     def compute_train_loss(self, batch, model, sample: bool = False):
         inputs, labels = batch
         logits = model(inputs)
@@ -73,13 +86,40 @@ def score_arguments(damping: str) -> tuple[ScoreArguments, float]:
     return ScoreArguments(damping_factor=None), float(scale) if scale else 0.1
 
 
+def tracked_modules(model: torch.nn.Module, parameters: list[str] | None) -> list[str] | None:
+    """The modules that own the tracked parameters (None: kronfluence's default, every Linear and
+    Conv2d); a parameter of a module kind kronfluence cannot track is an error, not a silent gap."""
+    if parameters is None:
+        return None
+    modules = dict(model.named_modules())
+    owners = sorted({name.rpartition(".")[0] for name in parameters})
+    unsupported = [o for o in owners if not isinstance(modules[o], (torch.nn.Linear, torch.nn.Conv2d))]
+    if unsupported:
+        raise ValueError(f"kronfluence tracks Linear and Conv2d modules only; tracked parameters live in {unsupported}")
+    return owners
+
+
+def restricted_gradients(names: list[str]):
+    """traker's vmap'd per-example gradients over the named parameters only. traker's own
+    `grad_wrt` still differentiates every parameter and drops the others afterwards: for a LoRA
+    model that is the frozen 22.7M-parameter encoder, per example."""
+    from trak.gradient_computers import FunctionalGradientComputer
+
+    class Restricted(FunctionalGradientComputer):
+        def load_model_params(self, model):
+            super().load_model_params(model)
+            self.func_weights = {n: p for n, p in self.func_weights.items() if n in names}
+
+    return Restricted
+
+
 def ekfac_scores(exported: dict, batch_size: int, work: Path, empirical_fisher: bool,
                  dampings: list[str]) -> dict[str, np.ndarray]:
     """{damping: [test, train] EK-FAC influence of every training example on every test example}."""
     import kronfluence.factor.config as factor_config
 
     model = build(exported["model"], exported["model_kwargs"], exported["state_dict"]).eval()
-    task = ClassificationTask()
+    task = ClassificationTask(tracked_modules(model, exported.get("tracked_parameters")))
     model = prepare_model(model, task)
     train = TensorDataset(exported["x"], exported["y"])
     test = TensorDataset(exported["tx"], exported["ty"])
@@ -112,13 +152,16 @@ def trak_scores(exported: dict, k: int, batch_size: int, work: Path, seed: int, 
 
     model = build(exported["model"], exported["model_kwargs"], exported["state_dict"]).eval()
     x, y, tx, ty = exported["x"], exported["y"], exported["tx"], exported["ty"]
-    grad_dim = sum(p.numel() for p in model.parameters())
+    tracked = exported.get("tracked_parameters")
+    grad_dim = sum(p.numel() for n, p in model.named_parameters() if tracked is None or n in tracked)
     projector = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=seed, proj_type=ProjectionType.rademacher,
                                device="cpu", block_size=max(1, min(k // 2, 512)))
     # ≥ 2 blocks: with one, traker 0.3.2's finalize_features frees the projection matrix (free_memory)
     # and scoring then projects with the freed one (AttributeError: no attribute 'proj_matrix').
+    restricted = {} if tracked is None else {"grad_wrt": tracked, "gradient_computer": restricted_gradients(tracked)}
     traker = TRAKer(model=model, task="image_classification", train_set_size=len(x), save_dir=str(work),
-                    device="cpu", projector=projector, use_half_precision=False, logging_level=logging.WARNING)
+                    device="cpu", projector=projector, use_half_precision=False, logging_level=logging.WARNING,
+                    **restricted)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     for start in range(0, len(x), batch_size):
         part = slice(start, start + batch_size)

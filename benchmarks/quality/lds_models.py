@@ -61,7 +61,70 @@ class FashionMLP(nn.Module):
         return self.head(x)
 
 
-MODELS = {"FashionCNN": FashionCNN, "ReviewHead": ReviewHead, "FashionMLP": FashionMLP}
+class LoraReviewClassifier(nn.Module):
+    """[N, T] token ids (0 = padding) -> [N, classes]: a pretrained BERT encoder (all-MiniLM-L6-v2)
+    with LoRA adapters (peft) on its attention query and value, mean-pooled, and a linear head.
+    Only the adapters and the head train; dropout is off, so a retraining is a function of its
+    data, seed and initial weights alone."""
+
+    def __init__(self, model_dir: str, rank: int = 4, alpha: int = 8, classes: int = 2):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        # Eager attention: torch.func.vmap (TRAK's per-example gradients) has no batching rule for CPU SDPA.
+        encoder = AutoModel.from_pretrained(model_dir, config=config, attn_implementation="eager")
+        self.encoder = get_peft_model(encoder, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                          target_modules=["query", "value"]))
+        self.head = nn.Linear(config.hidden_size, classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        keep = inputs != 0
+        # An additive [N, 1, 1, T] mask, used as given: from a 0/1 mask, transformers' helper branches
+        # on its values, which torch.func.vmap (TRAK's per-example gradients) cannot trace.
+        additive = torch.zeros(keep.shape, dtype=torch.float32, device=inputs.device).masked_fill(~keep, -1e9)
+        hidden = self.encoder(input_ids=inputs, attention_mask=additive[:, None, None, :]).last_hidden_state
+        weights = keep.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+
+
+class TinyReviewTransformer(nn.Module):
+    """[N, T] token ids (0 = padding) -> [N, classes]: a small pre-norm transformer encoder trained
+    from scratch. Its token and position embeddings and its LayerNorms train with everything else,
+    but only the nn.Linear layers are attributed (distinf `compression.modules`; kronfluence tracks
+    only Linear layers anyway), so the attribution sees part of what training changed."""
+
+    def __init__(self, vocab: int, positions: int, width: int = 32, layers: int = 2, heads: int = 2,
+                 classes: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(positions, width)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(width), "query": nn.Linear(width, width), "key": nn.Linear(width, width),
+            "value": nn.Linear(width, width), "out": nn.Linear(width, width), "norm2": nn.LayerNorm(width),
+            "up": nn.Linear(width, 4 * width), "down": nn.Linear(4 * width, width)}) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        n, t = inputs.shape
+        keep = inputs != 0
+        x = self.tokens(inputs) + self.positions(torch.arange(t, device=inputs.device))
+        masked = torch.zeros(n, 1, 1, t, dtype=x.dtype, device=x.device).masked_fill(~keep[:, None, None, :], -1e9)
+        for block in self.blocks:
+            h = block["norm1"](x)
+            q, k, v = (block[name](h).view(n, t, self.heads, -1).transpose(1, 2) for name in ("query", "key", "value"))
+            attention = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + masked, -1)
+            x = x + block["out"]((attention @ v).transpose(1, 2).reshape(n, t, -1))
+            x = x + block["down"](torch.relu(block["up"](block["norm2"](x))))
+        weights = keep.unsqueeze(-1).to(x.dtype)
+        return self.head((self.norm(x) * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+
+
+MODELS = {"FashionCNN": FashionCNN, "ReviewHead": ReviewHead, "FashionMLP": FashionMLP,
+          "LoraReviewClassifier": LoraReviewClassifier, "TinyReviewTransformer": TinyReviewTransformer}
 
 
 @dataclass(frozen=True)
