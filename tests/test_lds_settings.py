@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks import lds
-from benchmarks.lds_models import build
+from benchmarks.quality import lds
+from benchmarks.quality.lds_models import build
 
 
 def test_untracked_setting_attributes_and_exports_only_the_linear_layers(tmp_path):
