@@ -1,4 +1,4 @@
-"""The fourth and fifth LDS settings (benchmarks/lds.py `lora`, `untracked`) and the optimizer
+"""The fourth and fifth LDS settings (benchmarks/quality/lds.py `lora`, `untracked`) and the optimizer
 state the cross-source benchmark saves, each against an independent computation: the modules of a
 rebuilt model, Hugging Face's own padding mask, per-example autograd, AdamW's second-moment rule."""
 

@@ -19,7 +19,7 @@ tokens, each the demo corpus's training texts joined end to end from a different
 (real text, cut to T by `data.max_length`; the queries stay the short demo ones), and
 `--checkpointing` sets `runtime.activation_checkpointing: true`:
 
-    .venv/bin/python benchmarks/scale.py --model llama-1b --workers 2 --long-texts 2 --tokens 2048 --batch 1 --checkpointing
+    .venv/bin/python -m benchmarks.memory.scale --model llama-1b --workers 2 --long-texts 2 --tokens 2048 --batch 1 --checkpointing
 
 `--device cuda` runs the same job with `runtime.device: cuda` (one GPU per worker, NCCL) on a
 bfloat16 checkpoint, and adds each rank's peak GPU allocation. For a machine without the packages
