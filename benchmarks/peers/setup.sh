@@ -20,7 +20,7 @@ huggingface_hub==2.4.0
 numpy==2.4.6
 PINS
 "$PIP" install -c "$CONSTRAINTS" transformers==5.24.0 safetensors==0.8.0 pyarrow \
-    bergson==2.5.1 kronfluence==1.0.1 dattri==0.3.0 traker==0.3.2
+    bergson==2.5.1 kronfluence==1.0.1 dattri==0.3.0 traker==0.3.2 peft==0.21.2
 # logix-ai 0.1.1 declares Requires-Python <3.11; this machine has 3.11. Its own deps
 # (einops, numpy, pyyaml, torch, tqdm) are already present, so it goes in without them.
 "$PIP" install -c "$CONSTRAINTS" --no-deps --ignore-requires-python logix-ai==0.1.1
