@@ -149,3 +149,23 @@ def test_a_node_lost_during_scoring_and_one_added_back_the_job_completes_with_th
     manifest = manifest_of(tmp_path / "run")
     assert code == 0 and manifest["status"] == "complete", manifest.get("error")
     assert_scores_equal_the_core(tmp_path / "run", inputs)
+
+
+def test_a_node_lost_during_scoring_with_none_to_replace_it_fails_with_exit_1_and_resumes(
+        monkeypatch, tmp_path, inputs):
+    """The reducer keeps one CPU while the scoring tasks run: with the other node gone, either the
+    reducer died with its node (its objects lost) or the tasks wait for a CPU until the stall
+    timeout. Either way exit 1, a manifest that says so, and the gradients kept for --resume."""
+    with two_nodes(monkeypatch, DISTINF_TEST_SLOW_STEPS="scoring", DISTINF_TEST_STEP_DELAY="2") as (cluster, node):
+        path = job(tmp_path, inputs, cluster, stall_timeout=45, max_restarts=0)
+        code = run(tmp_path, str(path), remove=(cluster, node, scored_chunk(tmp_path / "run")))
+        failed = manifest_of(tmp_path / "run")
+        assert code == 1 and failed["status"] == "failed"
+        assert failed["error"].startswith("curvature and scoring") and "--resume" in failed["error"]
+
+        cluster.add_node(num_cpus=1)
+        code = run(tmp_path, str(path), "--resume")
+    manifest = manifest_of(tmp_path / "run")
+    assert code == 0 and manifest["status"] == "complete", manifest.get("error")
+    assert manifest["resumed"] == 1
+    assert_scores_equal_the_core(tmp_path / "run", inputs)
