@@ -66,7 +66,8 @@ def test_fine_tuning_saves_adamws_second_moment_by_parameter_name(tmp_path):
     from benchmarks import cross_source
     from distinf.config import load_job
     from distinf.core.tasks import causal_lm_losses
-    from distinf.data import collate, plan_job
+    from distinf.batching import collate
+    from distinf.inputs import plan_job
 
     train, queries = cross_source.write_split(tmp_path / "data", seed=0, n_train=1, n_query=1)
     base = job_fixtures.tiny_model_dir(tmp_path, "gpt2")
