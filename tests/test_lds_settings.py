@@ -63,7 +63,7 @@ def test_fine_tuning_saves_adamws_second_moment_by_parameter_name(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from benchmarks import cross_source
+    from benchmarks.quality import cross_source
     from distinf.config import load_job
     from distinf.core.tasks import causal_lm_losses
     from distinf.batching import collate
