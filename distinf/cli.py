@@ -25,7 +25,7 @@ environment:
   HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE  set them to 1: models are read from disk only
 """
 
-JOB_HELP = "the job file (YAML; README.md, 'Run a job')"
+JOB_HELP = "the job file (YAML; docs/operations.md, 'The job file, every key')"
 SET_HELP = "override a job key, e.g. --set compression.k=4096 (repeatable)"
 
 

@@ -1,6 +1,6 @@
 """The job file: every key documented, defaulted and validated here, once.
 
-`JobConfig` mirrors the YAML in README.md, "Run a job". Unknown keys are rejected and every error names the
+`JobConfig` mirrors the YAML in docs/operations.md, "The job file, every key". Unknown keys are rejected and every error names the
 dotted key path, e.g. ``compression.k: Input should be greater than 0``.
 """
 

@@ -12,7 +12,7 @@
                                              the stored version's at the start, this run's at its end
 
 Prometheus sees them as Ray exports them: with a `ray_` prefix, and counters with `_total` appended
-(`ray_distinf_examples_done_total`); README.md, "Logs and metrics", lists the exported names.
+(`ray_distinf_examples_done_total`); docs/operations.md, "Logs and metrics", lists the exported names.
 
 Recorded by the driver only (it sees every rank's progress), and created on first use once Ray
 is connected; before that nothing is recorded (the driver sets the stages timed so far again once

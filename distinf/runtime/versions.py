@@ -18,7 +18,7 @@ distinf itself reads the committed version's folder (`committed_root`), which is
 
 History, committed versions only: the completion markers name them, and every output row carries
 `run_id` and `as_of`, so `read_parquet('RUN/versions/*/scores/top_k.parquet')` filtered on
-`run_id IN (SELECT run_id FROM read_json('RUN/versions/*/manifest.json', ...))` (README).
+`run_id IN (SELECT run_id FROM read_json('RUN/versions/*/manifest.json', ...))` (docs/operations.md, "Append").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""dropout (the default): keep a shared random set of k_l entries of each tensor (README.md, "How it works").
+"""dropout (the default): keep a shared random set of k_l entries of each tensor (docs/methods.md, "How it works").
 
 The fast path: the adapters form only the kept entries, O(N·T·k), never the [N, p_l] gradient.
 """
