@@ -9,32 +9,16 @@ allocation)` gives the compressor of a `compression.method`; pca needs its fit p
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from distinf.core.compressors.base import CompressionMethod, Compressor, GradientProjection, Layout
 from distinf.core.compressors.dropout import DropoutCompressor
 from distinf.core.compressors.fjlt import FJLTCompressor
 from distinf.core.compressors.gaussian import GaussianCompressor
 from distinf.core.compressors.logra import LoGraCompressor
 from distinf.core.compressors.none import NoneCompressor
+from distinf.core.registry import discover
 from distinf.core.tracking import Tracked
 
-
-def _discover() -> dict[str, type[CompressionMethod]]:
-    found: dict[str, type[CompressionMethod]] = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, CompressionMethod) and "name" in vars(value)
-                    and value.__module__ == module.__name__):
-                if value.name in found:
-                    raise ValueError(f"compression.method {value.name!r} is defined twice: {found[value.name]} and {value}")
-                found[value.name] = value
-    return found
-
-
-METHODS: dict[str, type[CompressionMethod]] = _discover()
+METHODS: dict[str, type[CompressionMethod]] = discover(__name__, __path__, CompressionMethod, "compression.method")
 """Every compression.method by name."""
 
 

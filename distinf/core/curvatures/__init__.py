@@ -8,8 +8,6 @@ distributed job and the stored curvature/ all ask the registry.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -17,24 +15,10 @@ from torch import Tensor
 
 from distinf.core.curvatures.base import CurvatureMethod
 from distinf.core.kfac import FactorSums
+from distinf.core.registry import discover
 from distinf.core.solvers import Solver
 
-def _discover() -> dict[str, type[CurvatureMethod]]:
-    """Every named CurvatureMethod of this package's modules: modules in name order, classes in
-    the order each module defines them."""
-    found: dict[str, type[CurvatureMethod]] = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, CurvatureMethod) and "name" in vars(value)
-                    and value.__module__ == module.__name__):
-                if value.name in found:
-                    raise ValueError(f"hessian.method {value.name!r} is defined twice: {found[value.name]} and {value}")
-                found[value.name] = value
-    return found
-
-
-METHODS: dict[str, type[CurvatureMethod]] = _discover()
+METHODS: dict[str, type[CurvatureMethod]] = discover(__name__, __path__, CurvatureMethod, "hessian.method")
 """Every hessian.method by name."""
 
 
