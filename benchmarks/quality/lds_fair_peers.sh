@@ -10,7 +10,7 @@
 #      PEERS_PY (.venv-peers/bin/python), THREADS (1, the peers' torch threads), TRAK_BATCH (500)
 #   flock /tmp/distinf-heavy.lock nice -n 5 benchmarks/quality/lds_fair_peers.sh export lora "0 1" /tmp/fair --n-train 200
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PHASE=$1 SETTING=$2 SEEDS=$3 DIR=$4
 shift 4
 PY=${PY:-.venv/bin/python}
