@@ -21,6 +21,7 @@ from distinf.cli import main
 from distinf.config import load_job
 from distinf.runtime.driver import run_job
 from distinf.runtime.errors import JobError
+from distinf.runtime.lease import Lease
 from distinf.runtime.query import query_run
 from distinf.runtime.run_dir import RunDir
 
@@ -66,17 +67,17 @@ def test_readers_see_one_committed_version_whether_the_driver_dies_before_or_aft
     day2 = load_job(write_job(tmp_path / "day2", inputs, "day2"))
 
     # Killed just before the switch: readers see night 1 everywhere, the staged version is no history.
-    switch = RunDir.write_manifest
+    switch = Lease.write_manifest
 
     def killed_at_the_switch(self, manifest):
-        if manifest.status == "complete":
+        if manifest["status"] == "complete":
             raise JobError("killed at the switch")
         switch(self, manifest)
 
-    monkeypatch.setattr(RunDir, "write_manifest", killed_at_the_switch)
+    monkeypatch.setattr(Lease, "write_manifest", killed_at_the_switch)
     with pytest.raises(JobError, match="killed at the switch"):
         run_job(day2, run_dir, append=True)
-    monkeypatch.setattr(RunDir, "write_manifest", switch)
+    monkeypatch.setattr(Lease, "write_manifest", switch)
     stored = json.loads((run_dir / "manifest.json").read_text())
     assert stored["status"] == "failed" and stored["append"]["base"]["run_id"] == night1["run_id"]
     assert root_outputs(run_dir, night1) == before  # not one file of the uncommitted version

@@ -8,10 +8,12 @@ import json
 import pyarrow as pa
 import pytest
 
+from distinf.config import RuntimeConfig
 from distinf.runtime.errors import JobError
-from distinf.runtime.lease import LeaseLost, acquire
+from distinf.runtime.lease import LeaseLost, acquire, write_manifest
 from distinf.runtime.ledger import commit_chunk, pending_chunks
 from distinf.runtime.manifest import CARRIED, Manifest
+from distinf.runtime.run import Run
 from distinf.runtime.run_dir import RunDir, check_appendable, check_queryable, check_resumable
 
 CONFIG = {
@@ -133,7 +135,7 @@ def test_a_manifest_reads_back_as_it_was_written_with_unknown_keys_kept(tmp_path
     written = full_manifest()
     run = RunDir(tmp_path)
     with acquire(tmp_path, "test", ttl=60) as lease:
-        run.write_manifest(Manifest.from_dict(written))
+        lease.write_manifest(Manifest.from_dict(written).to_dict())
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk == {**written, "run_id": lease.run_id}  # the lease holder signs it
     again = run.read_manifest()
@@ -167,7 +169,7 @@ def test_a_manifest_without_a_required_key_is_refused_naming_it(tmp_path, missin
 
 def test_only_the_lease_holder_writes_a_manifest(tmp_path):
     with pytest.raises(LeaseLost, match="holds no lease"):
-        RunDir(tmp_path).write_manifest(Manifest(status="running", name="n", config={}))
+        write_manifest(tmp_path, Manifest(status="running", name="n", config={}).to_dict())
     assert not (tmp_path / "manifest.json").exists()
 
 
@@ -180,12 +182,12 @@ def test_a_later_job_carries_the_index_set_and_worker_layout_only():
 
 
 def test_a_failed_job_leaves_a_failed_manifest_with_its_error(tmp_path):
-    run = RunDir(tmp_path)
-    with acquire(tmp_path, "test", ttl=60):
+    with Run.open(tmp_path, "new", "n", "test", RuntimeConfig()) as run:
         running = Manifest(status="running", name="n", config={}, restarts=[])
-        run.mark_failed(running, RuntimeError("disk on fire"))
-    assert run.read_manifest().to_dict() == {**running.to_dict(), "status": "failed", "error": "disk on fire",
-                                             "run_id": run.read_manifest().run_id}
+        run.begin(running)
+        run.fail(RuntimeError("disk on fire"))
+    assert RunDir(tmp_path).read_manifest().to_dict() == {**running.to_dict(), "status": "failed",
+                                                          "error": "disk on fire"}
     assert running.status == "running"
 
 
@@ -247,10 +249,13 @@ def test_damaged_files_are_those_missing_or_not_matching_their_sha256(tmp_path):
 def test_a_folder_that_holds_something_is_not_resumed_without_resume(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(JobError, match="output.path: .* is not empty; .* --resume"):
-        RunDir(tmp_path).open_for_resume(resume=False)
+        with Run.open(tmp_path, "new", "n", "test", RuntimeConfig()):
+            pass
     with pytest.raises(JobError, match="--resume: .* has no readable manifest.json"):
-        RunDir(tmp_path).open_for_resume(resume=True)
-    assert RunDir(tmp_path / "new").open_for_resume(resume=True) is None  # an empty folder: a fresh run
+        with Run.open(tmp_path, "resume", "n", "test", RuntimeConfig()):
+            pass
+    with Run.open(tmp_path / "new", "resume", "n", "test", RuntimeConfig()) as run:  # an empty folder: a fresh run
+        assert run.stored is None and run.mode == "resume"
 
 
 @pytest.mark.parametrize("blocks", ["layer", "full"])

@@ -24,17 +24,17 @@ from distinf.inputs import fingerprint, plan_job
 from distinf.log import configure as configure_logging
 from distinf.models import model_fingerprint
 from distinf.runtime import versions
-from distinf.runtime.errors import JobError, Refused
 from distinf.runtime.gradient_pass import SplitWork, split_work
-from distinf.runtime.incremental import append_manifest, open_for_append, refuse_or_discard
+from distinf.runtime.incremental import append_manifest, refuse_or_discard
+from distinf.runtime.layout import SPLITS
 from distinf.runtime.manifest import Manifest, software_versions
-from distinf.runtime.outputs import (SPLITS, VERSIONED_OUTPUTS, chunk_entry, output_checksums, outputs_listing,
-                                     rejected_rows, write_rejected)
+from distinf.runtime.outputs import (VERSIONED_OUTPUTS, chunk_entry, output_checksums, outputs_listing, rejected_rows,
+                                     write_rejected)
 from distinf.runtime.pipeline import Job, compute_gradients, run_stages
 from distinf.runtime.reduce_score import reduce_and_score
 from distinf.runtime.reducer import zero_block_entries
 from distinf.runtime.run import Run
-from distinf.runtime.run_dir import NotResumable, RunDir, check_appendable, check_resumable, estimated_bytes
+from distinf.runtime.run_dir import estimated_bytes
 
 __all__ = ["run_job"]
 
@@ -51,98 +51,85 @@ def run_job(cfg: JobConfig, run_dir: str | Path | None = None, resume: bool = Fa
 
     With `append`, run_dir holds a stored run and the job adds the training rows whose ids it
     lacks, in place (distinf.runtime.incremental); running it again finishes a failed append. An
-    empty or missing run_dir gets a fresh run, so a schedule can always pass `append`.
+    empty or missing run_dir gets a fresh run, and a failed first run is resumed, so a schedule
+    can always pass `append`.
     """
     configure_logging()
-    purpose = "an append" if append else "a resumed run" if resume else "a run"
-    with Run.open(run_dir or cfg.output.path, cfg.name, f"distinf run, {purpose}", "output.path", cfg.runtime) as run:
-        return _run_job(cfg, run, resume, append, discard_pending)
+    mode = "append" if append else "resume" if resume else "new"
+    purpose = {"new": "a run", "resume": "a resumed run", "append": "an append"}[mode]
+    with Run.open(run_dir or cfg.output.path, mode, cfg.name, f"distinf run, {purpose}", cfg.runtime) as run:
+        job = plan_append(cfg, run, discard_pending) if run.mode == "append" else plan_run(cfg, run)
+        if job is None:  # nothing is missing, damaged or new: nothing to do
+            return run.stored.to_dict()
+        run.lap("plan")
+        return run_stages(job, RUN_STAGES)
 
 
-def _has_complete_version(run_dir: RunDir) -> bool:
-    try:
-        stored = run_dir.read_manifest()
-    except (OSError, ValueError):
-        return False
-    return stored is not None and stored.last_complete() is not None
+def plan_run(cfg: JobConfig, run: Run) -> Job | None:
+    """A new run, or the rest of a stored one (--resume): every chunk the ledger lacks, then all
+    outputs. None when a complete run has nothing missing or damaged."""
+    stored = run.stored
+    plan = plan_job(cfg)
+    manifest = Manifest(status="running", name=cfg.name, config=_as_stored(cfg),
+                        model_fingerprint=model_fingerprint(cfg.model, like=stored and stored.model_fingerprint),
+                        data_fingerprint={s: fingerprint(plan.split(s)) for s in SPLITS}, restarts=[])
+    last = None
+    if stored is not None:
+        run.check_same_job(manifest.config, manifest.model_fingerprint, manifest.data_fingerprint)
+        if stored.status == "complete" and not run.folder.damaged_files(stored):
+            versions.repair(run.root, stored.to_dict())  # its marker and root copies, if they lag
+            return None
+        manifest.carry_from(stored)
+        manifest.restarts, manifest.resumed = stored.restarts or [], (stored.resumed or 0) + 1
+        last = stored.last_complete()
+    run.check_room(estimated_bytes(cfg.compression.k, len(plan.train.ids), len(plan.queries.ids),
+                                   cfg.output.gradient_dtype, cfg.scoring.dense, cfg.hessian.blocks == "full"))
+    work = {s: split_work(cfg, plan.split(s)) for s in SPLITS}
+    return Job(cfg, run, plan, work, manifest, committed=last.version if last is not None else None)
 
 
-def _run_job(cfg: JobConfig, run: Run, resume: bool, append: bool, discard_pending: bool) -> dict:
-    """run_job inside the run directory's lease: plan the job against what the folder holds."""
-    run_dir = run.folder
-    if append and run_dir.is_unused():  # the first night of a schedule: there is nothing to append to yet
-        log.info(f"'{run_dir}' holds no run yet; starting one there", extra={"event": "first_run"})
-        append = False
-    config = json.loads(json.dumps(cfg.model_dump(), default=str))  # as the manifest stores it
-    if append and not _has_complete_version(run_dir):  # a failed first night: resume it, as --resume would
-        log.info(f"'{run_dir}' holds no complete version yet; resuming the run there",
-                 extra={"event": "first_run_resumed"})
-        try:
-            return _run_job(cfg, run, True, False, discard_pending)
-        except NotResumable as error:
-            raise Refused(f"{error}. The folder holds a failed first run that this job cannot resume, so no "
-                          f"night's append can go on until it is moved aside: run `{run_dir.move_aside_command()}`, "
-                          "and the next append starts a new run there") from None
-    if append:
-        stored, base = open_for_append(run_dir)
-        committed = base.manifest.version
-        if stored.status == "complete":  # a driver killed after its switch: finish its version first
-            versions.repair(run_dir.root, stored.to_dict())
-        model = model_fingerprint(cfg.model, like=base.manifest.model_fingerprint)
-        plan = plan_job(cfg, stored_train_ids=base.train_ids)
-        queries = fingerprint(plan.queries)
-        check_appendable(base.manifest, config, model, queries, run_dir)
-        if stored.status == "complete" and not plan.train.ids and not plan.train.rejected:
-            log.info(f"every training row of data.train is in '{run_dir}' already; nothing to append",
-                     extra={"event": "nothing_to_append"})
-            return stored.to_dict()
-        manifest = append_manifest(cfg.name, config, base, model, queries, fingerprint(plan.train),
-                                   stored.restarts or [])
-        work = {"train": split_work(cfg, plan.train, base.first_chunk, base.manifest.chunks["train"], base.segment),
-                "queries": SplitWork(plan.queries, {}, base.manifest.chunks["queries"])}
-        refuse_or_discard(run_dir, run_dir.stale_chunks("train", base.first_chunk, work["train"].planned()),
-                          discard_pending)
-        need = estimated_bytes(cfg.compression.k, len(plan.train.ids), 0, cfg.output.gradient_dtype,
-                               cfg.scoring.dense, cfg.hessian.blocks == "full")
-    else:
-        stored = run_dir.open_for_resume(resume)
-        if stored is not None and stored.append is not None:
-            raise JobError(f"--resume: '{run_dir}' holds an unfinished append; finish it by running "
-                           f"`distinf run JOB --append-to {run_dir}` again")
-        last = stored.last_complete() if stored is not None else None
-        committed = last.version if last is not None else None
-        plan = plan_job(cfg)
-        manifest = Manifest(status="running", name=cfg.name, config=config,
-                            model_fingerprint=model_fingerprint(cfg.model, like=stored and stored.model_fingerprint),
-                            data_fingerprint={s: fingerprint(plan.split(s)) for s in SPLITS}, restarts=[])
-        if stored is not None:
-            check_resumable(stored, config, manifest.model_fingerprint, manifest.data_fingerprint, run_dir)
-            if stored.status == "complete" and not run_dir.damaged_files(stored):
-                versions.repair(run_dir.root, stored.to_dict())  # its marker and root copies, if they lag
-                return stored.to_dict()  # nothing is missing or damaged: nothing to do
-            manifest.carry_from(stored)
-            manifest.restarts, manifest.resumed = stored.restarts or [], (stored.resumed or 0) + 1
-        work = {s: split_work(cfg, plan.split(s)) for s in SPLITS}
-        existing = sum(run_dir.gradient_bytes(s) for s in SPLITS)
-        need = estimated_bytes(cfg.compression.k, len(plan.train.ids), len(plan.queries.ids),
-                               cfg.output.gradient_dtype, cfg.scoring.dense, cfg.hessian.blocks == "full") - existing
-    run_dir.check_free_space(need)
-    run.lap("plan")
-    return run_stages(Job(cfg, run, plan, work, committed), manifest, RUN_STAGES)
+def plan_append(cfg: JobConfig, run: Run, discard_pending: bool) -> Job | None:
+    """The training rows the stored run lacks, in chunks after every chunk it holds, then every
+    output again. None when there is nothing new to append."""
+    stored, base = run.stored, run.base
+    if stored.status == "complete":  # a driver killed after its switch: finish its version first
+        versions.repair(run.root, stored.to_dict())
+    model = model_fingerprint(cfg.model, like=base.manifest.model_fingerprint)
+    plan = plan_job(cfg, stored_train_ids=base.train_ids)
+    queries = fingerprint(plan.queries)
+    config = _as_stored(cfg)
+    run.check_same_job(config, model, {"queries": queries})
+    if stored.status == "complete" and not plan.train.ids and not plan.train.rejected:
+        log.info(f"every training row of data.train is in '{run}' already; nothing to append",
+                 extra={"event": "nothing_to_append"})
+        return None
+    manifest = append_manifest(cfg.name, config, base, model, queries, fingerprint(plan.train), stored.restarts or [])
+    work = {"train": split_work(cfg, plan.train, base.first_chunk, base.manifest.chunks["train"], base.segment),
+            "queries": SplitWork(plan.queries, {}, base.manifest.chunks["queries"])}
+    refuse_or_discard(run.folder, run.folder.stale_chunks("train", base.first_chunk, work["train"].planned()),
+                      discard_pending)
+    run.check_room(estimated_bytes(cfg.compression.k, len(plan.train.ids), 0, cfg.output.gradient_dtype,
+                                   cfg.scoring.dense, cfg.hessian.blocks == "full"))
+    return Job(cfg, run, plan, work, manifest, committed=base.manifest.version)
+
+
+def _as_stored(cfg: JobConfig) -> dict:
+    """The job's config as its manifest stores it (JSON values only)."""
+    return json.loads(json.dumps(cfg.model_dump(), default=str))
 
 
 def curvature_and_scores(job: Job) -> None:
     """The curvature, its factorisation and every score, staged in the version's own folder."""
     run = job.run
     job.results["reduced"], job.results["counts"] = reduce_and_score(
-        job.cfg, run, run.folder.version_dir(run.run_id), job.plan.queries.ids, job.gradients)
+        job.cfg, run, run.version_dir, job.plan.queries.ids, job.gradients)
 
 
 def publish_version(job: Job) -> None:
     """The version's last outputs and its complete manifest, committed in one write (Run.publish)."""
     cfg, run, plan, gradients = job.cfg, job.run, job.plan, job.gradients
     manifest, reduced, counts = run.manifest, job.results["reduced"], job.results["counts"]
-    out = run.folder.version_dir(run.run_id)
+    out = run.version_dir
     pending = manifest.append  # kept in the manifest a failure leaves, until the switch
     if pending is None:
         rejected = write_rejected(out, rejected_rows(plan, gradients), manifest.version_stamp())
@@ -172,7 +159,7 @@ def publish_version(job: Job) -> None:
             "data_fingerprint": pending.data_fingerprint,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }]
-    job.manifest = run.publish(complete, out, job.committed, cfg.output.keep_versions,
+    job.written = run.publish(complete, job.committed, cfg.output.keep_versions,
                                output_checksums(out, VERSIONED_OUTPUTS))
 
 

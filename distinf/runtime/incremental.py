@@ -57,7 +57,8 @@ class Base:
 
 def open_for_append(run_dir: RunDir) -> tuple[Manifest, Base]:
     """The stored manifest and the run to append to: a complete run, or the one an unfinished
-    append started from. Refuses anything else, and a run with a missing or damaged chunk."""
+    append started from. Refuses anything else, and a run with a missing or damaged chunk.
+    (`Run.open` asks this for an append, then checks that the folder is writable.)"""
     stored = run_dir.stored_manifest("--append-to")
     if stored.status == "complete":
         manifest = stored
@@ -73,8 +74,6 @@ def open_for_append(run_dir: RunDir) -> tuple[Manifest, Base]:
         raise JobError(f"--append-to: '{run_dir}' holds an unfinished run (status "
                        f"{stored.status!r}); finish it first with `distinf run JOB --output "
                        f"{run_dir} --resume`")
-    run_dir.check_writable("--append-to")
-    run_dir.remove_leftovers()
     ids = _stored_train_ids(run_dir, manifest)
     ids |= {row[0] for row in rejected if row[1] == "train" and row[0] is not None}
     return stored, Base(manifest, ids, rejected, first_chunk, segment)

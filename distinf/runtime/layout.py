@@ -25,6 +25,8 @@ from pathlib import Path
 
 from distinf.store import IntegrityError, list_files
 
+SPLITS = ("train", "queries")
+"""The two splits a run holds gradients of (gradients/{split}/, ledger/{split}/)."""
 MANIFEST = "manifest.json"
 LEASE = "lease.json"
 INDEX_SET = "index_set.parquet"

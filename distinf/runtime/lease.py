@@ -163,6 +163,12 @@ class Lease:
         except LeaseLost as error:
             raise self._lose(str(error)) from None
 
+    def write_manifest(self, manifest: dict) -> None:
+        """The one way a job writes a manifest: only while this lease is still held, so that a run
+        whose lease was taken over never writes over its successor's manifest. Signed by the run."""
+        self.check()
+        atomic_write_json({**manifest, "run_id": self.run_id}, Path(self.run_dir) / MANIFEST)
+
     def tick(self) -> None:
         """The main loop advanced: the heartbeat may go on renewing. LeaseLost if the lease is gone."""
         self._ticked = time.monotonic()
@@ -245,11 +251,8 @@ def tick_window(stall_timeout: float | None, ttl: float) -> float | None:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    """The one way a job writes a manifest: only while this process holds the folder's lease,
-    so that a run whose lease was taken over never writes over its successor's manifest."""
-    lease = held(run_dir)
-    lease.check()
-    atomic_write_json({**manifest, "run_id": lease.run_id}, Path(run_dir) / MANIFEST)
+    """Write `run_dir`'s manifest through the lease this process holds on it (`Lease.write_manifest`)."""
+    held(run_dir).write_manifest(manifest)
 
 
 def acquire(run_dir: Path, purpose: str, ttl: float, run_id: str | None = None,

@@ -1,6 +1,6 @@
 """The manifest of a run directory, typed: what `manifest.json` holds, field by field.
 
-A run, an append and a `distinf query` output each write one, through `RunDir.write_manifest`
+A run, an append and a `distinf query` output each write one, through their `Run` (runtime.run)
 only (under the folder's lease). On disk it is plain JSON with exactly these keys; a field that is
 None is left out, so a key appears only once it means something ("resumed" after a resume,
 "error" on a failed run, "append" while an append runs). Keys this version does not know are kept

@@ -9,12 +9,11 @@ from pathlib import Path
 from distinf.inputs import Plan
 from distinf.runtime import curvature_files
 from distinf.runtime.gradient_pass import Gradients
-from distinf.runtime.layout import CURVATURE, DENSE, INDEX_SET, REJECTED, TOP_K, TRAIN_VALUES, gradient_dir
+from distinf.runtime.layout import CURVATURE, DENSE, INDEX_SET, REJECTED, SPLITS, TOP_K, TRAIN_VALUES, gradient_dir
 from distinf.runtime.versions import stamp
 from distinf.store import atomic_write_table, file_sha256, list_files
 from distinf.tables import rejected_table
 
-SPLITS = ("train", "queries")
 VERSIONED_OUTPUTS = [REJECTED, curvature_files.ARRAYS, curvature_files.LAYOUT, TOP_K, TRAIN_VALUES]
 """What each run or append stages in its version folder, then publishes (with scores/dense/ parts)."""
 QUERY_OUTPUTS = [INDEX_SET, REJECTED, TOP_K, TRAIN_VALUES]

@@ -33,24 +33,26 @@ class Job:
     run: Run
     plan: Plan
     work: dict[str, SplitWork]
+    manifest: Manifest
+    """The job's manifest as it begins ("running"); the Run writes it and every later state."""
     committed: str | None = None
     """The run's last complete version before this job (None: none yet)."""
     gradients: Gradients | None = None
     results: dict[str, Any] = field(default_factory=dict)
     """What the scoring stages computed, for the last stage's manifest."""
-    manifest: dict | None = None
+    written: dict | None = None
     """The manifest the last stage committed."""
 
 
 Stage = Callable[[Job], None]
 
 
-def run_stages(job: Job, manifest: Manifest, stages: Sequence[Stage]) -> dict:
+def run_stages(job: Job, stages: Sequence[Stage]) -> dict:
     """Each stage in order, under the lifecycle; returns the manifest the last one committed."""
-    with working(job.cfg, job.run, manifest):
+    with working(job.cfg, job.run, job.manifest):
         for stage in stages:
             stage(job)
-    return job.manifest
+    return job.written
 
 
 def compute_gradients(job: Job) -> None:

@@ -76,16 +76,20 @@ def query_run(run_dir: str | Path, queries: str | Path, output: str | Path | Non
     manifest = Manifest(status="running", name=cfg.name, config=config, query_of=of, model_fingerprint=model,
                         data_fingerprint={"queries": fingerprint(plan.queries)},
                         index_set_hash=stored.index_set_hash, restarts=[])
-    with Run.open(output or source.query_dir(queries), cfg.name, "distinf query", "--output", cfg.runtime) as out:
-        previous = _open_output(out.folder, manifest)
+    with Run.open(output or source.query_dir(queries), "query", cfg.name, "distinf query", cfg.runtime,
+                  key="--output") as out:
+        previous = out.stored
+        if not out.unused and not _same_queries(previous, manifest):
+            raise JobError(f"--output: '{out}' is not empty and holds no results of these queries for "
+                           "this run; choose another --output")
         if previous is not None:
             if previous.status == "complete" and previous.query_of == of and not out.folder.damaged_files(previous):
                 return previous.to_dict(), out.root  # these queries are scored against this very run already
             manifest.carry_from(previous)
         out.lap("plan")
         work = {"queries": split_work(cfg, plan.queries)}
-        scored = Job(cfg, out, plan, work, results={"source": source, "stored": stored, "solver": solver})
-        return run_stages(scored, manifest, QUERY_STAGES), out.root
+        scored = Job(cfg, out, plan, work, manifest, results={"source": source, "stored": stored, "solver": solver})
+        return run_stages(scored, QUERY_STAGES), out.root
 
 
 def score_queries(job: Job) -> None:
@@ -130,7 +134,7 @@ def complete_query(job: Job) -> None:
         files=output_checksums(out.root, QUERY_OUTPUTS),
         outputs=outputs_listing(cfg.scoring.dense, ("queries",)),
     )
-    job.manifest = out.complete(complete)
+    job.written = out.complete(complete)
 
 
 QUERY_STAGES = (compute_gradients, score_queries, complete_query)
@@ -148,24 +152,11 @@ def _identity(run: RunDir, stored: Manifest) -> dict:
             **{name: files[name] for name in CURVATURE}}
 
 
-def _open_output(out: RunDir, manifest: Manifest) -> Manifest | None:
-    """The manifest of an earlier query of the same queries into `out`, or None for a new folder."""
-    previous = None
-    if not out.is_unused():
-        try:
-            previous = out.read_manifest()
-        except (OSError, ValueError):
-            previous = None
-        same = previous is not None and previous.query_of is not None and all(
-            getattr(previous, key) == getattr(manifest, key)
-            for key in ("model_fingerprint", "data_fingerprint", "index_set_hash"))
-        if not same:
-            raise JobError(f"--output: '{out}' is not empty and holds no results of these queries for "
-                           "this run; choose another --output")
-    out.check_writable("--output")
-    if previous is not None:
-        out.remove_leftovers()
-    return previous
+def _same_queries(previous: Manifest | None, manifest: Manifest) -> bool:
+    """Whether an output folder's manifest is an earlier query of the same queries for the same run."""
+    return previous is not None and previous.query_of is not None and all(
+        getattr(previous, key) == getattr(manifest, key)
+        for key in ("model_fingerprint", "data_fingerprint", "index_set_hash"))
 
 
 def _load_solver(run: RunDir, manifest: Manifest, hessian: HessianConfig):

@@ -26,7 +26,7 @@ from distinf.core.scoring import TopK
 from distinf.runtime import curvature_files, metrics
 from distinf.runtime.failures import Stalled, await_tasks
 from distinf.runtime.gradient_pass import PROBE_TIMEOUT, Gradients
-from distinf.runtime.layout import DENSE, TOP_K, TRAIN_VALUES, record_path, run_file
+from distinf.runtime.layout import DENSE, SPLITS, TOP_K, TRAIN_VALUES, record_path, run_file
 from distinf.runtime.lease import tick
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.reducer import Reducer
@@ -39,7 +39,6 @@ from distinf.runtime.workers import worker_env
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_bytes, read_verified_bytes
 from distinf.tables import top_k_table, train_values_table
 
-SPLITS = ("train", "queries")
 log = logging.getLogger("distinf.driver")
 
 

@@ -1,6 +1,7 @@
-"""One run directory, and everything the runtime asks of it: where each file lives (runtime.layout),
-the manifest (read, and written only under the folder's lease), the chunk ledger, whether a new
-job may work there (resume, append, query: one allow-list each), and what a killed writer left.
+"""One run directory as its files: where each lives (runtime.layout), the manifest as read, the
+chunk ledger, whether a new job may work there (resume, append, query: one allow-list each), and
+what a killed writer left. A job that works in the folder holds it through its `Run`
+(runtime.run), the manifest's only writer; readers of a stored run use a `RunDir` alone.
 
 No Ray here: these are the checks a job makes before it starts anything, on a local folder or an
 object store alike (distinf.store does the bytes).
@@ -13,17 +14,16 @@ import os
 import re
 import shlex
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from distinf.runtime import ledger
 from distinf.runtime import layout
-from distinf.runtime.errors import JobError, unwritable
-from distinf.runtime.lease import Fence, LeaseLost, check_held, held, write_manifest
+from distinf.runtime.errors import JobError
+from distinf.runtime.lease import check_held
 from distinf.runtime.manifest import Manifest
 from distinf.runtime.versions import committed_root
-from distinf.store import (atomic_write_json, display, file_sha256, free_bytes, is_file, is_remote, list_files,
-                           make_folder, read_bytes, remove, run_path)
+from distinf.store import display, file_sha256, free_bytes, is_remote, list_files, read_bytes, remove, run_path
 
 RESUME_KEYS = ("runtime.address", "runtime.max_restarts", "runtime.stall_timeout", "runtime.lease_seconds",
                "runtime.placement_timeout", "output.path", "output.keep_versions", "model.path", "data.train.path",
@@ -112,32 +112,9 @@ class RunDir:
                                "distinf run directory; choose a new output folder")
         return stored
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        """The one writer of a job's manifest: only under the folder's lease (runtime.lease), so a
-        run whose lease was taken over never writes over its successor's manifest."""
-        write_manifest(self.root, manifest.to_dict())
-
     def check_lease(self) -> None:
         """LeaseLost unless this process still holds the folder's lease: before every mutation."""
         check_held(self.root)
-
-    def fence(self) -> Fence:
-        """The fencing token the workers check before each chunk commit."""
-        return held(self.root).fence()
-
-    def mark_failed(self, manifest: Manifest, error: BaseException) -> None:
-        """Leave a "failed" manifest, never "running", whatever stopped the job; but never over the
-        version this very job committed already (stopped while finishing it: runtime.versions)."""
-        try:
-            current = self.read_manifest()
-            if current is not None and current.status == "complete" and current.run_id == manifest.run_id:
-                return
-        except (OSError, ValueError):
-            pass
-        try:
-            self.write_manifest(replace(manifest, status="failed", error=str(error)))
-        except (OSError, LeaseLost):
-            pass  # the error being reported may be this very disk, or the lease itself
 
     # -- the ledger ------------------------------------------------------------------------------
 
@@ -199,33 +176,6 @@ class RunDir:
         path = Path(self.root)
         return not path.exists() or (path.is_dir() and all(_is_control(e.name) for e in path.iterdir()))
 
-    def check_writable(self, key: str) -> None:
-        """Create the folder if it is local, and write and delete a probe file in it."""
-        try:
-            make_folder(self.root)
-            remove(atomic_write_json({}, self.root / ".write-probe"))
-        except OSError as error:
-            raise unwritable(self.root, key, error) from None
-
-    def open_for_resume(self, resume: bool) -> Manifest | None:
-        """Make sure the folder can hold the run; returns the stored manifest when resuming one.
-
-        Without `resume` the folder must be empty or new. With it, an empty or new folder starts a
-        fresh run, and anything else must be a distinf run directory.
-        """
-        if is_file(self.root):
-            raise JobError(f"output.path: '{self}' is a file, not a folder")
-        stored = None
-        if not self.is_unused():
-            if not resume:
-                raise JobError(f"output.path: '{self}' is not empty; choose a new output folder, or pass "
-                               "--resume to continue the run in it")
-            stored = self.stored_manifest("--resume")
-        self.check_writable("output.path")
-        if stored is not None:
-            self.remove_leftovers()
-        return stored
-
     def remove_leftovers(self) -> None:
         """Temporary files half-written by a process that was killed; no reader ever sees them.
 
@@ -249,9 +199,6 @@ class RunDir:
             for name in files:
                 if name.startswith(".") and name.endswith(".tmp") and not _is_control(name):
                     Path(folder, name).unlink(missing_ok=True)
-
-    def check_free_space(self, need: int) -> None:
-        check_free_space(self.root, need)
 
     def gradient_bytes(self, split: str) -> int:
         """What the split's gradient chunks take already (a resumed run writes only the rest)."""

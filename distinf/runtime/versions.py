@@ -6,7 +6,7 @@ write that makes the manifest say "complete" with `version: <run_id>` and the sh
 its files. In order:
 
 1. the version is staged whole in `versions/<run_id>/` (no reader trusts it yet);
-2. the switch: `manifest.json` says "complete" for it (`RunDir.write_manifest`, under the lease);
+2. the switch: `manifest.json` says "complete" for it (`Run.publish`, under the lease);
 3. the version's completion marker: `versions/<run_id>/manifest.json`, a copy of that manifest;
 4. versions beyond `output.keep_versions` are deleted, then the root copies (`scores/`,
    `curvature/`, `rejected.parquet`) are refreshed from the version, one atomic replace each.
