@@ -22,7 +22,9 @@ carries `slices` and `damping` (per block), so scoring and the run directory tre
   restricted to its kept entries; kfac_mix: Ĥ = (1 − β)·K_S + β·(1/n) Σ ĝĝᵀ + λI; ekfac: K_S's
   eigenbasis with the Gram's variances along it as eigenvalues, + λI. All three are
   gauss_newton's Cholesky path on another matrix (a Curvature), with its damping and zero-block rules.
-The damping λ_l is the same rule for every solver (`damping: auto`, a tenth of the mean eigenvalue).
+The damping λ_l is the same rule for every solver (`damping: auto`, a tenth of the mean eigenvalue),
+and so is the zero-block rule: a block whose gradient is float32 rounding of zero contributes
+exactly nothing (`dampings_and_zero_blocks`, `leave_out`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distinf.core.curvature import ArrayPickled, damping_from_trace
+from distinf.core.curvature import ArrayPickled, damping_from_trace, zero_blocks
 
 
 class Solver(Protocol):
@@ -76,6 +78,24 @@ def block_dampings(traces: Sequence[float], count: int, slices: Sequence[slice],
     return [damping_from_trace(t, count, s.stop - s.start, damping) for t, s in zip(traces, slices)]
 
 
+def dampings_and_zero_blocks(traces: Sequence[float], count: int, slices: Sequence[slice],
+                             damping: str | float) -> tuple[list[float], list[int]]:
+    """Each block's damping, and the zero blocks (distinf.core.curvature.zero_blocks): a block whose
+    gradient is zero or float32 rounding of zero is damped as an untouched one and left out of
+    every score, as gauss_newton leaves it out; `damping: auto` would otherwise scale its rounding
+    up to the size of every other block's contribution."""
+    zero = zero_blocks(list(traces), count, list(slices))
+    traces = [0.0 if i in zero else t for i, t in enumerate(traces)]
+    return block_dampings(traces, count, slices, damping), zero
+
+
+def leave_out(out: Tensor, slices: Sequence[slice], zero: Sequence[int]) -> Tensor:
+    """`out` (a preconditioned [m, k]) with the zero blocks' columns exactly 0."""
+    for i in zero:
+        out[:, slices[i]] = 0
+    return out
+
+
 # --- DataInf
 
 
@@ -107,14 +127,15 @@ class DataInfSums:
         self.count += other.count
         return self
 
-    def solve(self) -> "DataInf":
+    def solve(self, zero: Sequence[int] = ()) -> "DataInf":
+        """The approximate inverse of every block; `zero`: the zero blocks it leaves out."""
         if self.count == 0:
             raise ValueError("no training examples: the curvature is undefined")
         inverses = [(torch.eye(b.shape[0], dtype=torch.float64) - b / self.count) / lam
                     for b, lam in zip(self.blocks, self.damping)]
-        return DataInf(self.slices, self.damping, inverses, self.count)
+        return DataInf(self.slices, self.damping, inverses, self.count, list(zero))
 
-    def solve_(self) -> "DataInf":
+    def solve_(self, zero: Sequence[int] = ()) -> "DataInf":
         """solve in place: each block becomes its inverse (I − B/n)/λ in its own storage, with
         solve's numbers (zeros may differ in sign); the sums are spent afterwards."""
         if self.count == 0:
@@ -123,7 +144,7 @@ class DataInfSums:
             b.div_(-self.count)
             b.diagonal().add_(1.0)
             b.div_(lam)
-        return DataInf(self.slices, self.damping, self.blocks, self.count)
+        return DataInf(self.slices, self.damping, self.blocks, self.count, list(zero))
 
 
 @dataclass
@@ -132,12 +153,14 @@ class DataInf(ArrayPickled):
     damping: list[float]
     inverses: list[Tensor]  # the approximate Ĥ_l⁻¹, symmetric k_l x k_l
     count: int
+    zero_blocks: list[int] = field(default_factory=list)  # left out of every score (dampings_and_zero_blocks)
 
     def precondition(self, grads: Tensor) -> Tensor:
         g = _float64(grads)
-        out = torch.empty_like(g)
-        for inverse, part in zip(self.inverses, self.slices):
-            out[:, part] = g[:, part] @ inverse
+        out = torch.zeros_like(g)
+        for i, (inverse, part) in enumerate(zip(self.inverses, self.slices)):
+            if i not in self.zero_blocks:
+                out[:, part] = g[:, part] @ inverse
         return out
 
     def self_influence(self, grads: Tensor) -> Tensor:
@@ -186,20 +209,21 @@ class LiSSA(ArrayPickled):
     damping: list[float]
     scales: list[float]
     batches: list[Tensor]  # the sampled rows of each iteration, [|B_j|, k] float64
+    zero_blocks: list[int] = field(default_factory=list)  # left out of every score (dampings_and_zero_blocks)
 
     @classmethod
     def build(cls, slices: list[slice], damping: list[float], batches: list[Tensor],
-              scale: str | float = "auto") -> "LiSSA":
+              scale: str | float = "auto", zero: Sequence[int] = ()) -> "LiSSA":
         batches = [_float64(b) for b in batches]
         if scale != "auto":
-            return cls(slices, damping, [float(scale)] * len(slices), batches)
+            return cls(slices, damping, [float(scale)] * len(slices), batches, list(zero))
         # λ_max(H̃_j) per block, from the small |B| x |B| Gram of each block of each batch.
         top = torch.zeros(len(slices), dtype=torch.float64)
         blocks = _block_ids(slices)
         for b in batches:
             grams = _blockwise_gram(b, blocks, len(slices))
             top = torch.maximum(top, torch.linalg.eigvalsh(grams)[:, -1].clamp(min=0) / len(b))
-        return cls(slices, damping, [lam + float(t) for lam, t in zip(damping, top)], batches)
+        return cls(slices, damping, [lam + float(t) for lam, t in zip(damping, top)], batches, list(zero))
 
     def precondition(self, grads: Tensor) -> Tensor:
         v = _float64(grads)
@@ -209,7 +233,7 @@ class LiSSA(ArrayPickled):
         h = v.clone()
         for batch in self.batches:
             h = v + h - (self._hessian_product(h, batch, blocks) + lam * h) / scale
-        return h / scale
+        return leave_out(h / scale, self.slices, self.zero_blocks)
 
     def _hessian_product(self, h: Tensor, batch: Tensor, blocks: Tensor) -> Tensor:
         """H̃ h for each row of h [m, k]: (1/|B|) Σ_b g_b (g_b^l · h^l) within each block l."""

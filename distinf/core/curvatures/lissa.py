@@ -12,7 +12,7 @@ from torch import Tensor
 from distinf.core.curvatures.base import (ChunkedSolve, CurvatureMethod, TrainChunks, in_order, layout_damping,
                                           layout_slices, numbered)
 from distinf.core.kfac import FactorSums
-from distinf.core.solvers import LiSSA, block_dampings, block_traces, lissa_samples
+from distinf.core.solvers import LiSSA, block_traces, dampings_and_zero_blocks, lissa_samples
 
 
 class LiSSAMethod(CurvatureMethod):
@@ -26,21 +26,21 @@ class LiSSAMethod(CurvatureMethod):
     def fit(self, slices: list[slice], train_grads: Tensor, train_ids: Sequence[str],
             factors: FactorSums | None = None) -> LiSSA:
         n = train_grads.shape[0]
-        damping = block_dampings(block_traces(train_grads, slices), n, slices, self.hessian.damping)
+        damping, zero = dampings_and_zero_blocks(block_traces(train_grads, slices), n, slices, self.hessian.damping)
         ids = [str(i) for i in (train_ids if train_ids is not None else range(n))]
         batches = [train_grads[torch.from_numpy(rows)] for rows in self.samples(ids)]
-        return LiSSA.build(slices, damping, batches, self.hessian.lissa_scale)
+        return LiSSA.build(slices, damping, batches, self.hessian.lissa_scale, zero)
 
     def solve_chunks(self, slices: list[slice], train: TrainChunks) -> ChunkedSolve:
         """Each sampled row is fetched once, from the chunk that holds it."""
         traces, count = train.traces()
-        damping = block_dampings(traces, count, slices, self.hessian.damping)
+        damping, zero = dampings_and_zero_blocks(traces, count, slices, self.hessian.damping)
         samples = self.samples(train.ids())
         wanted = sorted({int(p) for rows in samples for p in rows})
         fetched = train.rows(wanted)
         where = {p: i for i, p in enumerate(wanted)}
         batches = [fetched[[where[int(p)] for p in rows]] for rows in samples]
-        solver = LiSSA.build(slices, damping, batches, self.hessian.lissa_scale)
+        solver = LiSSA.build(slices, damping, batches, self.hessian.lissa_scale, zero)
         return ChunkedSolve.of(solver, count, self.to_arrays(solver))
 
     def to_arrays(self, solver: LiSSA) -> dict[str, np.ndarray]:
@@ -48,4 +48,4 @@ class LiSSAMethod(CurvatureMethod):
 
     def from_arrays(self, arrays: dict[str, Tensor], layout: dict) -> LiSSA:
         return LiSSA.build(layout_slices(layout), layout_damping(layout), in_order(arrays, "batch"),
-                           self.hessian.lissa_scale)
+                           self.hessian.lissa_scale, layout.get("zero_blocks", []))
