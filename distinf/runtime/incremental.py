@@ -32,7 +32,6 @@ from distinf.runtime.errors import JobError
 from distinf.runtime.layout import REJECTED
 from distinf.runtime.manifest import AppendPending, Manifest
 from distinf.runtime.run_dir import RunDir
-from distinf.runtime.versions import committed_root
 from distinf.store import IntegrityError, is_file, read_bytes, read_verified_table, remove
 
 
@@ -84,7 +83,7 @@ def _stored_rejected(run_dir: RunDir, manifest: Manifest) -> list[list]:
     if sha256 is None:
         return []
     try:
-        table = read_verified_table(committed_root(run_dir.root, manifest.to_dict()) / REJECTED, sha256)
+        table = read_verified_table(run_dir.committed(manifest) / REJECTED, sha256)
     except IntegrityError as error:
         raise JobError(f"--append-to: {error}".replace("run the job again with --resume to recompute it",
                                                        "the run cannot be appended to")) from None

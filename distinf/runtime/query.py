@@ -45,7 +45,6 @@ from distinf.runtime.pipeline import Job, compute_gradients, run_stages
 from distinf.runtime.reduce_score import chunk_files, score_outputs
 from distinf.runtime.run import Run
 from distinf.runtime.run_dir import RunDir, check_queryable
-from distinf.runtime.versions import committed_root
 from distinf.store import IntegrityError, read_verified_table
 from distinf.tables import gradients_of
 
@@ -106,7 +105,7 @@ def score_queries(job: Job) -> None:
         preconditioned = precondition(solver, grads).T.contiguous().numpy()  # [k, m], as the reducer forms it
         divisors = query_divisors(cfg.scoring.normalize, grads, torch.from_numpy(preconditioned))
         train_chunks = chunk_files(source, sorted(stored.chunks["train"], key=input_order))
-        carried = read_verified_table(committed_root(source.root, stored.to_dict()) / TRAIN_VALUES,
+        carried = read_verified_table(source.committed(stored) / TRAIN_VALUES,
                                       stored.files[TRAIN_VALUES])
         job.results["counts"] = score_outputs(cfg, out.root, train_chunks, ray.put(preconditioned), ray.put(solver),
                                               query_ids, job.plan.queries.ids, carried,
@@ -161,7 +160,7 @@ def _same_queries(previous: Manifest | None, manifest: Manifest) -> bool:
 
 def _load_solver(run: RunDir, manifest: Manifest, hessian: HessianConfig):
     try:
-        return read_solver(committed_root(run.root, manifest.to_dict()), manifest.files, hessian)
+        return read_solver(run.committed(manifest), manifest.files, hessian)
     except IntegrityError as error:
         raise JobError(f"distinf query: {error}".replace("run the job again with --resume to recompute it",
                                                          "repair the run with --resume first")) from None

@@ -34,7 +34,7 @@ from distinf.runtime.restarts import with_restarts
 from distinf.runtime.run import Run
 from distinf.runtime.run_dir import RunDir
 from distinf.runtime.scoring import score_train_chunk
-from distinf.runtime.versions import committed_root, stamp
+from distinf.runtime.versions import stamp
 from distinf.runtime.workers import worker_env
 from distinf.store import IntegrityError, atomic_write_table, file_sha256, read_bytes, read_verified_bytes
 from distinf.tables import top_k_table, train_values_table
@@ -127,7 +127,7 @@ def _stored_gram_sums(run_dir: RunDir, base: Manifest, slices: list[slice],
     and of the same blocks; else None, and the curvature is summed over every chunk again (a
     failed append's reducer may have rewritten them since)."""
     files = base.files or {}
-    source = committed_root(run_dir.root, base.to_dict())
+    source = run_dir.committed(base)
     try:
         layout = json.loads(read_verified_bytes(source / curvature_files.LAYOUT, files[curvature_files.LAYOUT]))
         path = source / curvature_files.ARRAYS

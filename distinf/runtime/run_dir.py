@@ -84,6 +84,10 @@ class RunDir:
     def version_dir(self, run_id: str) -> Path:
         return layout.version_dir(self.root, run_id)
 
+    def committed(self, manifest: Manifest) -> Path:
+        """The folder holding the outputs of the version `manifest` committed (runtime.versions)."""
+        return committed_root(self.root, manifest.to_dict())
+
     def query_dir(self, queries: str | Path) -> Path:
         """Where `distinf query` writes the scores of a query file by default."""
         return self.root / layout.QUERIES / Path(str(queries)).stem
