@@ -132,13 +132,7 @@ def test_a_node_lost_in_the_gradient_pass_with_none_to_replace_it_fails_with_exi
         assert code == 1 and failed["status"] == "failed"
         assert "could not place 2 workers" in failed["error"] and "runtime.placement_timeout" in failed["error"]
         assert list((tmp_path / "run" / "ledger" / "train").glob("part-*.json"))  # kept, for --resume
-
-        cluster.add_node(num_cpus=1)
-        code = run(tmp_path, str(path), "--resume")
-    manifest = manifest_of(tmp_path / "run")
-    assert code == 0 and manifest["status"] == "complete", manifest.get("error")
-    assert manifest["resumed"] == 1
-    assert_scores_equal_the_core(tmp_path / "run", inputs)
+        resumes_once_a_node_is_added(tmp_path, path, cluster, inputs)
 
 
 def test_a_node_lost_during_scoring_and_one_added_back_the_job_completes_with_the_cores_scores(
@@ -162,9 +156,13 @@ def test_a_node_lost_during_scoring_with_none_to_replace_it_fails_with_exit_1_an
         failed = manifest_of(tmp_path / "run")
         assert code == 1 and failed["status"] == "failed"
         assert failed["error"].startswith("curvature and scoring") and "--resume" in failed["error"]
+        resumes_once_a_node_is_added(tmp_path, path, cluster, inputs)
 
-        cluster.add_node(num_cpus=1)
-        code = run(tmp_path, str(path), "--resume")
+
+def resumes_once_a_node_is_added(tmp_path, path, cluster, inputs) -> None:
+    """After a failed run: a node added back, `--resume` completes it with the core's scores."""
+    cluster.add_node(num_cpus=1)
+    code = run(tmp_path, str(path), "--resume")
     manifest = manifest_of(tmp_path / "run")
     assert code == 0 and manifest["status"] == "complete", manifest.get("error")
     assert manifest["resumed"] == 1
